@@ -1,0 +1,89 @@
+"""Kronecker-structured products on stacks of same-shape blocks.
+
+A block is a tensor ``G`` of shape ``(d_1, …, d_k)``; a stack of ``B`` blocks has shape
+``(B, d_1, …, d_k)`` and a stack of axis-``i`` factors has shape ``(B, d_i, d_i)``. These are the
+operations that Shampoo-family optimizers and K-FAC/EK-FAC attribution share: factor statistics
+``G_(i) G_(i)ᵀ``, multiplication along an axis, and preconditioning in a Kronecker eigenbasis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def mode_product(blocks: torch.Tensor, matrices: torch.Tensor, axis: int) -> torch.Tensor:
+    """``G ×_axis M``: multiply every block along block axis ``axis`` by its matrix.
+
+    ``blocks``: ``(B, d_1, …, d_k)``; ``matrices``: ``(B, r, d_axis)`` (or ``(r, d_axis)`` shared
+    by all blocks). The result has ``r`` in place of ``d_axis``.
+    """
+    dim = axis + 1
+    moved = blocks.movedim(dim, -1)
+    flat = moved.reshape(moved.shape[0], -1, moved.shape[-1])
+    product = flat @ matrices.transpose(-1, -2)
+    return product.reshape(*moved.shape[:-1], product.shape[-1]).movedim(-1, dim)
+
+
+def kronecker_product_apply(
+    blocks: torch.Tensor, matrices: Sequence[torch.Tensor | None]
+) -> torch.Tensor:
+    """``G ×_1 M_1 ×_2 M_2 ⋯``, i.e. ``(M_1 ⊗ M_2 ⊗ ⋯) vec(G)``; ``None`` means identity."""
+    if len(matrices) != blocks.ndim - 1:
+        raise ValueError(
+            f"need one matrix (or None) per block axis: {blocks.ndim - 1}, got {len(matrices)}"
+        )
+    for axis, matrix in enumerate(matrices):
+        if matrix is not None:
+            blocks = mode_product(blocks, matrix, axis)
+    return blocks
+
+
+def to_eigenbasis(blocks: torch.Tensor, eigenvectors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """``G ×_i Q_iᵀ`` for every axis: for a matrix, ``Q_Lᵀ G Q_R``."""
+    return kronecker_product_apply(
+        blocks, [None if q is None else q.transpose(-1, -2) for q in eigenvectors]
+    )
+
+
+def from_eigenbasis(
+    blocks: torch.Tensor, eigenvectors: Sequence[torch.Tensor | None]
+) -> torch.Tensor:
+    """``G ×_i Q_i`` for every axis: for a matrix, ``Q_L G Q_Rᵀ``."""
+    return kronecker_product_apply(blocks, eigenvectors)
+
+
+def precondition_in_eigenbasis(
+    blocks: torch.Tensor,
+    eigenvectors: Sequence[torch.Tensor | None],
+    scaling: torch.Tensor,
+) -> torch.Tensor:
+    """``Q [ (Qᵀ G) ⊙ scaling ] Qᵀ`` with ``Q = ⊗ Q_i``.
+
+    ``scaling`` has the blocks' shape (EK-FAC, SOAP: one entry per eigenbasis coordinate) or is
+    a Kronecker product of per-axis scalings from ``kronecker_outer``. K-FAC's damped inverse is
+    ``scaling = 1 / (λ_S λ_Aᵀ + damping)``.
+    """
+    return from_eigenbasis(to_eigenbasis(blocks, eigenvectors) * scaling, eigenvectors)
+
+
+def kronecker_outer(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Outer product of per-axis vectors ``(B, d_i)`` → ``(B, d_1, …, d_k)``: the eigenvalues of
+    ``⊗ A_i`` from the eigenvalues of each ``A_i``."""
+    result = vectors[0]
+    for vector in vectors[1:]:
+        result = result.unsqueeze(-1) * vector.reshape(vector.shape[0], *([1] * (result.ndim - 1)), -1)
+    return result
+
+
+def axis_outer_products(blocks: torch.Tensor) -> list[torch.Tensor]:
+    """``[G_(i) G_(i)ᵀ for each axis i]`` where ``G_(i)`` is the mode-``i`` unfolding.
+
+    For a matrix block ``G`` these are Shampoo's statistics ``G Gᵀ`` and ``Gᵀ G``.
+    """
+    products = []
+    for axis in range(blocks.ndim - 1):
+        unfolded = blocks.movedim(axis + 1, 1).reshape(blocks.shape[0], blocks.shape[axis + 1], -1)
+        products.append(unfolded @ unfolded.transpose(-1, -2))
+    return products

@@ -1,0 +1,36 @@
+"""Matrix functions on (stacks of) matrices: the numerical core every method builds on."""
+
+from kronlab.linalg.eigh import Eigendecomposition, eigh
+from kronlab.linalg.newton_schulz import (
+    NEWTON_SCHULZ_COEFFICIENTS,
+    NewtonSchulzCoefficients,
+    newton_schulz,
+    resolve_coefficients,
+)
+from kronlab.linalg.power import SpectralNormEstimate, power_iteration
+from kronlab.linalg.projection import random_projection, seed_from_identifier
+from kronlab.linalg.qr import EigenbasisRefresh, qr_eigenbasis_refresh, rayleigh_quotients
+from kronlab.linalg.roots import (
+    coupled_newton_inverse_root,
+    inverse_root_from_eigh,
+    matrix_inverse_root,
+)
+
+__all__ = [
+    "NEWTON_SCHULZ_COEFFICIENTS",
+    "EigenbasisRefresh",
+    "Eigendecomposition",
+    "NewtonSchulzCoefficients",
+    "SpectralNormEstimate",
+    "coupled_newton_inverse_root",
+    "eigh",
+    "inverse_root_from_eigh",
+    "matrix_inverse_root",
+    "newton_schulz",
+    "power_iteration",
+    "qr_eigenbasis_refresh",
+    "random_projection",
+    "rayleigh_quotients",
+    "resolve_coefficients",
+    "seed_from_identifier",
+]

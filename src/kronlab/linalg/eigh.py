@@ -1,0 +1,88 @@
+"""Symmetric eigendecomposition that reports failure instead of returning NaN."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from kronlab.linalg._dtypes import check_square, working_dtype
+
+
+class Eigendecomposition(NamedTuple):
+    """``A = eigenvectors @ diag(eigenvalues) @ eigenvectorsᵀ`` per matrix of a stack.
+
+    ``ok`` has the batch shape: ``False`` where the input was non-finite or no decomposition
+    converged, and the caller should keep its previous decomposition (the entries there are
+    the identity decomposition, never NaN).
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    ok: torch.Tensor
+
+
+def _eigh_or_none(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    try:
+        return torch.linalg.eigh(matrices)
+    except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+        return None
+
+
+def eigh(matrix: torch.Tensor, *, float64: bool = False) -> Eigendecomposition:
+    """Eigendecomposition of a symmetric matrix or a stack ``(..., n, n)``, ascending order.
+
+    Half-precision input is computed in float32 (``float64=True`` computes in float64). A stack
+    that fails to converge is retried in float64, then matrix by matrix, so one bad matrix never
+    poisons the others. Results come back in the working dtype (float32 for half inputs).
+    Only the lower triangle is read, as in ``torch.linalg.eigh``.
+    """
+    check_square("matrix", matrix)
+    dtype = working_dtype(matrix.dtype)
+    compute_dtype = torch.float64 if float64 else dtype
+    n = matrix.shape[-1]
+    batch_shape = matrix.shape[:-2]
+    identity = torch.eye(n, dtype=compute_dtype, device=matrix.device)
+
+    finite = torch.isfinite(matrix).all(dim=-1).all(dim=-1)
+    # Non-finite matrices are swapped for the identity so the batched call cannot fail on them.
+    safe = torch.where(finite[..., None, None], matrix.to(compute_dtype), identity)
+
+    result = _eigh_or_none(safe)
+    if result is None and compute_dtype != torch.float64:
+        result = _eigh_or_none(safe.double())
+    if result is None:
+        result = _eigh_one_by_one(safe.double().reshape(-1, n, n))
+        eigenvalues, eigenvectors, converged = result
+        eigenvalues = eigenvalues.reshape(*batch_shape, n)
+        eigenvectors = eigenvectors.reshape(*batch_shape, n, n)
+        finite = finite & converged.reshape(batch_shape)
+    else:
+        eigenvalues, eigenvectors = result
+
+    ok = (
+        finite
+        & torch.isfinite(eigenvalues).all(dim=-1)
+        & torch.isfinite(eigenvectors).all(dim=-1).all(dim=-1)
+    )
+    eigenvalues = torch.where(ok[..., None], eigenvalues, torch.ones_like(eigenvalues))
+    eigenvectors = torch.where(ok[..., None, None], eigenvectors, identity.to(eigenvectors.dtype))
+    out_dtype = compute_dtype
+    return Eigendecomposition(eigenvalues.to(out_dtype), eigenvectors.to(out_dtype), ok)
+
+
+def _eigh_one_by_one(
+    matrices: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = matrices.shape[-1]
+    eigenvalues = torch.ones(matrices.shape[:-1], dtype=matrices.dtype, device=matrices.device)
+    eigenvectors = torch.eye(n, dtype=matrices.dtype, device=matrices.device).repeat(
+        matrices.shape[0], 1, 1
+    )
+    converged = torch.zeros(matrices.shape[0], dtype=torch.bool, device=matrices.device)
+    for index, single in enumerate(matrices):
+        result = _eigh_or_none(single)
+        if result is not None:
+            eigenvalues[index], eigenvectors[index] = result
+            converged[index] = True
+    return eigenvalues, eigenvectors, converged

@@ -1,0 +1,57 @@
+"""Warm-startable power iteration for the spectral norm."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from kronlab.linalg._dtypes import working_dtype
+
+
+class SpectralNormEstimate(NamedTuple):
+    """``sigma`` ≈ ‖W‖₂ (a lower bound), and the left singular vector estimate to warm-start with."""
+
+    sigma: torch.Tensor
+    left_vector: torch.Tensor
+
+
+def power_iteration(
+    matrix: torch.Tensor,
+    left_vector: torch.Tensor | None = None,
+    iterations: int = 1,
+    *,
+    epsilon: float = 1e-12,
+    generator: torch.Generator | None = None,
+) -> SpectralNormEstimate:
+    """Estimate ``‖W‖₂`` of a matrix or stack ``(..., m, n)`` by power iteration.
+
+    Per iteration ``v = Wᵀu/‖Wᵀu‖``, ``u = Wv/‖Wv‖``; then ``σ = uᵀ W v``. Pass the returned
+    ``left_vector`` back in next time: one warm-started iteration per optimizer step tracks a
+    slowly changing matrix closely. Without one, ``u`` starts random (from ``generator``).
+    """
+    if matrix.ndim < 2:
+        raise ValueError(f"matrix must have shape (..., m, n), got {tuple(matrix.shape)}")
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    dtype = working_dtype(matrix.dtype)
+    matrix = matrix.to(dtype)
+    expected = matrix.shape[:-1]
+    if left_vector is None:
+        left_vector = torch.randn(
+            expected, dtype=dtype, device=matrix.device, generator=generator
+        )
+    elif left_vector.shape != expected:
+        raise ValueError(
+            f"left_vector must have shape {tuple(expected)}, got {tuple(left_vector.shape)}"
+        )
+    u = _normalize(left_vector.to(dtype), epsilon)
+    for _ in range(iterations):
+        v = _normalize((matrix.transpose(-1, -2) @ u.unsqueeze(-1)).squeeze(-1), epsilon)
+        u = _normalize((matrix @ v.unsqueeze(-1)).squeeze(-1), epsilon)
+    sigma = (u.unsqueeze(-2) @ matrix @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+    return SpectralNormEstimate(sigma, u)
+
+
+def _normalize(vector: torch.Tensor, epsilon: float) -> torch.Tensor:
+    return vector / (torch.linalg.vector_norm(vector, dim=-1, keepdim=True) + epsilon)

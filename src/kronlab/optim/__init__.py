@@ -1,0 +1,23 @@
+"""Optimizers. Importing this package registers every optimizer for ``kronlab compare``."""
+
+from kronlab.optim import baselines  # noqa: F401  (registers the torch.optim baselines)
+from kronlab.optim.base import KronOptimizer
+from kronlab.optim.bundles import ParameterBundle, identify_bundles
+from kronlab.optim.registry import (
+    RegisteredOptimizer,
+    available_optimizers,
+    create_optimizer,
+    get_optimizer,
+    register_optimizer,
+)
+
+__all__ = [
+    "KronOptimizer",
+    "ParameterBundle",
+    "RegisteredOptimizer",
+    "available_optimizers",
+    "create_optimizer",
+    "get_optimizer",
+    "identify_bundles",
+    "register_optimizer",
+]

@@ -1,0 +1,104 @@
+"""A set of parameters that share one preconditioner, found by the grouping rules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from kronlab.groups.rules import PerParameter, PreconditionerGroup
+
+
+@dataclass(frozen=True, eq=False)
+class ParameterBundle:
+    """Parameters preconditioned jointly: ``rule.group`` combines them into one tensor.
+
+    Optimizer state for the bundle lives under ``optimizer.state[bundle.key]`` (its first
+    parameter), so torch's ``state_dict`` packs and restores it like any per-parameter state.
+    """
+
+    params: tuple[nn.Parameter, ...]
+    names: tuple[str, ...]
+    rule: PreconditionerGroup
+    group_index: int
+    grouped_shape: torch.Size = field(init=False)
+
+    def __post_init__(self) -> None:
+        meta = [torch.empty(p.shape, device="meta") for p in self.params]
+        object.__setattr__(self, "grouped_shape", self.rule.group(meta).shape)
+
+    @property
+    def key(self) -> nn.Parameter:
+        return self.params[0]
+
+    @property
+    def shapes(self) -> list[torch.Size]:
+        return [p.shape for p in self.params]
+
+    def has_gradient(self) -> bool:
+        return any(p.grad is not None for p in self.params)
+
+    def gradient(self) -> Tensor:
+        """The grouped gradient; parameters without a gradient this step contribute zeros."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        return self.rule.group(grads)
+
+    def value(self) -> Tensor:
+        """The grouped parameter values (a new tensor for multi-parameter rules)."""
+        return self.rule.group([p.detach() for p in self.params])
+
+    def split(self, grouped: Tensor) -> list[Tensor]:
+        """Split a grouped-shape tensor into one tensor per parameter."""
+        return self.rule.ungroup(grouped, self.shapes)
+
+    def add_(self, grouped_update: Tensor, alpha: float = 1.0) -> None:
+        """``p += alpha · update`` for each parameter, cast to the parameter's dtype."""
+        for param, update in zip(self.params, self.split(grouped_update)):
+            param.add_(update.to(param.dtype), alpha=alpha)
+
+
+def identify_bundles(
+    params: Sequence[nn.Parameter],
+    rules: Sequence[PreconditionerGroup],
+    model: nn.Module | None,
+    names: dict[nn.Parameter, str],
+    group_index: int,
+) -> list[ParameterBundle]:
+    """Partition ``params`` into bundles, trying ``rules`` in order (first claim wins).
+
+    A rule's parameter set is claimed only if all of it belongs to ``params`` and is unclaimed.
+    Raises ``ValueError`` naming any parameter that no rule matched.
+    """
+    unclaimed = {id(p): p for p in params}
+    bundles: list[ParameterBundle] = []
+    for rule in rules:
+        for param_set in _candidate_sets(rule, params, model):
+            if param_set and all(id(p) in unclaimed for p in param_set):
+                for p in param_set:
+                    del unclaimed[id(p)]
+                bundles.append(
+                    ParameterBundle(
+                        tuple(param_set), tuple(names[p] for p in param_set), rule, group_index
+                    )
+                )
+    if unclaimed:
+        missing = [names[p] for p in unclaimed.values()]
+        raise ValueError(
+            f"combine_params rules {list(rules)} matched no preconditioner group for "
+            f"parameters {missing}; add a fallback rule such as PerParameter()"
+        )
+    return bundles
+
+
+def _candidate_sets(
+    rule: PreconditionerGroup, params: Sequence[nn.Parameter], model: nn.Module | None
+) -> Iterable[list[nn.Parameter]]:
+    if model is not None:
+        return rule.identify(model)
+    if isinstance(rule, PerParameter):
+        return [[p] for p in params]
+    raise ValueError(
+        f"combine_params rule {rule!r} needs the model: pass model= to the optimizer"
+    )

@@ -1,0 +1,59 @@
+"""Hyperparameter checks that name the argument, its value and the allowed range."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+
+
+def check_range(
+    name: str,
+    value: object,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    integer: bool = False,
+) -> None:
+    """Raise ``ValueError`` unless ``value`` is a number within ``[low, high]`` (bounds optional)."""
+    allowed = _describe_range(name, low, high, low_inclusive, high_inclusive, integer)
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or math.isnan(value) or (integer and value != math.inf and value != int(value)):
+        raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
+    too_low = low is not None and (value < low or (not low_inclusive and value == low))
+    too_high = high is not None and (value > high or (not high_inclusive and value == high))
+    if too_low or too_high:
+        raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
+
+
+def check_choice(name: str, value: object, choices: Collection[object]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r} (allowed: {', '.join(map(repr, choices))})")
+
+
+def check_betas(name: str, betas: object, count: int = 2, *, high_inclusive: bool = True) -> None:
+    """Raise ``ValueError`` unless ``betas`` is a sequence of ``count`` numbers in ``[0, 1]``."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != count:
+        raise ValueError(f"Invalid {name}: {betas!r} (allowed: a tuple of {count} numbers in [0, 1])")
+    for index, beta in enumerate(betas):
+        check_range(f"{name}[{index}]", beta, 0.0, 1.0, high_inclusive=high_inclusive)
+
+
+def _describe_range(
+    name: str,
+    low: float | None,
+    high: float | None,
+    low_inclusive: bool,
+    high_inclusive: bool,
+    integer: bool,
+) -> str:
+    kind = "an integer" if integer else "a number"
+    parts = []
+    if low is not None:
+        parts.append(f"{low} {'<=' if low_inclusive else '<'} ")
+    parts.append(name)
+    if high is not None:
+        parts.append(f" {'<=' if high_inclusive else '<'} {high}")
+    return f"{kind}, {''.join(parts)}" if (low is not None or high is not None) else kind

@@ -1,0 +1,5 @@
+"""Small built-in training tasks with data that ships with a package (no downloads)."""
+
+from kronlab.tasks.base import ClassificationTask, available_tasks, load_task
+
+__all__ = ["ClassificationTask", "available_tasks", "load_task"]
