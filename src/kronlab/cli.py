@@ -44,7 +44,10 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--lr", action="append", default=[], metavar="[NAME=]LR",
+        "--lr",
+        action="append",
+        default=[],
+        metavar="[NAME=]LR",
         help="learning rate for all optimizers, or per optimizer (repeatable): --lr soap=3e-3",
     )
     parser.add_argument("--out", type=Path, default=Path("kronlab-out"))
@@ -78,14 +81,23 @@ def _run_compare(args: argparse.Namespace) -> int:
 
     task = load_task(args.task)
     results = compare(
-        task, names, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-        learning_rates=learning_rates, show_progress=not args.no_progress,
+        task,
+        names,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        learning_rates=learning_rates,
+        show_progress=not args.no_progress,
     )
     print(format_table(results))
     args.out.mkdir(parents=True, exist_ok=True)
     config = {
-        "task": args.task, "optimizers": names, "steps": args.steps,
-        "batch_size": args.batch_size, "seed": args.seed, "learning_rates": learning_rates,
+        "task": args.task,
+        "optimizers": names,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "learning_rates": learning_rates,
     }
     write_json(results, args.out / "compare.json", config)
     written = [args.out / "compare.json"]

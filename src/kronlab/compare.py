@@ -128,8 +128,14 @@ def compare(
             lr = learning_rates.get(name, get_optimizer(name).default_lr)
             results.append(
                 train_one(
-                    task, name, lr, steps=steps, batch_size=batch_size, seed=seed,
-                    eval_every=eval_every, progress=progress,
+                    task,
+                    name,
+                    lr,
+                    steps=steps,
+                    batch_size=batch_size,
+                    seed=seed,
+                    eval_every=eval_every,
+                    progress=progress,
                 )
             )
     reference = next(r for r in results if r.name == REFERENCE_OPTIMIZER)
@@ -153,7 +159,9 @@ def format_table(results: list[RunResult]) -> str:
         for r in results
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in [header, *rows]
+    ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
 

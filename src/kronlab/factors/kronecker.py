@@ -40,7 +40,9 @@ def kronecker_product_apply(
     return blocks
 
 
-def to_eigenbasis(blocks: torch.Tensor, eigenvectors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+def to_eigenbasis(
+    blocks: torch.Tensor, eigenvectors: Sequence[torch.Tensor | None]
+) -> torch.Tensor:
     """``G ×_i Q_iᵀ`` for every axis: for a matrix, ``Q_Lᵀ G Q_R``."""
     return kronecker_product_apply(
         blocks, [None if q is None else q.transpose(-1, -2) for q in eigenvectors]
@@ -73,7 +75,9 @@ def kronecker_outer(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
     ``⊗ A_i`` from the eigenvalues of each ``A_i``."""
     result = vectors[0]
     for vector in vectors[1:]:
-        result = result.unsqueeze(-1) * vector.reshape(vector.shape[0], *([1] * (result.ndim - 1)), -1)
+        result = result.unsqueeze(-1) * vector.reshape(
+            vector.shape[0], *([1] * (result.ndim - 1)), -1
+        )
     return result
 
 

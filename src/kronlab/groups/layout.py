@@ -36,9 +36,7 @@ def most_square_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """
     if len(shape) <= 2:
         return tuple(shape)
-    candidates = [
-        (math.prod(shape[:cut]), math.prod(shape[cut:])) for cut in range(1, len(shape))
-    ]
+    candidates = [(math.prod(shape[:cut]), math.prod(shape[cut:])) for cut in range(1, len(shape))]
     return min(candidates, key=lambda pair: max(pair) / min(pair))
 
 
@@ -96,7 +94,9 @@ def plan_layout(
     last one smaller). ``None`` means no limit: no merging and no blocking.
     """
     if max_preconditioner_dim is not None and max_preconditioner_dim < 1:
-        raise ValueError(f"max_preconditioner_dim must be >= 1 or None, got {max_preconditioner_dim}")
+        raise ValueError(
+            f"max_preconditioner_dim must be >= 1 or None, got {max_preconditioner_dim}"
+        )
     original = tuple(int(size) for size in shape)
     view = drop_unit_dims(original)
     if most_square:

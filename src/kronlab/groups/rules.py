@@ -20,7 +20,7 @@ class PreconditionerGroup(ABC):
 
     @abstractmethod
     def identify(self, model: nn.Module) -> list[list[nn.Parameter]]:
-        """The parameter sets of ``model`` this rule treats jointly (one list per preconditioner)."""
+        """The parameter sets of ``model`` treated jointly (one list per preconditioner)."""
 
     @abstractmethod
     def group(self, tensors: list[Tensor]) -> Tensor:
@@ -68,7 +68,10 @@ class LinearWeightBias(PreconditionerGroup):
 
     def ungroup(self, grouped_tensor: Tensor, tensor_shapes: list[torch.Size]) -> list[Tensor]:
         weight_shape, bias_shape = tensor_shapes
-        return [grouped_tensor[:, :-1].reshape(weight_shape), grouped_tensor[:, -1].reshape(bias_shape)]
+        return [
+            grouped_tensor[:, :-1].reshape(weight_shape),
+            grouped_tensor[:, -1].reshape(bias_shape),
+        ]
 
 
 class FlattenEmbedding(PreconditionerGroup):

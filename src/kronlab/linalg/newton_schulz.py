@@ -74,8 +74,12 @@ def resolve_coefficients(
         return NEWTON_SCHULZ_COEFFICIENTS[coefficients]
     schedule = tuple(tuple(float(c) for c in triple) for triple in coefficients)
     if not schedule or any(len(triple) != 3 for triple in schedule):
-        raise ValueError(f"coefficients must be a non-empty sequence of (a, b, c), got {coefficients}")
-    return NewtonSchulzCoefficients("custom", schedule, default_steps=len(schedule), band=(0.0, 2.0))
+        raise ValueError(
+            f"coefficients must be a non-empty sequence of (a, b, c), got {coefficients}"
+        )
+    return NewtonSchulzCoefficients(
+        "custom", schedule, default_steps=len(schedule), band=(0.0, 2.0)
+    )
 
 
 def newton_schulz(

@@ -10,7 +10,7 @@ from kronlab.linalg._dtypes import working_dtype
 
 
 class SpectralNormEstimate(NamedTuple):
-    """``sigma`` ≈ ‖W‖₂ (a lower bound), and the left singular vector estimate to warm-start with."""
+    """``sigma`` ≈ ‖W‖₂ (a lower bound) and the left singular vector to warm-start with."""
 
     sigma: torch.Tensor
     left_vector: torch.Tensor
@@ -38,9 +38,7 @@ def power_iteration(
     matrix = matrix.to(dtype)
     expected = matrix.shape[:-1]
     if left_vector is None:
-        left_vector = torch.randn(
-            expected, dtype=dtype, device=matrix.device, generator=generator
-        )
+        left_vector = torch.randn(expected, dtype=dtype, device=matrix.device, generator=generator)
     elif left_vector.shape != expected:
         raise ValueError(
             f"left_vector must have shape {tuple(expected)}, got {tuple(left_vector.shape)}"

@@ -32,7 +32,9 @@ def inverse_root_from_eigh(
     _check_root(root)
     n = eigenvalues.shape[-1]
     eps = torch.finfo(eigenvalues.dtype).eps
-    largest = eigenvalues.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(eigenvalues.dtype).tiny)
+    largest = (
+        eigenvalues.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(eigenvalues.dtype).tiny)
+    )
     if pseudo_inverse:
         threshold = largest * (n * eps if rank_rtol is None else rank_rtol)
         kept = eigenvalues > threshold

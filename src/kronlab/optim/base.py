@@ -19,6 +19,7 @@ from kronlab.optim.validation import check_choice
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None
 NonFinitePolicy = Literal["skip", "raise", "ignore"]
 GLOBAL_STATE = "kronlab"
+DEFAULT_RULES: tuple[PreconditionerGroup, ...] = (PerParameter(),)
 
 
 class KronOptimizer(Optimizer):
@@ -49,7 +50,7 @@ class KronOptimizer(Optimizer):
         defaults: dict[str, Any],
         *,
         model: nn.Module | None = None,
-        combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = (PerParameter(),),
+        combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
         on_nonfinite_grad: NonFinitePolicy = "skip",
         verbose_init: bool = False,
     ) -> None:
@@ -149,7 +150,9 @@ class KronOptimizer(Optimizer):
         return [bundle for bundle in self.bundles if bundle.has_gradient()]
 
     def _gradients_are_finite(self) -> bool:
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [
+            p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
+        ]
         if not grads:
             return True
         return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())

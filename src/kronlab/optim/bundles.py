@@ -99,6 +99,4 @@ def _candidate_sets(
         return rule.identify(model)
     if isinstance(rule, PerParameter):
         return [[p] for p in params]
-    raise ValueError(
-        f"combine_params rule {rule!r} needs the model: pass model= to the optimizer"
-    )
+    raise ValueError(f"combine_params rule {rule!r} needs the model: pass model= to the optimizer")

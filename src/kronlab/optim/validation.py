@@ -16,10 +16,14 @@ def check_range(
     high_inclusive: bool = True,
     integer: bool = False,
 ) -> None:
-    """Raise ``ValueError`` unless ``value`` is a number within ``[low, high]`` (bounds optional)."""
+    """Raise ``ValueError`` unless ``value`` is a number in ``[low, high]`` (bounds optional)."""
     allowed = _describe_range(name, low, high, low_inclusive, high_inclusive, integer)
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not is_number or math.isnan(value) or (integer and value != math.inf and value != int(value)):
+    if (
+        not is_number
+        or math.isnan(value)
+        or (integer and value != math.inf and value != int(value))
+    ):
         raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
     too_low = low is not None and (value < low or (not low_inclusive and value == low))
     too_high = high is not None and (value > high or (not high_inclusive and value == high))
@@ -36,7 +40,9 @@ def check_choice(name: str, value: object, choices: Collection[object]) -> None:
 def check_betas(name: str, betas: object, count: int = 2, *, high_inclusive: bool = True) -> None:
     """Raise ``ValueError`` unless ``betas`` is a sequence of ``count`` numbers in ``[0, 1]``."""
     if not isinstance(betas, (tuple, list)) or len(betas) != count:
-        raise ValueError(f"Invalid {name}: {betas!r} (allowed: a tuple of {count} numbers in [0, 1])")
+        raise ValueError(
+            f"Invalid {name}: {betas!r} (allowed: a tuple of {count} numbers in [0, 1])"
+        )
     for index, beta in enumerate(betas):
         check_range(f"{name}[{index}]", beta, 0.0, 1.0, high_inclusive=high_inclusive)
 

@@ -32,7 +32,11 @@ def digits_mlp(seed: int, hidden: int = 128) -> nn.Module:
     torch.manual_seed(seed)
     try:
         return nn.Sequential(
-            nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+            nn.Linear(64, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 10),
         )
     finally:
         torch.random.set_rng_state(generator_state)
