@@ -1,0 +1,76 @@
+import torch
+
+from kronlab.factors import (
+    axis_outer_products,
+    from_eigenbasis,
+    kronecker_outer,
+    kronecker_product_apply,
+    mode_product,
+    precondition_in_eigenbasis,
+    to_eigenbasis,
+)
+
+
+def test_matrix_block_product_is_left_and_right_multiplication():
+    blocks = torch.randn(3, 4, 5, dtype=torch.float64)
+    left = torch.randn(3, 6, 4, dtype=torch.float64)
+    right = torch.randn(3, 2, 5, dtype=torch.float64)
+    result = kronecker_product_apply(blocks, [left, right])
+    expected = torch.stack([left[i] @ blocks[i] @ right[i].T for i in range(3)])
+    assert torch.allclose(result, expected)
+
+
+def test_three_axis_product_matches_dense_kronecker():
+    block = torch.randn(1, 2, 3, 4, dtype=torch.float64)
+    matrices = [torch.randn(1, d, d, dtype=torch.float64) for d in (2, 3, 4)]
+    result = kronecker_product_apply(block, matrices)
+    dense = torch.kron(torch.kron(matrices[0][0], matrices[1][0]), matrices[2][0])
+    # row-major vec: (M1 ⊗ M2 ⊗ M3) vec(G)
+    assert torch.allclose(result.flatten(), dense @ block.flatten())
+
+
+def test_shared_matrix_and_identity_axis():
+    blocks = torch.randn(2, 3, 4, dtype=torch.float64)
+    shared = torch.randn(5, 4, dtype=torch.float64)
+    assert torch.allclose(mode_product(blocks, shared, 1), blocks @ shared.T)
+    assert torch.equal(kronecker_product_apply(blocks, [None, None]), blocks)
+
+
+def test_eigenbasis_round_trip():
+    blocks = torch.randn(2, 4, 3, dtype=torch.float64)
+    q = [torch.linalg.qr(torch.randn(2, d, d, dtype=torch.float64)).Q for d in (4, 3)]
+    assert torch.allclose(from_eigenbasis(to_eigenbasis(blocks, q), q), blocks)
+    assert torch.allclose(to_eigenbasis(blocks, q)[0], q[0][0].T @ blocks[0] @ q[1][0])
+
+
+def test_kfac_damped_inverse_equals_dense_solve():
+    d_out, d_in, damping = 3, 4, 0.1
+    s_root = torch.randn(d_out, d_out, dtype=torch.float64)
+    a_root = torch.randn(d_in, d_in, dtype=torch.float64)
+    s, a = s_root @ s_root.T, a_root @ a_root.T
+    gradient = torch.randn(1, d_out, d_in, dtype=torch.float64)
+    lambda_s, q_s = torch.linalg.eigh(s)
+    lambda_a, q_a = torch.linalg.eigh(a)
+    scaling = 1.0 / (kronecker_outer([lambda_s[None], lambda_a[None]]) + damping)
+    result = precondition_in_eigenbasis(gradient, [q_s[None], q_a[None]], scaling)
+    dense = torch.kron(s, a) + damping * torch.eye(d_out * d_in, dtype=torch.float64)
+    expected = torch.linalg.solve(dense, gradient.flatten())
+    assert torch.allclose(result.flatten(), expected)
+
+
+def test_kronecker_outer_three_vectors():
+    vectors = [torch.randn(2, d, dtype=torch.float64) for d in (2, 3, 4)]
+    result = kronecker_outer(vectors)
+    expected = torch.einsum("bi,bj,bk->bijk", *vectors)
+    assert torch.allclose(result, expected)
+
+
+def test_axis_outer_products():
+    blocks = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    products = axis_outer_products(blocks)
+    assert torch.allclose(products[0], torch.einsum("bijk,bljk->bil", blocks, blocks))
+    assert torch.allclose(products[1], torch.einsum("bijk,bilk->bjl", blocks, blocks))
+    assert torch.allclose(products[2], torch.einsum("bijk,bijl->bkl", blocks, blocks))
+    matrix = blocks[:, :, :, 0]
+    left, right = axis_outer_products(matrix)
+    assert torch.allclose(left, matrix @ matrix.mT) and torch.allclose(right, matrix.mT @ matrix)

@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from kronlab.linalg import qr_eigenbasis_refresh, rayleigh_quotients
+
+from .test_eigh import random_spd
+
+
+def test_exact_eigenbasis_is_a_fixed_point():
+    matrix = random_spd(6, condition=50)
+    values, vectors = torch.linalg.eigh(matrix)
+    result = qr_eigenbasis_refresh(matrix, vectors)
+    expected_values = values.flip(-1)
+    expected_vectors = vectors.flip(-1)
+    assert torch.allclose(result.eigenvalues, expected_values, atol=1e-12)
+    # sign convention diag(R) >= 0 keeps each eigenvector's sign
+    assert torch.allclose(result.eigenvectors, expected_vectors, atol=1e-10)
+    assert torch.equal(result.order, torch.arange(5, -1, -1))
+
+
+def test_iterations_converge_to_eigenvalues():
+    matrix = random_spd(8, condition=100)
+    start = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64)).Q
+    reference = torch.linalg.eigvalsh(matrix).flip(-1)
+    errors = []
+    for iterations in (1, 10, 200):
+        refreshed = qr_eigenbasis_refresh(matrix, start, iterations=iterations)
+        errors.append((refreshed.eigenvalues - reference).abs().max().item())
+    assert errors[2] < 1e-8 and errors[2] < errors[0]
+
+
+def test_output_sorted_orthonormal_and_rayleigh_quotients():
+    matrix = random_spd(7, (3,), condition=30, dtype=torch.float32)
+    start = torch.linalg.qr(torch.randn(3, 7, 7)).Q
+    result = qr_eigenbasis_refresh(matrix, start, iterations=2)
+    assert (result.eigenvalues.diff(dim=-1) <= 1e-6).all()
+    identity = torch.eye(7).expand(3, 7, 7)
+    assert torch.allclose(result.eigenvectors.mT @ result.eigenvectors, identity, atol=1e-5)
+    quotients = torch.diagonal(
+        result.eigenvectors.mT @ matrix @ result.eigenvectors, dim1=-2, dim2=-1
+    )
+    assert torch.allclose(result.eigenvalues, quotients, atol=1e-5)
+
+
+def test_order_tracks_columns_of_a_permuted_warm_start():
+    matrix = random_spd(5, condition=20)
+    _, vectors = torch.linalg.eigh(matrix)  # ascending
+    permutation = torch.tensor([3, 0, 4, 1, 2])
+    result = qr_eigenbasis_refresh(matrix, vectors[:, permutation])
+    # column j of the result came from warm-start column order[j]
+    assert torch.allclose(result.eigenvectors, vectors[:, permutation][:, result.order], atol=1e-10)
+
+
+def test_batched_equals_looped():
+    matrices = random_spd(5, (4,), condition=10)
+    starts = torch.linalg.qr(torch.randn(4, 5, 5, dtype=torch.float64)).Q
+    batched = qr_eigenbasis_refresh(matrices, starts)
+    for index in range(4):
+        single = qr_eigenbasis_refresh(matrices[index], starts[index])
+        assert torch.allclose(batched.eigenvectors[index], single.eigenvectors, atol=1e-12)
+        assert torch.equal(batched.order[index], single.order)
+
+
+def test_rayleigh_quotients_definition():
+    matrix = random_spd(4)
+    basis = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64)).Q
+    expected = torch.stack([basis[:, i] @ matrix @ basis[:, i] for i in range(4)])
+    assert torch.allclose(rayleigh_quotients(matrix, basis), expected)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="eigenvectors must have the shape"):
+        qr_eigenbasis_refresh(torch.eye(3), torch.eye(4))
+    with pytest.raises(ValueError, match="iterations must be >= 1"):
+        qr_eigenbasis_refresh(torch.eye(3), torch.eye(3), iterations=0)

@@ -1,0 +1,99 @@
+import json
+
+import pytest
+
+from kronlab.cli import main, parse_learning_rates
+
+
+def test_compare_writes_table_json_and_png(tmp_path, capsys):
+    code = main(
+        [
+            "compare",
+            "--optimizers",
+            "adamw,sgd",
+            "--steps",
+            "200",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "optimizer" in out and "vs AdamW" in out and "sgd" in out
+    payload = json.loads((tmp_path / "compare.json").read_text())
+    results = {r["name"]: r for r in payload["results"]}
+    assert results["adamw"]["test_accuracy"] > 0.9  # the acceptance floor
+    assert results["adamw"]["ratio_to_adamw"] == 1.0
+    assert len(results["sgd"]["train_loss_curve"]) == 200
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+
+
+def test_compare_always_times_adamw(tmp_path):
+    assert (
+        main(
+            [
+                "compare",
+                "--optimizers",
+                "sgd",
+                "--steps",
+                "5",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    names = [r["name"] for r in json.loads((tmp_path / "compare.json").read_text())["results"]]
+    assert names == ["sgd", "adamw"]
+
+
+def test_unknown_optimizer_lists_available(capsys):
+    assert main(["compare", "--optimizers", "adamw,nope", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown optimizer 'nope'" in err and "adamw" in err and "sgd" in err
+    assert err.count("\n") == 1
+
+
+def test_lr_for_optimizer_not_compared_is_an_error(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "compare",
+                "--optimizers",
+                "sgd",
+                "--lr",
+                "adamw=1",
+                "--steps",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    assert "--lr names optimizers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--batch-size"])
+def test_bad_counts(flag, capsys):
+    assert main(["compare", flag, "0"]) == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_list_and_help(capsys):
+    assert main(["compare", "--list"]) == 0
+    assert "adamw" in capsys.readouterr().out
+    assert main([]) == 0
+    assert "compare" in capsys.readouterr().out
+
+
+def test_parse_learning_rates():
+    assert parse_learning_rates(["1e-3"]) == (1e-3, {})
+    assert parse_learning_rates(["soap=3e-3,muon=0.02", "sgd=0.1"]) == (
+        None,
+        {"soap": 3e-3, "muon": 0.02, "sgd": 0.1},
+    )
+    with pytest.raises(ValueError, match="--lr expects"):
+        parse_learning_rates(["soap=fast"])
