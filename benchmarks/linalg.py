@@ -1,0 +1,49 @@
+"""Batched vs looped matrix functions, and Newton–Schulz vs its matmul FLOP floor.
+
+Run: PYTHONPATH=src python -m benchmarks.linalg
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.common import machine_description, matmul_floor_seconds, time_callable
+from kronlab.linalg import eigh, matrix_inverse_root, newton_schulz
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    print(machine_description())
+    print("| work | batched | looped | looped / batched |")
+    print("| --- | --- | --- | --- |")
+    for count, size in ((64, 32), (16, 128), (4, 512)):
+        roots = torch.randn(count, size, size)
+        stack = roots @ roots.mT / size + 1e-3 * torch.eye(size)
+        for name, function in (
+            ("eigh", lambda m: eigh(m)),
+            ("inverse 4th root", lambda m: matrix_inverse_root(m, 4, 1e-6)),
+        ):
+            batched = time_callable(lambda f=function, s=stack: f(s), repeats=5, warmup=1)
+            looped = time_callable(
+                lambda f=function, s=stack: [f(matrix) for matrix in s], repeats=5, warmup=1
+            )
+            print(
+                f"| {name} {count}×{size}² | {1e3 * batched:.2f} ms | {1e3 * looped:.2f} ms "
+                f"| {looped / batched:.2f}x |"
+            )
+    print()
+    print("| Newton–Schulz (quintic, 5 steps) | time | matmul floor | ratio |")
+    print("| --- | --- | --- | --- |")
+    for m, n in ((256, 256), (512, 1024), (1024, 256)):
+        matrix = torch.randn(m, n)
+        rows, columns = min(m, n), max(m, n)
+        shapes = [(rows, columns, rows), (rows, rows, rows), (rows, rows, columns)] * 5
+        seconds = time_callable(lambda g=matrix: newton_schulz(g), repeats=10)
+        floor = matmul_floor_seconds(shapes, repeats=10)
+        print(
+            f"| {m}×{n} | {1e3 * seconds:.2f} ms | {1e3 * floor:.2f} ms | {seconds / floor:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()
