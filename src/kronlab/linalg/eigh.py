@@ -45,30 +45,31 @@ def eigh(matrix: torch.Tensor, *, float64: bool = False) -> Eigendecomposition:
     identity = torch.eye(n, dtype=compute_dtype, device=matrix.device)
 
     finite = torch.isfinite(matrix).all(dim=-1).all(dim=-1)
+    all_finite = bool(finite.all())  # one host sync; decompositions are amortized anyway
+    working = matrix.to(compute_dtype)
     # Non-finite matrices are swapped for the identity so the batched call cannot fail on them.
-    safe = torch.where(finite[..., None, None], matrix.to(compute_dtype), identity)
+    safe = working if all_finite else torch.where(finite[..., None, None], working, identity)
 
     result = _eigh_or_none(safe)
     if result is None and compute_dtype != torch.float64:
         result = _eigh_or_none(safe.double())
     if result is None:
-        result = _eigh_one_by_one(safe.double().reshape(-1, n, n))
-        eigenvalues, eigenvectors, converged = result
+        eigenvalues, eigenvectors, converged = _eigh_one_by_one(safe.double().reshape(-1, n, n))
         eigenvalues = eigenvalues.reshape(*batch_shape, n)
         eigenvectors = eigenvectors.reshape(*batch_shape, n, n)
         finite = finite & converged.reshape(batch_shape)
     else:
         eigenvalues, eigenvectors = result
+    eigenvalues = eigenvalues.to(compute_dtype)
+    eigenvectors = eigenvectors.to(compute_dtype)
 
-    ok = (
-        finite
-        & torch.isfinite(eigenvalues).all(dim=-1)
-        & torch.isfinite(eigenvectors).all(dim=-1).all(dim=-1)
-    )
-    eigenvalues = torch.where(ok[..., None], eigenvalues, torch.ones_like(eigenvalues))
-    eigenvectors = torch.where(ok[..., None, None], eigenvectors, identity.to(eigenvectors.dtype))
-    out_dtype = compute_dtype
-    return Eigendecomposition(eigenvalues.to(out_dtype), eigenvectors.to(out_dtype), ok)
+    # A decomposition that returned without raising can still hold NaN (e.g. GPU solvers).
+    ok = finite & torch.isfinite(eigenvalues).all(dim=-1)
+    if not bool(ok.all()):
+        ok = ok & torch.isfinite(eigenvectors).all(dim=-1).all(dim=-1)
+        eigenvalues = torch.where(ok[..., None], eigenvalues, torch.ones_like(eigenvalues))
+        eigenvectors = torch.where(ok[..., None, None], eigenvectors, identity)
+    return Eigendecomposition(eigenvalues, eigenvectors, ok)
 
 
 def _eigh_one_by_one(
