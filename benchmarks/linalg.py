@@ -32,6 +32,18 @@ def main() -> None:
                 f"| {looped / batched:.2f}x |"
             )
     print()
+    print("| eigh stack | kronlab.linalg.eigh | torch.linalg.eigh | overhead |")
+    print("| --- | --- | --- | --- |")
+    for count, size in ((64, 32), (16, 128), (4, 512)):
+        roots = torch.randn(count, size, size)
+        stack = roots @ roots.mT / size + 1e-3 * torch.eye(size)
+        ours = time_callable(lambda s=stack: eigh(s), repeats=5, warmup=1)
+        theirs = time_callable(lambda s=stack: torch.linalg.eigh(s), repeats=5, warmup=1)
+        print(
+            f"| {count}×{size}² | {1e3 * ours:.2f} ms | {1e3 * theirs:.2f} ms "
+            f"| {ours / theirs:.2f}x |"
+        )
+    print()
     print("| Newton–Schulz (quintic, 5 steps) | time | matmul floor | ratio |")
     print("| --- | --- | --- | --- |")
     for m, n in ((256, 256), (512, 1024), (1024, 256)):
