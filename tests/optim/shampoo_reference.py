@@ -1,0 +1,158 @@
+"""A dense float64 re-implementation of the Shampoo family for one m×n parameter, written from
+the formulas in DESIGN.md (not from the code under test); the oracle of the Shampoo tests."""
+
+from __future__ import annotations
+
+import torch
+
+ADAM_GRAFTING_EPSILON = 1e-8
+
+
+def matrix_power(matrix: torch.Tensor, power: float) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(matrix)
+    return vectors @ torch.diag(values.clamp_min(0.0) ** power) @ vectors.T
+
+
+def descending_qr_step(matrix: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """SOAP's refresh: sort columns by descending Rayleigh quotient, orthonormalize A Q (diag R
+    ≥ 0), sort again."""
+    quotients = torch.diagonal(basis.T @ matrix @ basis)
+    basis = basis[:, quotients.argsort(descending=True)]
+    q, r = torch.linalg.qr(matrix @ basis)
+    basis = q * torch.sign(torch.diagonal(r))
+    quotients = torch.diagonal(basis.T @ matrix @ basis)
+    return basis[:, quotients.argsort(descending=True)]
+
+
+def reference_trajectory(
+    weight: torch.Tensor,
+    gradients: list[torch.Tensor],
+    *,
+    variant: str,
+    kl: bool = False,
+    lr: float = 0.1,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    epsilon: float = 1e-3,
+    frequency: int = 1,
+    nesterov: bool = False,
+    bias_correction: bool = True,
+    grafting: str = "none",
+    eigenbasis: str = "eigh",
+) -> list[torch.Tensor]:
+    """Parameters after each step."""
+    m, n = weight.shape
+    weight = weight.clone()
+    left, right = torch.zeros(m, m, dtype=weight.dtype), torch.zeros(n, n, dtype=weight.dtype)
+    momentum = torch.zeros_like(weight)
+    grafting_moment = torch.zeros_like(weight)
+    second_moment = torch.zeros_like(weight)
+    eigen_left, eigen_right = torch.zeros(m, dtype=weight.dtype), torch.zeros(n, dtype=weight.dtype)
+    cache: dict[str, torch.Tensor] = {}
+    corrections = 0
+    power = 0.5 if kl else 0.25
+    trajectory = []
+    identity_m, identity_n = torch.eye(m, dtype=weight.dtype), torch.eye(n, dtype=weight.dtype)
+
+    def ema(state: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        return state + sample if beta2 == 1.0 else beta2 * state + (1 - beta2) * sample
+
+    def bias(beta: float, count: int) -> float:
+        return 1.0 - beta**count if bias_correction and beta < 1 and count > 0 else 1.0
+
+    for step, gradient in enumerate(gradients, start=1):
+        momentum = beta1 * momentum + (1 - beta1) * gradient
+        filtered = (beta1 * momentum + (1 - beta1) * gradient) if nesterov else momentum
+        filtered = filtered / bias(beta1, step)
+        factor_bias = bias(beta2, step)
+
+        # KL-Shampoo: the other factor's (stale) inverse in this step's statistics.
+        left_inverse, right_inverse = identity_m, identity_n
+        if kl and variant == "root_inv" and "left_root" in cache:
+            left_inverse = cache["left_root"] @ cache["left_root"]
+            right_inverse = cache["right_root"] @ cache["right_root"]
+        if kl and variant == "eigendecomposed" and "left_values" in cache:
+            left_inverse = matrix_power(
+                cache["left_vectors"]
+                @ torch.diag(cache["left_values"] / factor_bias)
+                @ cache["left_vectors"].T
+                + epsilon * identity_m,
+                -1.0,
+            )
+            right_inverse = matrix_power(
+                cache["right_vectors"]
+                @ torch.diag(cache["right_values"] / factor_bias)
+                @ cache["right_vectors"].T
+                + epsilon * identity_n,
+                -1.0,
+            )
+        if kl and variant == "per_factor" and corrections > 0:
+            correction = bias(beta2, corrections)
+            left_inverse = (
+                cache["left_vectors"]
+                @ torch.diag(1 / (eigen_left / correction + epsilon))
+                @ cache["left_vectors"].T
+            )
+            right_inverse = (
+                cache["right_vectors"]
+                @ torch.diag(1 / (eigen_right / correction + epsilon))
+                @ cache["right_vectors"].T
+            )
+        outer_left = gradient @ right_inverse @ gradient.T / (n if kl else 1)
+        outer_right = gradient.T @ left_inverse @ gradient / (m if kl else 1)
+        left, right = ema(left, outer_left), ema(right, outer_right)
+
+        if (step - 1) % frequency == 0:  # refresh
+            if variant == "root_inv":
+                cache["left_root"] = matrix_power(left / factor_bias + epsilon * identity_m, -power)
+                cache["right_root"] = matrix_power(
+                    right / factor_bias + epsilon * identity_n, -power
+                )
+            else:
+                if eigenbasis == "qr" and "left_vectors" in cache:
+                    new_left = descending_qr_step(left, cache["left_vectors"])
+                    new_right = descending_qr_step(right, cache["right_vectors"])
+                else:
+                    cache["left_values"], new_left = torch.linalg.eigh(left)
+                    cache["right_values"], new_right = torch.linalg.eigh(right)
+                if "left_vectors" in cache:  # carry the corrections into the new basis
+                    overlap_left = (new_left.T @ cache["left_vectors"]) ** 2
+                    overlap_right = (new_right.T @ cache["right_vectors"]) ** 2
+                    second_moment = overlap_left @ second_moment @ overlap_right.T
+                    eigen_left = overlap_left @ eigen_left
+                    eigen_right = overlap_right @ eigen_right
+                cache["left_vectors"], cache["right_vectors"] = new_left, new_right
+
+        if variant == "root_inv":
+            direction = cache["left_root"] @ filtered @ cache["right_root"]
+        else:
+            q_left, q_right = cache["left_vectors"], cache["right_vectors"]
+            rotated = q_left.T @ filtered @ q_right
+            if variant == "eigendecomposed":
+                scale_left = (cache["left_values"].clamp_min(0) / factor_bias + epsilon) ** -power
+                scale_right = (cache["right_values"].clamp_min(0) / factor_bias + epsilon) ** -power
+                rotated = rotated * torch.outer(scale_left, scale_right)
+            elif variant == "eigenvalue_corrected":
+                corrections += 1
+                rotated_gradient = q_left.T @ gradient @ q_right
+                second_moment = ema(second_moment, rotated_gradient**2)
+                correction = bias(beta2, corrections)
+                rotated = rotated / ((second_moment / correction).sqrt() + epsilon)
+            else:  # per-factor
+                corrections += 1
+                eigen_left = ema(eigen_left, torch.diagonal(q_left.T @ outer_left @ q_left))
+                eigen_right = ema(eigen_right, torch.diagonal(q_right.T @ outer_right @ q_right))
+                correction = bias(beta2, corrections)
+                rotated = rotated * torch.outer(
+                    (eigen_left / correction + epsilon) ** -power,
+                    (eigen_right / correction + epsilon) ** -power,
+                )
+            direction = q_left @ rotated @ q_right.T
+
+        if grafting == "adam":
+            grafting_moment = ema(grafting_moment, gradient**2)
+            adam = filtered / ((grafting_moment / factor_bias).sqrt() + ADAM_GRAFTING_EPSILON)
+            direction = direction * adam.norm() / direction.norm()
+        weight = weight - lr * direction
+        trajectory.append(weight.clone())
+    return trajectory
