@@ -13,15 +13,17 @@ def matrix_power(matrix: torch.Tensor, power: float) -> torch.Tensor:
     return vectors @ torch.diag(values.clamp_min(0.0) ** power) @ vectors.T
 
 
-def descending_qr_step(matrix: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+def descending_qr_step(
+    matrix: torch.Tensor, basis: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SOAP's refresh: sort columns by descending Rayleigh quotient, orthonormalize A Q (diag R
-    ≥ 0), sort again."""
+    ≥ 0), sort again. Also returns which old column each new column continues."""
     quotients = torch.diagonal(basis.T @ matrix @ basis)
-    basis = basis[:, quotients.argsort(descending=True)]
-    q, r = torch.linalg.qr(matrix @ basis)
+    first = quotients.argsort(descending=True)
+    q, r = torch.linalg.qr(matrix @ basis[:, first])
     basis = q * torch.sign(torch.diagonal(r))
-    quotients = torch.diagonal(basis.T @ matrix @ basis)
-    return basis[:, quotients.argsort(descending=True)]
+    second = torch.diagonal(basis.T @ matrix @ basis).argsort(descending=True)
+    return basis[:, second], first[second]
 
 
 def reference_trajectory(
@@ -109,18 +111,20 @@ def reference_trajectory(
                     right / factor_bias + epsilon * identity_n, -power
                 )
             else:
+                order_left, order_right = torch.arange(m), torch.arange(n)
                 if eigenbasis == "qr" and "left_vectors" in cache:
-                    new_left = descending_qr_step(left, cache["left_vectors"])
-                    new_right = descending_qr_step(right, cache["right_vectors"])
+                    new_left, order_left = descending_qr_step(left, cache["left_vectors"])
+                    new_right, order_right = descending_qr_step(right, cache["right_vectors"])
                 else:
                     cache["left_values"], new_left = torch.linalg.eigh(left)
                     cache["right_values"], new_right = torch.linalg.eigh(right)
-                if "left_vectors" in cache:  # carry the corrections into the new basis
+                if "left_vectors" in cache:
+                    # SOAP: the second moment, re-expressed in the new basis (squared overlaps).
                     overlap_left = (new_left.T @ cache["left_vectors"]) ** 2
                     overlap_right = (new_right.T @ cache["right_vectors"]) ** 2
                     second_moment = overlap_left @ second_moment @ overlap_right.T
-                    eigen_left = overlap_left @ eigen_left
-                    eigen_right = overlap_right @ eigen_right
+                    # Per-factor: eigenvalues kept, following their columns.
+                    eigen_left, eigen_right = eigen_left[order_left], eigen_right[order_right]
                 cache["left_vectors"], cache["right_vectors"] = new_left, new_right
 
         if variant == "root_inv":

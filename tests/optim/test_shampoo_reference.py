@@ -52,6 +52,7 @@ CASES = [
     ("eigenvalue_corrected", False, {"frequency": 2, "eigenbasis": "qr"}),
     ("per_factor", False, {"frequency": 2, "bias_correction": False, "grafting": "adam"}),
     ("per_factor", True, {"frequency": 2, "beta2": 1.0}),
+    ("per_factor", False, {"frequency": 2, "eigenbasis": "qr"}),
     ("root_inv", True, {"frequency": 2, "beta1": 0.0}),
 ]
 

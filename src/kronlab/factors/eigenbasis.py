@@ -22,13 +22,17 @@ EigenbasisMethod = Literal["eigh", "qr"]
 class RefreshedEigenbasis(NamedTuple):
     """Eigenvectors ``(B, d, d)``, eigenvalues ``(B, d)``, consecutive failures ``(B,)``.
 
-    ``ok`` is ``False`` where the previous decomposition was kept.
+    ``ok`` is ``False`` where the previous decomposition was kept. ``order`` ``(B, d)``: new
+    column k continues previous column ``order[k]`` (a QR refresh re-sorts the warm start; an
+    eigh refresh keeps the ascending order, so it is the identity), so per-column state follows
+    with ``state.gather(-1, order)``.
     """
 
     eigenvalues: torch.Tensor
     eigenvectors: torch.Tensor
     failures: torch.Tensor
     ok: torch.Tensor
+    order: torch.Tensor
 
 
 class DecompositionFailed(RuntimeError):
@@ -60,11 +64,12 @@ def refresh_eigenbasis(
         safe = torch.where(finite[..., None, None], factors, identity)
         work = safe.double() if float64 else safe
         refreshed = qr_eigenbasis_refresh(work, previous_eigenvectors.to(work.dtype))
-        values, vectors = refreshed.eigenvalues, refreshed.eigenvectors
+        values, vectors, order = refreshed
         ok = finite & torch.isfinite(vectors).flatten(-2).all(-1) & torch.isfinite(values).all(-1)
     else:
         decomposition = eigh(factors, float64=float64)
         values, vectors, ok = decomposition
+        order = None
     values, vectors = values.to(factors.dtype), vectors.to(factors.dtype)
     if previous_eigenvectors is None:
         previous_eigenvectors = torch.eye(
@@ -75,6 +80,8 @@ def refresh_eigenbasis(
         previous_eigenvalues = torch.zeros_like(values)
     vectors = torch.where(ok[..., None, None], vectors, previous_eigenvectors)
     values = torch.where(ok[..., None], values, previous_eigenvalues)
+    identity_order = torch.arange(factors.shape[-1], device=factors.device).expand(values.shape)
+    order = identity_order if order is None else torch.where(ok[..., None], order, identity_order)
     failures = torch.where(ok, torch.zeros_like(failures), failures + 1)
     worst = int(failures.max()) if failures.numel() else 0
     if worst:
@@ -89,4 +96,4 @@ def refresh_eigenbasis(
             RuntimeWarning,
             stacklevel=2,
         )
-    return RefreshedEigenbasis(values, vectors, failures, ok)
+    return RefreshedEigenbasis(values, vectors, failures, ok, order)

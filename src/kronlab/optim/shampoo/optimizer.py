@@ -283,15 +283,16 @@ class Shampoo(KronOptimizer):
                 name=f"Shampoo factors of size {size}",
             )
             sizes = [factor.shape[0] for factor in factors]
-            for (index, axis), values, vectors, fails, ok in zip(
+            for (index, axis), values, vectors, fails, ok, order in zip(
                 members,
                 refreshed.eigenvalues.split(sizes),
                 refreshed.eigenvectors.split(sizes),
                 refreshed.failures.split(sizes),
                 refreshed.ok.split(sizes),
+                refreshed.order.split(sizes),
             ):
                 stack_states[index]["failures"][axis] = fails
-                results[(index, axis)] = (values, vectors, ok)
+                results[(index, axis)] = (values, vectors, ok, order)
         for index, state in enumerate(stack_states):
             axes = [
                 results[(index, axis)]
@@ -299,8 +300,7 @@ class Shampoo(KronOptimizer):
                 if (index, axis) in results
             ]
             if axes:
-                values, vectors, ok = zip(*axes)
-                variants.install(state, settings[index], values, vectors, ok)
+                variants.install(state, settings[index], *zip(*axes))
 
     def _direction(
         self,

@@ -20,7 +20,6 @@ import torch
 
 from kronlab.factors.accumulation import bias_correction
 from kronlab.factors.correction import (
-    transport_eigenvalues,
     transport_second_moment,
     update_factor_eigenvalues_,
     update_second_moment_,
@@ -72,8 +71,14 @@ def install(
     eigenvalues: Sequence[torch.Tensor],
     eigenvectors: Sequence[torch.Tensor],
     ok: Sequence[torch.Tensor],
+    orders: Sequence[torch.Tensor],
 ) -> None:
-    """Store a stack's refreshed decomposition the way its variant uses it."""
+    """Store a stack's refreshed decomposition the way its variant uses it.
+
+    SOAP's second moment is transported into the new basis (``(Q_newᵀ Q_old)^{⊙2}``, exact for
+    reorderings and sign flips, mass-preserving for rotations). Per-factor eigenvalues are
+    never overwritten: each keeps following its column (``orders``), so nothing jumps.
+    """
     config = settings.preconditioner
     if isinstance(config, RootInverseConfig):
         exponent = settings.exponent(len(eigenvalues))
@@ -97,8 +102,7 @@ def install(
         )
     elif isinstance(config, PerFactorEigenvalueCorrectedConfig) and "eigenvectors" in state:
         state["eigenvalue_ema"] = [
-            transport_eigenvalues(ema, new, old)
-            for ema, new, old in zip(state["eigenvalue_ema"], eigenvectors, state["eigenvectors"])
+            ema.gather(-1, order) for ema, order in zip(state["eigenvalue_ema"], orders)
         ]
     state["eigenvectors"] = list(eigenvectors)
 
