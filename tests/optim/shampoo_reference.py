@@ -41,6 +41,7 @@ def reference_trajectory(
     bias_correction: bool = True,
     grafting: str = "none",
     eigenbasis: str = "eigh",
+    second_moment_carry: str = "follow_columns",
 ) -> list[torch.Tensor]:
     """Parameters after each step."""
     m, n = weight.shape
@@ -118,11 +119,17 @@ def reference_trajectory(
                 else:
                     cache["left_values"], new_left = torch.linalg.eigh(left)
                     cache["right_values"], new_right = torch.linalg.eigh(right)
+                    if "left_vectors" in cache:  # old columns ranked like eigh's ascending order
+                        old_left, old_right = cache["left_vectors"], cache["right_vectors"]
+                        order_left = torch.diagonal(old_left.T @ left @ old_left).argsort()
+                        order_right = torch.diagonal(old_right.T @ right @ old_right).argsort()
                 if "left_vectors" in cache:
-                    # SOAP: the second moment, re-expressed in the new basis (squared overlaps).
-                    overlap_left = (new_left.T @ cache["left_vectors"]) ** 2
-                    overlap_right = (new_right.T @ cache["right_vectors"]) ** 2
-                    second_moment = overlap_left @ second_moment @ overlap_right.T
+                    if second_moment_carry == "rotate":  # squared overlaps of the bases
+                        overlap_left = (new_left.T @ cache["left_vectors"]) ** 2
+                        overlap_right = (new_right.T @ cache["right_vectors"]) ** 2
+                        second_moment = overlap_left @ second_moment @ overlap_right.T
+                    else:  # each entry stays with its eigenvector column
+                        second_moment = second_moment[order_left][:, order_right]
                     # Per-factor: eigenvalues kept, following their columns.
                     eigen_left, eigen_right = eigen_left[order_left], eigen_right[order_right]
                 cache["left_vectors"], cache["right_vectors"] = new_left, new_right

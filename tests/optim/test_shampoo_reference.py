@@ -50,6 +50,12 @@ CASES = [
     ("eigendecomposed", False, {"frequency": 3, "nesterov": True}),
     ("eigenvalue_corrected", False, {"frequency": 2, "beta2": 1.0}),
     ("eigenvalue_corrected", False, {"frequency": 2, "eigenbasis": "qr"}),
+    ("eigenvalue_corrected", False, {"frequency": 2, "second_moment_carry": "rotate"}),
+    (
+        "eigenvalue_corrected",
+        False,
+        {"frequency": 2, "eigenbasis": "qr", "second_moment_carry": "rotate"},
+    ),
     ("per_factor", False, {"frequency": 2, "bias_correction": False, "grafting": "adam"}),
     ("per_factor", True, {"frequency": 2, "beta2": 1.0}),
     ("per_factor", False, {"frequency": 2, "eigenbasis": "qr"}),
@@ -65,7 +71,10 @@ def test_first_steps_match_dense_reference(variant: str, kl: bool, extra: dict) 
     eigenbasis = options.pop("eigenbasis", "eigh")
     preconditioner: object = VARIANT_NAMES[variant]
     if variant == "eigenvalue_corrected":
-        preconditioner = EigenvalueCorrectedConfig(eigenbasis=eigenbasis)
+        preconditioner = EigenvalueCorrectedConfig(
+            eigenbasis=eigenbasis,
+            second_moment_carry=options.pop("second_moment_carry", "follow_columns"),
+        )
     if variant == "per_factor":
         preconditioner = PerFactorEigenvalueCorrectedConfig(eigenbasis=eigenbasis)
     actual = run_optimizer(

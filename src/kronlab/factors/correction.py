@@ -5,10 +5,11 @@
 * Per-factor correction: one eigenvalue per factor direction, ``E_k ← β E_k + (1 − β)
   diag(Q_kᵀ O_t Q_k)`` with ``O_t`` this step's outer product along axis k (m + n entries).
 
-When an eigenbasis is refreshed the estimates are transported, not recomputed: a diagonal second
-moment in the old basis, re-expressed in the new one, has diagonal ``P E`` with
-``P = (Q_newᵀ Q_old)^{⊙2}`` (doubly stochastic), so permutations and sign flips of eigenvectors
-carry the estimate along exactly and a small rotation changes it only a little.
+When an eigenbasis is refreshed the estimates are carried over, never recomputed, in one of two
+ways: each entry follows its eigenvector column (``follow_columns``: what SOAP does with the sort
+order of its QR refresh), or the diagonal estimate is re-expressed in the new basis, ``P E`` with
+``P = (Q_newᵀ Q_old)^{⊙2}`` (``transport_*``: doubly stochastic, exact for permutations and sign
+flips, mixing entries under a rotation).
 """
 
 from __future__ import annotations
@@ -44,6 +45,16 @@ def transport_second_moment(
     ``E ×_1 P_1 ×_2 P_2 ⋯``."""
     overlaps = [basis_overlap(new, old) for new, old in zip(new_eigenvectors, old_eigenvectors)]
     return kronecker_product_apply(second_moment, overlaps)
+
+
+def follow_columns(estimate: torch.Tensor, orders: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Reindex ``estimate`` ``(B, d_1, …)`` along each axis i by ``orders[i]`` ``(B, d_i)``:
+    entry k of the new basis takes the value of old column ``orders[i][k]``."""
+    for axis, order in enumerate(orders):
+        shape = [order.shape[0]] + [1] * (estimate.ndim - 1)
+        shape[axis + 1] = order.shape[-1]
+        estimate = estimate.gather(axis + 1, order.reshape(shape).expand_as(estimate))
+    return estimate
 
 
 def update_factor_eigenvalues_(

@@ -14,7 +14,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from kronlab.linalg.eigh import eigh
-from kronlab.linalg.qr import qr_eigenbasis_refresh
+from kronlab.linalg.qr import qr_eigenbasis_refresh, rayleigh_quotients
 
 EigenbasisMethod = Literal["eigh", "qr"]
 
@@ -23,9 +23,10 @@ class RefreshedEigenbasis(NamedTuple):
     """Eigenvectors ``(B, d, d)``, eigenvalues ``(B, d)``, consecutive failures ``(B,)``.
 
     ``ok`` is ``False`` where the previous decomposition was kept. ``order`` ``(B, d)``: new
-    column k continues previous column ``order[k]`` (a QR refresh re-sorts the warm start; an
-    eigh refresh keeps the ascending order, so it is the identity), so per-column state follows
-    with ``state.gather(-1, order)``.
+    column k continues previous column ``order[k]`` (a QR refresh re-sorts the warm start by
+    Rayleigh quotient; for eigh the previous columns are ranked by their Rayleigh quotients under
+    the new factor, matching eigh's ascending order), so per-column state follows with
+    ``state.gather(-1, order)``.
     """
 
     eigenvalues: torch.Tensor
@@ -70,6 +71,13 @@ def refresh_eigenbasis(
         decomposition = eigh(factors, float64=float64)
         values, vectors, ok = decomposition
         order = None
+        if previous_eigenvectors is not None:
+            # eigh sorts ascending; old column j continues as the new column whose rank its
+            # Rayleigh quotient under the new factor has (exact when the basis is unchanged).
+            quotients = rayleigh_quotients(
+                torch.where(torch.isfinite(factors), factors, 0.0), previous_eigenvectors
+            )
+            order = quotients.argsort(dim=-1)
     values, vectors = values.to(factors.dtype), vectors.to(factors.dtype)
     if previous_eigenvectors is None:
         previous_eigenvectors = torch.eye(

@@ -54,14 +54,18 @@ class EigenvalueCorrectedConfig:
     """EShampoo / SOAP (George et al., 2018; Vyas et al., 2024): Adam's second moment kept in
     the factors' eigenbasis. ``eigenbasis="qr"`` refreshes by one warm-started QR step (SOAP),
     ``"eigh"`` by a full decomposition. ``factor_beta`` is the factors' EMA rate (SOAP's
-    ``shampoo_beta``; ``None`` = ``betas[1]``)."""
+    ``shampoo_beta``; ``None`` = ``betas[1]``). ``second_moment_carry`` says how the second
+    moment crosses a refresh: ``"follow_columns"`` (each entry stays with its eigenvector, as
+    in SOAP) or ``"rotate"`` (re-expressed in the new basis by squared overlaps)."""
 
     eigenbasis: Literal["eigh", "qr"] = "eigh"
     factor_beta: float | None = None
+    second_moment_carry: Literal["follow_columns", "rotate"] = "follow_columns"
     name: str = "eigenvalue_corrected"
 
     def __post_init__(self) -> None:
         check_choice("eigenbasis", self.eigenbasis, ("eigh", "qr"))
+        check_choice("second_moment_carry", self.second_moment_carry, ("follow_columns", "rotate"))
         _check_factor_beta(self.factor_beta)
 
 

@@ -20,6 +20,7 @@ import torch
 
 from kronlab.factors.accumulation import bias_correction
 from kronlab.factors.correction import (
+    follow_columns,
     transport_second_moment,
     update_factor_eigenvalues_,
     update_second_moment_,
@@ -75,9 +76,8 @@ def install(
 ) -> None:
     """Store a stack's refreshed decomposition the way its variant uses it.
 
-    SOAP's second moment is transported into the new basis (``(Q_newᵀ Q_old)^{⊙2}``, exact for
-    reorderings and sign flips, mass-preserving for rotations). Per-factor eigenvalues are
-    never overwritten: each keeps following its column (``orders``), so nothing jumps.
+    Corrections are never overwritten: each entry follows its eigenvector column (``orders``),
+    so nothing jumps; SOAP may instead rotate its second moment into the new basis.
     """
     config = settings.preconditioner
     if isinstance(config, RootInverseConfig):
@@ -97,12 +97,15 @@ def install(
     if isinstance(config, EigendecomposedConfig):
         state["eigenvalues"] = list(eigenvalues)
     elif isinstance(config, EigenvalueCorrectedConfig) and "eigenvectors" in state:
-        state["second_moment"] = transport_second_moment(
-            state["second_moment"], eigenvectors, state["eigenvectors"]
-        )
+        if config.second_moment_carry == "rotate":
+            state["second_moment"] = transport_second_moment(
+                state["second_moment"], eigenvectors, state["eigenvectors"]
+            )
+        else:
+            state["second_moment"] = follow_columns(state["second_moment"], orders)
     elif isinstance(config, PerFactorEigenvalueCorrectedConfig) and "eigenvectors" in state:
         state["eigenvalue_ema"] = [
-            ema.gather(-1, order) for ema, order in zip(state["eigenvalue_ema"], orders)
+            follow_columns(ema, [order]) for ema, order in zip(state["eigenvalue_ema"], orders)
         ]
     state["eigenvectors"] = list(eigenvectors)
 
