@@ -53,6 +53,7 @@ def reference_trajectory(
     eigen_left, eigen_right = torch.zeros(m, dtype=weight.dtype), torch.zeros(n, dtype=weight.dtype)
     cache: dict[str, torch.Tensor] = {}
     corrections = 0
+    refreshes = 0
     power = 0.5 if kl else 0.25
     trajectory = []
     identity_m, identity_n = torch.eye(m, dtype=weight.dtype), torch.eye(n, dtype=weight.dtype)
@@ -63,6 +64,37 @@ def reference_trajectory(
     def bias(beta: float, count: int) -> float:
         return 1.0 - beta**count if bias_correction and beta < 1 and count > 0 else 1.0
 
+    def refresh(factor_bias: float) -> None:
+        nonlocal second_moment, eigen_left, eigen_right, refreshes
+        if variant == "root_inv":
+            cache["left_root"] = matrix_power(left / factor_bias + epsilon * identity_m, -power)
+            cache["right_root"] = matrix_power(right / factor_bias + epsilon * identity_n, -power)
+        else:
+            order_left, order_right = torch.arange(m), torch.arange(n)
+            if eigenbasis == "qr" and refreshes > 0:
+                new_left, order_left = descending_qr_step(left, cache["left_vectors"])
+                new_right, order_right = descending_qr_step(right, cache["right_vectors"])
+            else:
+                cache["left_values"], new_left = torch.linalg.eigh(left)
+                cache["right_values"], new_right = torch.linalg.eigh(right)
+                if "left_vectors" in cache:  # old columns ranked like eigh's ascending order
+                    old_left, old_right = cache["left_vectors"], cache["right_vectors"]
+                    order_left = torch.diagonal(old_left.T @ left @ old_left).argsort()
+                    order_right = torch.diagonal(old_right.T @ right @ old_right).argsort()
+            if "left_vectors" in cache:
+                if second_moment_carry == "rotate":  # squared overlaps of the bases
+                    overlap_left = (new_left.T @ cache["left_vectors"]) ** 2
+                    overlap_right = (new_right.T @ cache["right_vectors"]) ** 2
+                    second_moment = overlap_left @ second_moment @ overlap_right.T
+                else:  # each entry stays with its eigenvector column
+                    second_moment = second_moment[order_left][:, order_right]
+                # Per-factor: eigenvalues kept, following their columns.
+                eigen_left, eigen_right = eigen_left[order_left], eigen_right[order_right]
+            cache["left_vectors"], cache["right_vectors"] = new_left, new_right
+        refreshes += 1
+
+    if variant in ("eigenvalue_corrected", "per_factor"):  # the identity basis until a refresh
+        cache["left_vectors"], cache["right_vectors"] = identity_m, identity_n
     for step, gradient in enumerate(gradients, start=1):
         momentum = beta1 * momentum + (1 - beta1) * gradient
         filtered = (beta1 * momentum + (1 - beta1) * gradient) if nesterov else momentum
@@ -105,35 +137,10 @@ def reference_trajectory(
         outer_right = gradient.T @ left_inverse @ gradient / (m if kl else 1)
         left, right = ema(left, outer_left), ema(right, outer_right)
 
-        if (step - 1) % frequency == 0:  # refresh
-            if variant == "root_inv":
-                cache["left_root"] = matrix_power(left / factor_bias + epsilon * identity_m, -power)
-                cache["right_root"] = matrix_power(
-                    right / factor_bias + epsilon * identity_n, -power
-                )
-            else:
-                order_left, order_right = torch.arange(m), torch.arange(n)
-                if eigenbasis == "qr" and "left_vectors" in cache:
-                    new_left, order_left = descending_qr_step(left, cache["left_vectors"])
-                    new_right, order_right = descending_qr_step(right, cache["right_vectors"])
-                else:
-                    cache["left_values"], new_left = torch.linalg.eigh(left)
-                    cache["right_values"], new_right = torch.linalg.eigh(right)
-                    if "left_vectors" in cache:  # old columns ranked like eigh's ascending order
-                        old_left, old_right = cache["left_vectors"], cache["right_vectors"]
-                        order_left = torch.diagonal(old_left.T @ left @ old_left).argsort()
-                        order_right = torch.diagonal(old_right.T @ right @ old_right).argsort()
-                if "left_vectors" in cache:
-                    if second_moment_carry == "rotate":  # squared overlaps of the bases
-                        overlap_left = (new_left.T @ cache["left_vectors"]) ** 2
-                        overlap_right = (new_right.T @ cache["right_vectors"]) ** 2
-                        second_moment = overlap_left @ second_moment @ overlap_right.T
-                    else:  # each entry stays with its eigenvector column
-                        second_moment = second_moment[order_left][:, order_right]
-                    # Per-factor: eigenvalues kept, following their columns.
-                    eigen_left, eigen_right = eigen_left[order_left], eigen_right[order_right]
-                cache["left_vectors"], cache["right_vectors"] = new_left, new_right
-
+        corrected = variant in ("eigenvalue_corrected", "per_factor")
+        due = (step - 1) % frequency == 0
+        if due and not corrected:  # Distributed Shampoo's order: refresh, then precondition
+            refresh(factor_bias)
         if variant == "root_inv":
             direction = cache["left_root"] @ filtered @ cache["right_root"]
         else:
@@ -164,6 +171,8 @@ def reference_trajectory(
             grafting_moment = ema(grafting_moment, gradient**2)
             adam = filtered / ((grafting_moment / factor_bias).sqrt() + ADAM_GRAFTING_EPSILON)
             direction = direction * adam.norm() / direction.norm()
+        if due and corrected:  # SOAP's order: the basis never contains the gradient it measures
+            refresh(factor_bias)
         weight = weight - lr * direction
         trajectory.append(weight.clone())
     return trajectory

@@ -83,9 +83,10 @@ def test_eigenvalue_corrected_with_identity_basis_is_adam(eigenbasis: str) -> No
 
 
 def test_per_factor_correction_is_continuous_across_a_refresh() -> None:
-    # Slowly drifting gradients; the eigenbasis is refreshed every 4 steps. At a refresh only
-    # Q_k changes: E_k ← β₂ E_k + (1 − β₂) diag(Q_newᵀ O_t Q_new) from its previous value, never
-    # reset to the factor's eigenvalues, so its spectrum moves about as much as on other steps.
+    # Slowly drifting gradients; the eigenbasis is refreshed after steps 1, 5, 9, 13. Every step
+    # E_k ← β₂ E_k + (1 − β₂) diag(Q_kᵀ O_t Q_k) in the basis of that step; a refresh then only
+    # changes Q_k (each eigenvalue follows its column), never resetting E_k to the factor's
+    # eigenvalues, so the spectrum moves about as much at a refresh as on other steps.
     generator = torch.Generator().manual_seed(3)
     base = torch.randn(5, 4, generator=generator, dtype=torch.float64)
     param = nn.Parameter(torch.zeros(5, 4, dtype=torch.float64))
@@ -115,11 +116,11 @@ def test_per_factor_correction_is_continuous_across_a_refresh() -> None:
             if step in refresh_steps:
                 assert not torch.allclose(block.eigenvectors[0], old_basis[0])
             outer = [gradient @ gradient.T, gradient.T @ gradient]
-            for ema, old, vectors, product in zip(
-                block.eigenvalues, before, block.eigenvectors, outer
-            ):
-                sample = torch.diagonal(vectors.T @ product @ vectors)
-                torch.testing.assert_close(ema, beta2 * old + (1 - beta2) * sample)
+            for ema, old, vectors, product in zip(block.eigenvalues, before, old_basis, outer):
+                expected = beta2 * old + (1 - beta2) * torch.diagonal(vectors.T @ product @ vectors)
+                if step in refresh_steps:  # reordered with their columns, values unchanged
+                    ema, expected = ema.sort().values, expected.sort().values
+                torch.testing.assert_close(ema, expected)
             changes[step] = max(
                 ((new.sort().values - old.sort().values).norm() / old.norm()).item()
                 for new, old in zip(block.eigenvalues, before)

@@ -68,6 +68,9 @@ class Shampoo(KronOptimizer):
     statistics → (every ``precondition_frequency`` steps) one batched decomposition per factor
     size → eigenvalue correction and direction → grafting (per-block norm matching) → weight
     decay → update. Before ``start_preconditioning_step`` the grafting direction is used alone.
+    The eigenvalue-corrected variants decompose after the direction instead (SOAP's order: the
+    basis never contains the gradient it measures; their first step uses the identity basis,
+    i.e. is Adam's); the others decompose before it (Distributed Shampoo's order).
 
     Parameters with at most one dim > 1 get ``vector_preconditioner``: ``"diagonal"`` (Adam with
     this optimizer's β₂, ε), ``"grafting"`` (the grafting direction), or ``"dense"`` (a one-factor
@@ -198,11 +201,12 @@ class Shampoo(KronOptimizer):
             )
             for index in range(len(plan.stacks))
         ]
-        self._refresh_due_decompositions(plan, stack_states, settings)
+        self._refresh_due_decompositions(plan, stack_states, settings, after_step=False)
         directions = [
             self._direction(state, options, *stack_work)
             for state, options, stack_work in zip(stack_states, settings, work)
         ]
+        self._refresh_due_decompositions(plan, stack_states, settings, after_step=True)
         self._apply_updates(plan.scatter(directions, [b.grouped_shape for b in self.bundles]))
 
     def _bundle_gradient(self, bundle: ParameterBundle) -> torch.Tensor:
@@ -243,13 +247,25 @@ class Shampoo(KronOptimizer):
         plan: StackingPlan,
         stack_states: list[dict[str, Any]],
         settings: list[StackSettings],
+        *,
+        after_step: bool,
     ) -> None:
-        """Decompose every due factor, one batched call per (size, dtype, method)."""
+        """Decompose every due factor, one batched call per (size, dtype, method).
+
+        Root-inverse and eigendecomposed stacks refresh before preconditioning (their factors
+        include this step's gradient, as in Distributed Shampoo); eigenvalue-corrected stacks
+        refresh after it, so a basis never contains the gradient it measures (as in SOAP).
+        """
         batches: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
         for index, (stack, state) in enumerate(zip(plan.stacks, stack_states)):
-            if stack.kind == "kronecker" and settings[index].is_refresh_step(state["step"]):
+            options = settings[index]
+            if (
+                stack.kind == "kronecker"
+                and options.refresh_after_step == after_step
+                and options.is_refresh_step(state["step"])
+            ):
                 for axis, factor in enumerate(state["factors"]):
-                    method = variants.refresh_method(state, settings[index])
+                    method = variants.refresh_method(state, options)
                     batches[(factor.shape[-1], factor.dtype, method)].append((index, axis))
         results: dict[tuple[int, int], tuple] = {}
         for (size, _, method), members in batches.items():

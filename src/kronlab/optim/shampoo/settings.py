@@ -7,7 +7,12 @@ from typing import Any
 
 import torch
 
-from kronlab.optim.shampoo.config import GraftingConfig, PreconditionerConfig
+from kronlab.optim.shampoo.config import (
+    EigenvalueCorrectedConfig,
+    GraftingConfig,
+    PerFactorEigenvalueCorrectedConfig,
+    PreconditionerConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,13 @@ class StackSettings:
         if override is not None:
             return override
         return 0.5 if self.kl else 1.0 / (2 * num_factors)
+
+    @property
+    def refresh_after_step(self) -> bool:
+        """Eigenvalue-corrected variants refresh their basis after the step (SOAP's order)."""
+        return isinstance(
+            self.preconditioner, (EigenvalueCorrectedConfig, PerFactorEigenvalueCorrectedConfig)
+        )
 
     def is_refresh_step(self, step: int) -> bool:
         """Refresh at the first preconditioned step, then every ``precondition_frequency``."""

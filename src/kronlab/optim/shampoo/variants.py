@@ -53,9 +53,9 @@ def eigenvalue_correction(state: State, settings: StackSettings) -> float:
 
 
 def refresh_method(state: State, settings: StackSettings) -> str:
-    """``"qr"`` only when configured and a previous eigenbasis exists to warm-start from."""
+    """``"qr"`` only when configured and a previous refresh exists to warm-start from."""
     wants_qr = getattr(settings.preconditioner, "eigenbasis", "eigh") == "qr"
-    return "qr" if wants_qr and "eigenvectors" in state else "eigh"
+    return "qr" if wants_qr and state.get("refreshes", 0) > 0 else "eigh"
 
 
 def previous_eigenpairs(state: State, axis: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -80,6 +80,7 @@ def install(
     so nothing jumps; SOAP may instead rotate its second moment into the new basis.
     """
     config = settings.preconditioner
+    state["refreshes"] = state.get("refreshes", 0) + 1
     if isinstance(config, RootInverseConfig):
         exponent = settings.exponent(len(eigenvalues))
         scale = 1.0 / factor_correction(state, settings)
@@ -166,6 +167,13 @@ def correct_and_precondition(
         return precondition_in_eigenbasis(
             filtered, state["eigenvectors"], kronecker_outer(scalings)
         )
+    if "eigenvectors" not in state:  # before the first refresh: the identity basis
+        state["eigenvectors"] = [
+            torch.eye(size, dtype=filtered.dtype, device=filtered.device).repeat(
+                len(filtered), 1, 1
+            )
+            for size in filtered.shape[1:]
+        ]
     eigenvectors = state["eigenvectors"]
     state["correction_step"] = state.get("correction_step", 0) + 1
     if isinstance(config, EigenvalueCorrectedConfig):
