@@ -10,8 +10,12 @@ from kronlab.optim.registry import (
     get_optimizer,
     register_optimizer,
 )
+from kronlab.optim.shampoo import SOAP, KLShampoo, Shampoo
 
 __all__ = [
+    "SOAP",
+    "KLShampoo",
+    "Shampoo",
     "KronOptimizer",
     "ParameterBundle",
     "RegisteredOptimizer",

@@ -1,0 +1,28 @@
+"""Damped inverse roots of Kronecker factors from their eigendecomposition.
+
+Shampoo's preconditioner per factor is ``(F / bc + ε I)^{-p}`` (Gupta et al., 2018), with ``p =
+1/(2k)`` for a k-factor block; K-FAC's damped inverse is ``p = 1``. Both are written here once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def damped_inverse_root_scales(
+    eigenvalues: torch.Tensor, epsilon: float, exponent: float, scale: float = 1.0
+) -> torch.Tensor:
+    """``(scale · λ + ε)^{-exponent}``, with negative round-off eigenvalues clamped to 0."""
+    return (eigenvalues.clamp_min(0.0) * scale + epsilon).pow(-exponent)
+
+
+def damped_inverse_root(
+    eigenvalues: torch.Tensor,
+    eigenvectors: torch.Tensor,
+    epsilon: float,
+    exponent: float,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """``Q diag((scale · λ + ε)^{-exponent}) Qᵀ`` for a stack ``(B, d)``, ``(B, d, d)``."""
+    scales = damped_inverse_root_scales(eigenvalues, epsilon, exponent, scale)
+    return (eigenvectors * scales.unsqueeze(-2)) @ eigenvectors.transpose(-1, -2)

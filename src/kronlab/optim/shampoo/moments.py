@@ -1,0 +1,70 @@
+"""First-order pieces of the Shampoo step: the filtered gradient and the grafting direction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kronlab.factors.accumulation import accumulate_, bias_correction
+from kronlab.optim.shampoo.settings import StackSettings
+
+
+def filtered_gradient(
+    state: dict[str, Any], gradient: torch.Tensor, settings: StackSettings
+) -> torch.Tensor:
+    """``M = m̂``, ``m ← β₁ m + (1 − β₁) g``; Nesterov uses ``β₁ m + (1 − β₁) g`` after the
+    update (bias-corrected by ``1 − β₁^t``); ``β₁ = 0`` is the raw gradient."""
+    if settings.beta1 == 0.0:
+        return gradient
+    momentum = state.setdefault("momentum", torch.zeros_like(gradient))
+    accumulate_(momentum, gradient, settings.beta1)
+    filtered = gradient.lerp(momentum, settings.beta1) if settings.nesterov else momentum
+    return filtered / bias_correction(settings.beta1, state["step"], settings.bias_correction)
+
+
+def grafting_direction(
+    state: dict[str, Any],
+    gradient: torch.Tensor,
+    filtered: torch.Tensor,
+    settings: StackSettings,
+) -> torch.Tensor | None:
+    """The grafting method's direction on the filtered gradient (``None`` for ``"none"``).
+
+    adagrad: ``M / (√Σg² + ε)``; rmsprop: ``M / (√v + ε)``; adam: ``M / (√(v/bc₂) + ε)`` with
+    ``v ← β v + (1 − β) g²`` — exactly AdamW's direction when used alone.
+    """
+    grafting = settings.grafting
+    if grafting.method == "none":
+        return None
+    if grafting.method == "sgd":
+        return filtered
+    if grafting.method == "adagrad":
+        beta = 1.0
+    else:
+        beta = settings.beta2 if grafting.beta2 is None else grafting.beta2
+    second_moment = state.setdefault("grafting_second_moment", torch.zeros_like(gradient))
+    accumulate_(second_moment, gradient.square(), beta)
+    correction = 1.0
+    if grafting.method == "adam":
+        correction = bias_correction(beta, state["step"], settings.bias_correction)
+    return filtered / ((second_moment / correction).sqrt() + grafting.epsilon)
+
+
+def diagonal_direction(
+    state: dict[str, Any], gradient: torch.Tensor, filtered: torch.Tensor, settings: StackSettings
+) -> torch.Tensor:
+    """Elementwise preconditioning of vectors and scalars: Adam's ``M / (√(v/bc₂) + ε)`` with the
+    optimizer's ``β₂`` and ``ε`` (what SOAP does for 1-D parameters)."""
+    second_moment = state.setdefault("diagonal_second_moment", torch.zeros_like(gradient))
+    accumulate_(second_moment, gradient.square(), settings.beta2)
+    correction = bias_correction(settings.beta2, state["step"], settings.bias_correction)
+    return filtered / ((second_moment / correction).sqrt() + settings.epsilon)
+
+
+def graft(direction: torch.Tensor, grafting: torch.Tensor) -> torch.Tensor:
+    """Rescale each block of ``direction`` to the Frobenius norm of the grafting direction."""
+    dims = tuple(range(1, direction.ndim))
+    own = torch.linalg.vector_norm(direction, dim=dims, keepdim=True)
+    target = torch.linalg.vector_norm(grafting, dim=dims, keepdim=True)
+    return direction * torch.where(own > 0, target / own, torch.zeros_like(own))

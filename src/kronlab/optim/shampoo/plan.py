@@ -1,0 +1,140 @@
+"""The stacking plan: every preconditioned block of every bundle, grouped into stacks.
+
+Blocks of the same shape whose math hyperparameters agree share a stack ``(B, d_1, …, d_k)``, so
+factor updates, decompositions and preconditioning run as one batched call per stack. Parameters
+that get an elementwise treatment (vectors, scalars) are concatenated into one flat ``(1, N)``
+stack. The plan is built once, at the first step, from the bundles and their param groups.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from kronlab.groups.layout import BlockLayout, drop_unit_dims, plan_layout
+from kronlab.optim.bundles import ParameterBundle
+
+StackKind = Literal["kronecker", "diagonal", "grafting"]
+
+
+@dataclass
+class BlockStack:
+    """Blocks ``members[i] = (bundle index, block index)`` processed together."""
+
+    kind: StackKind
+    block_shape: tuple[int, ...]
+    group_index: int
+    members: list[tuple[int, int]] = field(default_factory=list)
+    flat_sizes: list[int] = field(default_factory=list)  # elementwise stacks only
+
+    @property
+    def num_factors(self) -> int:
+        return len(self.block_shape) if self.kind == "kronecker" else 0
+
+
+@dataclass
+class StackingPlan:
+    """``layouts[b]``: bundle b's block layout (``None`` for elementwise bundles);
+    ``slots[b]``: ``(stack index, position)`` of each of its blocks."""
+
+    stacks: list[BlockStack]
+    layouts: list[BlockLayout | None]
+    slots: list[list[tuple[int, int]]]
+
+    def gather(self, index: int, bundle_tensors: list[torch.Tensor | None]) -> torch.Tensor:
+        """Stack ``index``'s blocks taken from per-bundle grouped tensors."""
+        stack = self.stacks[index]
+        if stack.kind != "kronecker":
+            flat = [bundle_tensors[b].reshape(-1) for b, _ in stack.members]
+            return torch.cat(flat).unsqueeze(0)
+        blocks = {}
+        for bundle_index, _ in stack.members:
+            if bundle_index not in blocks:
+                layout = self.layouts[bundle_index]
+                blocks[bundle_index] = layout.split(bundle_tensors[bundle_index])
+        return torch.stack([blocks[b][j].reshape(stack.block_shape) for b, j in stack.members])
+
+    def scatter(
+        self, stack_directions: list[torch.Tensor], shapes: list[torch.Size]
+    ) -> list[torch.Tensor]:
+        """Per-bundle grouped tensors reassembled from per-stack results."""
+        pieces: list[list[torch.Tensor | None]] = [[None] * len(s) for s in self.slots]
+        for stack, result in zip(self.stacks, stack_directions):
+            if stack.kind != "kronecker":
+                for (b, _), part in zip(stack.members, result[0].split(stack.flat_sizes)):
+                    pieces[b][0] = part
+            else:
+                for (b, j), block in zip(stack.members, result.unbind(0)):
+                    pieces[b][j] = block
+        grouped = []
+        for b, parts in enumerate(pieces):
+            layout = self.layouts[b]
+            if layout is None:
+                grouped.append(parts[0].reshape(shapes[b]))
+            else:
+                blocks = [
+                    part.reshape(shape)
+                    for part, shape in zip(parts, layout.block_shapes)  # type: ignore[union-attr]
+                ]
+                grouped.append(layout.merge(blocks))
+        return grouped
+
+
+def build_plan(
+    bundles: list[ParameterBundle],
+    groups: list[dict[str, Any]],
+    stack_key: Callable[[dict[str, Any], torch.Tensor], tuple],
+) -> StackingPlan:
+    """Assign every block of every bundle to a stack.
+
+    A bundle whose grouped tensor has at most one dim larger than 1 gets its group's
+    ``vector_preconditioner`` (``"dense"`` makes it a one-factor Kronecker block). Otherwise the
+    layout comes from ``plan_layout`` (size-1 dims dropped, small dims merged, large dims
+    blocked). ``stack_key(group, param)`` names the hyperparameters blocks must share.
+    """
+    stacks: list[BlockStack] = []
+    index_of: dict[tuple, int] = {}
+    layouts: list[BlockLayout | None] = []
+    slots: list[list[tuple[int, int]]] = []
+    for bundle_index, bundle in enumerate(bundles):
+        group = groups[bundle.group_index]
+        shape = tuple(bundle.grouped_shape)
+        is_vector = len(drop_unit_dims(shape)) <= 1
+        kind: StackKind = "kronecker"
+        if is_vector and group["vector_preconditioner"] != "dense":
+            kind = group["vector_preconditioner"]
+        base_key = (kind, stack_key(group, bundle.key))
+        if kind != "kronecker" or not drop_unit_dims(shape):
+            if kind == "kronecker":  # a scalar has no factor: it gets the diagonal treatment
+                kind = "diagonal"
+                base_key = (kind, stack_key(group, bundle.key))
+            layouts.append(None)
+            key = base_key
+            if key not in index_of:
+                index_of[key] = len(stacks)
+                stacks.append(BlockStack(kind, (), bundle.group_index))
+            stack = stacks[index_of[key]]
+            slots.append([(index_of[key], len(stack.members))])
+            stack.members.append((bundle_index, 0))
+            stack.flat_sizes.append(math.prod(shape))
+            continue
+        layout = plan_layout(shape, group["max_preconditioner_dim"], merge_dims=group["merge_dims"])
+        layouts.append(layout)
+        bundle_slots = []
+        for block_index, block_shape in enumerate(layout.block_shapes):
+            key = (*base_key, block_shape)
+            if key not in index_of:
+                index_of[key] = len(stacks)
+                stacks.append(BlockStack("kronecker", block_shape, bundle.group_index))
+            stack = stacks[index_of[key]]
+            bundle_slots.append((index_of[key], len(stack.members)))
+            stack.members.append((bundle_index, block_index))
+        slots.append(bundle_slots)
+    for stack in stacks:
+        if stack.kind != "kronecker":
+            stack.block_shape = (sum(stack.flat_sizes),)
+    return StackingPlan(stacks, layouts, slots)

@@ -1,0 +1,197 @@
+"""What each Shampoo variant caches at a refresh and how it turns the filtered gradient into a
+direction. Everything else (statistics, refresh scheduling, grafting) is shared.
+
+Per-stack state written here (lists have one entry per block axis, stacks have B blocks):
+
+* root-inverse: ``inverse_roots`` ``[(B, d_i, d_i)]`` = ``(F_i/bc + εI)^{-p}`` at the last refresh.
+* eigendecomposed: ``eigenvectors`` ``[(B, d_i, d_i)]``, ``eigenvalues`` ``[(B, d_i)]`` of ``F_i``.
+* eigenvalue-corrected: ``eigenvectors``, ``second_moment`` ``(B, d_1, …, d_k)``, and
+  ``correction_step`` (updates of the second moment, for its bias correction).
+* per-factor eigenvalue-corrected: ``eigenvectors``, ``eigenvalue_ema`` ``[(B, d_i)]``,
+  ``correction_step``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kronlab.factors.accumulation import bias_correction
+from kronlab.factors.correction import (
+    follow_columns,
+    transport_second_moment,
+    update_factor_eigenvalues_,
+    update_second_moment_,
+)
+from kronlab.factors.inverse import damped_inverse_root, damped_inverse_root_scales
+from kronlab.factors.kronecker import (
+    from_eigenbasis,
+    kronecker_outer,
+    kronecker_product_apply,
+    precondition_in_eigenbasis,
+    to_eigenbasis,
+)
+from kronlab.optim.shampoo.config import (
+    EigendecomposedConfig,
+    EigenvalueCorrectedConfig,
+    PerFactorEigenvalueCorrectedConfig,
+    RootInverseConfig,
+)
+from kronlab.optim.shampoo.settings import StackSettings
+
+State = dict[str, Any]
+
+
+def factor_correction(state: State, settings: StackSettings) -> float:
+    return bias_correction(settings.factor_beta, state["step"], settings.bias_correction)
+
+
+def eigenvalue_correction(state: State, settings: StackSettings) -> float:
+    return bias_correction(settings.beta2, state["correction_step"], settings.bias_correction)
+
+
+def refresh_method(state: State, settings: StackSettings) -> str:
+    """``"qr"`` only when configured and a previous refresh exists to warm-start from."""
+    wants_qr = getattr(settings.preconditioner, "eigenbasis", "eigh") == "qr"
+    return "qr" if wants_qr and state.get("refreshes", 0) > 0 else "eigh"
+
+
+def previous_eigenpairs(state: State, axis: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The decomposition a failed refresh falls back to (``None`` before the first)."""
+    vectors = state["eigenvectors"][axis] if "eigenvectors" in state else None
+    values = state["eigenvalues"][axis] if "eigenvalues" in state else None
+    return vectors, values
+
+
+# --- install a refreshed decomposition -------------------------------------------------------
+def install(
+    state: State,
+    settings: StackSettings,
+    eigenvalues: Sequence[torch.Tensor],
+    eigenvectors: Sequence[torch.Tensor],
+    ok: Sequence[torch.Tensor],
+    orders: Sequence[torch.Tensor],
+) -> None:
+    """Store a stack's refreshed decomposition the way its variant uses it.
+
+    Corrections are never overwritten: each entry follows its eigenvector column (``orders``),
+    so nothing jumps; SOAP may instead rotate its second moment into the new basis.
+    """
+    config = settings.preconditioner
+    state["refreshes"] = state.get("refreshes", 0) + 1
+    if isinstance(config, RootInverseConfig):
+        exponent = settings.exponent(len(eigenvalues))
+        scale = 1.0 / factor_correction(state, settings)
+        roots = []
+        for axis, (values, vectors, good) in enumerate(zip(eigenvalues, eigenvectors, ok)):
+            root = damped_inverse_root(values, vectors, settings.epsilon, exponent, scale)
+            previous = (
+                state["inverse_roots"][axis]
+                if "inverse_roots" in state
+                else torch.eye(root.shape[-1], dtype=root.dtype, device=root.device).expand_as(root)
+            )
+            roots.append(torch.where(good[..., None, None], root, previous))
+        state["inverse_roots"] = roots
+        return
+    if isinstance(config, EigendecomposedConfig):
+        state["eigenvalues"] = list(eigenvalues)
+    elif isinstance(config, EigenvalueCorrectedConfig) and "eigenvectors" in state:
+        if config.second_moment_carry == "rotate":
+            state["second_moment"] = transport_second_moment(
+                state["second_moment"], eigenvectors, state["eigenvectors"]
+            )
+        else:
+            state["second_moment"] = follow_columns(state["second_moment"], orders)
+    elif isinstance(config, PerFactorEigenvalueCorrectedConfig) and "eigenvectors" in state:
+        state["eigenvalue_ema"] = [
+            follow_columns(ema, [order]) for ema, order in zip(state["eigenvalue_ema"], orders)
+        ]
+    state["eigenvectors"] = list(eigenvectors)
+
+
+# --- KL-Shampoo: the (stale) inverse square roots used in the statistics ----------------------
+def kl_inverse_sqrts(
+    state: State, settings: StackSettings, num_factors: int
+) -> list[torch.Tensor | None] | None:
+    """``F_j^{-1/2}`` per axis for KL-Shampoo's statistics; ``None`` for plain Shampoo.
+
+    Before the first refresh (or while per-factor eigenvalues are still zero) there is no inverse
+    yet and the entries are ``None`` (the gradient is used unpreconditioned).
+    """
+    if not settings.kl:
+        return None
+    config = settings.preconditioner
+    if isinstance(config, RootInverseConfig) and "inverse_roots" in state:
+        return list(state["inverse_roots"])
+    if isinstance(config, EigendecomposedConfig) and "eigenvalues" in state:
+        scale = 1.0 / factor_correction(state, settings)
+        return [
+            damped_inverse_root(values, vectors, settings.epsilon, 0.5, scale)
+            for values, vectors in zip(state["eigenvalues"], state["eigenvectors"])
+        ]
+    if isinstance(config, PerFactorEigenvalueCorrectedConfig) and state.get("correction_step"):
+        scale = 1.0 / eigenvalue_correction(state, settings)
+        return [
+            damped_inverse_root(values, vectors, settings.epsilon, 0.5, scale)
+            for values, vectors in zip(state["eigenvalue_ema"], state["eigenvectors"])
+        ]
+    return [None] * num_factors
+
+
+# --- eigenvalue correction and direction ---------------------------------------------------
+def correct_and_precondition(
+    state: State,
+    settings: StackSettings,
+    gradient: torch.Tensor,
+    filtered: torch.Tensor,
+    products: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """Update the variant's eigenvalue correction (if any) and return the direction.
+
+    root-inverse: ``M ×_i P_i``; eigendecomposed: ``Q[(QᵀM) ⊙ ⊗(λ_i/bc + ε)^{-p}]Qᵀ``;
+    eigenvalue-corrected: ``Q[(QᵀM) / (√(E/bc) + ε)]Qᵀ``; per-factor: ``Q[(QᵀM) ⊙
+    ⊗(E_k/bc + ε)^{-p}]Qᵀ``.
+    """
+    config = settings.preconditioner
+    k = filtered.ndim - 1
+    if isinstance(config, RootInverseConfig):
+        return kronecker_product_apply(filtered, state["inverse_roots"])
+    if isinstance(config, EigendecomposedConfig):
+        scale = 1.0 / factor_correction(state, settings)
+        scalings = [
+            damped_inverse_root_scales(values, settings.epsilon, settings.exponent(k), scale)
+            for values in state["eigenvalues"]
+        ]
+        return precondition_in_eigenbasis(
+            filtered, state["eigenvectors"], kronecker_outer(scalings)
+        )
+    if "eigenvectors" not in state:  # before the first refresh: the identity basis
+        state["eigenvectors"] = [
+            torch.eye(size, dtype=filtered.dtype, device=filtered.device).repeat(
+                len(filtered), 1, 1
+            )
+            for size in filtered.shape[1:]
+        ]
+    eigenvectors = state["eigenvectors"]
+    state["correction_step"] = state.get("correction_step", 0) + 1
+    if isinstance(config, EigenvalueCorrectedConfig):
+        if "second_moment" not in state:
+            state["second_moment"] = torch.zeros_like(gradient)
+        update_second_moment_(
+            state["second_moment"], to_eigenbasis(gradient, eigenvectors), settings.beta2
+        )
+        corrected = state["second_moment"] / eigenvalue_correction(state, settings)
+        rotated = to_eigenbasis(filtered, eigenvectors) / (corrected.sqrt() + settings.epsilon)
+        return from_eigenbasis(rotated, eigenvectors)
+    if "eigenvalue_ema" not in state:
+        state["eigenvalue_ema"] = [torch.zeros_like(product[..., 0]) for product in products]
+    for ema, vectors, product in zip(state["eigenvalue_ema"], eigenvectors, products):
+        update_factor_eigenvalues_(ema, vectors, product, settings.beta2)
+    scale = 1.0 / eigenvalue_correction(state, settings)
+    scalings = [
+        damped_inverse_root_scales(ema, settings.epsilon, settings.exponent(k), scale)
+        for ema in state["eigenvalue_ema"]
+    ]
+    return precondition_in_eigenbasis(filtered, eigenvectors, kronecker_outer(scalings))
