@@ -10,11 +10,13 @@ from kronlab.optim.registry import (
     get_optimizer,
     register_optimizer,
 )
+from kronlab.optim.sirfshampoo import SIRFShampoo
 
 __all__ = [
     "KronOptimizer",
     "ParameterBundle",
     "RegisteredOptimizer",
+    "SIRFShampoo",
     "available_optimizers",
     "create_optimizer",
     "get_optimizer",
