@@ -269,9 +269,10 @@ class BlockDiagonalStructure(MatrixStructure):
         return padded.reshape(self.num_blocks, self.block_size, -1)
 
     def identity(self, dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
-        data = torch.zeros(self.num_blocks, self.block_size, self.block_size, dtype=dtype)
-        data.diagonal(dim1=1, dim2=2).reshape(-1)[: self.dim] = 1.0
-        return data.to(device)
+        data = torch.zeros(
+            self.num_blocks, self.block_size, self.block_size, dtype=dtype, device=device
+        )
+        return self.add_to_diagonal_(data, 1.0)
 
     def to_dense(self, data: Tensor) -> Tensor:
         return torch.block_diag(*data)[: self.dim, : self.dim]

@@ -335,8 +335,13 @@ def _per_axis(name: str, value: Any, bundle: ParameterBundle, dims: tuple[int, .
 
 @register_optimizer(
     "sirfshampoo",
-    default_lr=0.05,
+    default_lr=0.01,
     summary="SIRFShampoo: inverse- and root-free Shampoo, dense factors (Lin et al., 2024)",
 )
 def _sirfshampoo(model: nn.Module, lr: float) -> SIRFShampoo:
-    return SIRFShampoo(model, lr=lr, combine_params=(LinearWeightBias(), PerParameter()))
+    # Tuned on digits (200 steps, batch 64): faster factor learning (beta2) and stronger damping
+    # (lam) than the paper's defaults, which stay near the identity for this short a run and
+    # diverge for lr >= 0.03 with lam = 1e-3.
+    return SIRFShampoo(
+        model, lr=lr, beta2=0.2, lam=0.1, combine_params=(LinearWeightBias(), PerParameter())
+    )
