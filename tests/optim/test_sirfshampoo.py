@@ -215,6 +215,30 @@ def test_factor_update_schedule_int_and_callable():
     assert seen == [0, 1, 2, 3]
 
 
+def test_callable_schedule_is_asked_once_per_step_for_a_group_of_several_bundles():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    seen = []
+    optimizer = SIRFShampoo(model, T=lambda step: seen.append(step) or True)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(5, 3)).square().sum().backward()
+        optimizer.step()
+    assert len(optimizer.bundles) == 4 and seen == [0, 1, 2]
+
+
+def test_discarded_optimizer_leaves_no_live_hook():
+    import gc
+    import weakref
+
+    model = TensorModel((3, 2))
+    optimizer_ref = weakref.ref(SIRFShampoo(model))
+    gc.collect()
+    assert optimizer_ref() is None
+    assert not model._forward_pre_hooks
+    model(torch.randn(2, 6, dtype=torch.float64))
+
+
 def test_batch_size_counts_training_forwards_since_the_last_step():
     model = TensorModel((3, 2))
     optimizer = SIRFShampoo(model)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -198,9 +199,16 @@ class SIRFShampoo(KronOptimizer):
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
         )
-        self._batch_size_hook = model.register_forward_pre_hook(
-            self._count_batch_size, with_kwargs=True
-        )
+        # A weak reference, so the hook neither keeps a discarded optimizer alive nor outlives it.
+        optimizer_ref = weakref.ref(self)
+
+        def count_batch_size(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            optimizer = optimizer_ref()
+            if optimizer is not None:
+                optimizer._count_batch_size(module, args, kwargs)
+
+        handle = model.register_forward_pre_hook(count_batch_size, with_kwargs=True)
+        weakref.finalize(self, handle.remove)
 
     # --- construction -----------------------------------------------------------------------
     def validate_group(self, group: dict[str, Any]) -> None:
@@ -256,12 +264,14 @@ class SIRFShampoo(KronOptimizer):
     def update(self) -> None:
         step = self.global_step - 1  # 0-based, as T's callable sees it
         batch_size, self._batch_size = self._batch_size, 0
+        # T is asked once per group and step: a stateful callable sees every step exactly once.
+        due = [factor_update_due(group["T"], step) for group in self.param_groups]
         for bundle in self.bundles_with_gradients():
             group = self.param_groups[bundle.group_index]
             plan = self._plans[bundle]
             state = self._bundle_state(bundle, plan)
             grad = bundle.gradient()
-            if plan.structures and factor_update_due(group["T"], step):
+            if plan.structures and due[bundle.group_index]:
                 if batch_size == 0:
                     batch_size = 1
                     warnings.warn(
