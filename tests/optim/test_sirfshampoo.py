@@ -476,3 +476,42 @@ def test_registered_default_beats_sgd_on_digits(seed):
     ours = train_one(task, "sirfshampoo", 0.01, **settings)
     assert ours.test_loss < sgd.test_loss
     assert ours.final_train_loss < sgd.final_train_loss
+
+
+def test_scalar_parameters_have_no_factors_and_take_momentum_steps():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+
+        def forward(self, inputs):
+            return self.scale * inputs
+
+    model = Scaled()
+    optimizer = SIRFShampoo(model, lr=0.1, alpha1=0.5)
+    assert optimizer.describe_preconditioner(optimizer.bundles[0]) == []
+    buffer, expected = 0.0, 2.0
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.ones(4, dtype=torch.float64)).square().sum().backward()
+        grad = model.scale.grad.item()
+        buffer = 0.5 * buffer + grad
+        expected -= 0.1 * buffer
+        optimizer.step()
+        assert math.isclose(model.scale.item(), expected, rel_tol=1e-12)
+
+
+def test_non_finite_gradient_leaves_factors_and_parameters_untouched():
+    model = TensorModel((4, 3))
+    optimizer = SIRFShampoo(model)
+    _train(optimizer, model, 2)
+    factors = [k.clone() for k in optimizer.state[model.weight]["factors"]]
+    weight = model.weight.detach().clone()
+    model(torch.randn(3, 12, dtype=torch.float64))
+    model.weight.grad = torch.full_like(model.weight, float("nan"))
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        optimizer.step()
+    assert torch.equal(model.weight, weight)
+    for before, after in zip(factors, optimizer.state[model.weight]["factors"]):
+        assert torch.equal(before, after)
+    assert optimizer._batch_size == 0 and optimizer.skipped_steps == 1

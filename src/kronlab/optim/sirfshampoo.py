@@ -261,6 +261,12 @@ class SIRFShampoo(KronOptimizer):
             self._batch_size += first.shape[0]  # a Python int: no host sync
 
     # --- stepping ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = super().step(closure)
+        self._batch_size = 0  # also after a skipped (non-finite) step: its batch is not reused
+        return loss
+
     def update(self) -> None:
         step = self.global_step - 1  # 0-based, as T's callable sees it
         batch_size, self._batch_size = self._batch_size, 0
