@@ -5,7 +5,8 @@ Run from the repository root (peers from the ``bench`` extra)::
     PYTHONPATH=src python -m benchmarks.sirfshampoo [--steps 10] [--rounds 3] [--threads 1]
 
 Model: the benchmark MLP 256 → 512 → 512 → 10 (batch 256), one preconditioner per parameter
-(the peers' grouping), factors updated every step (``T = 1``). Every figure is a ratio measured
+(sirfshampoo's grouping; one more row groups each Linear's weight and bias, SINGD's grouping),
+factors updated every step (``T = 1``). Every figure is a ratio measured
 in this process; optimizers are timed in interleaved rounds and the median ratio is reported.
 
 * *step*: ``optimizer.step()`` alone. SINGD does part of its work in backward hooks, so for it
@@ -32,6 +33,7 @@ from benchmarks.common import (
     mlp_batch,
     time_optimizer_steps,
 )
+from kronlab.groups import LinearWeightBias, PerParameter
 from kronlab.optim import SIRFShampoo
 
 PEER_STRUCTURES = {"dense": "dense", "diagonal": "diagonal", "block_diagonal:30": "block30diagonal"}
@@ -74,6 +76,10 @@ def candidates(structure: str) -> dict[str, Callable[[nn.Module], torch.optim.Op
     def kronlab_no_check(model: nn.Module) -> torch.optim.Optimizer:
         return SIRFShampoo(model, structures=structure, on_nonfinite_grad="ignore")
 
+    def kronlab_weight_bias(model: nn.Module) -> torch.optim.Optimizer:
+        rules = (LinearWeightBias(), PerParameter())
+        return SIRFShampoo(model, structures=structure, combine_params=rules)
+
     def peer_sirfshampoo(model: nn.Module) -> torch.optim.Optimizer | None:
         if structure != "dense":  # sirfshampoo 0.0.1 supports only dense factors
             return None
@@ -93,41 +99,42 @@ def candidates(structure: str) -> dict[str, Callable[[nn.Module], torch.optim.Op
     return {
         "kronlab": kronlab_default,
         "kronlab (on_nonfinite_grad='ignore')": kronlab_no_check,
+        "kronlab (LinearWeightBias grouping)": kronlab_weight_bias,
         "sirfshampoo.SIRFShampoo": peer_sirfshampoo,
         "singd.SINGD (T=1)": peer_singd,
         "torch.optim.AdamW": adamw,
     }
 
 
-def measure(structure: str, steps: int, rounds: int) -> dict[str, tuple[float, float] | str]:
-    """Median (step, iteration) seconds per optimizer over interleaved rounds, or an error."""
+def measure(structure: str, steps: int, rounds: int) -> dict[str, list[tuple[float, float]] | str]:
+    """Per-round (step, iteration) seconds per optimizer, or the error a peer raised."""
     batch = mlp_batch()
     loss_fn = nn.functional.cross_entropy
-    samples: dict[str, list[tuple[float, float]]] = {}
-    errors: dict[str, str] = {}
+    samples: dict[str, list[tuple[float, float]] | str] = {}
     for _ in range(rounds):
         for name, build in candidates(structure).items():
-            if name in errors:
+            if isinstance(samples.get(name), str):
                 continue
             model = benchmark_mlp()
             try:
                 optimizer = build(model)
                 if optimizer is None:
-                    errors[name] = "structure not supported by the peer"
+                    samples[name] = "structure not supported by the peer"
                     continue
                 step = time_optimizer_steps(model, optimizer, batch, loss_fn, steps=steps)
                 iteration = iteration_seconds(model, optimizer, batch, loss_fn, steps)
             except Exception as error:  # record a peer's failure instead of its figure
-                errors[name] = f"{type(error).__name__}: {error}"[:160]
+                samples[name] = f"{type(error).__name__}: {error}"[:160]
                 continue
-            samples.setdefault(name, []).append((step, iteration))
-    results: dict[str, tuple[float, float] | str] = dict(errors)
-    for name, pairs in samples.items():
-        results[name] = (
-            statistics.median(p[0] for p in pairs),
-            statistics.median(p[1] for p in pairs),
-        )
-    return results
+            samples.setdefault(name, []).append((step, iteration))  # type: ignore[union-attr]
+    return samples
+
+
+def median_ratio(
+    ours: list[tuple[float, float]], row: list[tuple[float, float]], index: int
+) -> str:
+    """Median over rounds of the ratio measured within each round (robust to load drift)."""
+    return f"{statistics.median(a[index] / b[index] for a, b in zip(ours, row)):.2f}x"
 
 
 def main() -> None:
@@ -144,7 +151,10 @@ def main() -> None:
     for structure in args.structures.split(","):
         results = measure(structure, args.steps, args.rounds)
         ours = results["kronlab"]
-        print(f"\nstructures={structure!r}  (ratios: kronlab default / row, step | iteration)")
+        print(
+            f"\nstructures={structure!r}: median ms over rounds; ratios = kronlab (default) / row,"
+        )
+        print("median of the per-round ratios")
         print(
             f"{'optimizer':40s} {'step ms':>9s} {'iter ms':>9s} {'ours/row step':>14s} "
             f"{'ours/row iter':>14s}"
@@ -153,15 +163,18 @@ def main() -> None:
             if isinstance(value, str):
                 print(f"{name:40s} failed or n/a: {value}")
                 continue
-            step, iteration = value
-            step_ratio = format_ratio(ours[0], step) if not isinstance(ours, str) else "n/a"
-            iter_ratio = format_ratio(ours[1], iteration) if not isinstance(ours, str) else "n/a"
+            step = statistics.median(v[0] for v in value)
+            iteration = statistics.median(v[1] for v in value)
+            ratios = ("n/a", "n/a")
+            if not isinstance(ours, str):
+                ratios = (median_ratio(ours, value, 0), median_ratio(ours, value, 1))
             print(
-                f"{name:40s} {step * 1e3:9.1f} {iteration * 1e3:9.1f} {step_ratio:>14s} "
-                f"{iter_ratio:>14s}"
+                f"{name:40s} {step * 1e3:9.1f} {iteration * 1e3:9.1f} {ratios[0]:>14s} "
+                f"{ratios[1]:>14s}"
             )
         if structure == "dense" and not isinstance(ours, str):
-            print(f"kronlab step / FLOP floor: {format_ratio(ours[0], floor)}")
+            step = statistics.median(v[0] for v in ours)
+            print(f"kronlab step / FLOP floor: {format_ratio(step, floor)}")
 
 
 if __name__ == "__main__":
