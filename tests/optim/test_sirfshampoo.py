@@ -300,7 +300,8 @@ def test_bfloat16_parameters_keep_float32_factors_and_train():
     assert losses[-1] < 0.8 * losses[0]
 
 
-def test_half_precision_factors_match_float32():
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_half_precision_factors_match_float32(half):
     torch.manual_seed(3)
     wide_model = TensorModel((5, 4))
     narrow_model = TensorModel((5, 4))
@@ -308,7 +309,7 @@ def test_half_precision_factors_match_float32():
     initial = wide_model.weight.detach().clone()
     wide = SIRFShampoo(wide_model, preconditioner_dtypes=torch.float32, lr=0.1)
     narrow = SIRFShampoo(
-        narrow_model, preconditioner_dtypes=(torch.bfloat16, torch.float32), lr=0.1
+        narrow_model, preconditioner_dtypes=(half, torch.float32), lr=0.1
     )
     for _ in range(3):
         for model, optimizer in ((wide_model, wide), (narrow_model, narrow)):
@@ -316,7 +317,7 @@ def test_half_precision_factors_match_float32():
             optimizer.zero_grad()
             loss_and_backward(model)
             optimizer.step()
-    assert narrow.state[narrow_model.weight]["factors"][0].dtype == torch.bfloat16
+    assert narrow.state[narrow_model.weight]["factors"][0].dtype == half
     assert narrow.state[narrow_model.weight]["factors"][1].dtype == torch.float32
     assert not torch.equal(wide_model.weight, narrow_model.weight)
     # bf16 keeps ~3 significant digits: the trajectories agree to a few percent of the update

@@ -76,11 +76,11 @@ def update_factors(
     """
     dims = grad.shape
     numel = grad.numel()
-    # Unscaled G ×_j K_jᵀ; √B and the 1/√d_j of K̃_j are folded into the Python coefficient.
-    projected = grad
+    # GK = √B·G ×_j K̃_jᵀ = √(B/numel)·G ×_j K_jᵀ: one scalar on G instead of a pass per K_j,
+    # applied first so that half-precision products stay as small as the reference's.
+    projected = grad.to(factors[0].dtype) * math.sqrt(batch_size / numel)
     for axis, (structure, factor) in enumerate(zip(structures, factors)):
         projected = structure.apply(factor, projected.to(factor.dtype), axis, transpose=True)
-    outer_scale = batch_size / numel  # (√B/∏√d_j)²
     traces = [
         structure.frobenius_norm(factor).square() / dim**2
         for structure, factor, dim in zip(structures, factors, dims)
@@ -88,9 +88,7 @@ def update_factors(
     for axis, (structure, factor, momentum) in enumerate(zip(structures, factors, momenta)):
         dim = dims[axis]
         columns = unfold(projected, axis).to(momentum.dtype)
-        structure.accumulate_outer_(
-            momentum, columns, alpha=(1 - alpha2) * dim / 2 * outer_scale, beta=alpha2
-        )
+        structure.accumulate_outer_(momentum, columns, alpha=(1 - alpha2) * dim / 2, beta=alpha2)
         if lam != 0.0:
             damping = (1 - alpha2) * lam / 2 * numel / dim  # Π(K̃ᵀK̃) = Π(KᵀK)/d
             gram = structure.gram(factor)
