@@ -308,9 +308,7 @@ def test_half_precision_factors_match_float32(half):
     narrow_model.load_state_dict(wide_model.state_dict())
     initial = wide_model.weight.detach().clone()
     wide = SIRFShampoo(wide_model, preconditioner_dtypes=torch.float32, lr=0.1)
-    narrow = SIRFShampoo(
-        narrow_model, preconditioner_dtypes=(half, torch.float32), lr=0.1
-    )
+    narrow = SIRFShampoo(narrow_model, preconditioner_dtypes=(half, torch.float32), lr=0.1)
     for _ in range(3):
         for model, optimizer in ((wide_model, wide), (narrow_model, narrow)):
             torch.manual_seed(4)
