@@ -72,9 +72,9 @@ def reference_direction(grad, factors):
 
 def dense_state(optimizer, param, specs):
     state = optimizer.state[param]
-    dims = optimizer._plans[optimizer.bundles[0]].structures
-    factors = [s.to_dense(k).clone() for s, k in zip(dims, state["factors"])]
-    momenta = [s.to_dense(m).clone() for s, m in zip(dims, state["factor_momenta"])]
+    structures = [make_structure(spec, dim) for spec, dim in zip(specs, param.shape)]
+    factors = [s.to_dense(k).clone() for s, k in zip(structures, state["factors"])]
+    momenta = [s.to_dense(m).clone() for s, m in zip(structures, state["factor_momenta"])]
     return factors, momenta
 
 
@@ -247,10 +247,10 @@ def test_batch_size_counts_training_forwards_since_the_last_step():
     model.eval()
     model(torch.randn(100, 6, dtype=torch.float64))
     model.train()
-    assert optimizer._batch_size == 9
+    assert optimizer.pending_batch_size == 9
     model.weight.grad = torch.randn_like(model.weight)
     optimizer.step()
-    assert optimizer._batch_size == 0
+    assert optimizer.pending_batch_size == 0
 
 
 def _train(optimizer, model, steps):
@@ -513,4 +513,4 @@ def test_non_finite_gradient_leaves_factors_and_parameters_untouched():
     assert torch.equal(model.weight, weight)
     for before, after in zip(factors, optimizer.state[model.weight]["factors"]):
         assert torch.equal(before, after)
-    assert optimizer._batch_size == 0 and optimizer.skipped_steps == 1
+    assert optimizer.pending_batch_size == 0 and optimizer.skipped_steps == 1

@@ -244,6 +244,11 @@ class SIRFShampoo(KronOptimizer):
             self.param_groups.pop()
             raise
 
+    @property
+    def pending_batch_size(self) -> int:
+        """Examples counted by the forward pre-hook since the last step (``B`` of the next)."""
+        return self._batch_size
+
     def describe_preconditioner(self, bundle: ParameterBundle) -> list[str]:
         return [structure.describe() for structure in self._plans[bundle].structures]
 
