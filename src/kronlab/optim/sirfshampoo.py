@@ -16,14 +16,15 @@ size ``B`` and ``Π`` the projection onto factor ``n``'s structure, every ``T`` 
 then ``PG = G ×_1 K_1K_1ᵀ ⋯ ×_N K_NK_Nᵀ``; ``step = PG + κ·p``; ``buf ← α1·buf + step``;
 ``p ← p − lr·buf``.
 
-Where the constants come from (paper notation, γ = 1 i.e. a moving average of the curvature):
-the factor step is a Riemannian gradient step in the normal coordinates of ``K_n``; the
-curvature estimate is the gradient outer product of a batch *sum*, hence ``√B`` on the mean
-gradient; the damping term ``λ·I`` of the full preconditioner contributes ``λ·∏_{j≠n}tr(·)``
-to each factor; ``½`` comes from differentiating the Gaussian log-determinant. The ``1/√d``
-scaling of ``K̃`` and the ``numel`` factor cancel exactly (at ``K = I`` the λ-term is
-``(λ/2)·I``) and keep traces O(1) in low precision. The factor momenta are updated *before*
-preconditioning, so the current gradient is used, as in the authors' code.
+Constants: the paper's inverse-free Shampoo update with γ = 1 (a moving average of the
+curvature, not a sum), written for ``N`` axes as in the authors' code (``sirfshampoo`` 0.0.1).
+The curvature is the outer product of the batch-*sum* gradient, hence ``√B`` on the mean
+gradient; ``−½·I`` is the log-determinant (entropy) term of the Gaussian objective; the damping
+``λ·I`` of the full Kronecker product reaches factor ``n`` scaled by the traces of the others.
+The ``1/√d`` scaling of ``K̃`` and the ``numel`` factor cancel exactly (at ``K = I`` the
+λ-term is ``(λ/2)·I``) but keep products O(1) in half precision. The factors are updated
+*before* preconditioning, so the current gradient is used, as in the authors' code. With these
+constants the seed tutorial's printed losses (0.359, 0.225, …, 0.033) are reproduced exactly.
 """
 
 from __future__ import annotations
