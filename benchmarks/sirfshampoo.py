@@ -67,6 +67,27 @@ def iteration_seconds(
     return (time.perf_counter() - started) / steps
 
 
+def host_reads_per_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batch, loss_fn
+) -> float:
+    """Device→host scalar reads (``.item()``, ``bool(tensor)``: ``aten::_local_scalar_dense``)
+    per ``step()``: each one is a synchronization on a GPU, however cheap on a CPU."""
+    inputs, targets = batch
+    steps = 3
+    counted = 0
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(inputs), targets).backward()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            optimizer.step()
+        counted += sum(
+            event.count
+            for event in profile.key_averages()
+            if event.key == "aten::_local_scalar_dense"
+        )
+    return counted / steps
+
+
 def candidates(structure: str) -> dict[str, Callable[[nn.Module], torch.optim.Optimizer | None]]:
     """Optimizer builders for one structure; a peer that cannot be built maps to ``None``."""
 
@@ -148,6 +169,7 @@ def main() -> None:
     print(f"machine: {machine_description()}")
     floor = matmul_floor_seconds(unavoidable_products(benchmark_mlp()), repeats=5)
     print(f"dense FLOP floor (torch.matmul of the unavoidable products): {floor * 1e3:.1f} ms")
+    loss_fn = nn.functional.cross_entropy
     for structure in args.structures.split(","):
         results = measure(structure, args.steps, args.rounds)
         ours = results["kronlab"]
@@ -175,6 +197,13 @@ def main() -> None:
         if structure == "dense" and not isinstance(ours, str):
             step = statistics.median(v[0] for v in ours)
             print(f"kronlab step / FLOP floor: {format_ratio(step, floor)}")
+            print("host reads (syncs on a GPU) per step:")
+            for name, build in candidates(structure).items():
+                model = benchmark_mlp()
+                optimizer = build(model)
+                if optimizer is not None and not isinstance(results.get(name), str):
+                    reads = host_reads_per_step(model, optimizer, mlp_batch(), loss_fn)
+                    print(f"  {name:40s} {reads:.0f}")
 
 
 if __name__ == "__main__":

@@ -522,3 +522,23 @@ def test_non_finite_gradient_leaves_factors_and_parameters_untouched():
     for before, after in zip(factors, optimizer.state[model.weight]["factors"]):
         assert torch.equal(before, after)
     assert optimizer.pending_batch_size == 0 and optimizer.skipped_steps == 1
+
+
+def test_bad_param_group_added_later_is_rejected_whole():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    optimizer = SIRFShampoo(model, params=list(model[0].parameters()))
+    bundles = list(optimizer.bundles)
+    with pytest.raises(ValueError, match="structures"):
+        optimizer.add_param_group(
+            {"params": list(model[1].parameters()), "structures": ("dense", "dense", "dense")}
+        )
+    assert optimizer.bundles == bundles and len(optimizer.param_groups) == 1
+    optimizer.add_param_group({"params": [model[1].weight], "structures": ("diagonal", "dense")})
+    optimizer.add_param_group({"params": [model[1].bias]})
+    assert optimizer.describe_preconditioner(optimizer.bundles[-2]) == [
+        "2x2 (DiagonalMatrix)",
+        "4x4 (DenseMatrix)",
+    ]
+    model(torch.randn(5, 3)).square().sum().backward()
+    optimizer.step()
+    assert optimizer.state[model[1].weight]["factors"][0].shape == (2,)
