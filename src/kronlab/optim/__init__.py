@@ -11,6 +11,7 @@ from kronlab.optim.registry import (
     register_optimizer,
 )
 from kronlab.optim.shampoo import SOAP, KLShampoo, Shampoo
+from kronlab.optim.sirfshampoo import SIRFShampoo
 
 __all__ = [
     "SOAP",
@@ -19,6 +20,7 @@ __all__ = [
     "KronOptimizer",
     "ParameterBundle",
     "RegisteredOptimizer",
+    "SIRFShampoo",
     "available_optimizers",
     "create_optimizer",
     "get_optimizer",
