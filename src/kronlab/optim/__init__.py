@@ -3,6 +3,8 @@
 from kronlab.optim import baselines  # noqa: F401  (registers the torch.optim baselines)
 from kronlab.optim.base import KronOptimizer
 from kronlab.optim.bundles import ParameterBundle, identify_bundles
+from kronlab.optim.hybrid import auxiliary_parameters, optimizer_state_bytes
+from kronlab.optim.muon import Muon
 from kronlab.optim.registry import (
     RegisteredOptimizer,
     available_optimizers,
@@ -10,14 +12,19 @@ from kronlab.optim.registry import (
     get_optimizer,
     register_optimizer,
 )
+from kronlab.optim.spectron import Spectron
 
 __all__ = [
     "KronOptimizer",
+    "Muon",
     "ParameterBundle",
     "RegisteredOptimizer",
+    "Spectron",
+    "auxiliary_parameters",
     "available_optimizers",
     "create_optimizer",
     "get_optimizer",
     "identify_bundles",
+    "optimizer_state_bytes",
     "register_optimizer",
 ]
