@@ -19,7 +19,7 @@ from kronlab.optim.validation import check_choice, check_range
 # "match_adamw_rms" gives it AdamW's typical RMS 0.2 (Liu et al., 2025, "Muon is scalable for LLM
 # training"); "spectral" sets its spectral norm to √(fan_out/fan_in) (Bernstein & Newhouse, 2024).
 ADJUST_LR = ("original", "match_adamw_rms", "spectral", None)
-NS_DTYPES = (None, torch.float64, torch.float32, torch.bfloat16, torch.float16)
+NS_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _TORCH_SPELLING = {"match_rms_adamw": "match_adamw_rms"}
 
 
@@ -34,11 +34,6 @@ def adjusted_lr(lr: float, adjust_lr: str | None, rows: int, columns: int) -> fl
     return lr
 
 
-def default_ns_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where it is fast (accelerators, as in the Muon reference), float32 on CPU."""
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
-
-
 class Muon(HybridMatrixOptimizer):
     """MomentUm Orthogonalized by Newton–Schulz (Jordan et al., 2024), with an auxiliary AdamW.
 
@@ -51,7 +46,8 @@ class Muon(HybridMatrixOptimizer):
     classical ``B ← μB + G`` up to the factor ``1/(1−μ)`` that Newton–Schulz's normalization
     removes. Differences from ``torch.optim.Muon``: ``adjust_lr=None`` here means no scaling
     (torch's None means "original"); "spectral" is extra; the momentum is float32 whatever the
-    parameter dtype; Newton–Schulz runs in ``ns_dtype`` (torch always uses bfloat16).
+    parameter dtype; Newton–Schulz runs in ``ns_dtype`` (torch always uses bfloat16); the input
+    is scaled by its float32 Frobenius norm (torch: the bfloat16 norm, clamped at ε).
 
     Args:
         params: tensors or param groups; ``None`` with ``model=`` takes all of the model's.
@@ -59,7 +55,9 @@ class Muon(HybridMatrixOptimizer):
         lr, momentum, nesterov, weight_decay: Muon's hyperparameters for the matrices.
         ns_steps, ns_coefficients: Newton–Schulz steps and coefficient set (a name from
             ``kronlab.linalg.NEWTON_SCHULZ_COEFFICIENTS`` or a tuple of ``(a, b, c)``).
-        ns_dtype: the dtype of the Newton–Schulz matmuls; ``None`` is ``default_ns_dtype``.
+        ns_dtype: the dtype of the Newton–Schulz matmuls: bfloat16 (default, as the reference
+            and torch; fast on accelerators and on CPUs with bf16 matmul units) or float32 etc.
+            for accuracy. The update is added to the parameters from this dtype.
         adjust_lr: "original" (default, as torch), "match_adamw_rms", "spectral" or None.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults of the AdamW groups.
     """
@@ -76,7 +74,7 @@ class Muon(HybridMatrixOptimizer):
         ns_coefficients: str | tuple[tuple[float, float, float], ...] = "quintic",
         weight_decay: float = 0.0,
         adjust_lr: str | None = "original",
-        ns_dtype: torch.dtype | None = None,
+        ns_dtype: torch.dtype = torch.bfloat16,
         *,
         model: nn.Module | None = None,
         adamw_lr: float = 3e-4,
@@ -126,23 +124,21 @@ class Muon(HybridMatrixOptimizer):
 
     def update_matrices(self, group: dict[str, Any], params: list[nn.Parameter]) -> None:
         momentum, lr = group["momentum"], group["lr"]
-        for ((rows, columns), device), bucket in params_by_shape(params).items():
+        for ((rows, columns), _device), bucket in params_by_shape(params).items():
             grads = [as_matrix(p.grad).float() for p in bucket]
             buffers = [self._momentum_buffer(p) for p in bucket]
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
             updates = (
                 torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
             )
-            orthogonal = newton_schulz(
-                torch.stack(updates),
-                group["ns_steps"],
-                group["ns_coefficients"],
-                dtype=group["ns_dtype"] or default_ns_dtype(device),
-            )
+            # cast piecewise, then stack: one pass, and the result stays in ns_dtype
+            ns_dtype = group["ns_dtype"]
+            stacked = torch.stack([update.to(ns_dtype) for update in updates])
+            orthogonal = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"])
             if group["weight_decay"] != 0:
                 torch._foreach_mul_(bucket, 1 - lr * group["weight_decay"])
             step = adjusted_lr(lr, group["adjust_lr"], rows, columns)
-            directions = [o.view(p.shape).to(p.dtype) for o, p in zip(orthogonal.unbind(), bucket)]
+            directions = [o.view(p.shape) for o, p in zip(orthogonal.unbind(), bucket)]
             torch._foreach_add_(bucket, directions, alpha=-step)
 
     def _momentum_buffer(self, param: nn.Parameter) -> torch.Tensor:
