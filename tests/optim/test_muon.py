@@ -259,3 +259,20 @@ def test_registered_and_beats_sgd_on_digits():
     by_name = {r.name: r for r in results}
     assert by_name["muon"].test_loss < by_name["sgd"].test_loss
     assert by_name["muon"].test_accuracy >= by_name["sgd"].test_accuracy
+
+
+def test_non_finite_gradient_skips_the_step_but_large_finite_ones_do_not():
+    matrix, bias = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4))
+    optimizer = Muon([matrix, bias])
+    before = [matrix.detach().clone(), bias.detach().clone()]
+    matrix.grad, bias.grad = torch.randn(4, 4), torch.tensor([1.0, float("nan"), 0.0, 0.0])
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        optimizer.step()
+    assert torch.equal(matrix, before[0]) and torch.equal(bias, before[1])
+    assert optimizer.skipped_steps == 1 and not optimizer.state[matrix]
+    # a float16 gradient whose norm exceeds float16's range is still finite: a real step
+    half = nn.Parameter(torch.randn(4, 4, dtype=torch.float16))
+    optimizer = Muon([half], ns_dtype=torch.float32)
+    half.grad = torch.full((4, 4), 60000.0, dtype=torch.float16)
+    optimizer.step()
+    assert optimizer.skipped_steps == 0 and optimizer.global_step == 1
