@@ -3,6 +3,8 @@
 from kronlab.optim import baselines  # noqa: F401  (registers the torch.optim baselines)
 from kronlab.optim.base import KronOptimizer
 from kronlab.optim.bundles import ParameterBundle, identify_bundles
+from kronlab.optim.hybrid import auxiliary_parameters, optimizer_state_bytes
+from kronlab.optim.muon import Muon
 from kronlab.optim.registry import (
     RegisteredOptimizer,
     available_optimizers,
@@ -12,18 +14,23 @@ from kronlab.optim.registry import (
 )
 from kronlab.optim.shampoo import SOAP, KLShampoo, Shampoo
 from kronlab.optim.sirfshampoo import SIRFShampoo
+from kronlab.optim.spectron import Spectron
 
 __all__ = [
     "SOAP",
     "KLShampoo",
     "Shampoo",
     "KronOptimizer",
+    "Muon",
     "ParameterBundle",
     "RegisteredOptimizer",
     "SIRFShampoo",
+    "Spectron",
+    "auxiliary_parameters",
     "available_optimizers",
     "create_optimizer",
     "get_optimizer",
     "identify_bundles",
+    "optimizer_state_bytes",
     "register_optimizer",
 ]
