@@ -465,3 +465,26 @@ def test_bad_hyperparameters_raise_at_construction(name, value):
         ValueError, match=rf"Invalid {name}: {value!r}".replace("(", r"\(").replace(")", r"\)")
     ):
         PSGD([nn.Parameter(torch.zeros(2, 2))], **{name: value})
+
+
+def test_in_place_and_replaced_state_edits_are_both_seen_by_the_next_step():
+    """Stacked state is cached between steps; edits to it must still take effect."""
+    torch.manual_seed(12)
+    grads = [torch.randn(3, 5, 4, dtype=F64) for _ in range(3)]
+    results = []
+    for edit in ("in_place", "replace"):
+        params = [nn.Parameter(torch.ones(5, 4, dtype=F64)) for _ in range(3)]
+        optimizer = PSGD(params, dtype=F64, noise_scale=0.0, max_skew_dense=math.inf)
+        for step, step_grads in enumerate(grads):
+            for param, grad in zip(params, step_grads):
+                param.grad = grad.clone()
+            optimizer.step()
+            if step == 1:
+                state = optimizer.state[params[1]]
+                if edit == "in_place":
+                    state["left_factor"].mul_(2.0)
+                else:
+                    state["left_factor"] = state["left_factor"] * 2.0
+        results.append([p.detach().clone() for p in params])
+    for in_place, replaced in zip(*results):
+        torch.testing.assert_close(in_place, replaced, rtol=0, atol=0)

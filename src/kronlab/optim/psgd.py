@@ -30,6 +30,7 @@ from kronlab.groups.rules import PreconditionerGroup
 from kronlab.optim.base import DEFAULT_RULES, KronOptimizer, NonFinitePolicy, ParamsT
 from kronlab.optim.bundles import ParameterBundle
 from kronlab.optim.registry import register_optimizer
+from kronlab.optim.stacked_state import StackedState
 from kronlab.optim.validation import check_choice, check_range
 
 PSGDMethod = Literal["quad", "procrustes"]
@@ -160,6 +161,7 @@ class PSGD(KronOptimizer):
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
         )
+        self._stacks = StackedState()
 
     def validate_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
@@ -208,9 +210,10 @@ class PSGD(KronOptimizer):
                 layout = (_kind(state, "left"), _kind(state, "right"), tuple(grad.shape))
                 buckets[(group_index, *layout, grad.dtype, grad.device)].append(bundle)
         directions: dict[ParameterBundle, Tensor] = {}
-        for (group_index, left_kind, right_kind, *_), bundles in buckets.items():
+        for key, bundles in buckets.items():
+            group_index, left_kind, right_kind = key[:3]
             stacked = self._precondition_bucket(
-                self.param_groups[group_index], bundles, left_kind, right_kind
+                key, self.param_groups[group_index], bundles, left_kind, right_kind
             )
             directions.update(zip(bundles, stacked.unbind(0)))
         for group_index, entries in by_group.items():
@@ -260,6 +263,7 @@ class PSGD(KronOptimizer):
 
     def _precondition_bucket(
         self,
+        key: tuple,
         group: dict[str, Any],
         bundles: list[ParameterBundle],
         left_kind: FactorKind,
@@ -273,34 +277,42 @@ class PSGD(KronOptimizer):
         states = [self.state[bundle.key] for bundle in bundles]
         for state in states:
             state["step"] += 1
-        momentum = _stack([state["momentum"] for state in states])
+        momentum = self._stacks.stack((key, "momentum"), states, "momentum")
         steps = torch.tensor([state["step"] for state in states], device=momentum.device)
         kinds = {"left": left_kind, "right": right_kind}
         sides = [side for side, kind in kinds.items() if kind != "none"]
-        factors = {side: _stack([state[f"{side}_factor"] for state in states]) for side in sides}
+        factors = {
+            side: self._stacks.stack((key, side), states, f"{side}_factor") for side in sides
+        }
+        squares = {side: self._stacks.derived((key, side), factors[side]) for side in sides}
         if len(sides) == 2:
-            factors["left"], factors["right"] = balance_scales(
-                factors["left"], factors["right"], steps % BALANCE_EVERY == 0
-            )
+            due = steps % BALANCE_EVERY == 0
+            if bool(due.any()):
+                factors["left"], factors["right"] = balance_scales(
+                    factors["left"], factors["right"], due
+                )
+                squares = {}
         noisy = momentum
         if group["noise_scale"] > 0:
-            noisy = momentum + group["noise_scale"] * torch.randn_like(momentum)
-        preconditioned = _precondition(noisy, factors, kinds)
+            noisy = momentum + _gaussian_noise(momentum, group["noise_scale"])
+        preconditioned = _precondition(noisy, factors, kinds, squares)
         lr = preconditioner_lr_schedule(group["preconditioner_lr"], steps)
         numel = momentum.shape[1] * momentum.shape[2]
         for side in sides:
             updates = DENSE_UPDATES if kinds[side] == "dense" else DIAGONAL_UPDATES
             term1 = whitening_terms(preconditioned, 0 if side == "left" else 1, kinds[side])
             term2 = torch.full_like(lr, numel / factors[side].shape[-1])
-            lipschitz = torch.stack([state[f"{side}_lipschitz"] for state in states])
+            name = f"{side}_lipschitz"
+            lipschitz = self._stacks.stack((key, name), states, name)
             refreshed = updates[group["method"]](factors[side], term1, term2, lipschitz, lr)
-            factors[side] = refreshed.factor
-            for state, factor, bound in zip(
-                states, refreshed.factor.unbind(0), refreshed.lipschitz.unbind(0)
-            ):
-                state[f"{side}_factor"] = factor
-                state[f"{side}_lipschitz"] = bound
-        return _clip_rms(_precondition(momentum, factors, kinds), UPDATE_RMS_CLIP)
+            factors[side] = self._stacks.store(
+                (key, side), states, f"{side}_factor", refreshed.factor
+            )
+            self._stacks.store((key, name), states, name, refreshed.lipschitz)
+        squares = {side: factor_square(factors[side], kinds[side]) for side in sides}
+        for side in sides:  # reused by the next step's fit while the factors stay unchanged
+            self._stacks.store_derived((key, side), factors[side], squares[side])
+        return _clip_rms(_precondition(momentum, factors, kinds, squares), UPDATE_RMS_CLIP)
 
     def _apply_updates(
         self,
@@ -327,18 +339,27 @@ def _kind(state: dict[str, Any], side: str) -> FactorKind:
 
 
 def _precondition(
-    matrices: Tensor, factors: dict[str, Tensor], kinds: dict[str, FactorKind]
+    matrices: Tensor,
+    factors: dict[str, Tensor],
+    kinds: dict[str, FactorKind],
+    squares: dict[str, Tensor | None],
 ) -> Tensor:
-    """``Q_l² X Q_r²`` for a stack ``X`` of ``(B, m, n)``."""
-    squares = {side: factor_square(factor, kinds[side]) for side, factor in factors.items()}
+    """``Q_l² X Q_r²`` for a stack ``X`` of ``(B, m, n)`` (``squares`` reused where given)."""
+    squares = {
+        side: squares.get(side)
+        if squares.get(side) is not None
+        else factor_square(factor, kinds[side])
+        for side, factor in factors.items()
+    }
     return apply_kron(
         matrices, squares.get("left"), squares.get("right"), kinds["left"], kinds["right"]
     )
 
 
-def _stack(tensors: list[Tensor]) -> Tensor:
-    """One batched tensor; a single tensor becomes a view (no copy)."""
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+def _gaussian_noise(like: Tensor, scale: float) -> Tensor:
+    """``scale · N(0, I)`` shaped like ``like`` (drawn in float32: half-precision randn is slow)."""
+    noise = torch.randn(like.shape, dtype=torch.float32, device=like.device).mul_(scale)
+    return noise.to(like.dtype)
 
 
 def _clip_rms(directions: Tensor, limit: float) -> Tensor:
