@@ -2,9 +2,10 @@
 
 Run from the worktree root (peers from the ``bench`` extra installed in the same environment)::
 
-    PYTHONPATH=src python -m benchmarks.psgd [--steps 10] [--threads 1]
+    PYTHONPATH=src python -m benchmarks.psgd [--rounds 5] [--steps 2] [--threads 1]
 
-Every figure is a ratio of mean ``optimizer.step()`` times measured in this one process. Peers
+Every figure is a ratio of ``optimizer.step()`` times measured in this one process (median over
+rounds, every candidate timed in each round, so a shared machine's load hits all alike). Peers
 are run with their preconditioner updated on every step (probability 1.0), which is what
 kronlab's QUAD/Procrustes do; they keep their own defaults otherwise (all-dense float32
 factors). ``kronlab f32 dense`` is the like-for-like configuration (``dtype=float32``,
@@ -18,7 +19,9 @@ in float32 for the all-dense layout.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
+import statistics
 import traceback
 from collections.abc import Callable
 
@@ -70,6 +73,7 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
     "pytorch_optimizer.Kron": _pytorch_optimizer,
 }
 PEERS = ("heavyball.PSGDKron", "pytorch_optimizer.Kron")
+FLOOR = "FLOP floor (f32, all dense)"
 
 
 def floor_products(model: nn.Module) -> list[tuple[int, int, int]]:
@@ -85,47 +89,75 @@ def floor_products(model: nn.Module) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def run(steps: int) -> list[str]:
+def interleaved_seconds(
+    candidates: dict[str, Callable[[int], float]], rounds: int, steps: int
+) -> dict[str, float]:
+    """Median over ``rounds`` of each candidate's mean step time, candidates interleaved.
+
+    Interleaving spreads the load of a shared machine over every candidate alike.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, measure in candidates.items():
+            samples[name].append(measure(steps))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def run(rounds: int, steps: int) -> list[str]:
     workloads = {
         "MLP 256-512-512-10": (benchmark_mlp, mlp_batch(), nn.functional.cross_entropy),
         "transformer 4x256": (benchmark_transformer, transformer_batch(), language_model_loss),
     }
     lines = []
     for workload, (make_model, batch, loss_fn) in workloads.items():
-        seconds: dict[str, float] = {}
+        candidates: dict[str, Callable[[int], float]] = {}
         for name, factory in OPTIMIZERS.items():
             model = make_model()
             try:
                 optimizer = factory(model)
-                seconds[name] = time_optimizer_steps(
-                    model, optimizer, batch, loss_fn, steps=steps, warmup=5
-                )
+                # warm-up (and peers' compilation) before any timing
+                time_optimizer_steps(model, optimizer, batch, loss_fn, steps=1, warmup=4)
             except Exception as error:  # a peer that fails is recorded, not fatal
                 traceback.print_exc()
-                seconds[name] = math.nan
                 lines.append(f"{workload}: {name} failed: {type(error).__name__}: {error}")
-        seconds["FLOP floor (f32, all dense)"] = matmul_floor_seconds(floor_products(make_model()))
-        peers = [seconds[name] for name in PEERS if math.isfinite(seconds[name])]
+                continue
+            candidates[name] = functools.partial(_time_steps, model, optimizer, batch, loss_fn)
+        products = floor_products(make_model())
+        candidates[FLOOR] = lambda steps, products=products: matmul_floor_seconds(
+            products, repeats=steps
+        )
+        seconds = interleaved_seconds(candidates, rounds, steps)
+        peers = [seconds[name] for name in PEERS if name in seconds]
         fastest_peer = min(peers) if peers else math.nan
         lines.append(f"\n### {workload}\n")
         lines.append("| optimizer | ms/step | vs AdamW | vs fastest peer | vs floor |")
         lines.append("|---|---|---|---|---|")
-        floor = seconds["FLOP floor (f32, all dense)"]
         for name, value in seconds.items():
             lines.append(
                 f"| {name} | {1000 * value:.2f} | {format_ratio(value, seconds['AdamW'])} | "
-                f"{format_ratio(value, fastest_peer)} | {format_ratio(value, floor)} |"
+                f"{format_ratio(value, fastest_peer)} | {format_ratio(value, seconds[FLOOR])} |"
             )
     return lines
 
 
+def _time_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    steps: int,
+) -> float:
+    return time_optimizer_steps(model, optimizer, batch, loss_fn, steps=steps, warmup=0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    lines = run(args.steps)
+    lines = run(args.rounds, args.steps)
     print(f"machine: {machine_description()}")
     print("\n".join(lines))
 

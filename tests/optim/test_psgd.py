@@ -115,12 +115,15 @@ def test_max_size_dense_makes_large_dims_diagonal():
     assert (layout.left, layout.right) == ("diagonal", "dense")
 
 
-def test_state_has_the_planned_factor_shapes_and_verbose_line():
+def test_state_has_the_planned_factor_shapes_and_verbose_line(capsys):
     weight = nn.Parameter(torch.randn(32, 64, 16))
     optimizer = PSGD([weight])
     assert optimizer.describe_preconditioner(optimizer.bundles[0]) == [
         "32x64x16 → 32x1024 → [dense, diagonal]"
     ]
+    bias = PSGD([nn.Parameter(torch.zeros(300))], verbose_init=True)
+    assert bias.describe_preconditioner(bias.bundles[0]) == ["300 → 300 → [diagonal]"]
+    assert "300 → 300 → [diagonal]" in capsys.readouterr().out
     weight.grad = torch.randn_like(weight)
     optimizer.step()
     assert factor_of(optimizer, weight, "left").shape == (32, 32)

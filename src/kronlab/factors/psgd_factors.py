@@ -18,6 +18,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from kronlab.linalg._dtypes import working_dtype
 from kronlab.linalg.power import power_iteration
 
 FactorKind = Literal["dense", "diagonal", "none"]
@@ -50,19 +51,16 @@ def update_lipschitz(lipschitz: Tensor, bound: Tensor) -> Tensor:
 
 
 def spectral_norm_lower_bound(matrices: Tensor) -> Tensor:
-    """A lower bound of ``‖A‖₂`` for each matrix of a stack ``(B, d, d)`` (float32 or wider).
+    """A lower bound of ``‖A‖₂`` for each matrix of a stack ``(B, d, d)``, in float32 or wider.
 
-    Power iteration started from the row of largest norm (close to the top singular direction
-    for the PSD and skew matrices met here); ``uᵀ A v`` with unit ``u, v`` never exceeds ``‖A‖₂``.
+    Two power iterations started from the row of largest norm (close to the top singular
+    direction of the PSD and skew matrices met here); ``|uᵀ A v|`` with unit ``u, v`` never
+    exceeds ``‖A‖₂``, and is exact for rank-one matrices.
     """
-    scale = (
-        matrices.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-    )
-    scaled = matrices / scale  # entries in [-1, 1]: no bf16/fp16 overflow in the iteration
-    rows = torch.linalg.vector_norm(scaled.float(), dim=-1).argmax(dim=-1)
-    start = scaled[torch.arange(scaled.shape[0], device=scaled.device), rows]
-    estimate = power_iteration(scaled, start, NORM_BOUND_ITERATIONS)
-    return estimate.sigma.abs() * scale.reshape(-1).to(estimate.sigma.dtype)
+    matrices = matrices.to(working_dtype(matrices.dtype))
+    rows = torch.linalg.vector_norm(matrices, dim=-1).argmax(dim=-1)
+    start = matrices[torch.arange(matrices.shape[0], device=matrices.device), rows]
+    return power_iteration(matrices, start, NORM_BOUND_ITERATIONS).sigma.abs()
 
 
 def _per_matrix(values: Tensor) -> Tensor:

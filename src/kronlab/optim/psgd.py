@@ -56,7 +56,8 @@ class PSGDLayout:
 
     def describe(self) -> str:
         original = "x".join(map(str, self.original_shape)) or "scalar"
-        merged = "x".join(map(str, self.matrix_shape))
+        shape = self.matrix_shape if self.left != "none" else self.matrix_shape[1:]
+        merged = "x".join(map(str, shape))
         kinds = [kind for kind in (self.left, self.right) if kind != "none"]
         return f"{original} → {merged} → [{', '.join(kinds)}]"
 
