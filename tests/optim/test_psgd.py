@@ -153,7 +153,7 @@ def test_one_factor_update_matches_float64_reference(method, shape):
         state[f"{side}_factor"] = q.clone()
         factors.append(q)
     lipschitz = (torch.tensor(3.0, dtype=F64), torch.tensor(0.5, dtype=F64))
-    state["left_lipschitz"], state["right_lipschitz"] = (x.float() for x in lipschitz)
+    state["left_lipschitz"], state["right_lipschitz"] = (x.clone() for x in lipschitz)
     grad = torch.randn(shape, dtype=F64, generator=generator)
     before = param.detach().clone()
     param.grad = grad
@@ -161,11 +161,11 @@ def test_one_factor_update_matches_float64_reference(method, shape):
     new_left, new_right, bounds, new_param = reference_step(
         grad, factors, lipschitz, 2, method, 0.01, 0.1, before
     )
-    torch.testing.assert_close(state["left_factor"], new_left, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(state["right_factor"], new_right, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(state["left_factor"], new_left, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(state["right_factor"], new_right, rtol=1e-10, atol=1e-12)
     for side, bound in zip(("left", "right"), bounds):
-        torch.testing.assert_close(state[f"{side}_lipschitz"].double(), bound, rtol=1e-5, atol=0)
-    torch.testing.assert_close(param.detach(), new_param, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(state[f"{side}_lipschitz"], bound, rtol=1e-10, atol=0)
+    torch.testing.assert_close(param.detach(), new_param, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -40,7 +40,7 @@ def preconditioner_lr_schedule(preconditioner_lr: float, steps: Tensor) -> Tenso
     The floor of 0.3 keeps the preconditioner tracking a changing Hessian (quad_torch's
     schedule); ``steps`` is a tensor of per-factor step counts.
     """
-    decayed = preconditioner_lr * torch.rsqrt(1.0 + steps.to(torch.float32) / 10000.0)
+    decayed = preconditioner_lr * torch.rsqrt(1.0 + steps.to(torch.float64) / 10000.0)
     return decayed.clamp(min=min(0.3, preconditioner_lr))
 
 
@@ -86,7 +86,7 @@ def quad_diagonal(
     factor: Tensor, term1: Tensor, term2: Tensor, lipschitz: Tensor, lr: Tensor
 ) -> FactorUpdate:
     """QUAD on diagonal ``Q``: ``Q ← Q (1 − μ/(2L) (term1 − c))²``, ``ℓ = max(term1) + c``."""
-    lipschitz = update_lipschitz(lipschitz, term1.amax(dim=-1).float() + term2)
+    lipschitz = update_lipschitz(lipschitz, term1.amax(dim=-1).to(lipschitz.dtype) + term2)
     step = (lr / (2 * lipschitz)).unsqueeze(-1).to(factor.dtype)
     gain = 1 - step * (term1 - term2.unsqueeze(-1).to(factor.dtype))
     return FactorUpdate(factor * gain * gain, lipschitz)
@@ -107,7 +107,7 @@ def procrustes_diagonal(
     factor: Tensor, term1: Tensor, term2: Tensor, lipschitz: Tensor, lr: Tensor
 ) -> FactorUpdate:
     """Procrustes on diagonal ``Q`` (already on its group): ``Q ← Q (1 − μ/L (term1 − c))``."""
-    lipschitz = update_lipschitz(lipschitz, term1.amax(dim=-1).float() + term2)
+    lipschitz = update_lipschitz(lipschitz, term1.amax(dim=-1).to(lipschitz.dtype) + term2)
     step = (lr / lipschitz).unsqueeze(-1).to(factor.dtype)
     return FactorUpdate(
         factor * (1 - step * (term1 - term2.unsqueeze(-1).to(factor.dtype))), lipschitz

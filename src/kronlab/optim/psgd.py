@@ -99,7 +99,9 @@ class PSGD(KronOptimizer):
     bound); ``μ = max(0.3, preconditioner_lr / sqrt(1 + t/10000))`` (a ``preconditioner_lr`` below
     0.3 is used as is). The update ``Q_l² M Q_r²`` uses the refreshed factors, its RMS is clipped at
     1.1, and every 100 steps the two factors are rescaled to the geometric mean of their max-abs
-    values (``P`` unchanged) so neither drifts toward under- or overflow.
+    values (``P`` unchanged) so neither drifts toward under- or overflow. The stacked state of a
+    bucket is reused from step to step (the per-bundle entries are views of it) and so is ``Q²``
+    of the refreshed factors, which the next step's fit needs again.
 
     Args:
         lr: learning rate; with ``lr_style="adam"`` the step is ``lr/5 · update`` so AdamW's
@@ -118,7 +120,8 @@ class PSGD(KronOptimizer):
         noise_scale: std of the Gaussian noise added to ``M`` for the fit (keeps it well posed
             when gradients vanish); 0 disables it.
         dtype: dtype of the state and the preconditioner math; ``None`` = the gradient's dtype.
-            Updates are cast back to each parameter's dtype; Lipschitz estimates are float32.
+            Updates are cast back to each parameter's dtype; Lipschitz estimates are kept in at
+            least float32.
     """
 
     def __init__(
@@ -260,7 +263,9 @@ class PSGD(KronOptimizer):
                 state[f"{side}_factor"] = scale * (
                     torch.diag(factor) if kind == "dense" else factor
                 )
-                state[f"{side}_lipschitz"] = torch.zeros((), device=grad.device)
+                state[f"{side}_lipschitz"] = torch.zeros(
+                    (), dtype=torch.promote_types(grad.dtype, torch.float32), device=grad.device
+                )
 
     def _precondition_bucket(
         self,
