@@ -102,6 +102,7 @@ def factor_of(optimizer, param, side):
         ((32, 64, 1024), math.inf, (2048, 1024), ("dense", "dense")),
         ((300,), 1.0, (1, 300), ("none", "diagonal")),
         ((1, 300, 1), math.inf, (1, 300), ("none", "diagonal")),
+        ((), 1.0, (1, 1), ("none", "diagonal")),
     ],
 )
 def test_layout_follows_the_seed_examples(shape, skew, merged, kinds):
