@@ -5,6 +5,7 @@ from kronlab.optim.base import KronOptimizer
 from kronlab.optim.bundles import ParameterBundle, identify_bundles
 from kronlab.optim.hybrid import auxiliary_parameters, optimizer_state_bytes
 from kronlab.optim.muon import Muon
+from kronlab.optim.psgd import PSGD, PSGDLayout, plan_psgd_layout
 from kronlab.optim.registry import (
     RegisteredOptimizer,
     available_optimizers,
@@ -22,6 +23,9 @@ __all__ = [
     "Shampoo",
     "KronOptimizer",
     "Muon",
+    "PSGD",
+    "KronOptimizer",
+    "PSGDLayout",
     "ParameterBundle",
     "RegisteredOptimizer",
     "SIRFShampoo",
@@ -32,5 +36,6 @@ __all__ = [
     "get_optimizer",
     "identify_bundles",
     "optimizer_state_bytes",
+    "plan_psgd_layout",
     "register_optimizer",
 ]

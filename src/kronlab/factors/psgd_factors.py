@@ -1,0 +1,199 @@
+"""PSGD Kron factor updates on stacks of same-shape factors (Li, arXiv:1512.04202, 2402.11858).
+
+PSGD fits a preconditioner ``P = Q_l² ⊗ Q_r²`` (one factor ``Q`` per matrix axis, dense
+``(d, d)`` or diagonal ``(d,)``) so that the preconditioned gradient ``Pg`` is whitened:
+``E[Pg_(i) Pg_(i)ᵀ] = c_i I`` with ``c_i = numel / d_i``. Each step moves every factor along its
+Lie group by ``term1 − c_i`` (``term1 = Pg Pgᵀ`` for the left axis, ``Pgᵀ Pg`` for the right),
+with a step size ``μ / L`` where ``L`` is a running upper estimate of ``‖term1‖₂ + c_i`` built
+from cheap lower bounds. No eigendecomposition and no inverse.
+
+Every function here takes a stack: dense factors ``(B, d, d)``, diagonal factors ``(B, d)``, one
+Lipschitz estimate per factor ``(B,)`` and one preconditioner learning rate per factor ``(B,)``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from kronlab.linalg._dtypes import working_dtype
+from kronlab.linalg.power import power_iteration
+
+FactorKind = Literal["dense", "diagonal", "none"]
+LIPSCHITZ_DECAY = 0.95
+PROCRUSTES_MAX_STEP = 1.0 / 8.0
+NORM_BOUND_ITERATIONS = 2
+
+
+class FactorUpdate(NamedTuple):
+    """A refreshed factor stack and its refreshed Lipschitz estimates."""
+
+    factor: Tensor
+    lipschitz: Tensor
+
+
+def preconditioner_lr_schedule(preconditioner_lr: float, steps: Tensor) -> Tensor:
+    """``μ_t = max(0.3, μ_0 / sqrt(1 + t / 10000))``: a fast start, then a tighter fit.
+
+    The floor of 0.3 keeps the preconditioner tracking a changing Hessian (quad_torch's
+    schedule); ``steps`` is a tensor of per-factor step counts.
+    """
+    decayed = preconditioner_lr * torch.rsqrt(1.0 + steps.to(torch.float64) / 10000.0)
+    return decayed.clamp(min=min(0.3, preconditioner_lr))
+
+
+def update_lipschitz(lipschitz: Tensor, bound: Tensor) -> Tensor:
+    """``L ← max(0.95 L + 0.05 ℓ, ℓ)``: jumps up to a new bound at once, decays slowly."""
+    bound = bound.to(lipschitz.dtype)
+    return torch.maximum(LIPSCHITZ_DECAY * lipschitz + (1 - LIPSCHITZ_DECAY) * bound, bound)
+
+
+def spectral_norm_lower_bound(matrices: Tensor) -> Tensor:
+    """A lower bound of ``‖A‖₂`` for each matrix of a stack ``(B, d, d)``, in float32 or wider.
+
+    Two power iterations started from the row of largest norm (close to the top singular
+    direction of the PSD and skew matrices met here); ``|uᵀ A v|`` with unit ``u, v`` never
+    exceeds ``‖A‖₂``, and is exact for rank-one matrices.
+    """
+    matrices = matrices.to(working_dtype(matrices.dtype))
+    rows = torch.linalg.vector_norm(matrices, dim=-1).argmax(dim=-1)
+    start = matrices[torch.arange(matrices.shape[0], device=matrices.device), rows]
+    return power_iteration(matrices, start, NORM_BOUND_ITERATIONS).sigma.abs()
+
+
+def _per_matrix(values: Tensor) -> Tensor:
+    return values.reshape(-1, 1, 1)
+
+
+def quad_dense(
+    factor: Tensor, term1: Tensor, term2: Tensor, lipschitz: Tensor, lr: Tensor
+) -> FactorUpdate:
+    """QUAD on dense ``Q``: ``Q ← sym((I − k E) Q (I − k E))``, ``E = term1 − c``, ``k = μ/2L``.
+
+    Applied as two one-sided steps (the second reuses the first's result), then re-symmetrized.
+    """
+    lipschitz = update_lipschitz(lipschitz, spectral_norm_lower_bound(term1) + term2)
+    step = _per_matrix(lr / (2 * lipschitz)).to(factor.dtype)
+    c = _per_matrix(term2).to(factor.dtype)
+    half = factor - step * (term1 @ factor - c * factor)
+    half = half - step * (half @ term1 - c * half)
+    return FactorUpdate((half + half.transpose(-1, -2)) / 2, lipschitz)
+
+
+def quad_diagonal(
+    factor: Tensor, term1: Tensor, term2: Tensor, lipschitz: Tensor, lr: Tensor
+) -> FactorUpdate:
+    """QUAD on diagonal ``Q``: ``Q ← Q (1 − μ/(2L) (term1 − c))²``, ``ℓ = max(term1) + c``."""
+    lipschitz = update_lipschitz(lipschitz, term1.amax(dim=-1).to(lipschitz.dtype) + term2)
+    step = (lr / (2 * lipschitz)).unsqueeze(-1).to(factor.dtype)
+    gain = 1 - step * (term1 - term2.unsqueeze(-1).to(factor.dtype))
+    return FactorUpdate(factor * gain * gain, lipschitz)
+
+
+def procrustes_dense(
+    factor: Tensor, term1: Tensor, term2: Tensor, lipschitz: Tensor, lr: Tensor
+) -> FactorUpdate:
+    """Procrustes on dense ``Q``: ``Q ← Q − μ/L (term1 − c) Q``, then ``procrustes_step``."""
+    lipschitz = update_lipschitz(lipschitz, spectral_norm_lower_bound(term1) + term2)
+    step = _per_matrix(lr / lipschitz).to(factor.dtype)
+    c = _per_matrix(term2).to(factor.dtype)
+    moved = factor - step * (term1 @ factor - c * factor)
+    return FactorUpdate(procrustes_step(moved), lipschitz)
+
+
+def procrustes_diagonal(
+    factor: Tensor, term1: Tensor, term2: Tensor, lipschitz: Tensor, lr: Tensor
+) -> FactorUpdate:
+    """Procrustes on diagonal ``Q`` (already on its group): ``Q ← Q (1 − μ/L (term1 − c))``."""
+    lipschitz = update_lipschitz(lipschitz, term1.amax(dim=-1).to(lipschitz.dtype) + term2)
+    step = (lr / lipschitz).unsqueeze(-1).to(factor.dtype)
+    return FactorUpdate(
+        factor * (1 - step * (term1 - term2.unsqueeze(-1).to(factor.dtype))), lipschitz
+    )
+
+
+def procrustes_step(factor: Tensor, max_step: float = PROCRUSTES_MAX_STEP) -> Tensor:
+    """Rotate each ``Q`` toward symmetric positive definite: ``Q ← (I + aR + a²R²/2) Q``.
+
+    ``R = Qᵀ − Q`` (scaled to max-abs 1) generates the rotation ``exp(aR)`` that increases
+    ``tr(Q)`` (the orthogonal Procrustes objective) when ``tr(RQ) > 0``; ``a = max_step/‖R‖``,
+    shortened to the minimizer ``−tr(RQ)/tr(R²Q)`` of the second-order model when that is
+    concave. Matrices that are already symmetric are left unchanged.
+    """
+    skew = factor.transpose(-1, -2) - factor
+    size = skew.abs().amax(dim=(-2, -1))
+    movable = size > torch.finfo(size.dtype).smallest_normal
+    skew = skew / _per_matrix(torch.where(movable, size, torch.ones_like(size)))
+    skew_factor = skew @ factor
+    skew2_factor = skew @ skew_factor
+    trace1 = skew_factor.diagonal(dim1=-2, dim2=-1).float().sum(-1)
+    trace2 = skew2_factor.diagonal(dim1=-2, dim2=-1).float().sum(-1)
+    norm = spectral_norm_lower_bound(skew).clamp(min=torch.finfo(torch.float32).tiny)
+    angle = max_step / norm
+    safe_trace2 = torch.where(trace2 < 0, trace2, -torch.ones_like(trace2))
+    angle = torch.where(trace2 < 0, torch.minimum(angle, -trace1 / safe_trace2), angle)
+    angle = torch.where(movable & (trace1 > 0), angle, torch.zeros_like(angle))
+    angle = _per_matrix(angle).to(factor.dtype)
+    return factor + angle * (skew_factor + 0.5 * angle * skew2_factor)
+
+
+DENSE_UPDATES = {"quad": quad_dense, "procrustes": procrustes_dense}
+DIAGONAL_UPDATES = {"quad": quad_diagonal, "procrustes": procrustes_diagonal}
+
+
+def factor_square(factor: Tensor, kind: FactorKind) -> Tensor | None:
+    """The one-axis preconditioner ``Q²`` (``Q @ Q`` dense, ``Q ⊙ Q`` diagonal, None = I)."""
+    if kind == "dense":
+        return factor @ factor
+    if kind == "diagonal":
+        return factor * factor
+    return None
+
+
+def apply_kron(
+    matrices: Tensor,
+    left: Tensor | None,
+    right: Tensor | None,
+    left_kind: FactorKind,
+    right_kind: FactorKind,
+) -> Tensor:
+    """``P_l X P_r`` for a stack ``X`` of ``(B, m, n)``; diagonal ``P`` scale rows/columns."""
+    if left_kind == "dense":
+        matrices = left @ matrices
+    elif left_kind == "diagonal":
+        matrices = left.unsqueeze(-1) * matrices
+    if right_kind == "dense":
+        matrices = matrices @ right
+    elif right_kind == "diagonal":
+        matrices = matrices * right.unsqueeze(-2)
+    return matrices
+
+
+def whitening_terms(preconditioned: Tensor, axis: int, kind: FactorKind) -> Tensor:
+    """``term1`` of one axis: ``Pg Pgᵀ`` (left) or ``Pgᵀ Pg`` (right); its diagonal if diagonal."""
+    if kind == "dense":
+        transposed = preconditioned.transpose(-1, -2)
+        return preconditioned @ transposed if axis == 0 else transposed @ preconditioned
+    return (preconditioned * preconditioned).sum(dim=2 - axis)
+
+
+def balance_scales(left: Tensor, right: Tensor, due: Tensor) -> tuple[Tensor, Tensor]:
+    """Rescale ``Q_l, Q_r`` to the geometric mean of their max-abs values where ``due``.
+
+    ``Q_l² ⊗ Q_r²`` is unchanged; the balance keeps both factors (and ``Q²``) far from
+    underflow and overflow in low precision.
+    """
+    dtype = torch.promote_types(left.dtype, torch.float32)
+    left_max = left.abs().flatten(1).amax(dim=1).to(dtype)
+    right_max = right.abs().flatten(1).amax(dim=1).to(dtype)
+    tiny = torch.finfo(dtype).tiny
+    mean = torch.sqrt(left_max * right_max)
+    ok = due & (left_max > tiny) & (right_max > tiny)
+    left_gain = torch.where(ok, mean / left_max.clamp(min=tiny), torch.ones_like(mean))
+    right_gain = torch.where(ok, mean / right_max.clamp(min=tiny), torch.ones_like(mean))
+    shape = (-1,) + (1,) * (left.ndim - 1)
+    left = left * left_gain.reshape(shape).to(left.dtype)
+    shape = (-1,) + (1,) * (right.ndim - 1)
+    return left, right * right_gain.reshape(shape).to(right.dtype)

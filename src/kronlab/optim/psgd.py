@@ -1,0 +1,390 @@
+"""PSGD Kron with the QUAD and Procrustes preconditioner updates (Xi-Lin Li et al.).
+
+Papers: Li, *Preconditioned stochastic gradient descent* (arXiv:1512.04202); *Preconditioner on
+matrix Lie group for SGD* (arXiv:1809.10232); *Stochastic Hessian fittings on Lie groups*
+(arXiv:2402.11858); Pooladzandi & Li (arXiv:2402.04553). User-facing names follow quad_torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from kronlab.factors.psgd_factors import (
+    DENSE_UPDATES,
+    DIAGONAL_UPDATES,
+    FactorKind,
+    apply_kron,
+    balance_scales,
+    factor_square,
+    preconditioner_lr_schedule,
+    whitening_terms,
+)
+from kronlab.groups.layout import plan_layout
+from kronlab.groups.rules import PreconditionerGroup
+from kronlab.optim.base import DEFAULT_RULES, KronOptimizer, NonFinitePolicy, ParamsT
+from kronlab.optim.bundles import ParameterBundle
+from kronlab.optim.registry import register_optimizer
+from kronlab.optim.stacked_state import StackedState
+from kronlab.optim.validation import check_choice, check_range
+
+PSGDMethod = Literal["quad", "procrustes"]
+DTYPES = (None, torch.bfloat16, torch.float16, torch.float32, torch.float64)
+BALANCE_EVERY = 100
+UPDATE_RMS_CLIP = 1.1
+ADAM_RMS_DIVISOR = 5.0  # PSGD's update has RMS ≈ 1, Adam's ≈ 0.2
+
+
+@dataclass(frozen=True)
+class PSGDLayout:
+    """A tensor seen as an ``m × n`` matrix with a left and a right factor kind.
+
+    1-D tensors (and tensors with one non-unit dim) are ``1 × n`` with no left factor and a
+    diagonal right factor, which makes the generic matrix update exactly the 1-D PSGD update
+    (``term1 = Pg²``, ``c = 1``).
+    """
+
+    original_shape: tuple[int, ...]
+    matrix_shape: tuple[int, int]
+    left: FactorKind
+    right: FactorKind
+
+    def describe(self) -> str:
+        original = "x".join(map(str, self.original_shape)) or "scalar"
+        shape = self.matrix_shape if self.left != "none" else self.matrix_shape[1:]
+        merged = "x".join(map(str, shape))
+        kinds = [kind for kind in (self.left, self.right) if kind != "none"]
+        return f"{original} → {merged} → [{', '.join(kinds)}]"
+
+
+def plan_psgd_layout(
+    shape: tuple[int, ...] | torch.Size, max_size_dense: float, max_skew_dense: float
+) -> PSGDLayout:
+    """Most-square matrix view of ``shape`` and each axis's factor kind.
+
+    An axis of size ``d`` is diagonal if ``d > max_size_dense`` or ``d² > max_skew_dense ·
+    numel`` (rules applied to the merged matrix), else dense; 1-D tensors are diagonal.
+    """
+    view = plan_layout(tuple(shape), most_square=True).shape
+    if len(view) <= 1:
+        return PSGDLayout(tuple(shape), (1, math.prod(view)), "none", "diagonal")
+    rows, cols = view
+    numel = rows * cols
+
+    def kind(size: int) -> FactorKind:
+        too_skewed = size * size > max_skew_dense * numel
+        return "diagonal" if size > max_size_dense or too_skewed else "dense"
+
+    return PSGDLayout(tuple(shape), (rows, cols), kind(rows), kind(cols))
+
+
+class PSGD(KronOptimizer):
+    """PSGD Kron: ``p ← p(1 − lr·wd) − lr' · clip(Q_l² M Q_r²)`` with ``Q`` fitted online.
+
+    Each step, for every preconditioner bundle (same-layout bundles stacked and done in one
+    batched call): momentum ``M ← lerp(M, g, 1 − momentum)``; the factors are fitted so that
+    ``Pg = Q_l² (M + noise) Q_r²`` is whitened (``E[Pg Pgᵀ] = c I``), by one Lie-group step of
+    ``method``:
+
+    * ``"quad"``: ``Q ← sym((I − μ/2L·E) Q (I − μ/2L·E))`` with ``E = term1 − c``;
+    * ``"procrustes"``: ``Q ← Q − μ/L·E Q`` followed by a rotation back toward symmetric
+      positive definite (the ``Q^0.5 E Q^1.5`` form of the fit, kept on the group exactly).
+
+    ``L`` tracks ``‖term1‖₂ + c`` (cheap lower bounds, EMA that never goes below the newest
+    bound); ``μ = max(0.3, preconditioner_lr / sqrt(1 + t/10000))`` (a ``preconditioner_lr`` below
+    0.3 is used as is). The update ``Q_l² M Q_r²`` uses the refreshed factors, its RMS is clipped at
+    1.1, and every 100 steps the two factors are rescaled to the geometric mean of their max-abs
+    values (``P`` unchanged) so neither drifts toward under- or overflow. The stacked state of a
+    bucket is reused from step to step (the per-bundle entries are views of it) and so is ``Q²``
+    of the refreshed factors, which the next step's fit needs again.
+
+    Args:
+        lr: learning rate; with ``lr_style="adam"`` the step is ``lr/5 · update`` so AdamW's
+            learning rates and weight decays transfer (PSGD's update RMS ≈ 1, Adam's ≈ 0.2);
+            ``lr_style=None`` steps by ``lr · update``.
+        method: ``"quad"`` or ``"procrustes"``.
+        momentum: EMA coefficient of the gradient; the preconditioner is fitted to the momentum.
+        weight_decay: decoupled, ``p ← p (1 − lr · weight_decay)``.
+        max_size_dense, max_skew_dense: factor kinds, see ``plan_psgd_layout``; >2-D tensors are
+            first reshaped to their most-square matrix (``[32, 64, 1024] → [2048, 1024]``).
+        preconditioner_lr: ``μ_0`` of the schedule above, in ``(0, 1]``.
+        preconditioner_init_scale: initial ``Q = scale · I``; ``None`` sets
+            ``scale = (max mean(g²) + noise_scale²)^(-1/4)`` from the first gradients of the
+            bundles initialised on that step (a bundle is initialised on the first step where its
+            gradient is not all zero, so zero gradients cannot produce an infinite scale).
+        noise_scale: std of the Gaussian noise added to ``M`` for the fit (keeps it well posed
+            when gradients vanish); 0 disables it.
+        dtype: dtype of the state and the preconditioner math; ``None`` = the gradient's dtype.
+            Updates are cast back to each parameter's dtype; Lipschitz estimates are kept in at
+            least float32.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT = None,
+        lr: float = 1e-3,
+        method: PSGDMethod = "quad",
+        lr_style: Literal["adam"] | None = "adam",
+        momentum: float = 0.95,
+        weight_decay: float = 0.1,
+        max_size_dense: float = 16384,
+        max_skew_dense: float = 1.0,
+        preconditioner_lr: float = 0.7,
+        preconditioner_init_scale: float | None = None,
+        noise_scale: float = 1e-9,
+        dtype: torch.dtype | None = torch.bfloat16,
+        *,
+        model: nn.Module | None = None,
+        combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
+        on_nonfinite_grad: NonFinitePolicy = "skip",
+        verbose_init: bool = False,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "method": method,
+            "lr_style": lr_style,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "max_size_dense": max_size_dense,
+            "max_skew_dense": max_skew_dense,
+            "preconditioner_lr": preconditioner_lr,
+            "preconditioner_init_scale": preconditioner_init_scale,
+            "noise_scale": noise_scale,
+            "dtype": dtype,
+        }
+        super().__init__(
+            params,
+            defaults,
+            model=model,
+            combine_params=combine_params,
+            on_nonfinite_grad=on_nonfinite_grad,
+            verbose_init=verbose_init,
+        )
+        self._stacks = StackedState()
+
+    def validate_group(self, group: dict[str, Any]) -> None:
+        check_range("lr", group["lr"], 0.0)
+        check_choice("method", group["method"], ("quad", "procrustes"))
+        check_choice("lr_style", group["lr_style"], ("adam", None))
+        check_range("momentum", group["momentum"], 0.0, 1.0, high_inclusive=False)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_range("max_size_dense", group["max_size_dense"], 1, integer=True)
+        check_range("max_skew_dense", group["max_skew_dense"], 0.0)
+        check_range("preconditioner_lr", group["preconditioner_lr"], 0.0, 1.0, low_inclusive=False)
+        if group["preconditioner_init_scale"] is not None:
+            check_range(
+                "preconditioner_init_scale",
+                group["preconditioner_init_scale"],
+                0.0,
+                math.inf,
+                low_inclusive=False,
+                high_inclusive=False,
+            )
+        check_range("noise_scale", group["noise_scale"], 0.0, math.inf, high_inclusive=False)
+        check_choice("dtype", group["dtype"], DTYPES)
+
+    def layout(self, bundle: ParameterBundle) -> PSGDLayout:
+        group = self.param_groups[bundle.group_index]
+        return plan_psgd_layout(
+            bundle.grouped_shape, group["max_size_dense"], group["max_skew_dense"]
+        )
+
+    def describe_preconditioner(self, bundle: ParameterBundle) -> list[str]:
+        return [self.layout(bundle).describe()]
+
+    # --- the step -----------------------------------------------------------------------
+    def update(self) -> None:
+        by_group = self._gradients_by_group()
+        buckets: dict[tuple, list[ParameterBundle]] = defaultdict(list)
+        for group_index, entries in by_group.items():
+            group = self.param_groups[group_index]
+            self._initialize(group, [(b, g) for b, g in entries if not self.state[b.key]])
+            # bundles whose gradients were all zero so far have no state and only decay
+            ready = [(b, g) for b, g in entries if self.state[b.key]]
+            momenta = [self.state[b.key]["momentum"] for b, _ in ready]
+            if momenta:
+                torch._foreach_lerp_(momenta, [g for _, g in ready], 1 - group["momentum"])
+            for bundle, grad in ready:
+                state = self.state[bundle.key]
+                layout = (_kind(state, "left"), _kind(state, "right"), tuple(grad.shape))
+                buckets[(group_index, *layout, grad.dtype, grad.device)].append(bundle)
+        directions: dict[ParameterBundle, Tensor] = {}
+        for key, bundles in buckets.items():
+            group_index, left_kind, right_kind = key[:3]
+            stacked = self._precondition_bucket(
+                key, self.param_groups[group_index], bundles, left_kind, right_kind
+            )
+            directions.update(zip(bundles, stacked.unbind(0)))
+        for group_index, entries in by_group.items():
+            self._apply_updates(self.param_groups[group_index], [b for b, _ in entries], directions)
+
+    def _gradients_by_group(self) -> dict[int, list[tuple[ParameterBundle, Tensor]]]:
+        """Each bundle's gradient as its ``m × n`` matrix in the state dtype, by param group."""
+        by_group: dict[int, list[tuple[ParameterBundle, Tensor]]] = defaultdict(list)
+        for bundle in self.bundles_with_gradients():
+            group = self.param_groups[bundle.group_index]
+            grad = bundle.gradient()
+            grad = grad.to(group["dtype"] or grad.dtype)
+            state = self.state[bundle.key]
+            shape = state["momentum"].shape if state else self.layout(bundle).matrix_shape
+            by_group[bundle.group_index].append((bundle, grad.reshape(shape)))
+        return by_group
+
+    def _initialize(
+        self, group: dict[str, Any], entries: list[tuple[ParameterBundle, Tensor]]
+    ) -> None:
+        """Create state for bundles seen for the first time (skipping all-zero gradients)."""
+        if not entries:
+            return
+        second_moments = [
+            float(g.square().mean(dtype=torch.promote_types(g.dtype, torch.float32)))
+            for _, g in entries
+        ]
+        entries = [entry for entry, moment in zip(entries, second_moments) if moment > 0]
+        if not entries:
+            return
+        scale = group["preconditioner_init_scale"]
+        if scale is None:
+            scale = (max(second_moments) + group["noise_scale"] ** 2) ** -0.25
+        for bundle, grad in entries:
+            layout = self.layout(bundle)
+            state = self.state[bundle.key]
+            state["step"] = 0
+            state["momentum"] = grad.clone()
+            for side, kind, size in zip(("left", "right"), (layout.left, layout.right), grad.shape):
+                if kind == "none":
+                    continue
+                factor = torch.ones(size, dtype=grad.dtype, device=grad.device)
+                state[f"{side}_factor"] = scale * (
+                    torch.diag(factor) if kind == "dense" else factor
+                )
+                state[f"{side}_lipschitz"] = torch.zeros(
+                    (), dtype=torch.promote_types(grad.dtype, torch.float32), device=grad.device
+                )
+
+    def _precondition_bucket(
+        self,
+        key: tuple,
+        group: dict[str, Any],
+        bundles: list[ParameterBundle],
+        left_kind: FactorKind,
+        right_kind: FactorKind,
+    ) -> Tensor:
+        """Refresh the stacked factors of same-layout bundles; return their clipped updates.
+
+        Pipeline: (balance) → ``Pg = P_l (M + noise) P_r`` → one factor step per axis →
+        ``P_l' M P_r'`` with the refreshed factors → RMS clip.
+        """
+        states = [self.state[bundle.key] for bundle in bundles]
+        for state in states:
+            state["step"] += 1
+        momentum = self._stacks.stack((key, "momentum"), states, "momentum")
+        steps = torch.tensor([state["step"] for state in states], device=momentum.device)
+        kinds = {"left": left_kind, "right": right_kind}
+        sides = [side for side, kind in kinds.items() if kind != "none"]
+        factors = {
+            side: self._stacks.stack((key, side), states, f"{side}_factor") for side in sides
+        }
+        squares = {side: self._stacks.derived((key, side), factors[side]) for side in sides}
+        if len(sides) == 2:
+            due = steps % BALANCE_EVERY == 0
+            if bool(due.any()):
+                factors["left"], factors["right"] = balance_scales(
+                    factors["left"], factors["right"], due
+                )
+                squares = {}
+        noisy = momentum
+        if group["noise_scale"] > 0:
+            noisy = momentum + _gaussian_noise(momentum, group["noise_scale"])
+        preconditioned = _precondition(noisy, factors, kinds, squares)
+        lr = preconditioner_lr_schedule(group["preconditioner_lr"], steps)
+        numel = momentum.shape[1] * momentum.shape[2]
+        for side in sides:
+            updates = DENSE_UPDATES if kinds[side] == "dense" else DIAGONAL_UPDATES
+            term1 = whitening_terms(preconditioned, 0 if side == "left" else 1, kinds[side])
+            term2 = torch.full_like(lr, numel / factors[side].shape[-1])
+            name = f"{side}_lipschitz"
+            lipschitz = self._stacks.stack((key, name), states, name)
+            refreshed = updates[group["method"]](factors[side], term1, term2, lipschitz, lr)
+            factors[side] = self._stacks.store(
+                (key, side), states, f"{side}_factor", refreshed.factor
+            )
+            self._stacks.store((key, name), states, name, refreshed.lipschitz)
+        squares = {side: factor_square(factors[side], kinds[side]) for side in sides}
+        for side in sides:  # reused by the next step's fit while the factors stay unchanged
+            self._stacks.store_derived((key, side), factors[side], squares[side])
+        return _clip_rms(_precondition(momentum, factors, kinds, squares), UPDATE_RMS_CLIP)
+
+    def _apply_updates(
+        self,
+        group: dict[str, Any],
+        bundles: list[ParameterBundle],
+        directions: dict[ParameterBundle, Tensor],
+    ) -> None:
+        """Decoupled weight decay on the stepped parameters, then the scaled update."""
+        lr = group["lr"]
+        params = [param for bundle in bundles for param in bundle.params]
+        if group["weight_decay"] > 0 and params:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        alpha = -lr / ADAM_RMS_DIVISOR if group["lr_style"] == "adam" else -lr
+        for bundle in bundles:
+            if bundle in directions:
+                bundle.add_(directions[bundle].reshape(bundle.grouped_shape), alpha=alpha)
+
+
+def _kind(state: dict[str, Any], side: str) -> FactorKind:
+    factor = state.get(f"{side}_factor")
+    if factor is None:
+        return "none"
+    return "dense" if factor.ndim == 2 else "diagonal"
+
+
+def _precondition(
+    matrices: Tensor,
+    factors: dict[str, Tensor],
+    kinds: dict[str, FactorKind],
+    squares: dict[str, Tensor | None],
+) -> Tensor:
+    """``Q_l² X Q_r²`` for a stack ``X`` of ``(B, m, n)`` (``squares`` reused where given)."""
+    squares = {
+        side: squares.get(side)
+        if squares.get(side) is not None
+        else factor_square(factor, kinds[side])
+        for side, factor in factors.items()
+    }
+    return apply_kron(
+        matrices, squares.get("left"), squares.get("right"), kinds["left"], kinds["right"]
+    )
+
+
+def _gaussian_noise(like: Tensor, scale: float) -> Tensor:
+    """``scale · N(0, I)`` shaped like ``like`` (drawn in float32: half-precision randn is slow)."""
+    noise = torch.randn(like.shape, dtype=torch.float32, device=like.device).mul_(scale)
+    return noise.to(like.dtype)
+
+
+def _clip_rms(directions: Tensor, limit: float) -> Tensor:
+    """Scale each matrix whose RMS exceeds ``limit`` down to RMS ``limit``."""
+    rms = directions.float().square().mean(dim=(-2, -1), keepdim=True).sqrt()
+    return directions * (limit / rms.clamp(min=limit)).to(directions.dtype)
+
+
+@register_optimizer(
+    "psgd_quad", default_lr=1e-2, summary="PSGD Kron, QUAD preconditioner update (Li)"
+)
+def _psgd_quad(model: nn.Module, lr: float) -> PSGD:
+    return PSGD(model.parameters(), lr=lr, method="quad")
+
+
+@register_optimizer(
+    "psgd_procrustes",
+    default_lr=1e-2,
+    summary="PSGD Kron, Procrustes (Q^0.5 E Q^1.5) preconditioner update (Li)",
+)
+def _psgd_procrustes(model: nn.Module, lr: float) -> PSGD:
+    return PSGD(model.parameters(), lr=lr, method="procrustes")
