@@ -178,8 +178,11 @@ def _eigendecompose(statistics: KroneckerStatistics, dtype: torch.dtype) -> dict
         # Round-off can leave tiny negative eigenvalues of a PSD matrix; they are zero.
         fitted[name] = ModuleCurvature(
             spec,
-            output_eigenvectors=output.eigenvectors.to(dtype),
-            input_eigenvectors=None if input_vectors is None else input_vectors.to(dtype),
+            # Contiguous, as after a save/load round trip, so products are bit-identical.
+            output_eigenvectors=output.eigenvectors.to(dtype).contiguous(),
+            input_eigenvectors=None
+            if input_vectors is None
+            else input_vectors.to(dtype).contiguous(),
             output_eigenvalues=output.eigenvalues.clamp_min(0).to(dtype),
             input_eigenvalues=input_values.clamp_min(0).to(dtype),
         )
