@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from attribution_models import classification_batches, tiny_mlp
 from torch import nn
 
 from kronlab.attribution import (
@@ -16,6 +15,8 @@ from kronlab.attribution import (
     influence_scores,
     top_k,
 )
+
+from .attribution_models import classification_batches, tiny_mlp
 
 
 def _data(n: int = 12):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attribution_models import Conv1D, classification_batches, tiny_mlp
 from torch import nn
 
 from kronlab.attribution import Curvature, cross_entropy_loss, fit_curvature, influence_scores
+
+from .attribution_models import Conv1D, classification_batches, tiny_mlp
 
 
 def _pair_of_models() -> tuple[nn.Module, nn.Module]:

@@ -4,14 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attribution_models import (
-    classification_batches,
-    exact_ggn,
-    flat_example_gradients,
-    spearman,
-    tiny_conv,
-    tiny_mlp,
-)
 from torch import nn
 
 from kronlab.attribution import (
@@ -21,6 +13,15 @@ from kronlab.attribution import (
     mse_loss,
 )
 from kronlab.curvature import find_modules, per_example_gradients
+
+from .attribution_models import (
+    classification_batches,
+    exact_ggn,
+    flat_example_gradients,
+    spearman,
+    tiny_conv,
+    tiny_mlp,
+)
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -1,72 +1,78 @@
-"""Curvature.from_optimizer through the documented kronecker_factors() interface.
+"""Curvature.from_optimizer through the optimizer's ``kronecker_factors(param)`` interface.
 
-The fake optimizers here keep Shampoo's statistics ``L = Σ G Gᵀ``, ``R = Σ Gᵀ G`` and SOAP's
-eigenbasis second moment; the reference is a dense solve written from the definition.
+The fake optimizer below exposes blocks the way ``kronlab.optim.Shampoo`` does (``factors``,
+``eigenvectors``, ``eigenvalues``, ``second_moment``, bias corrections); the reference is a dense
+solve written from the definition.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
-from attribution_models import Conv1D
 from torch import nn
 
-from kronlab.attribution import Curvature, OptimizerFactors
+from kronlab.attribution import Curvature
+
+from .attribution_models import Conv1D
+
+
+class Block(NamedTuple):
+    block_shape: tuple[int, ...]
+    factors: list[torch.Tensor]
+    eigenvectors: list[torch.Tensor] | None
+    eigenvalues: list[torch.Tensor] | None
+    second_moment: torch.Tensor | None
+    factor_bias_correction: float
+    eigenvalue_bias_correction: float
 
 
 class FakeShampoo:
-    """Accumulates L and R per parameter block in the parameter's own layout."""
+    """Sums ``L = Σ G Gᵀ``, ``R = Σ Gᵀ G`` per parameter set (bias as a last column if given)."""
 
-    def __init__(self, blocks: list[tuple[nn.Parameter, ...]], soap: bool = False) -> None:
-        self.blocks, self.soap = blocks, soap
-        self.statistics: list[list[torch.Tensor]] = []
+    def __init__(self, blocks: list[tuple[nn.Parameter, ...]], variant: str = "root_inv") -> None:
+        self.blocks, self.variant = blocks, variant
+        self.statistics = []
         for block in blocks:
             rows, columns = block[0].shape[0], block[0].shape[1] + (len(block) - 1)
             self.statistics.append(
-                [
-                    torch.zeros(rows, rows, dtype=torch.float64),
-                    torch.zeros(columns, columns, dtype=torch.float64),
-                ]
+                [torch.zeros(n, n, dtype=torch.float64) for n in (rows, columns)]
             )
-
-    def accumulate(self, gradients: list[torch.Tensor]) -> None:
-        for stats, gradient in zip(self.statistics, gradients):
-            stats[0] += gradient @ gradient.T
-            stats[1] += gradient.T @ gradient
-        # SOAP's second moment in the eigenbasis: any positive (rows, columns) table will do.
         self.second_moments = [
             torch.rand(left.shape[0], right.shape[0], dtype=torch.float64) + 0.5
             for left, right in self.statistics
         ]
 
-    def kronecker_factors(self) -> list[OptimizerFactors]:
-        result = []
-        for block, (left, right), second_moment in zip(
-            self.blocks, self.statistics, self.second_moments
-        ):
-            if not self.soap:
-                result.append(OptimizerFactors(block, factor_matrices=(left, right)))
-                continue
-            left_vectors, right_vectors = torch.linalg.eigh(left)[1], torch.linalg.eigh(right)[1]
-            result.append(
-                OptimizerFactors(
-                    block,
-                    eigenvectors=(left_vectors, right_vectors),
-                    corrected_eigenvalues=second_moment,
-                )
-            )
-        return result
+    def accumulate(self, gradients: list[torch.Tensor]) -> None:
+        for stats, gradient in zip(self.statistics, gradients):
+            stats[0] += gradient @ gradient.T
+            stats[1] += gradient.T @ gradient
+
+    def kronecker_factors(self, param: torch.Tensor) -> list[Block]:
+        owners = [i for i, params in enumerate(self.blocks) if any(p is param for p in params)]
+        if not owners:
+            raise ValueError("the parameter is not optimized by this optimizer")
+        factors, second_moment = self.statistics[owners[0]], self.second_moments[owners[0]]
+        # Bias corrections of 2 and 4: the curvature must divide them out.
+        scaled = [2 * f for f in factors]
+        if self.variant == "root_inv":
+            return [Block((0, 0), scaled, None, None, None, 2.0, 1.0)]
+        vectors = [torch.linalg.eigh(f)[1] for f in factors]
+        moment = 4 * second_moment if self.variant == "soap" else None
+        return [Block((0, 0), scaled, vectors, None, moment, 2.0, 4.0)]
 
 
-def _dense_inverse(left_or_vectors, right, damping):
+def _dense_inverse(left, right, damping):
     """(L ⊗ R + λI)⁻¹ in row-major vec order."""
-    dense = torch.kron(left_or_vectors, right)
+    dense = torch.kron(left, right)
     return torch.linalg.inv(dense + damping * torch.eye(len(dense), dtype=torch.float64))
 
 
-def test_shampoo_factors_give_the_damped_kronecker_solve() -> None:
+@pytest.mark.parametrize("variant", ["root_inv", "eigendecomposed"])
+def test_shampoo_factors_give_the_damped_kronecker_solve(variant: str) -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2, bias=False)).double()
-    optimizer = FakeShampoo([(model[0].weight, model[0].bias), (model[2].weight,)])
+    optimizer = FakeShampoo([(model[0].weight, model[0].bias), (model[2].weight,)], variant)
     for _ in range(6):
         optimizer.accumulate(
             [torch.randn(4, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)]
@@ -87,13 +93,12 @@ def test_shampoo_factors_give_the_damped_kronecker_solve() -> None:
 
 def test_soap_eigenbasis_and_second_moment_are_used_as_ekfac() -> None:
     model = nn.Sequential(nn.Linear(3, 4)).double()
-    optimizer = FakeShampoo([(model[0].weight, model[0].bias)], soap=True)
+    optimizer = FakeShampoo([(model[0].weight, model[0].bias)], "soap")
     optimizer.accumulate([torch.randn(4, 4, dtype=torch.float64)])
-    (factors,) = optimizer.kronecker_factors()
     curvature = Curvature.from_optimizer(optimizer, model)
-    left_vectors, right_vectors = factors.eigenvectors
+    left_vectors, right_vectors = (torch.linalg.eigh(f)[1] for f in optimizer.statistics[0])
     basis = torch.kron(left_vectors, right_vectors)
-    dense = basis @ torch.diag(factors.corrected_eigenvalues.flatten()) @ basis.T
+    dense = basis @ torch.diag(optimizer.second_moments[0].flatten()) @ basis.T
     grad = torch.randn(4, 4, dtype=torch.float64)
     expected = torch.linalg.solve(dense + 0.2 * torch.eye(16, dtype=torch.float64), grad.flatten())
     torch.testing.assert_close(curvature.inverse_hvp({"0": grad}, 0.2)["0"], expected.reshape(4, 4))
@@ -118,6 +123,6 @@ def test_optimizer_without_factors_or_with_missing_modules() -> None:
         Curvature.from_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
     optimizer = FakeShampoo([(model[0].weight, model[0].bias)])
     optimizer.accumulate([torch.randn(4, 4, dtype=torch.float64)])
-    with pytest.raises(ValueError, match="no two-factor Kronecker preconditioner for modules"):
+    with pytest.raises(ValueError, match="no single two-factor Kronecker block for modules"):
         Curvature.from_optimizer(optimizer, model)
     assert list(Curvature.from_optimizer(optimizer, model, modules=["0"]).modules) == ["0"]

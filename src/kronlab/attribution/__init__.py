@@ -15,7 +15,6 @@ from kronlab.attribution.curvature import (
     ModuleCurvature,
 )
 from kronlab.attribution.fit import cross_entropy_loss, default_mask, fit_curvature, mse_loss
-from kronlab.attribution.optimizer_curvature import OptimizerFactors
 from kronlab.attribution.scores import NORMALIZATIONS, influence_scores, top_k
 from kronlab.curvature import find_modules, per_example_gradients
 
@@ -25,7 +24,6 @@ __all__ = [
     "NORMALIZATIONS",
     "Curvature",
     "ModuleCurvature",
-    "OptimizerFactors",
     "cross_entropy_loss",
     "default_mask",
     "find_modules",
