@@ -91,7 +91,7 @@ def fit_curvature(
                 )
                 for name in tracked
             }
-            return Curvature("diagonal", fitted, _metadata(fisher, examples))
+            return Curvature("diagonal", fitted, _metadata(fisher, examples, seed, samples))
         statistics = KroneckerStatistics()
         for batch in batches("factors"):
             statistics.update(layer_batches(model, batch, fitting_loss, tracked, masks(batch)))
@@ -111,7 +111,7 @@ def fit_curvature(
             )
             for name, module in fitted.items():
                 module.corrected_eigenvalues = (squares[name] / examples[name]).to(dtype)
-    return Curvature(method, fitted, _metadata(fisher, examples))
+    return Curvature(method, fitted, _metadata(fisher, examples, seed, samples))
 
 
 def cross_entropy_loss(
@@ -255,5 +255,13 @@ def _transpose(matrix: torch.Tensor | None) -> torch.Tensor | None:
     return None if matrix is None else matrix.transpose(0, 1)
 
 
-def _metadata(fisher: str, examples: Mapping[str, int]) -> dict[str, Any]:
-    return {"fisher": fisher, "num_examples": max(examples.values(), default=0)}
+def _metadata(fisher: str, examples: Mapping[str, int], seed: int, samples: int) -> dict[str, Any]:
+    from kronlab import __version__
+
+    return {
+        "fisher": fisher,
+        "num_examples": max(examples.values(), default=0) // samples,
+        "seed": seed,
+        "samples": samples,
+        "kronlab_version": __version__,
+    }
