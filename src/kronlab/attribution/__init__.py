@@ -1,0 +1,1 @@
+"""Influence-function data attribution (placeholder until the influence issue lands)."""
