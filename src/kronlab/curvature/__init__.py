@@ -1,0 +1,32 @@
+"""Model hooks for K-FAC statistics and per-example gradients of tracked modules.
+
+Tracked modules: ``nn.Linear``, HF ``Conv1D``, ``nn.Conv2d`` (patch extraction) and
+``nn.Embedding`` (diagonal activation factor), with or without bias. The gradient of one
+example is the matrix ``G_i = Σ_t g_t a_tᵀ`` of shape ``(d_out, d_in [+1 for the bias])``.
+"""
+
+from kronlab.curvature.hooks import LayerBatch, LossFn, layer_batches
+from kronlab.curvature.layers import (
+    LayerSpec,
+    find_modules,
+    gradient_matrix,
+    layer_spec,
+    parameters_from_matrix,
+)
+from kronlab.curvature.per_example import Projection, example_gradients, per_example_gradients
+from kronlab.curvature.statistics import KroneckerStatistics
+
+__all__ = [
+    "KroneckerStatistics",
+    "LayerBatch",
+    "LayerSpec",
+    "LossFn",
+    "Projection",
+    "example_gradients",
+    "find_modules",
+    "gradient_matrix",
+    "layer_batches",
+    "layer_spec",
+    "parameters_from_matrix",
+    "per_example_gradients",
+]

@@ -1,0 +1,195 @@
+"""Forward hooks that record tracked modules' inputs and outputs, then their output gradients.
+
+One forward + one ``torch.autograd.grad`` with respect to the recorded *outputs* gives, per
+tracked module call, the activations ``a_t`` and output gradients ``g_t = ∂loss/∂s_t`` per token,
+without touching any parameter's ``.grad`` and without forming a per-example model gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kronlab.curvature.layers import LayerSpec, layer_spec
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@dataclass
+class LayerBatch:
+    """One call of a tracked module on a batch of ``n`` examples with ``T`` tokens each.
+
+    ``activations``: ``(n, T, d_in)`` with the bias 1 appended (embeddings: token indices
+    ``(n, T)``); ``gradients``: ``(n, T, d_out)``; both zero on masked tokens. ``token_mask``
+    ``(n, T)`` bool or ``None`` (all tokens count).
+    """
+
+    name: str
+    spec: LayerSpec
+    activations: torch.Tensor
+    gradients: torch.Tensor
+    token_mask: torch.Tensor | None
+
+    @property
+    def num_examples(self) -> int:
+        return self.gradients.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        if self.token_mask is None:
+            return self.gradients.shape[0] * self.gradients.shape[1]
+        return int(self.token_mask.sum())
+
+
+@dataclass
+class _Call:
+    name: str
+    module: nn.Module
+    inputs: torch.Tensor
+    output: torch.Tensor
+
+
+class _Recorder:
+    """Context manager: record ``(module, input, output)`` of every tracked module call."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.calls: list[_Call] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> _Recorder:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._hook_for(name)))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook_for(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            if not isinstance(output, torch.Tensor):
+                raise ValueError(f"module {name!r} returned {type(output).__name__}, not a tensor")
+            self.calls.append(_Call(name, module, inputs[0].detach(), output))
+
+        return hook
+
+
+def layer_batches(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: LossFn,
+    modules: dict[str, nn.Module],
+    mask: torch.Tensor | None = None,
+) -> Iterator[LayerBatch]:
+    """Run ``loss_fn(model, batch)`` and yield a :class:`LayerBatch` per tracked module call.
+
+    ``loss_fn`` must return a scalar that is the *sum* of the per-example losses, so that the
+    output gradients of example ``i`` are those of its own loss (no ``1/n`` factor).
+    ``mask`` ``(n, T)`` marks real (1) and padding (0) tokens; padding contributes nothing.
+    """
+    if not modules:
+        raise ValueError("Invalid modules: {} (allowed: at least one tracked module)")
+    specs = {name: layer_spec(module) for name, module in modules.items()}
+    for name, spec in specs.items():
+        if spec is None:
+            raise ValueError(f"Invalid modules: {name!r} is not a trackable module")
+    with _Recorder(modules) as recorder:
+        loss = loss_fn(model, batch)
+    _check_loss(loss)
+    uncalled = sorted(set(modules) - {call.name for call in recorder.calls})
+    if uncalled:
+        raise ValueError(f"tracked modules were not called by loss_fn: {', '.join(uncalled)}")
+    not_differentiable = [call.name for call in recorder.calls if not call.output.requires_grad]
+    if not_differentiable:
+        raise ValueError(
+            "tracked modules received no gradient (output does not require grad; frozen "
+            f"parameters?): {', '.join(sorted(set(not_differentiable)))}"
+        )
+    output_gradients = torch.autograd.grad(
+        loss, [call.output for call in recorder.calls], allow_unused=True
+    )
+    missing = sorted({c.name for c, g in zip(recorder.calls, output_gradients) if g is None})
+    if missing:
+        raise ValueError(f"tracked modules received no gradient from the loss: {missing}")
+    for call, output_gradient in zip(recorder.calls, output_gradients):
+        spec = specs[call.name]
+        assert spec is not None
+        activations = _token_activations(call.module, spec, call.inputs)
+        gradients = _token_gradients(spec, output_gradient.detach(), activations.shape[0])
+        yield _apply_mask(call, spec, activations, gradients, mask)
+
+
+def _check_loss(loss: object) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError(
+            f"Invalid loss_fn result: {type(loss).__name__} "
+            f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''} "
+            "(allowed: a scalar tensor, the sum of per-example losses)"
+        )
+    if not loss.requires_grad:
+        raise ValueError("Invalid loss_fn result: the loss does not require grad")
+
+
+def _token_activations(module: nn.Module, spec: LayerSpec, inputs: torch.Tensor) -> torch.Tensor:
+    if inputs.ndim < 2 and spec.kind != "embedding":
+        raise ValueError(f"expected batched input to a {spec.kind} module, got {inputs.shape}")
+    n = inputs.shape[0]
+    if spec.kind == "embedding":
+        return inputs.reshape(n, -1)
+    if spec.kind == "conv2d":
+        patches = F.unfold(
+            inputs,
+            module.kernel_size,
+            dilation=module.dilation,
+            padding=module.padding,
+            stride=module.stride,
+        )
+        activations = patches.transpose(1, 2)
+    else:
+        activations = inputs.reshape(n, -1, inputs.shape[-1])
+    if spec.has_bias:
+        ones = activations.new_ones(*activations.shape[:2], 1)
+        activations = torch.cat([activations, ones], dim=-1)
+    return activations
+
+
+def _token_gradients(spec: LayerSpec, output_gradient: torch.Tensor, n: int) -> torch.Tensor:
+    if spec.kind == "conv2d":
+        return output_gradient.flatten(2).transpose(1, 2)
+    return output_gradient.reshape(n, -1, spec.d_out)
+
+
+def _apply_mask(
+    call: _Call,
+    spec: LayerSpec,
+    activations: torch.Tensor,
+    gradients: torch.Tensor,
+    mask: torch.Tensor | None,
+) -> LayerBatch:
+    token_mask = None
+    if mask is not None:
+        if mask.shape != activations.shape[:2]:
+            raise ValueError(
+                f"Invalid mask shape: {tuple(mask.shape)} for module {call.name!r} (allowed: "
+                f"(examples, tokens) = {tuple(activations.shape[:2])})"
+            )
+        token_mask = mask.to(device=gradients.device).bool()
+    if spec.kind == "embedding":
+        padding_idx = call.module.padding_idx
+        if padding_idx is not None:
+            # torch never updates the padding row, so its gradient is zero by definition.
+            real = activations != padding_idx
+            token_mask = real if token_mask is None else token_mask & real
+    if token_mask is not None:
+        weights = token_mask.to(gradients.dtype).unsqueeze(-1)
+        gradients = gradients * weights
+        if spec.kind != "embedding":
+            activations = activations * weights
+    return LayerBatch(call.name, spec, activations, gradients, token_mask)

@@ -1,0 +1,141 @@
+"""Per-example gradients from hooks equal autograd's gradient of each example's own loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from curvature_models import TinySequenceModel, classification_sum_loss, sequence_loss
+from torch import nn
+
+from kronlab.curvature import (
+    find_modules,
+    gradient_matrix,
+    parameters_from_matrix,
+    per_example_gradients,
+)
+
+
+def _autograd_example_matrices(model, modules, loss_fn, examples):
+    """Reference: one backward per example, parameters' .grad rearranged into G."""
+    result = {name: [] for name in modules}
+    for example in examples:
+        model.zero_grad()
+        loss_fn(model, example).backward()
+        for name, module in modules.items():
+            bias = None if getattr(module, "bias", None) is None else module.bias.grad
+            weight_grad = module.weight.grad
+            if weight_grad is None:
+                weight_grad = torch.zeros_like(module.weight)
+            result[name].append(gradient_matrix(module, weight_grad, bias))
+    return {name: torch.stack(matrices) for name, matrices in result.items()}
+
+
+def _conv_net(bias: bool) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, stride=2, bias=bias),
+        nn.Tanh(),
+        nn.Conv2d(3, 4, 2, dilation=2, bias=bias),
+        nn.Flatten(),
+        nn.Linear(4, 3, bias=bias),
+    ).double()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_mlp_and_conv_match_autograd(bias: bool) -> None:
+    for model, inputs in (
+        (
+            nn.Sequential(nn.Linear(5, 4, bias=bias), nn.Tanh(), nn.Linear(4, 3, bias=bias)),
+            torch.randn(6, 5),
+        ),
+        (_conv_net(bias), torch.randn(6, 2, 6, 6, dtype=torch.float64)),
+    ):
+        model = model.double()
+        targets = torch.randint(0, 3, (6,))
+        modules = find_modules(model)
+        hooked = per_example_gradients(
+            model, (inputs.double(), targets), classification_sum_loss, modules
+        )
+        examples = [(inputs[i : i + 1].double(), targets[i : i + 1]) for i in range(6)]
+        reference = _autograd_example_matrices(model, modules, classification_sum_loss, examples)
+        for name in modules:
+            assert hooked[name].shape == reference[name].shape
+            torch.testing.assert_close(hooked[name], reference[name])
+
+
+def test_sequence_model_with_padding_matches_autograd() -> None:
+    model = TinySequenceModel(padding_idx=0).double()
+    tokens = torch.randint(1, 7, (4, 5))
+    tokens[1, 3:] = 0
+    tokens[3, 1:] = 0
+    mask = (tokens != 0).double()
+    targets = torch.randint(0, 7, (4, 5))
+    modules = find_modules(model)
+    hooked = per_example_gradients(
+        model, (tokens, targets, mask), sequence_loss, modules, mask=mask
+    )
+    examples = [(tokens[i : i + 1], targets[i : i + 1], mask[i : i + 1]) for i in range(4)]
+    reference = _autograd_example_matrices(model, modules, sequence_loss, examples)
+    assert set(hooked) == {"embedding", "mixer", "head"}
+    for name in modules:
+        torch.testing.assert_close(hooked[name], reference[name])
+
+
+def test_projected_gradients_equal_projection_of_full_gradients() -> None:
+    model = TinySequenceModel().double()
+    tokens = torch.randint(0, 7, (3, 4))
+    batch = (tokens, torch.randint(0, 7, (3, 4)), torch.ones(3, 4, dtype=torch.float64))
+    modules = find_modules(model)
+    full = per_example_gradients(model, batch, sequence_loss, modules)
+    projections = {
+        "embedding": (
+            torch.randn(2, 5, dtype=torch.float64),
+            torch.randn(3, 7, dtype=torch.float64),
+        ),
+        "mixer": (None, torch.randn(4, 6, dtype=torch.float64)),
+        "head": (torch.randn(3, 7, dtype=torch.float64), None),
+    }
+    projected = per_example_gradients(model, batch, sequence_loss, modules, projections)
+    for name, (output_side, input_side) in projections.items():
+        expected = full[name]
+        if output_side is not None:
+            expected = output_side @ expected
+        if input_side is not None:
+            expected = expected @ input_side.T
+        torch.testing.assert_close(projected[name], expected)
+
+
+def test_shared_module_sums_its_calls() -> None:
+    layer = nn.Linear(3, 3).double()
+    model = nn.Sequential(layer, nn.Tanh(), layer)
+    inputs = torch.randn(4, 3, dtype=torch.float64)
+
+    def loss_fn(net, batch):
+        return (net(batch) ** 2).sum()
+
+    modules = find_modules(model, ["0"])
+    hooked = per_example_gradients(model, inputs, loss_fn, modules)
+    reference = _autograd_example_matrices(
+        model, modules, loss_fn, [inputs[i : i + 1] for i in range(4)]
+    )
+    torch.testing.assert_close(hooked["0"], reference["0"])
+
+
+def test_parameters_from_matrix_inverts_gradient_matrix() -> None:
+    for module in (nn.Linear(3, 2), nn.Conv2d(2, 3, 2), nn.Embedding(5, 2), nn.Linear(3, 2, False)):
+        bias = getattr(module, "bias", None)
+        matrix = gradient_matrix(module, module.weight, bias)
+        weight, bias_back = parameters_from_matrix(module, matrix)
+        torch.testing.assert_close(weight, module.weight)
+        if bias is not None:
+            torch.testing.assert_close(bias_back, bias)
+
+
+def test_parameter_grads_untouched() -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    per_example_gradients(
+        model,
+        (torch.randn(4, 3), torch.randint(0, 2, (4,))),
+        classification_sum_loss,
+        find_modules(model),
+    )
+    assert all(parameter.grad is None for parameter in model.parameters())
