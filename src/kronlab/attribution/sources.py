@@ -1,4 +1,4 @@
-"""Resolve the pipeline's ``--model`` / ``--data`` / ``--queries`` into a model, examples and a loss.
+"""Resolve the pipeline's ``--model``, ``--data`` and ``--queries`` into a model, examples, a loss.
 
 Models: ``digits-mlp`` (embedded default: trained once, then loaded from the cache dir),
 ``tiny-gpt`` (GPT-2-style, briefly trained on stdlib text, cached too), ``package.module:function``
@@ -142,9 +142,6 @@ def _train_tiny_gpt(seed: int) -> nn.Module:
     model = tiny_gpt(seed)
     tokens, mask = encode_bytes(stdlib_text(512, 64, seed=seed + 1), 64)
     return train_briefly(model, tokens, mask, steps=60, seed=seed)
-
-
-_EMBEDDED_MODELS: dict[str, tuple[Callable[[int], nn.Module], Callable[[int], nn.Module]]] = {}
 
 
 def _embedded_models() -> dict[str, tuple[Callable[[int], nn.Module], Callable[[int], nn.Module]]]:
@@ -298,7 +295,9 @@ def load_task(
     tokenizer_dir = Path(model) if Path(model).is_dir() else None
     train = load_examples(data, "train", length=length, tokenizer_dir=tokenizer_dir, seed=seed)
     if queries == "test":
-        query_set = load_examples(data, "test", length=length, tokenizer_dir=tokenizer_dir, seed=seed)
+        query_set = load_examples(
+            data, "test", length=length, tokenizer_dir=tokenizer_dir, seed=seed
+        )
     else:
         query_set = load_examples(queries, "train", length=length, tokenizer_dir=tokenizer_dir)
     if query_set.kind != train.kind and {query_set.kind, train.kind} != {"image", "vector"}:

@@ -179,7 +179,9 @@ def sequence_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) ->
     tokens, mask = batch
     logits = model(tokens)[:, :-1]
     targets = tokens[:, 1:]
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    losses = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    )
     return (losses * mask[:, 1:].reshape(-1).to(losses.dtype)).sum()
 
 
