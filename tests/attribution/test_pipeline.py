@@ -10,7 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pipeline_fixtures import (
+
+from kronlab.attribution.pipeline import AttributionConfig, AttributionRun
+from kronlab.attribution.store import GradientStore, StoreMismatchError
+from kronlab.linalg import random_projection
+
+from .pipeline_fixtures import (
     inner_scores,
     oracle_factor_inverse_roots,
     oracle_gradients,
@@ -19,15 +24,11 @@ from pipeline_fixtures import (
     tiny_task,
 )
 
-from kronlab.attribution.pipeline import AttributionConfig, AttributionRun
-from kronlab.attribution.store import GradientStore, StoreMismatchError
-from kronlab.linalg import random_projection
-
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def make_run(directory: Path, **settings) -> AttributionRun:
-    values = dict(num_queries=6, batch_size=16, chunk_rows=16)
+    values = dict(num_queries=6, batch_size=16, chunk_rows=16, fisher="empirical")
     values.update(settings)
     task = tiny_task(num_queries=values["num_queries"])
     return AttributionRun(directory, AttributionConfig(**values), task=task, show_progress=False)

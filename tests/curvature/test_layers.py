@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from curvature_models import Conv1D, TinySequenceModel, classification_sum_loss
 from torch import nn
 
 from kronlab.curvature import find_modules, layer_spec, per_example_gradients
+
+from .curvature_models import Conv1D, TinySequenceModel, classification_sum_loss
 
 
 def test_find_modules_all_and_patterns() -> None:

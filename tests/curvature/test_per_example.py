@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from curvature_models import TinySequenceModel, classification_sum_loss, sequence_loss
 from torch import nn
 
 from kronlab.curvature import (
@@ -13,6 +12,8 @@ from kronlab.curvature import (
     parameters_from_matrix,
     per_example_gradients,
 )
+
+from .curvature_models import TinySequenceModel, classification_sum_loss, sequence_loss
 
 
 def _autograd_example_matrices(model, modules, loss_fn, examples):

@@ -1,1 +1,35 @@
-"""Influence-function data attribution (placeholder until the influence issue lands)."""
+"""Influence functions with K-FAC / EK-FAC curvature: fit, apply the inverse, score.
+
+A few lines on any PyTorch model::
+
+    curvature = fit_curvature(model, train_batches, cross_entropy_loss, method="ekfac")
+    scores = influence_scores(curvature, query_batches, train_batches,
+                              model=model, loss_fn=cross_entropy_loss)
+    values, indices = top_k(scores, k=10)
+"""
+
+from kronlab.attribution.curvature import (
+    CURVATURE_METHODS,
+    FORMAT_VERSION,
+    Curvature,
+    ModuleCurvature,
+)
+from kronlab.attribution.fit import cross_entropy_loss, default_mask, fit_curvature, mse_loss
+from kronlab.attribution.scores import NORMALIZATIONS, influence_scores, top_k
+from kronlab.curvature import find_modules, per_example_gradients
+
+__all__ = [
+    "CURVATURE_METHODS",
+    "FORMAT_VERSION",
+    "NORMALIZATIONS",
+    "Curvature",
+    "ModuleCurvature",
+    "cross_entropy_loss",
+    "default_mask",
+    "find_modules",
+    "fit_curvature",
+    "influence_scores",
+    "mse_loss",
+    "per_example_gradients",
+    "top_k",
+]

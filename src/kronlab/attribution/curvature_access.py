@@ -1,224 +1,215 @@
-"""The pipeline's view of a fitted curvature: fit (across ranks), save, load, ``H⁻¹ G``.
+"""Fitting a :class:`~kronlab.attribution.Curvature` across ``torch.distributed`` ranks.
 
-K-FAC (Martens & Grosse 2015) / EK-FAC (George et al. 2018) per tracked module:
-``A = Q_A diag(λ_A) Q_Aᵀ``, ``S = Q_S diag(λ_S) Q_Sᵀ``,
-``H⁻¹ G = Q_S [(Q_Sᵀ G Q_A) / (Λ + λ)] Q_Aᵀ`` with ``Λ = λ_S λ_Aᵀ`` (K-FAC) or
-``Λ_ij = mean_i (Q_Sᵀ G_i Q_A)²_ij`` (EK-FAC) and ``λ = damping · mean(Λ)``.
-Statistics are summed over ranks before any division, eigendecompositions are spread over ranks
-by module and broadcast, so every rank ends with the same curvature.
+One process: :func:`kronlab.attribution.fit_curvature` as is. Several: each rank accumulates
+K-FAC statistics (``Σ a aᵀ``, ``Σ g gᵀ`` and their counts) on the batches it owns, the sums are
+all-reduced before any division, the eigendecompositions of the factors are spread over ranks by
+module and broadcast, and EK-FAC's ``Σ_i (Q_Sᵀ G_i Q_A)²`` is all-reduced the same way — so every
+rank ends with the curvature one process would fit on all the data (Martens & Grosse 2015;
+George et al. 2018), built from the same public pieces as ``fit_curvature``.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from kronlab.attribution.curvature import Curvature, ModuleCurvature
 from kronlab.attribution.distributed import Workers
-from kronlab.curvature import KroneckerStatistics, layer_batches, per_example_gradients
-from kronlab.factors.kronecker import kronecker_outer, precondition_in_eigenbasis
+from kronlab.attribution.fit import fit_curvature
+from kronlab.curvature import (
+    KroneckerStatistics,
+    LayerSpec,
+    example_gradients,
+    layer_batches,
+    layer_spec,
+)
 from kronlab.linalg import eigh
 
-FORMAT_VERSION = 1
-
-
-@dataclass
-class ModuleCurvature:
-    """One module's factor eigendecompositions (float64) and, for EK-FAC, ``Λ``."""
-
-    gradient_eigenvalues: torch.Tensor
-    gradient_eigenvectors: torch.Tensor
-    activation_eigenvalues: torch.Tensor
-    activation_eigenvectors: torch.Tensor
-    corrected_eigenvalues: torch.Tensor | None = None
-
-    def eigenvalues(self) -> torch.Tensor:
-        if self.corrected_eigenvalues is not None:
-            return self.corrected_eigenvalues
-        return kronecker_outer(
-            [self.gradient_eigenvalues[None], self.activation_eigenvalues[None]]
-        )[0]
-
-
-@dataclass
-class FittedCurvature:
-    method: str
-    modules: dict[str, ModuleCurvature]
-
-
-def method(curvature: FittedCurvature) -> str:
-    return curvature.method
+MaskFn = Callable[[Any], torch.Tensor | None]
 
 
 def fit(
     model: nn.Module,
     batches: Sequence[Any],
-    loss_fn: Any,
+    loss_fn: Callable[..., torch.Tensor],
     modules: Mapping[str, nn.Module],
     *,
     method: str,
     fisher: str,
-    masks: Sequence[torch.Tensor | None],
+    mask_fn: MaskFn,
     workers: Workers,
     seed: int = 0,
     progress: Any = None,
-) -> FittedCurvature:
-    """Fit on the batches this rank owns, sum statistics across ranks, decompose."""
-    if fisher != "empirical":
-        raise ValueError(f"Invalid fisher: {fisher!r} (allowed: 'empirical')")
-    statistics = KroneckerStatistics()
-    owned = workers.owned(range(len(batches)))
-    for index in owned:
-        statistics.update(
-            layer_batches(model, batches[index], loss_fn, dict(modules), masks[index])
+) -> Curvature:
+    """The curvature of ``model`` on all ``batches``, whatever the number of ranks."""
+    if not workers.distributed:
+        curvature = fit_curvature(
+            model, batches, loss_fn, method, list(modules), fisher, mask_fn=mask_fn, seed=seed
         )
         if progress is not None:
-            progress.update(len(batches[index][0]) * workers.world_size)
-    factors = _all_reduced_factors(statistics, list(modules), workers)
-    decomposed = _spread_eigendecompositions(factors, workers)
+            progress.update(sum(len(batch[0]) for batch in batches))
+            progress.close()
+        return curvature
+    if method not in ("kfac", "ekfac"):
+        raise ValueError(f"Invalid method for a distributed fit: {method!r} (allowed: kfac, ekfac)")
+    fitting_loss = _fitting_loss(loss_fn, fisher, seed, workers)
+    owned = workers.owned(range(len(batches)))
+    statistics = KroneckerStatistics()
+    for index in owned:
+        batch = batches[index]
+        statistics.update(layer_batches(model, batch, fitting_loss, dict(modules), mask_fn(batch)))
+        if progress is not None:
+            progress.update(len(batch[0]) * workers.world_size)
+    factors = _all_reduced_factors(statistics, modules, workers)
+    specs = {name: layer_spec(module) for name, module in modules.items()}
+    fitted = _spread_eigendecompositions(factors, specs, workers)
     if method == "ekfac":
-        _correct_eigenvalues(model, batches, loss_fn, modules, masks, owned, decomposed, workers)
+        _correct_eigenvalues(model, batches, owned, fitting_loss, modules, mask_fn, fitted, workers)
     if progress is not None:
         progress.close()
-    return FittedCurvature(method, decomposed)
+    examples = int(sum(len(batches[i][0]) for i in range(len(batches))))
+    return Curvature(method, fitted, {"fisher": fisher, "num_examples": examples})
+
+
+def _fitting_loss(
+    loss_fn: Callable[..., torch.Tensor], fisher: str, seed: int, workers: Workers
+) -> Callable[[nn.Module, Any], torch.Tensor]:
+    if fisher == "empirical":
+        return loss_fn
+    # A generator per rank: sampled labels are independent across ranks.
+    torch.manual_seed(seed + 1_000_003 * workers.rank)
+    return lambda model, batch: loss_fn(model, batch, sample=True)
 
 
 def _all_reduced_factors(
-    statistics: KroneckerStatistics, names: list[str], workers: Workers
+    statistics: KroneckerStatistics, modules: Mapping[str, nn.Module], workers: Workers
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     factors = {}
-    for name in names:
-        activation = workers.all_reduce_sum(statistics.activation_sums[name].clone())
-        gradient = workers.all_reduce_sum(statistics.gradient_sums[name].clone())
-        counts = torch.tensor(
-            [statistics.token_counts[name], statistics.example_counts[name]], dtype=torch.float64
-        )
-        tokens, examples = workers.all_reduce_sum(counts).tolist()
+    for name, module in modules.items():
+        spec = layer_spec(module)
+        assert spec is not None
+        if name in statistics.specs:
+            activation = statistics.activation_sums[name].clone()
+            gradient = statistics.gradient_sums[name].clone()
+            counts = [statistics.token_counts[name], statistics.example_counts[name]]
+        else:  # this rank owned no batch
+            shape = (spec.d_in,) if spec.diagonal_activation else (spec.d_in, spec.d_in)
+            activation = torch.zeros(shape, dtype=torch.float64)
+            gradient = torch.zeros(spec.d_out, spec.d_out, dtype=torch.float64)
+            counts = [0, 0]
+        workers.all_reduce_sum(activation)
+        workers.all_reduce_sum(gradient)
+        tokens, examples = workers.all_reduce_sum(torch.tensor(counts, dtype=torch.float64))
+        if tokens == 0:
+            raise ValueError(f"module {name!r} saw no unmasked token on any rank")
         factors[name] = (activation / tokens, gradient / examples)
     return factors
 
 
 def _spread_eigendecompositions(
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]], workers: Workers
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    specs: Mapping[str, LayerSpec | None],
+    workers: Workers,
 ) -> dict[str, ModuleCurvature]:
-    decomposed = {}
+    """Module ``k`` is decomposed on rank ``k mod world`` and broadcast from there."""
+    fitted = {}
     for index, (name, (activation, gradient)) in enumerate(factors.items()):
         owner = index % workers.world_size
+        diagonal = activation.ndim == 1
         d_out, d_in = gradient.shape[0], activation.shape[0]
         if owner == workers.rank:
-            values_s, vectors_s = _decompose(gradient)
-            if activation.ndim == 1:  # embeddings: a diagonal activation factor
-                values_a = activation.clamp_min(0)
-                vectors_a = torch.eye(d_in, dtype=torch.float64)
+            output = _decompose(gradient, name, "S")
+            parts = [output.eigenvalues.clamp_min(0), output.eigenvectors]
+            if diagonal:
+                parts += [activation.clamp_min(0), torch.empty(0, dtype=torch.float64)]
             else:
-                values_a, vectors_a = _decompose(activation)
-            parts = [values_s, vectors_s, values_a, vectors_a]
+                inputs = _decompose(activation, name, "A")
+                parts += [inputs.eigenvalues.clamp_min(0), inputs.eigenvectors]
         else:
-            shapes = [(d_out,), (d_out, d_out), (d_in,), (d_in, d_in)]
+            shapes = [(d_out,), (d_out, d_out), (d_in,), (0,) if diagonal else (d_in, d_in)]
             parts = [torch.empty(shape, dtype=torch.float64) for shape in shapes]
-        if workers.distributed:
-            parts = [workers.broadcast_tensor(part, owner) for part in parts]
-        decomposed[name] = ModuleCurvature(*parts)
-    return decomposed
+        values_s, vectors_s, values_a, vectors_a = (
+            workers.broadcast_tensor(part, owner) for part in parts
+        )
+        fitted[name] = ModuleCurvature(
+            specs[name],
+            output_eigenvectors=vectors_s.float().contiguous(),
+            input_eigenvectors=None if diagonal else vectors_a.float().contiguous(),
+            output_eigenvalues=values_s.float(),
+            input_eigenvalues=values_a.float(),
+        )
+    return fitted
 
 
-def _decompose(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    result = eigh(matrix.double(), float64=True)
-    if not bool(result.ok.all()):
-        raise ValueError("the eigendecomposition of a K-FAC factor failed (non-finite statistics?)")
-    return result.eigenvalues.clamp_min(0), result.eigenvectors
+def _decompose(matrix: torch.Tensor, name: str, side: str):
+    result = eigh(matrix, float64=True)
+    if not bool(result.ok):
+        raise ValueError(f"eigendecomposition of {side} failed for module {name!r}")
+    return result
 
 
 def _correct_eigenvalues(
     model: nn.Module,
     batches: Sequence[Any],
-    loss_fn: Any,
-    modules: Mapping[str, nn.Module],
-    masks: Sequence[torch.Tensor | None],
     owned: list[int],
-    decomposed: dict[str, ModuleCurvature],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    modules: Mapping[str, nn.Module],
+    mask_fn: MaskFn,
+    fitted: dict[str, ModuleCurvature],
     workers: Workers,
 ) -> None:
-    sums = {
-        name: torch.zeros(
-            len(c.gradient_eigenvalues), len(c.activation_eigenvalues), dtype=torch.float64
+    """EK-FAC: ``Λ_ij = Σ_i (Q_Sᵀ G_i Q_A)²_ij / n`` summed over all ranks' examples."""
+    rotations = {
+        name: (
+            module.output_eigenvectors.transpose(0, 1),
+            None if module.input_eigenvectors is None else module.input_eigenvectors.T,
         )
-        for name, c in decomposed.items()
+        for name, module in fitted.items()
+    }
+    squares = {
+        name: torch.zeros(m.spec.d_out, m.spec.d_in, dtype=torch.float64)
+        for name, m in fitted.items()
     }
     count = torch.zeros((), dtype=torch.float64)
     for index in owned:
-        gradients = per_example_gradients(
-            model, batches[index], loss_fn, modules, mask=masks[index]
-        )
-        for name, block in gradients.items():
-            curvature = decomposed[name]
-            rotated = (
-                curvature.gradient_eigenvectors.T
-                @ block.double()
-                @ curvature.activation_eigenvectors
-            )
-            sums[name] += (rotated**2).sum(0)
-        count += len(batches[index][0])
+        batch = batches[index]
+        per_example: dict[str, torch.Tensor] = {}
+        for layer in layer_batches(model, batch, loss_fn, dict(modules), mask_fn(batch)):
+            contribution = example_gradients(layer, rotations[layer.name])
+            previous = per_example.get(layer.name)
+            per_example[layer.name] = contribution if previous is None else previous + contribution
+        for name, gradients in per_example.items():
+            squares[name] += gradients.double().square().sum(0).cpu()
+        count += len(batch[0])
     workers.all_reduce_sum(count)
-    for name, total in sums.items():
-        decomposed[name].corrected_eigenvalues = workers.all_reduce_sum(total) / count
-
-
-def inverse_hvp(
-    curvature: FittedCurvature, gradients: Mapping[str, torch.Tensor], damping: float
-) -> dict[str, torch.Tensor]:
-    """``H⁻¹ G`` per module for stacked blocks ``(n, d_out, d_in)``, damping × mean(Λ)."""
-    result = {}
-    for name, block in gradients.items():
-        module = curvature.modules[name]
-        eigenvalues = module.eigenvalues()
-        scaling = 1.0 / (eigenvalues + damping * eigenvalues.mean())
-        vectors = [module.gradient_eigenvectors, module.activation_eigenvectors]
-        result[name] = precondition_in_eigenbasis(
-            block.double(), [v.to(block.device) for v in vectors], scaling.to(block.device)
-        ).to(block.dtype)
-    return result
+    for name, total in squares.items():
+        fitted[name].corrected_eigenvalues = (workers.all_reduce_sum(total) / count).float()
 
 
 def factor_eigendecompositions(
-    curvature: FittedCurvature,
+    curvature: Curvature,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``{name: (λ_S, Q_S, λ_A, Q_A)}`` in float64."""
-    return {
-        name: (
-            m.gradient_eigenvalues,
-            m.gradient_eigenvectors,
-            m.activation_eigenvalues,
-            m.activation_eigenvectors,
-        )
-        for name, m in curvature.modules.items()
-    }
-
-
-def save(curvature: FittedCurvature, directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {}
+    """``{name: (λ_S, Q_S, λ_A, Q_A)}`` in float64 (identity ``Q`` where none is stored)."""
+    result = {}
     for name, module in curvature.modules.items():
-        for field, value in vars(module).items():
-            if value is not None:
-                tensors[f"{name}::{field}"] = value.cpu().contiguous()
-    torch.save(tensors, directory / "factors.pt")
-    meta = {"format_version": FORMAT_VERSION, "method": curvature.method}
-    (directory / "curvature.json").write_text(json.dumps(meta, indent=2))
-
-
-def load(directory: Path, device: torch.device | str = "cpu") -> FittedCurvature:
-    meta = json.loads((directory / "curvature.json").read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"curvature at {directory} has an unknown format {meta}")
-    tensors = torch.load(directory / "factors.pt", weights_only=True)
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        name, _, field = key.rpartition("::")
-        grouped.setdefault(name, {})[field] = value.to(device)
-    return FittedCurvature(meta["method"], {n: ModuleCurvature(**f) for n, f in grouped.items()})
+        if module.output_eigenvalues is None or module.input_eigenvalues is None:
+            raise ValueError(
+                f"module {name!r} has no factor eigenvalues ({curvature.method} curvature)"
+            )
+        vectors = []
+        for values, stored in (
+            (module.output_eigenvalues, module.output_eigenvectors),
+            (module.input_eigenvalues, module.input_eigenvectors),
+        ):
+            eye = torch.eye(len(values), dtype=torch.float64, device=values.device)
+            vectors.append(eye if stored is None else stored.double())
+        result[name] = (
+            module.output_eigenvalues.double(),
+            vectors[0],
+            module.input_eigenvalues.double(),
+            vectors[1],
+        )
+    return result

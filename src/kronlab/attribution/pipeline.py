@@ -35,6 +35,7 @@ from kronlab.attribution.compression import (
     project_blocks,
     projected_side,
 )
+from kronlab.attribution.curvature import Curvature
 from kronlab.attribution.distributed import Workers
 from kronlab.attribution.sources import AttributionTask, ExampleSet, load_task, model_fingerprint
 from kronlab.attribution.store import (
@@ -70,7 +71,7 @@ class AttributionConfig:
     num_train: int | None = None
     modules: tuple[str, ...] | None = None
     method: str = "ekfac"
-    fisher: str = "empirical"
+    fisher: str = "true"
     damping: float = 0.1
     projection_dim: int = 0
     projection_kind: str = "rademacher"
@@ -155,12 +156,8 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(temporary, path)
 
 
-def _files_fingerprint(directory: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(directory).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+def _file_fingerprint(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 class AttributionRun:
@@ -195,8 +192,8 @@ class AttributionRun:
         return self.run_dir / "queries"
 
     @property
-    def curvature_dir(self) -> Path:
-        return self.run_dir / "curvature"
+    def curvature_path(self) -> Path:
+        return self.run_dir / "curvature.safetensors"
 
     @property
     def scores_path(self) -> Path:
@@ -390,7 +387,7 @@ class AttributionRun:
                 task.model, batch, task.loss_fn, self._modules(), mask=mask
             )
             curvature = self._curvature()
-            inverse_blocks = curvature_access.inverse_hvp(curvature, full, self.config.damping)
+            inverse_blocks = curvature.inverse_hvp(full, damping_factor=self.config.damping)
             blocks = project_blocks(inverse_blocks, projections)
         return flatten_blocks(blocks, settings).float().cpu()
 
@@ -410,19 +407,19 @@ class AttributionRun:
             self._modules(),
             method=self.config.method,
             fisher=self.config.fisher,
-            masks=[task.train.token_mask(batch) for batch in batches],
+            mask_fn=task.train.token_mask,
             workers=self.workers,
             seed=self.config.seed,
             progress=self._progress(len(task.train), "fit"),
         )
         if self.workers.is_main:
-            curvature_access.save(curvature, self.curvature_dir)
+            curvature.save(self.curvature_path)
             _write_json(
                 self.run_dir / "fit.json",
                 {
                     "method": self.config.method,
                     "model_fingerprint": model_fingerprint(task.model),
-                    "curvature_fingerprint": _files_fingerprint(self.curvature_dir),
+                    "curvature_fingerprint": _file_fingerprint(self.curvature_path),
                 },
             )
         self.workers.barrier()
@@ -431,7 +428,7 @@ class AttributionRun:
     def _curvature(self):
         if getattr(self, "_cached_curvature", None) is None:
             self._require("fit", "apply")
-            self._cached_curvature = curvature_access.load(self.curvature_dir, self.workers.device)
+            self._cached_curvature = Curvature.load(self.curvature_path, self.workers.device)
         return self._cached_curvature
 
     def _curvature_fingerprint(self) -> str:
@@ -440,11 +437,11 @@ class AttributionRun:
 
     def _folded(self) -> dict:
         curvature = self._curvature()
-        if curvature_access.method(curvature) != "kfac":
+        if curvature.method != "kfac":
             raise ValueError(
                 "compression='folded' needs a K-FAC curvature; this run's curvature is "
-                f"{curvature_access.method(curvature)!r} (EK-FAC has no Kronecker-factored "
-                "inverse root — use compression='project')"
+                f"{curvature.method!r} (EK-FAC has no Kronecker-factored inverse root — use "
+                "compression='project')"
             )
         eigendecompositions = curvature_access.factor_eigendecompositions(curvature)
         return folded_projections(eigendecompositions, self._projections(), self.config.damping)

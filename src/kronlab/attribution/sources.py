@@ -97,20 +97,36 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Cross-entropy summed over the batch (the hooks need per-example, unscaled losses)."""
+def classification_loss(
+    model: nn.Module, batch: tuple[torch.Tensor, ...], sample: bool = False
+) -> torch.Tensor:
+    """Cross-entropy summed over the batch (the hooks need per-example, unscaled losses).
+
+    ``sample=True`` draws the labels from the model's predictive distribution (true Fisher).
+    """
     inputs, labels = batch
-    return F.cross_entropy(_logits(model(inputs)), labels, reduction="sum")
+    logits = _logits(model(inputs))
+    return F.cross_entropy(logits, _targets(logits, labels, sample), reduction="sum")
 
 
-def language_model_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def language_model_loss(
+    model: nn.Module, batch: tuple[torch.Tensor, ...], sample: bool = False
+) -> torch.Tensor:
     """Next-token cross-entropy summed over real target tokens (padding masked out)."""
     tokens, mask = batch
     logits = _logits(model(tokens))[:, :-1]
-    losses = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none"
-    )
+    logits = logits.reshape(-1, logits.shape[-1])
+    targets = _targets(logits, tokens[:, 1:].reshape(-1), sample)
+    losses = F.cross_entropy(logits, targets, reduction="none")
     return (losses * mask[:, 1:].reshape(-1).to(losses.dtype)).sum()
+
+
+def _targets(logits: torch.Tensor, labels: torch.Tensor, sample: bool) -> torch.Tensor:
+    if not sample:
+        return labels
+    with torch.no_grad():
+        probabilities = torch.softmax(logits.detach().float(), dim=-1)
+        return torch.multinomial(probabilities, 1).squeeze(-1)
 
 
 def _logits(output: Any) -> torch.Tensor:

@@ -1,0 +1,239 @@
+"""Kronecker-factored curvature for influence functions, applied with the shared factor code.
+
+Per tracked module the curvature is diagonal in a Kronecker eigenbasis:
+``H ≈ (Q_S ⊗ Q_A) diag(vec Λ) (Q_S ⊗ Q_A)ᵀ`` and ``H⁻¹G = Q_S [(Q_Sᵀ G Q_A) / (Λ + λ)] Q_Aᵀ``.
+K-FAC: ``Λ = λ_S λ_Aᵀ`` (Martens & Grosse 2015); EK-FAC: ``Λ_ij = mean_i (Q_Sᵀ G_i Q_A)_ij²``
+(George et al. 2018; Grosse et al. 2023); diagonal: ``Q = I``, ``Λ = mean_i G_i²``; identity:
+``Q = I``, ``Λ = 1``. The products are :func:`kronlab.factors.precondition_in_eigenbasis`, the
+same code the Shampoo family preconditions with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kronlab.curvature import LayerSpec, find_modules, layer_spec
+from kronlab.factors import kronecker_outer, precondition_in_eigenbasis
+from kronlab.optim.validation import check_choice, check_range
+
+CURVATURE_METHODS = ("kfac", "ekfac", "diagonal", "identity", "optimizer")
+FORMAT_NAME = "kronlab.curvature"
+FORMAT_VERSION = 1
+DEFAULT_DAMPING_FACTOR = 0.1
+
+
+@dataclass
+class ModuleCurvature:
+    """One module's curvature: eigenvectors per side (``None`` = identity) and eigenvalues.
+
+    ``output_eigenvalues`` ``(d_out,)`` / ``input_eigenvalues`` ``(d_in,)`` are the factor
+    spectra (K-FAC); ``corrected_eigenvalues`` ``(d_out, d_in)``, when present, replaces their
+    outer product (EK-FAC, diagonal, identity, SOAP).
+    """
+
+    spec: LayerSpec
+    output_eigenvectors: torch.Tensor | None = None
+    input_eigenvectors: torch.Tensor | None = None
+    output_eigenvalues: torch.Tensor | None = None
+    input_eigenvalues: torch.Tensor | None = None
+    corrected_eigenvalues: torch.Tensor | None = None
+
+    def eigenvalues(self) -> torch.Tensor:
+        """``Λ`` of shape ``(d_out, d_in)``."""
+        if self.corrected_eigenvalues is not None:
+            return self.corrected_eigenvalues
+        if self.output_eigenvalues is None or self.input_eigenvalues is None:
+            raise ValueError("module curvature has neither corrected nor factor eigenvalues")
+        return kronecker_outer([self.output_eigenvalues[None], self.input_eigenvalues[None]])[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        names = (
+            "output_eigenvectors",
+            "input_eigenvectors",
+            "output_eigenvalues",
+            "input_eigenvalues",
+            "corrected_eigenvalues",
+        )
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+@dataclass
+class Curvature:
+    """Inverse-curvature products for influence functions over a set of tracked modules.
+
+    Build one with :func:`kronlab.attribution.fit_curvature`, :meth:`from_optimizer` or
+    :meth:`load`. ``curvature @ grads`` is the curvature-vector product ``H G``;
+    :meth:`inverse_hvp` is the damped ``(H + λI)⁻¹ G``.
+    """
+
+    method: str
+    modules: dict[str, ModuleCurvature]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_choice("method", self.method, CURVATURE_METHODS)
+        if not self.modules:
+            raise ValueError("Invalid modules: {} (allowed: at least one tracked module)")
+
+    # -- products ---------------------------------------------------------------------------
+
+    def damping(
+        self, name: str, damping: float | None = None, damping_factor: float | None = None
+    ) -> float:
+        """Absolute ``damping`` if given, else ``damping_factor · mean(Λ)`` (default 0.1)."""
+        if damping is not None:
+            check_range("damping", damping, 0.0)
+            return float(damping)
+        factor = DEFAULT_DAMPING_FACTOR if damping_factor is None else damping_factor
+        check_range("damping_factor", factor, 0.0)
+        return factor * float(self._module(name).eigenvalues().mean())
+
+    def inverse_hvp(
+        self,
+        grads: Mapping[str, torch.Tensor],
+        damping: float | None = None,
+        *,
+        damping_factor: float | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``(H + λI)⁻¹ G`` per module for gradients ``(d_out, d_in)`` or stacks ``(n, …)``.
+
+        ``damping`` is an absolute ``λ``; without it ``λ = damping_factor · mean(Λ)`` per
+        module (default factor 0.1, as in Grosse et al. 2023).
+        """
+        result = {}
+        for name, grad in grads.items():
+            module = self._module(name)
+            eigenvalues = module.eigenvalues()
+            scaling = 1.0 / (eigenvalues + self.damping(name, damping, damping_factor))
+            result[name] = self._apply(module, grad, scaling)
+        return result
+
+    def __matmul__(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``H G`` per module (no damping)."""
+        return {
+            name: self._apply(self._module(name), grad, self._module(name).eigenvalues())
+            for name, grad in grads.items()
+        }
+
+    def _apply(
+        self, module: ModuleCurvature, grad: torch.Tensor, scaling: torch.Tensor
+    ) -> torch.Tensor:
+        spec = module.spec
+        if grad.shape[-2:] != (spec.d_out, spec.d_in):
+            raise ValueError(
+                f"Invalid gradient shape: {tuple(grad.shape)} (allowed: (..., {spec.d_out}, "
+                f"{spec.d_in}) for this {spec.kind} module)"
+            )
+        dtype = torch.promote_types(grad.dtype, scaling.dtype)
+        blocks = grad.reshape(-1, spec.d_out, spec.d_in).to(dtype)
+        eigenvectors = [
+            None if q is None else q.to(device=grad.device, dtype=dtype)
+            for q in (module.output_eigenvectors, module.input_eigenvectors)
+        ]
+        product = precondition_in_eigenbasis(
+            blocks, eigenvectors, scaling.to(device=grad.device, dtype=dtype)
+        )
+        return product.reshape(grad.shape).to(grad.dtype)
+
+    def _module(self, name: str) -> ModuleCurvature:
+        if name not in self.modules:
+            raise ValueError(
+                f"Invalid module name: {name!r} has no curvature (fitted: "
+                f"{', '.join(self.modules)})"
+            )
+        return self.modules[name]
+
+    # -- model checks -----------------------------------------------------------------------
+
+    def tracked_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The model's modules this curvature was fitted on; ``ValueError`` on any mismatch."""
+        found = dict(model.named_modules())
+        missing = [name for name in self.modules if name not in found]
+        if missing:
+            raise ValueError(f"curvature and model mismatch: model has no module {missing}")
+        modules = {}
+        for name, curvature in self.modules.items():
+            spec = layer_spec(found[name])
+            if spec != curvature.spec:
+                raise ValueError(
+                    f"curvature and model mismatch at {name!r}: fitted on {curvature.spec}, "
+                    f"model has {spec}"
+                )
+            modules[name] = found[name]
+        return modules
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """Write a safetensors file: the tensors plus versioned JSON metadata."""
+        save_file = _safetensors().save_file
+        tensors = {
+            f"{name}::{kind}": tensor.detach().contiguous().cpu()
+            for name, module in self.modules.items()
+            for kind, tensor in module.tensors().items()
+        }
+        header = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "method": self.method,
+            "modules": {name: module.spec.as_dict() for name, module in self.modules.items()},
+            "metadata": self.metadata,
+        }
+        save_file(tensors, str(path), metadata={FORMAT_NAME: json.dumps(header)})
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> Curvature:
+        """Read a file written by :meth:`save` (``ValueError`` on another format or version)."""
+        safe_open = _safetensors().safe_open
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            raw = (handle.metadata() or {}).get(FORMAT_NAME)
+            if raw is None:
+                raise ValueError(f"Invalid curvature file: {path} has no {FORMAT_NAME} metadata")
+            header = json.loads(raw)
+            if header.get("version") != FORMAT_VERSION:
+                raise ValueError(
+                    f"Invalid curvature file version: {header.get('version')!r} "
+                    f"(allowed: {FORMAT_VERSION})"
+                )
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        modules = {}
+        for name, spec in header["modules"].items():
+            parts = {
+                key.split("::", 1)[1]: tensor
+                for key, tensor in tensors.items()
+                if key.split("::", 1)[0] == name
+            }
+            modules[name] = ModuleCurvature(LayerSpec(**spec), **parts)
+        return cls(header["method"], modules, header.get("metadata", {}))
+
+    # -- optimizer curvature ----------------------------------------------------------------
+
+    @classmethod
+    def from_optimizer(
+        cls, optimizer: Any, model: nn.Module, modules: str | list[str] | None = None
+    ) -> Curvature:
+        """Curvature from a trained Shampoo/SOAP optimizer's own Kronecker factors.
+
+        See :func:`kronlab.attribution.optimizer_curvature.curvature_from_optimizer`.
+        """
+        from kronlab.attribution.optimizer_curvature import curvature_from_optimizer
+
+        return curvature_from_optimizer(cls, optimizer, model, find_modules(model, modules))
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors.torch
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "saving and loading a Curvature needs safetensors: pip install 'kronlab[hf]' "
+            "(or pip install safetensors)"
+        ) from error
+    return safetensors.torch

@@ -1,0 +1,240 @@
+"""Fit K-FAC / EK-FAC / diagonal curvature of a model on a dataset with module hooks.
+
+Pass 1 accumulates ``A = mean a aᵀ`` and ``S = mean g gᵀ`` (float64) and eigendecomposes them
+with :func:`kronlab.linalg.eigh`; EK-FAC's pass 2 measures
+``Λ_ij = mean_i (Q_Sᵀ G_i Q_A)_ij²`` from per-example gradients projected onto the eigenbases
+(George et al. 2018, EK-FAC; Grosse et al. 2023 for influence functions).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from kronlab.attribution.curvature import Curvature, ModuleCurvature
+from kronlab.curvature import (
+    KroneckerStatistics,
+    LossFn,
+    example_gradients,
+    find_modules,
+    layer_batches,
+    layer_spec,
+)
+from kronlab.linalg import eigh
+from kronlab.optim.validation import check_choice
+
+FIT_METHODS = ("kfac", "ekfac", "diagonal", "identity")
+FISHER_TYPES = ("true", "empirical")
+MaskFn = Callable[[Any], torch.Tensor | None]
+
+
+def fit_curvature(
+    model: nn.Module,
+    data: Iterable[Any],
+    loss_fn: Callable[..., torch.Tensor],
+    method: str = "ekfac",
+    modules: str | list[str] | None = None,
+    fisher: str = "true",
+    *,
+    mask_fn: MaskFn | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    progress: bool = False,
+) -> Curvature:
+    """Fit the curvature of ``model`` on ``data`` (an iterable of batches, read once per pass).
+
+    ``loss_fn(model, batch)`` returns the **sum** of per-example losses. With ``fisher="true"``
+    (the default, a Gauss–Newton estimate) it is called as ``loss_fn(model, batch, sample=True)``
+    and must draw targets from the model's own predictive distribution (see
+    :func:`kronlab.attribution.cross_entropy_loss`); ``"empirical"`` uses the data's labels.
+    ``mask_fn(batch)`` gives the ``(n, T)`` padding mask (default: ``batch["attention_mask"]``
+    when the batch is a mapping that has one). Factors are stored in ``dtype``; label sampling
+    uses a private generator seeded with ``seed``.
+    """
+    check_choice("method", method, FIT_METHODS)
+    check_choice("fisher", fisher, FISHER_TYPES)
+    tracked = find_modules(model, modules)
+    if method == "identity":
+        return Curvature(
+            "identity",
+            {name: _identity(module, dtype) for name, module in tracked.items()},
+            {"fisher": None, "num_examples": 0},
+        )
+    fitting_loss = _fitting_loss(loss_fn, fisher)
+    masks = mask_fn or default_mask
+
+    def batches(description: str) -> Iterable[Any]:
+        return tqdm(data, desc=description, disable=not progress, leave=False)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if method == "diagonal":
+            squares, examples = _eigenbasis_squares(
+                model, batches("diagonal"), fitting_loss, tracked, masks, {}
+            )
+            fitted = {
+                name: ModuleCurvature(
+                    layer_spec(tracked[name]),
+                    corrected_eigenvalues=(squares[name] / examples[name]).to(dtype),
+                )
+                for name in tracked
+            }
+            return Curvature("diagonal", fitted, _metadata(fisher, examples))
+        statistics = KroneckerStatistics()
+        for batch in batches("factors"):
+            statistics.update(layer_batches(model, batch, fitting_loss, tracked, masks(batch)))
+        _check_all_seen(tracked, statistics.specs)
+        fitted = _eigendecompose(statistics, dtype)
+        examples = statistics.example_counts
+        if method == "ekfac":
+            projections = {
+                name: (
+                    _transpose(module.output_eigenvectors),
+                    _transpose(module.input_eigenvectors),
+                )
+                for name, module in fitted.items()
+            }
+            squares, examples = _eigenbasis_squares(
+                model, batches("eigenvalue correction"), fitting_loss, tracked, masks, projections
+            )
+            for name, module in fitted.items():
+                module.corrected_eigenvalues = (squares[name] / examples[name]).to(dtype)
+    return Curvature(method, fitted, _metadata(fisher, examples))
+
+
+def cross_entropy_loss(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], sample: bool = False
+) -> torch.Tensor:
+    """Summed cross-entropy of ``model(inputs)`` for ``batch = (inputs, targets)``.
+
+    ``sample=True`` replaces the targets by draws from ``softmax(logits)`` (true Fisher). Logits
+    may have extra token dimensions ``(n, …, classes)``; targets equal to -100 are ignored.
+    """
+    inputs, targets = batch
+    logits = model(inputs)
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_targets = targets.reshape(-1)
+    if sample:
+        with torch.no_grad():
+            sampled = torch.multinomial(torch.softmax(flat_logits.detach().float(), -1), 1)
+        flat_targets = torch.where(flat_targets == -100, flat_targets, sampled.squeeze(-1))
+    return nn.functional.cross_entropy(flat_logits, flat_targets, reduction="sum")
+
+
+def mse_loss(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], sample: bool = False
+) -> torch.Tensor:
+    """``½ Σ ‖model(x) − y‖²``; ``sample=True`` draws ``y ~ N(model(x), I)`` (true Fisher)."""
+    inputs, targets = batch
+    outputs = model(inputs)
+    if sample:
+        with torch.no_grad():
+            targets = outputs.detach() + torch.randn_like(outputs)
+    return 0.5 * ((outputs - targets) ** 2).sum()
+
+
+def default_mask(batch: Any) -> torch.Tensor | None:
+    """``batch["attention_mask"]`` for mapping batches (HF style), else ``None``."""
+    if isinstance(batch, Mapping) and "attention_mask" in batch:
+        return batch["attention_mask"]
+    return None
+
+
+def _fitting_loss(loss_fn: Callable[..., torch.Tensor], fisher: str) -> LossFn:
+    if fisher == "empirical":
+        return loss_fn
+    try:
+        accepts_sample = "sample" in inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):
+        accepts_sample = False
+    if not accepts_sample:
+        raise ValueError(
+            "Invalid loss_fn for fisher='true': it must accept sample=True and then draw targets "
+            "from the model's predictive distribution (e.g. kronlab.attribution."
+            "cross_entropy_loss); or pass fisher='empirical'"
+        )
+    return lambda model, batch: loss_fn(model, batch, sample=True)
+
+
+def _eigendecompose(statistics: KroneckerStatistics, dtype: torch.dtype) -> dict:
+    fitted = {}
+    for name, (activation, gradient) in statistics.factors().items():
+        spec = statistics.specs[name]
+        output = eigh(gradient, float64=True)
+        if not bool(output.ok):
+            raise ValueError(f"eigendecomposition of S failed for module {name!r}")
+        if spec.diagonal_activation:
+            input_vectors, input_values = None, activation
+        else:
+            decomposition = eigh(activation, float64=True)
+            if not bool(decomposition.ok):
+                raise ValueError(f"eigendecomposition of A failed for module {name!r}")
+            input_vectors, input_values = decomposition.eigenvectors, decomposition.eigenvalues
+        # Round-off can leave tiny negative eigenvalues of a PSD matrix; they are zero.
+        fitted[name] = ModuleCurvature(
+            spec,
+            # Contiguous, as after a save/load round trip, so products are bit-identical.
+            output_eigenvectors=output.eigenvectors.to(dtype).contiguous(),
+            input_eigenvectors=None
+            if input_vectors is None
+            else input_vectors.to(dtype).contiguous(),
+            output_eigenvalues=output.eigenvalues.clamp_min(0).to(dtype),
+            input_eigenvalues=input_values.clamp_min(0).to(dtype),
+        )
+    return fitted
+
+
+def _eigenbasis_squares(
+    model: nn.Module,
+    data: Iterable[Any],
+    loss_fn: LossFn,
+    tracked: dict[str, nn.Module],
+    masks: MaskFn,
+    projections: dict,
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """``Σ_i (P_S G_i P_Aᵀ)²`` (float64) and the example count per module."""
+    squares: dict[str, torch.Tensor] = {}
+    examples: dict[str, int] = dict.fromkeys(tracked, 0)
+    for batch in data:
+        per_example: dict[str, torch.Tensor] = {}
+        for layer in layer_batches(model, batch, loss_fn, tracked, masks(batch)):
+            contribution = example_gradients(layer, projections.get(layer.name))
+            previous = per_example.get(layer.name)
+            per_example[layer.name] = contribution if previous is None else previous + contribution
+        for name, gradients in per_example.items():
+            total = gradients.double().square().sum(0)
+            squares[name] = total if name not in squares else squares[name] + total
+            examples[name] += gradients.shape[0]
+    _check_all_seen(tracked, squares)
+    for name, total in squares.items():
+        if not torch.isfinite(total).all():
+            raise ValueError(f"non-finite per-example gradients for module {name!r}")
+    return squares, examples
+
+
+def _check_all_seen(tracked: Mapping[str, nn.Module], seen: Mapping[str, Any]) -> None:
+    if not seen:
+        raise ValueError("Invalid data: no batch (the iterable was empty)")
+    missing = [name for name in tracked if name not in seen]
+    if missing:
+        raise ValueError(f"tracked modules received no gradient: {missing}")
+
+
+def _identity(module: nn.Module, dtype: torch.dtype) -> ModuleCurvature:
+    spec = layer_spec(module)
+    return ModuleCurvature(
+        spec, corrected_eigenvalues=torch.ones(spec.d_out, spec.d_in, dtype=dtype)
+    )
+
+
+def _transpose(matrix: torch.Tensor | None) -> torch.Tensor | None:
+    return None if matrix is None else matrix.transpose(0, 1)
+
+
+def _metadata(fisher: str, examples: Mapping[str, int]) -> dict[str, Any]:
+    return {"fisher": fisher, "num_examples": max(examples.values(), default=0)}

@@ -1,0 +1,119 @@
+"""Curvature for attribution from a trained optimizer's own Kronecker factors.
+
+Shampoo keeps ``L ≈ E[G Gᵀ]`` and ``R ≈ E[Gᵀ G]``; ``L ⊗ R`` is, up to a scalar, the best
+Kronecker approximation of the gradient second moment (Morwani et al. 2024), so its eigenvectors
+and eigenvalue products act as a K-FAC curvature. SOAP / eigenvalue-corrected Shampoo (Vyas et
+al. 2024) also keeps the second moment in that eigenbasis, ``E ≈ E[(Q_Lᵀ G Q_R)²]``, which is
+EK-FAC's eigenvalue correction. The scalar scale does not matter under relative damping.
+
+Interface (``kronlab.optim.Shampoo`` / ``SOAP``, or anything duck-typed like them):
+``optimizer.kronecker_factors(param)`` returns the blocks of the bundle holding ``param``, each
+with ``block_shape``, ``factors`` ``[L, R]``, ``eigenvectors`` ``[Q_L, Q_R]`` or ``None``,
+``eigenvalues`` ``[λ_L, λ_R]`` or ``None``, ``second_moment`` or ``None``, and optionally
+``factor_bias_correction`` / ``eigenvalue_bias_correction``. A tracked module is usable when its
+weight (with the bias as a last column if the optimizer groups them, ``LinearWeightBias``) is
+one unblocked two-factor block in the parameter's own layout: ``(out, in)`` for ``nn.Linear``
+and flattened ``nn.Conv2d``, ``(in, out)`` for Conv1D, ``(vocab, dim)`` for embeddings.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from kronlab.curvature import LayerSpec, layer_spec
+from kronlab.linalg import eigh
+
+if TYPE_CHECKING:
+    from kronlab.attribution.curvature import Curvature, ModuleCurvature
+
+
+def curvature_from_optimizer(
+    curvature_class: type[Curvature],
+    optimizer: Any,
+    model: nn.Module,
+    tracked: dict[str, nn.Module],
+) -> Curvature:
+    """A :class:`Curvature` (method ``"optimizer"``) for the ``tracked`` modules."""
+    exporter = getattr(optimizer, "kronecker_factors", None)
+    if not callable(exporter):
+        raise ValueError(
+            f"Invalid optimizer: {type(optimizer).__name__} exposes no kronecker_factors() "
+            "(allowed: Shampoo/SOAP-style optimizers with two-factor preconditioners)"
+        )
+    fitted, unusable = {}, []
+    for name, module in tracked.items():
+        try:
+            blocks = exporter(module.weight)
+        except ValueError:  # the optimizer does not hold this parameter
+            blocks = []
+        if len(blocks) != 1 or len(blocks[0].factors) != 2:
+            unusable.append(name)
+            continue
+        fitted[name] = _module_curvature(name, layer_spec(module), blocks[0])
+    if unusable:
+        raise ValueError(
+            f"the optimizer has no single two-factor Kronecker block for modules {unusable} "
+            "(not optimized, not stepped yet, blocked or vector-preconditioned); pass modules= "
+            "to select those it has"
+        )
+    return curvature_class("optimizer", fitted, {"optimizer": type(optimizer).__name__})
+
+
+def _module_curvature(name: str, spec: LayerSpec, block: Any) -> ModuleCurvature:
+    from kronlab.attribution.curvature import ModuleCurvature
+
+    vectors, values = _eigen_pairs(name, block)
+    corrected = block.second_moment
+    if corrected is not None:
+        corrected = corrected.detach() / getattr(block, "eigenvalue_bias_correction", 1.0)
+    # Conv1D and embedding weights are stored (in, out): their row factor is the input side.
+    if spec.kind in ("conv1d", "embedding"):
+        vectors, values = vectors[::-1], values[::-1]
+        corrected = None if corrected is None else corrected.transpose(0, 1)
+    weight_columns = spec.d_in - int(spec.has_bias)
+    sizes = (vectors[0].shape[-1], vectors[1].shape[-1])
+    if sizes not in ((spec.d_out, spec.d_in), (spec.d_out, weight_columns)):
+        raise ValueError(
+            f"optimizer factors for {name!r} have sizes {sizes}, expected "
+            f"{(spec.d_out, spec.d_in)}: the optimizer reshaped or blocked this weight"
+        )
+    if sizes[1] != spec.d_in:
+        vectors, values, corrected = _append_bias_direction(vectors, values, corrected)
+    return ModuleCurvature(
+        spec,
+        output_eigenvectors=vectors[0].contiguous(),
+        input_eigenvectors=vectors[1].contiguous(),
+        output_eigenvalues=values[0].clamp_min(0),
+        input_eigenvalues=values[1].clamp_min(0),
+        corrected_eigenvalues=corrected,
+    )
+
+
+def _eigen_pairs(name: str, block: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Eigenvectors and eigenvalues of ``L`` and ``R``: the optimizer's own, or ``eigh``."""
+    factors = [f.detach() / getattr(block, "factor_bias_correction", 1.0) for f in block.factors]
+    if block.eigenvectors is None:
+        decompositions = [eigh(factor, float64=True) for factor in factors]
+        if not all(bool(d.ok) for d in decompositions):
+            raise ValueError(f"non-finite optimizer factors for module {name!r}")
+        return [d.eigenvectors for d in decompositions], [d.eigenvalues for d in decompositions]
+    vectors = [q.detach() for q in block.eigenvectors]
+    # Rayleigh quotients diag(Qᵀ F Q): exact eigenvalues for a fresh basis, and the factors'
+    # spectrum in the optimizer's (possibly stale) basis otherwise.
+    values = [torch.einsum("ji,jk,ki->i", q, f.to(q.dtype), q) for q, f in zip(vectors, factors)]
+    return vectors, values
+
+
+def _append_bias_direction(
+    vectors: list[torch.Tensor], values: list[torch.Tensor], corrected: torch.Tensor | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+    """The optimizer preconditioned the weight alone: the bias column gets its own direction
+    with the mean eigenvalue (a neutral choice under relative damping)."""
+    input_vectors = torch.block_diag(vectors[1], vectors[1].new_ones(1, 1))
+    input_values = torch.cat([values[1], values[1].mean().reshape(1)])
+    if corrected is not None:
+        corrected = torch.cat([corrected, corrected.mean(1, keepdim=True)], dim=1)
+    return [vectors[0], input_vectors], [values[0], input_values], corrected

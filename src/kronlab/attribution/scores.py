@@ -1,0 +1,104 @@
+"""Influence scores of queries against training examples, streamed over the training data.
+
+``score(q, t) = Σ_modules ⟨(H + λI)⁻¹ G_q, G_t⟩`` (Koh & Liang 2017; Grosse et al. 2023): a
+positive score means training on ``t`` lowers the query's loss. Query gradients are
+preconditioned once; training gradients are formed batch by batch and discarded, so memory is
+``O((n_query + batch) · parameters)`` for any number of training examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from kronlab.attribution.curvature import Curvature
+from kronlab.attribution.fit import MaskFn, default_mask
+from kronlab.curvature import per_example_gradients
+from kronlab.optim.validation import check_choice, check_range
+
+NORMALIZATIONS = ("none", "unit", "relative")
+
+
+def influence_scores(
+    curvature: Curvature,
+    query_data: Iterable[Any],
+    train_data: Iterable[Any],
+    *,
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    query_loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    damping: float | None = None,
+    damping_factor: float | None = None,
+    normalize: str = "none",
+    mask_fn: MaskFn | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """``(n_query, n_train)`` influence scores; ``data`` are iterables of batches.
+
+    ``loss_fn(model, batch)`` is the summed training loss (``query_loss_fn``, default the same,
+    is the measurement on queries). ``normalize``: ``"none"``; ``"unit"`` scales both gradients
+    to unit norm first (cosine-like, Xia et al. 2024); ``"relative"`` divides by the training
+    example's self-influence ``√⟨G_t, H⁻¹G_t⟩`` (RelatIF, Barshan et al. 2020).
+    """
+    check_choice("normalize", normalize, NORMALIZATIONS)
+    modules = curvature.tracked_modules(model)
+    masks = mask_fn or default_mask
+    query_loss_fn = query_loss_fn or loss_fn
+
+    def flat_gradients(
+        batch: Any, batch_loss: Callable[..., torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        return per_example_gradients(model, batch, batch_loss, modules, mask=masks(batch))
+
+    def preconditioned(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return curvature.inverse_hvp(grads, damping, damping_factor=damping_factor)
+
+    queries = []
+    for batch in tqdm(query_data, desc="queries", disable=not progress, leave=False):
+        grads = flat_gradients(batch, query_loss_fn)
+        if normalize == "unit":
+            grads = _unit_normalized(grads)
+        queries.append(_flatten(preconditioned(grads), modules))
+    if not queries:
+        raise ValueError("Invalid query_data: no batch (the iterable was empty)")
+    preconditioned_queries = torch.cat(queries)
+
+    columns = []
+    for batch in tqdm(train_data, desc="training examples", disable=not progress, leave=False):
+        grads = flat_gradients(batch, loss_fn)
+        if normalize == "unit":
+            grads = _unit_normalized(grads)
+        flat = _flatten(grads, modules)
+        scores = preconditioned_queries @ flat.to(preconditioned_queries.dtype).T
+        if normalize == "relative":
+            self_influence = (_flatten(preconditioned(grads), modules) * flat).sum(-1)
+            scores = scores / self_influence.clamp_min(torch.finfo(flat.dtype).tiny).sqrt()
+        columns.append(scores)
+    if not columns:
+        raise ValueError("Invalid train_data: no batch (the iterable was empty)")
+    return torch.cat(columns, dim=1)
+
+
+def top_k(scores: torch.Tensor, k: int, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query, the ``k`` highest (``largest=False``: lowest) scores and their train indices."""
+    if scores.ndim != 2:
+        raise ValueError(f"Invalid scores shape: {tuple(scores.shape)} (allowed: (queries, train))")
+    check_range("k", k, 1, scores.shape[1], integer=True)
+    result = torch.topk(scores, int(k), dim=1, largest=largest, sorted=True)
+    return result.values, result.indices
+
+
+def _flatten(grads: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> torch.Tensor:
+    return torch.cat([grads[name].flatten(1) for name in modules], dim=1)
+
+
+def _unit_normalized(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    squared = sum(grad.flatten(1).square().sum(1) for grad in grads.values())
+    norms = squared.sqrt().clamp_min(torch.finfo(squared.dtype).tiny)
+    return {
+        name: grad / norms.reshape(-1, *([1] * (grad.ndim - 1))) for name, grad in grads.items()
+    }
