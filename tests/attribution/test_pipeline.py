@@ -221,3 +221,35 @@ def test_cli_build_killed_mid_way_resumes_then_runs_to_the_report(tmp_path, caps
     # Settings are pinned by config.json: a different one is refused.
     assert main(_cli(run_dir, cache, "--dtype", "float16")) == 2
     assert "dtype: 'float32'" in capsys.readouterr().err
+
+
+def _text_task(texts: list[str], length: int):
+    from kronlab.attribution.sources import AttributionTask, ExampleSet, language_model_loss
+    from kronlab.tasks.text import GPTConfig, encode_bytes, tiny_gpt
+
+    model = tiny_gpt(0, GPTConfig(context=48, d_model=16, layers=1, heads=2))
+    examples = ExampleSet(encode_bytes(texts, length), "text", texts)
+    return AttributionTask(model, language_model_loss, examples, examples.subset(2))
+
+
+def test_sequence_gradients_sum_real_tokens_and_ignore_padding(tmp_path):
+    from kronlab.tasks.text import stdlib_text
+
+    texts = stdlib_text(6, length=24, seed=3)
+    assert texts == stdlib_text(6, length=24, seed=3)  # the stdlib corpus is deterministic
+    assert len({len(t) for t in texts}) > 1  # variable lengths, so padding is exercised
+    stores = []
+    for length in (32, 48):  # the same sequences, padded to two different lengths
+        config = AttributionConfig(
+            num_queries=2, projection_dim=6, method="kfac", fisher="empirical", chunk_rows=4
+        )
+        run = AttributionRun(
+            tmp_path / str(length), config, task=_text_task(texts, length), show_progress=False
+        )
+        scores = run.run()
+        assert scores.shape == (2, 6) and np.isfinite(scores).all()
+        stores.append(GradientStore.open(run.train_store_dir).read())
+        assert "## Query 0: '" in (run.run_dir / "report.md").read_text()
+    # Per-sequence gradients are sums over real tokens only: padding changes nothing.
+    np.testing.assert_allclose(stores[0], stores[1], rtol=1e-4, atol=1e-6)
+    assert stores[0].abs().sum() > 0

@@ -42,6 +42,7 @@ from kronlab.attribution.store import (
     STORAGE_DTYPES,
     GradientStore,
     ModuleBlock,
+    StoreMismatchError,
     StoreSettings,
     check_settings,
     flatten_blocks,
@@ -128,26 +129,27 @@ class AttributionConfig:
 
 
 def prepare_run_dir(run_dir: Path, config: AttributionConfig, workers: Workers) -> None:
-    """Write ``config.json``, or check that the one there matches ``config``."""
+    """Write ``config.json``, or check that the one there matches ``config``.
+
+    Every rank checks after the barrier, so a mismatch raises on all of them (none hangs).
+    """
     path = Path(run_dir) / CONFIG_FILE
-    if path.exists():
-        stored = AttributionConfig.from_json(json.loads(path.read_text()))
-        differences = [
-            f"  {name}: {value!r} in {path}, {getattr(config, name)!r} now"
-            for name, value in asdict(stored).items()
-            if getattr(config, name) != value
-        ]
-        if differences:
-            raise ValueError(
-                f"run directory {run_dir} was created with other settings:\n"
-                + "\n".join(differences)
-                + "\nuse a new --run-dir for new settings"
-            )
-        return
-    if workers.is_main:
+    if workers.is_main and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_json(path, config.to_json())
     workers.barrier()
+    stored = AttributionConfig.from_json(json.loads(path.read_text()))
+    differences = [
+        f"  {name}: {value!r} in {path}, {getattr(config, name)!r} now"
+        for name, value in asdict(stored).items()
+        if getattr(config, name) != value
+    ]
+    if differences:
+        raise ValueError(
+            f"run directory {run_dir} was created with other settings:\n"
+            + "\n".join(differences)
+            + "\nuse a new --run-dir for new settings"
+        )
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -328,16 +330,29 @@ class AttributionRun:
     def _open_for_writing(
         self, directory: Path, settings: StoreSettings, rows: int, resume: bool
     ) -> GradientStore:
-        if self.workers.is_main:
-            if (directory / "store.json").exists() and not resume:
-                complete = GradientStore.open(directory).is_complete
-                raise FileExistsError(
-                    f"{directory} already holds a {'complete' if complete else 'partial'} "
-                    "gradient store; pass --resume to continue it (or use a new --run-dir)"
-                )
-            GradientStore.create(directory, settings, rows, self.config.chunk_rows, resume=resume)
+        # All ranks look before rank 0 creates anything, so all of them agree (and all raise).
+        exists = (directory / "store.json").exists()
         self.workers.barrier()
-        return GradientStore.open(directory, expected=settings)
+        if exists:
+            existing = GradientStore.open(directory)
+            if not resume:
+                state = "complete" if existing.is_complete else "partial"
+                raise FileExistsError(
+                    f"{directory} already holds a {state} gradient store; pass --resume to "
+                    "continue it (or use a new --run-dir)"
+                )
+            check_settings(existing.settings, settings, str(directory))
+        elif self.workers.is_main:
+            GradientStore.create(directory, settings, rows, self.config.chunk_rows)
+        self.workers.barrier()
+        store = GradientStore.open(directory, expected=settings)
+        if store.num_rows != rows or store.chunk_rows != self.config.chunk_rows:
+            raise StoreMismatchError(
+                f"gradient store {directory} has {store.num_rows} rows in chunks of "
+                f"{store.chunk_rows}; this run needs {rows} rows in chunks of "
+                f"{self.config.chunk_rows}"
+            )
+        return store
 
     def _write_rows(
         self,
