@@ -162,28 +162,40 @@ def _fitting_loss(loss_fn: Callable[..., torch.Tensor], fisher: str) -> LossFn:
 
 
 def _eigendecompose(statistics: KroneckerStatistics, dtype: torch.dtype) -> dict:
+    """Eigendecompose every dense factor in float64, one batched ``eigh`` per factor size."""
+    factors = statistics.factors()
+    dense = {(name, "output"): gradient for name, (_, gradient) in factors.items()}
+    dense.update(
+        {
+            (name, "input"): activation
+            for name, (activation, _) in factors.items()
+            if not statistics.specs[name].diagonal_activation
+        }
+    )
+    by_size: dict[int, list[tuple[str, str]]] = {}
+    for key, matrix in dense.items():
+        by_size.setdefault(matrix.shape[-1], []).append(key)
+    pairs: dict[tuple[str, str], tuple[torch.Tensor | None, torch.Tensor]] = {}
+    for keys in by_size.values():
+        decomposition = eigh(torch.stack([dense[key] for key in keys]), float64=True)
+        for index, key in enumerate(keys):
+            if not bool(decomposition.ok[index]):
+                side = "S" if key[1] == "output" else "A"
+                raise ValueError(f"eigendecomposition of {side} failed for module {key[0]!r}")
+            # Contiguous, as after a save/load round trip, so products are bit-identical.
+            vectors = decomposition.eigenvectors[index].to(dtype).contiguous()
+            pairs[key] = (vectors, decomposition.eigenvalues[index])
     fitted = {}
-    for name, (activation, gradient) in statistics.factors().items():
-        spec = statistics.specs[name]
-        output = eigh(gradient, float64=True)
-        if not bool(output.ok):
-            raise ValueError(f"eigendecomposition of S failed for module {name!r}")
-        if spec.diagonal_activation:
-            input_vectors, input_values = None, activation
-        else:
-            decomposition = eigh(activation, float64=True)
-            if not bool(decomposition.ok):
-                raise ValueError(f"eigendecomposition of A failed for module {name!r}")
-            input_vectors, input_values = decomposition.eigenvectors, decomposition.eigenvalues
+    for name, (activation, _) in factors.items():
+        output_vectors, output_values = pairs[(name, "output")]
+        # Embeddings: A is diagonal, so its eigenbasis is the identity (None).
+        input_vectors, input_values = pairs.get((name, "input"), (None, activation))
         # Round-off can leave tiny negative eigenvalues of a PSD matrix; they are zero.
         fitted[name] = ModuleCurvature(
-            spec,
-            # Contiguous, as after a save/load round trip, so products are bit-identical.
-            output_eigenvectors=output.eigenvectors.to(dtype).contiguous(),
-            input_eigenvectors=None
-            if input_vectors is None
-            else input_vectors.to(dtype).contiguous(),
-            output_eigenvalues=output.eigenvalues.clamp_min(0).to(dtype),
+            statistics.specs[name],
+            output_eigenvectors=output_vectors,
+            input_eigenvectors=input_vectors,
+            output_eigenvalues=output_values.clamp_min(0).to(dtype),
             input_eigenvalues=input_values.clamp_min(0).to(dtype),
         )
     return fitted

@@ -56,7 +56,8 @@ def curvature_from_optimizer(
     if unusable:
         raise ValueError(
             f"the optimizer has no single two-factor Kronecker block for modules {unusable} "
-            "(not optimized, not stepped yet, blocked or vector-preconditioned); pass modules= "
+            "(not optimized, not stepped yet, blocked, dims merged: use merge_dims=False, or "
+            "vector-preconditioned); pass modules= "
             "to select those it has"
         )
     return curvature_class("optimizer", fitted, {"optimizer": type(optimizer).__name__})
