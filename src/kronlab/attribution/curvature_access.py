@@ -42,21 +42,21 @@ def fit(
     mask_fn: MaskFn,
     workers: Workers,
     seed: int = 0,
-    progress: Any = None,
 ) -> Curvature:
-    """The curvature of ``model`` on all ``batches``, whatever the number of ranks."""
+    """The curvature of ``model`` on all ``batches``, whatever the number of ranks.
+
+    ``batches`` is indexable; iterating it (a fit pass) may advance a progress bar.
+    """
     if not workers.distributed:
-        curvature = fit_curvature(
+        return fit_curvature(
             model, batches, loss_fn, method, list(modules), fisher, mask_fn=mask_fn, seed=seed
         )
-        if progress is not None:
-            progress.update(sum(len(batch[0]) for batch in batches))
-            progress.close()
-        return curvature
     if method not in ("kfac", "ekfac"):
         raise ValueError(f"Invalid method for a distributed fit: {method!r} (allowed: kfac, ekfac)")
     fitting_loss = _fitting_loss(loss_fn, fisher, seed, workers)
     owned = workers.owned(range(len(batches)))
+    # Ranks read batches by index; rank 0's share, scaled by the world size, drives the bar.
+    progress = getattr(batches, "progress", None)
     statistics = KroneckerStatistics()
     for index in owned:
         batch = batches[index]
@@ -68,9 +68,9 @@ def fit(
     fitted = _spread_eigendecompositions(factors, specs, workers)
     if method == "ekfac":
         _correct_eigenvalues(model, batches, owned, fitting_loss, modules, mask_fn, fitted, workers)
-    if progress is not None:
-        progress.close()
     examples = int(sum(len(batches[i][0]) for i in range(len(batches))))
+    if progress is not None:
+        progress.update(examples * (method == "ekfac"))
     return Curvature(method, fitted, {"fisher": fisher, "num_examples": examples})
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -181,6 +181,7 @@ class AttributionRun:
         self.show_progress = show_progress
         self.cache_dir = cache_dir
         self._task = task
+        self._task_placed = False
         prepare_run_dir(self.run_dir, self.config, self.workers)
 
     # ---- paths and lazily loaded inputs ---------------------------------------------------
@@ -215,7 +216,10 @@ class AttributionRun:
                 seed=config.seed,
                 cache_dir=self.cache_dir,
             )
-        self._task.model.to(self.workers.device)
+            self._task.model.to(self.workers.device)
+        elif not self._task_placed:
+            self._task.model.to(self.workers.device)
+        self._task_placed = True
         return self._task
 
     def _modules(self) -> dict[str, torch.nn.Module]:
@@ -411,10 +415,9 @@ class AttributionRun:
     def fit(self) -> None:
         """Fit the K-FAC / EK-FAC curvature on the training examples and save it."""
         task = self.task
-        batches = [
-            tuple(t.to(self.workers.device) for t in task.train.batch(low, high))
-            for low, high in _batches(0, len(task.train), self.config.batch_size)
-        ]
+        passes = 2 if self.config.method == "ekfac" else 1  # EK-FAC's eigenvalue correction
+        progress = self._progress(passes * len(task.train), f"fit ({self.config.method})")
+        batches = TrainingBatches(task.train, self.config.batch_size, self.workers.device, progress)
         curvature = curvature_access.fit(
             task.model,
             batches,
@@ -425,8 +428,8 @@ class AttributionRun:
             mask_fn=task.train.token_mask,
             workers=self.workers,
             seed=self.config.seed,
-            progress=self._progress(len(task.train), "fit"),
         )
+        progress.close()
         if self.workers.is_main:
             curvature.save(self.curvature_path)
             _write_json(
@@ -532,6 +535,31 @@ class AttributionRun:
         if not self.scores_path.exists():
             raise ValueError(f"no scores in {self.run_dir}; run the score stage first")
         return np.load(self.scores_path, mmap_mode="r")
+
+
+class TrainingBatches(Sequence):
+    """Batches of an :class:`ExampleSet`, sliced on demand; each full iteration (one pass of
+    the curvature fit) advances ``progress`` by the examples it yields."""
+
+    def __init__(
+        self, examples: ExampleSet, size: int, device: torch.device, progress: tqdm | None = None
+    ) -> None:
+        self.examples, self.device, self.progress = examples, device, progress
+        self.ranges = list(_batches(0, len(examples), size))
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        low, high = self.ranges[index]
+        return tuple(t.to(self.device) for t in self.examples.batch(low, high))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for index in range(len(self)):
+            batch = self[index]
+            yield batch
+            if self.progress is not None:
+                self.progress.update(len(batch[0]))
 
 
 def _batches(start: int, stop: int, size: int) -> Iterator[tuple[int, int]]:

@@ -48,7 +48,10 @@ class ExampleSet:
         return tuple(t[start:stop] for t in self.tensors)
 
     def token_mask(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
-        return batch[1] if self.kind == "text" else None
+        """The padding mask of a text batch; ``None`` when nothing is padded (no masking work)."""
+        if self.kind != "text" or bool(batch[1].all()):
+            return None
+        return batch[1]
 
     def subset(self, count: int | None) -> ExampleSet:
         if count is None or count >= len(self):
