@@ -379,8 +379,7 @@ class AttributionRun:
                 for low, high in _batches(start, stop, self.config.batch_size)
             ]
             store.write_chunk(chunk, torch.cat(rows))
-            # Every rank's share advances the shared bar by world_size × its own rows.
-            progress.update((stop - start) * self.workers.world_size)
+            _advance(progress, (stop - start) * self.workers.world_size)
         progress.close()
         self.workers.barrier()
 
@@ -517,7 +516,7 @@ class AttributionRun:
             start, stop = train.chunk_range(chunk)
             rows = train.read(start, stop).to(self.workers.device)
             scores[:, start:stop] = (query_rows @ rows.T).cpu().numpy()
-            progress.update((stop - start) * self.workers.world_size)
+            _advance(progress, (stop - start) * self.workers.world_size)
         progress.close()
         scores.flush()
         del scores
@@ -535,6 +534,12 @@ class AttributionRun:
         if not self.scores_path.exists():
             raise ValueError(f"no scores in {self.run_dir}; run the score stage first")
         return np.load(self.scores_path, mmap_mode="r")
+
+
+def _advance(progress: tqdm, rows: int) -> None:
+    """Only rank 0 draws the bar: it stands for every rank's share (its rows × world size),
+    capped at the total since the last round of chunks may be uneven."""
+    progress.update(min(rows, max(progress.total - progress.n, 0)))
 
 
 class TrainingBatches(Sequence):

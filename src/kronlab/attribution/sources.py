@@ -298,6 +298,14 @@ def load_examples(
     )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    """A local HF model directory that ships a tokenizer (else text is encoded as bytes)."""
+    return directory.is_dir() and any((directory / name).exists() for name in TOKENIZER_FILES)
+
+
 def load_task(
     model: str,
     data: str,
@@ -311,7 +319,7 @@ def load_task(
 ) -> AttributionTask:
     """Model, loss and examples for the pipeline; the loss follows the kind of data."""
     network = load_model(model, seed=seed, cache_dir=cache_dir)
-    tokenizer_dir = Path(model) if Path(model).is_dir() else None
+    tokenizer_dir = Path(model) if _has_tokenizer(Path(model)) else None
     train = load_examples(data, "train", length=length, tokenizer_dir=tokenizer_dir, seed=seed)
     if queries == "test":
         query_set = load_examples(
