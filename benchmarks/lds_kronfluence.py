@@ -27,8 +27,10 @@ def main() -> None:
     parser.add_argument("--queries", type=int, required=True)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--output", required=True)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the true-Fisher label draws")
     arguments = parser.parse_args()
     torch.set_num_threads(1)
+    torch.manual_seed(arguments.seed)
 
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments

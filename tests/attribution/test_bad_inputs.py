@@ -75,6 +75,10 @@ def test_invalid_options() -> None:
         fit_curvature(model, _data(), cross_entropy_loss, fisher="exact")
     with pytest.raises(ValueError, match="must accept sample=True"):
         fit_curvature(model, _data(), lambda net, b: nn.functional.cross_entropy(net(b[0]), b[1]))
+    with pytest.raises(ValueError, match="Invalid samples: 0"):
+        fit_curvature(model, _data(), cross_entropy_loss, samples=0)
+    with pytest.raises(ValueError, match="Invalid samples: 2"):
+        fit_curvature(model, _data(), cross_entropy_loss, fisher="empirical", samples=2)
     with pytest.raises(ValueError, match="no batch"):
         fit_curvature(model, [], cross_entropy_loss)
     curvature = fit_curvature(model, _data(), cross_entropy_loss, "kfac")

@@ -149,3 +149,19 @@ def test_save_load_round_trip(method: str, tmp_path) -> None:
     original, restored = curvature.inverse_hvp(grads), loaded.inverse_hvp(grads)
     for name in grads:
         assert torch.equal(original[name], restored[name])
+
+
+def test_to_changes_dtype_and_keeps_products() -> None:
+    model = tiny_mlp()
+    data = classification_batches(
+        torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,)), 6
+    )
+    curvature = fit_curvature(model, data, cross_entropy_loss, "ekfac", dtype=torch.float64)
+    single = curvature.to(dtype=torch.float32)
+    assert all(
+        t.dtype == torch.float32 for m in single.modules.values() for t in m.tensors().values()
+    )
+    grads = {"0": torch.randn(6, 5, dtype=torch.float64)}
+    torch.testing.assert_close(
+        single.inverse_hvp(grads)["0"], curvature.inverse_hvp(grads)["0"], rtol=1e-4, atol=1e-6
+    )

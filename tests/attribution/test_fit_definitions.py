@@ -54,3 +54,16 @@ def test_kfac_factors_ekfac_and_diagonal_eigenvalues_match_definitions() -> None
         rotated = module.output_eigenvectors.T @ grads @ module.input_eigenvectors
         torch.testing.assert_close(module.eigenvalues(), rotated.square().mean(0))
         torch.testing.assert_close(diagonal.modules[name].eigenvalues(), grads.square().mean(0))
+
+
+def test_several_fisher_samples_equal_repeating_the_data() -> None:
+    model = tiny_mlp()
+    data = classification_batches(
+        torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,)), 6
+    )
+    repeated = fit_curvature(model, data * 3, cross_entropy_loss, "ekfac", dtype=torch.float64)
+    sampled = fit_curvature(
+        model, data, cross_entropy_loss, "ekfac", dtype=torch.float64, samples=3
+    )
+    for name, module in repeated.modules.items():
+        torch.testing.assert_close(module.eigenvalues(), sampled.modules[name].eigenvalues())

@@ -29,38 +29,43 @@ class Block(NamedTuple):
 
 
 class FakeShampoo:
-    """Sums ``L = Σ G Gᵀ``, ``R = Σ Gᵀ G`` per parameter set (bias as a last column if given)."""
+    """Sums ``F_i = Σ G_(i) G_(i)ᵀ`` per dim of each parameter set's block (bias as a last
+    column if given; size-1 dims dropped, as Shampoo does)."""
 
     def __init__(self, blocks: list[tuple[nn.Parameter, ...]], variant: str = "root_inv") -> None:
         self.blocks, self.variant = blocks, variant
-        self.statistics = []
+        self.shapes = []
         for block in blocks:
-            rows, columns = block[0].shape[0], block[0].shape[1] + (len(block) - 1)
-            self.statistics.append(
-                [torch.zeros(n, n, dtype=torch.float64) for n in (rows, columns)]
-            )
+            shape = list(block[0].shape)
+            shape[-1] += len(block) - 1
+            self.shapes.append(tuple(size for size in shape if size != 1))
+        self.statistics = [
+            [torch.zeros(n, n, dtype=torch.float64) for n in shape] for shape in self.shapes
+        ]
         self.second_moments = [
-            torch.rand(left.shape[0], right.shape[0], dtype=torch.float64) + 0.5
-            for left, right in self.statistics
+            torch.rand(shape, dtype=torch.float64) + 0.5 for shape in self.shapes
         ]
 
     def accumulate(self, gradients: list[torch.Tensor]) -> None:
-        for stats, gradient in zip(self.statistics, gradients):
-            stats[0] += gradient @ gradient.T
-            stats[1] += gradient.T @ gradient
+        for stats, shape, gradient in zip(self.statistics, self.shapes, gradients):
+            gradient = gradient.reshape(shape)
+            for axis, factor in enumerate(stats):
+                unfolded = gradient.movedim(axis, 0).reshape(shape[axis], -1)
+                factor += unfolded @ unfolded.T
 
     def kronecker_factors(self, param: torch.Tensor) -> list[Block]:
         owners = [i for i, params in enumerate(self.blocks) if any(p is param for p in params)]
         if not owners:
             raise ValueError("the parameter is not optimized by this optimizer")
-        factors, second_moment = self.statistics[owners[0]], self.second_moments[owners[0]]
+        index = owners[0]
+        factors, second_moment = self.statistics[index], self.second_moments[index]
         # Bias corrections of 2 and 4: the curvature must divide them out.
         scaled = [2 * f for f in factors]
         if self.variant == "root_inv":
-            return [Block((0, 0), scaled, None, None, None, 2.0, 1.0)]
+            return [Block(self.shapes[index], scaled, None, None, None, 2.0, 1.0)]
         vectors = [torch.linalg.eigh(f)[1] for f in factors]
         moment = 4 * second_moment if self.variant == "soap" else None
-        return [Block((0, 0), scaled, vectors, None, moment, 2.0, 4.0)]
+        return [Block(self.shapes[index], scaled, vectors, None, moment, 2.0, 4.0)]
 
 
 def _dense_inverse(left, right, damping):
@@ -123,6 +128,25 @@ def test_optimizer_without_factors_or_with_missing_modules() -> None:
         Curvature.from_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
     optimizer = FakeShampoo([(model[0].weight, model[0].bias)])
     optimizer.accumulate([torch.randn(4, 4, dtype=torch.float64)])
-    with pytest.raises(ValueError, match="no single two-factor Kronecker block for modules"):
+    with pytest.raises(ValueError, match="no single Kronecker block in the weight's own dims"):
         Curvature.from_optimizer(optimizer, model)
     assert list(Curvature.from_optimizer(optimizer, model, modules=["0"]).modules) == ["0"]
+
+
+@pytest.mark.parametrize("variant", ["root_inv", "soap"])
+def test_conv2d_input_side_is_the_kronecker_product_of_its_dims(variant: str) -> None:
+    model = nn.Sequential(nn.Conv2d(1, 3, (2, 2), bias=False)).double()  # block (3, 2, 2)
+    optimizer = FakeShampoo([(model[0].weight,)], variant)
+    for _ in range(4):
+        optimizer.accumulate([torch.randn(3, 1, 2, 2, dtype=torch.float64)])
+    curvature = Curvature.from_optimizer(optimizer, model)
+    out_factor, height_factor, width_factor = optimizer.statistics[0]
+    grad = torch.randn(3, 4, dtype=torch.float64)
+    if variant == "root_inv":
+        dense = torch.kron(out_factor, torch.kron(height_factor, width_factor))
+    else:
+        vectors = [torch.linalg.eigh(f)[1] for f in optimizer.statistics[0]]
+        basis = torch.kron(vectors[0], torch.kron(vectors[1], vectors[2]))
+        dense = basis @ torch.diag(optimizer.second_moments[0].flatten()) @ basis.T
+    expected = torch.linalg.solve(dense + 0.4 * torch.eye(12, dtype=torch.float64), grad.flatten())
+    torch.testing.assert_close(curvature.inverse_hvp({"0": grad}, 0.4)["0"], expected.reshape(3, 4))

@@ -140,3 +140,17 @@ def test_parameter_grads_untouched() -> None:
         find_modules(model),
     )
     assert all(parameter.grad is None for parameter in model.parameters())
+
+
+def test_module_called_with_keyword_input() -> None:
+    layer = nn.Linear(3, 2).double()
+    inputs = torch.randn(4, 3, dtype=torch.float64)
+
+    def loss_fn(module, batch):
+        return (module(input=batch) ** 2).sum()
+
+    hooked = per_example_gradients(layer, inputs, loss_fn, {"layer": layer})
+    reference = _autograd_example_matrices(
+        layer, {"layer": layer}, loss_fn, [inputs[i : i + 1] for i in range(4)]
+    )
+    torch.testing.assert_close(hooked["layer"], reference["layer"])

@@ -150,6 +150,19 @@ class Curvature:
             )
         return self.modules[name]
 
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Curvature:
+        """A copy with every tensor on ``device`` / in ``dtype`` (so products need no moves)."""
+        modules = {
+            name: ModuleCurvature(
+                module.spec,
+                **{kind: t.to(device=device, dtype=dtype) for kind, t in module.tensors().items()},
+            )
+            for name, module in self.modules.items()
+        }
+        return Curvature(self.method, modules, dict(self.metadata))
+
     # -- model checks -----------------------------------------------------------------------
 
     def tracked_modules(self, model: nn.Module) -> dict[str, nn.Module]:

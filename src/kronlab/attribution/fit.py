@@ -26,7 +26,7 @@ from kronlab.curvature import (
     layer_spec,
 )
 from kronlab.linalg import eigh
-from kronlab.optim.validation import check_choice
+from kronlab.optim.validation import check_choice, check_range
 
 FIT_METHODS = ("kfac", "ekfac", "diagonal", "identity")
 FISHER_TYPES = ("true", "empirical")
@@ -44,6 +44,7 @@ def fit_curvature(
     mask_fn: MaskFn | None = None,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    samples: int = 1,
     progress: bool = False,
 ) -> Curvature:
     """Fit the curvature of ``model`` on ``data`` (an iterable of batches, read once per pass).
@@ -54,10 +55,15 @@ def fit_curvature(
     :func:`kronlab.attribution.cross_entropy_loss`); ``"empirical"`` uses the data's labels.
     ``mask_fn(batch)`` gives the ``(n, T)`` padding mask (default: ``batch["attention_mask"]``
     when the batch is a mapping that has one). Factors are stored in ``dtype``; label sampling
-    uses a private generator seeded with ``seed``.
+    uses a private generator seeded with ``seed``; ``samples`` > 1 draws that many label sets per
+    example for the true Fisher (each pass reads ``data`` that many times), which lowers the
+    Monte Carlo noise of ``S`` and of EK-FAC's eigenvalues.
     """
     check_choice("method", method, FIT_METHODS)
     check_choice("fisher", fisher, FISHER_TYPES)
+    check_range("samples", samples, 1, integer=True)
+    if samples > 1 and fisher != "true":
+        raise ValueError(f"Invalid samples: {samples} (allowed: 1 unless fisher='true')")
     tracked = find_modules(model, modules)
     if method == "identity":
         return Curvature(
@@ -69,7 +75,8 @@ def fit_curvature(
     masks = mask_fn or default_mask
 
     def batches(description: str) -> Iterable[Any]:
-        return tqdm(data, desc=description, disable=not progress, leave=False)
+        for _ in range(int(samples)):
+            yield from tqdm(data, desc=description, disable=not progress, leave=False)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -84,7 +91,7 @@ def fit_curvature(
                 )
                 for name in tracked
             }
-            return Curvature("diagonal", fitted, _metadata(fisher, examples))
+            return Curvature("diagonal", fitted, _metadata(fisher, examples, seed, samples))
         statistics = KroneckerStatistics()
         for batch in batches("factors"):
             statistics.update(layer_batches(model, batch, fitting_loss, tracked, masks(batch)))
@@ -104,7 +111,7 @@ def fit_curvature(
             )
             for name, module in fitted.items():
                 module.corrected_eigenvalues = (squares[name] / examples[name]).to(dtype)
-    return Curvature(method, fitted, _metadata(fisher, examples))
+    return Curvature(method, fitted, _metadata(fisher, examples, seed, samples))
 
 
 def cross_entropy_loss(
@@ -248,5 +255,13 @@ def _transpose(matrix: torch.Tensor | None) -> torch.Tensor | None:
     return None if matrix is None else matrix.transpose(0, 1)
 
 
-def _metadata(fisher: str, examples: Mapping[str, int]) -> dict[str, Any]:
-    return {"fisher": fisher, "num_examples": max(examples.values(), default=0)}
+def _metadata(fisher: str, examples: Mapping[str, int], seed: int, samples: int) -> dict[str, Any]:
+    from kronlab import __version__
+
+    return {
+        "fisher": fisher,
+        "num_examples": max(examples.values(), default=0) // samples,
+        "seed": seed,
+        "samples": samples,
+        "kronlab_version": __version__,
+    }

@@ -12,8 +12,9 @@ with ``block_shape``, ``factors`` ``[L, R]``, ``eigenvectors`` ``[Q_L, Q_R]`` or
 ``eigenvalues`` ``[λ_L, λ_R]`` or ``None``, ``second_moment`` or ``None``, and optionally
 ``factor_bias_correction`` / ``eigenvalue_bias_correction``. A tracked module is usable when its
 weight (with the bias as a last column if the optimizer groups them, ``LinearWeightBias``) is
-one unblocked two-factor block in the parameter's own layout: ``(out, in)`` for ``nn.Linear``
-and flattened ``nn.Conv2d``, ``(in, out)`` for Conv1D, ``(vocab, dim)`` for embeddings.
+one unblocked, unmerged block in the parameter's own dims (size-1 dims dropped): ``(out, in)``
+for ``nn.Linear``, ``(out, C, kh, kw)`` for ``nn.Conv2d`` (one factor per dim; the input side
+is their Kronecker product), ``(in, out)`` for Conv1D, ``(vocab, dim)`` for embeddings.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from kronlab.curvature import LayerSpec, layer_spec
+from kronlab.curvature import layer_spec
 from kronlab.linalg import eigh
 
 if TYPE_CHECKING:
@@ -49,39 +50,65 @@ def curvature_from_optimizer(
             blocks = exporter(module.weight)
         except ValueError:  # the optimizer does not hold this parameter
             blocks = []
-        if len(blocks) != 1 or len(blocks[0].factors) != 2:
+        layout = _block_layout(module, blocks[0]) if len(blocks) == 1 else None
+        if layout is None:
             unusable.append(name)
             continue
-        fitted[name] = _module_curvature(name, layer_spec(module), blocks[0])
+        fitted[name] = _module_curvature(name, module, blocks[0], layout)
     if unusable:
         raise ValueError(
-            f"the optimizer has no single two-factor Kronecker block for modules {unusable} "
-            "(not optimized, not stepped yet, blocked, dims merged: use merge_dims=False, or "
-            "vector-preconditioned); pass modules= "
-            "to select those it has"
+            f"the optimizer has no single Kronecker block in the weight's own dims for modules "
+            f"{unusable} (not optimized, not stepped yet, blocked, dims merged: use "
+            "merge_dims=False, or vector-preconditioned); pass modules= to select those it has"
         )
     return curvature_class("optimizer", fitted, {"optimizer": type(optimizer).__name__})
 
 
-def _module_curvature(name: str, spec: LayerSpec, block: Any) -> ModuleCurvature:
+def _block_layout(module: nn.Module, block: Any) -> tuple[int, ...] | None:
+    """The weight's shape as the optimizer grouped it (bias as an extra column for
+    ``LinearWeightBias``), if the block is that shape with size-1 dims dropped."""
+    shape = tuple(module.weight.shape)
+    candidates = [shape]
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        candidates.append((shape[0], shape[1] + 1))
+    for candidate in candidates:
+        kept = tuple(size for size in candidate if size != 1)
+        if kept and tuple(block.block_shape) == kept and len(block.factors) == len(kept):
+            return candidate
+    return None
+
+
+def _module_curvature(
+    name: str, module: nn.Module, block: Any, grouped_shape: tuple[int, ...]
+) -> ModuleCurvature:
+    """Map the block's per-dim factors onto K-FAC's (output, input) sides: the input side of a
+    convolution ``(out, C, kh, kw)`` is ``Q_C ⊗ Q_kh ⊗ Q_kw`` (the unfold order)."""
     from kronlab.attribution.curvature import ModuleCurvature
 
+    spec = layer_spec(module)
+    assert spec is not None
     vectors, values = _eigen_pairs(name, block)
+    reference = vectors[0]
+    # Size-1 dims have no factor in the block: their eigenpair is (1, 1).
+    unit = (reference.new_ones(1, 1), reference.new_ones(1))
+    pairs = iter(zip(vectors, values))
+    per_dim = [next(pairs) if size != 1 else unit for size in grouped_shape]
+    # Conv1D and embedding weights are stored (in, out): their row factor is the input side.
+    output_axis = 1 if spec.kind in ("conv1d", "embedding") else 0
+    input_axes = [axis for axis in range(len(grouped_shape)) if axis != output_axis]
+    output_vectors, output_values = per_dim[output_axis]
+    input_vectors, input_values = per_dim[input_axes[0]]
+    for axis in input_axes[1:]:
+        input_vectors = torch.kron(input_vectors, per_dim[axis][0])
+        input_values = torch.kron(input_values, per_dim[axis][1].to(input_values.dtype))
     corrected = block.second_moment
     if corrected is not None:
         corrected = corrected.detach() / getattr(block, "eigenvalue_bias_correction", 1.0)
-    # Conv1D and embedding weights are stored (in, out): their row factor is the input side.
-    if spec.kind in ("conv1d", "embedding"):
-        vectors, values = vectors[::-1], values[::-1]
-        corrected = None if corrected is None else corrected.transpose(0, 1)
-    weight_columns = spec.d_in - int(spec.has_bias)
-    sizes = (vectors[0].shape[-1], vectors[1].shape[-1])
-    if sizes not in ((spec.d_out, spec.d_in), (spec.d_out, weight_columns)):
-        raise ValueError(
-            f"optimizer factors for {name!r} have sizes {sizes}, expected "
-            f"{(spec.d_out, spec.d_in)}: the optimizer reshaped or blocked this weight"
-        )
-    if sizes[1] != spec.d_in:
+        corrected = corrected.reshape(grouped_shape).movedim(output_axis, 0)
+        corrected = corrected.reshape(spec.d_out, -1)
+    vectors = [output_vectors, input_vectors]
+    values = [output_values.to(output_vectors.dtype), input_values.to(input_vectors.dtype)]
+    if input_vectors.shape[-1] != spec.d_in:  # the optimizer preconditioned the weight alone
         vectors, values, corrected = _append_bias_direction(vectors, values, corrected)
     return ModuleCurvature(
         spec,

@@ -64,7 +64,9 @@ class _Recorder:
 
     def __enter__(self) -> _Recorder:
         for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._hook_for(name)))
+            self._handles.append(
+                module.register_forward_hook(self._hook_for(name), with_kwargs=True)
+            )
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -73,10 +75,15 @@ class _Recorder:
         self._handles.clear()
 
     def _hook_for(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> None:
             if not isinstance(output, torch.Tensor):
                 raise ValueError(f"module {name!r} returned {type(output).__name__}, not a tensor")
-            self.calls.append(_Call(name, module, inputs[0].detach(), output))
+            inputs = args[0] if args else next(iter(kwargs.values()), None)
+            if not isinstance(inputs, torch.Tensor):
+                raise ValueError(f"module {name!r} was called without an input tensor")
+            self.calls.append(_Call(name, module, inputs.detach(), output))
 
         return hook
 
