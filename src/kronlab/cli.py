@@ -110,6 +110,116 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
+    from kronlab.attribution.pipeline import COMPRESSIONS, METHODS, STAGES
+    from kronlab.attribution.store import STORAGE_DTYPES
+
+    parser = subparsers.add_parser(
+        "attribute",
+        help="influence-function attribution: build, fit, apply, score (or run all)",
+        description="Attribute queries to training examples with K-FAC / EK-FAC influence "
+        "functions. Each stage writes into --run-dir (config.json pins its settings); `run` "
+        "performs the stages that are not complete yet. With no arguments: a digits MLP "
+        "(trained once, then cached) and 10 test queries. Under `torchrun --nproc-per-node N` "
+        "the work is split across ranks.",
+    )
+    parser.add_argument("stage", nargs="?", default="run", choices=(*STAGES, "run"))
+    parser.add_argument("--run-dir", type=Path, default=Path("kronlab-attribute"))
+    # Settings default to None: taken from the run directory's config.json, else the defaults.
+    setting = parser.add_argument_group("settings (pinned in config.json)")
+    setting.add_argument(
+        "--model", help="digits-mlp | tiny-gpt | package.module:function | HF model directory"
+    )
+    setting.add_argument("--data", help="digits | stdlib-text | file.jsonl | HF dataset directory")
+    setting.add_argument("--queries", help="test (the data's held-out split) or a data spec")
+    setting.add_argument("--num-queries", type=int)
+    setting.add_argument("--num-train", type=int, help="use the first N training examples")
+    setting.add_argument("--modules", help="comma-separated module names or glob patterns")
+    setting.add_argument("--method", choices=METHODS)
+    setting.add_argument("--fisher", choices=("empirical", "true"))
+    setting.add_argument("--damping", type=float, help="factor of the mean eigenvalue")
+    setting.add_argument("--projection-dim", type=int, help="0 stores full gradients")
+    setting.add_argument("--projection-kind", choices=("rademacher", "normal"))
+    setting.add_argument("--compression", choices=COMPRESSIONS)
+    setting.add_argument("--dtype", choices=STORAGE_DTYPES, help="storage dtype of the store")
+    setting.add_argument("--batch-size", type=int)
+    setting.add_argument("--chunk-rows", type=int, help="rows per committed chunk")
+    setting.add_argument("--length", type=int, help="tokens per text sequence")
+    setting.add_argument("--seed", type=int)
+    setting.add_argument("--train-store", help="use the gradient store in this directory")
+    setting.add_argument("--top-k", type=int)
+    setting.add_argument("--report-queries", type=int)
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted stage")
+    parser.add_argument("--cache-dir", type=Path, help="where embedded models are cached")
+    parser.add_argument("--backend", choices=("gloo", "nccl"), help="torch.distributed backend")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: per backend)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.set_defaults(handler=_run_attribute)
+
+
+def _run_attribute(args: argparse.Namespace) -> int:
+    import json
+
+    from kronlab.attribution.distributed import init_workers
+    from kronlab.attribution.pipeline import (
+        CONFIG_FILE,
+        AttributionConfig,
+        AttributionRun,
+        with_overrides,
+    )
+
+    stored = args.run_dir / CONFIG_FILE
+    base = (
+        AttributionConfig.from_json(json.loads(stored.read_text()))
+        if stored.exists()
+        else AttributionConfig()
+    )
+    modules = None if args.modules is None else tuple(m.strip() for m in args.modules.split(","))
+    config = with_overrides(
+        base,
+        model=args.model,
+        data=args.data,
+        queries=args.queries,
+        num_queries=args.num_queries,
+        num_train=args.num_train,
+        modules=modules,
+        method=args.method,
+        fisher=args.fisher,
+        damping=args.damping,
+        projection_dim=args.projection_dim,
+        projection_kind=args.projection_kind,
+        compression=args.compression,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        chunk_rows=args.chunk_rows,
+        length=args.length,
+        seed=args.seed,
+        train_store=args.train_store,
+        top_k=args.top_k,
+        report_queries=args.report_queries,
+    )
+    workers = init_workers(args.backend, args.device)
+    run = AttributionRun(
+        args.run_dir,
+        config,
+        workers=workers,
+        show_progress=not args.no_progress,
+        cache_dir=args.cache_dir,
+    )
+    if args.stage == "run":
+        run.run(resume=args.resume)
+    elif args.stage in ("build", "apply"):
+        getattr(run, args.stage)(resume=args.resume)
+    else:
+        getattr(run, args.stage)()
+    if workers.is_main:
+        done = [stage for stage in run.stage_order() if run.is_complete(stage)]
+        print(f"{args.run_dir}: complete stages: {', '.join(done) or 'none'}")
+        if run.is_complete("score"):
+            print(f"wrote {run.scores_path}, {args.run_dir / 'report.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kronlab import __version__
 
@@ -119,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kronlab {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_compare(subparsers)
+    _add_attribute(subparsers)
     return parser
 
 
@@ -130,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return args.handler(args)
-    except (ValueError, ImportError) as error:
+    except (ValueError, ImportError, FileExistsError, FileNotFoundError) as error:
         print(f"kronlab: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,577 @@
+"""The attribution pipeline: build → fit → apply → score, each stage's output in a run directory.
+
+- **build**: per-example gradients of the training set, projected per module
+  (``P_S G_t P_Aᵀ``), written chunk by chunk to a :class:`GradientStore` (resumable).
+- **fit**: K-FAC / EK-FAC curvature of the model on the training set (Grosse et al. 2023,
+  "Studying Large Language Model Generalization with Influence Functions").
+- **apply**: query gradients ``G_q`` at full size, inverse curvature first, projection last:
+  ``P_S (H⁻¹ G_q) P_Aᵀ``; or, with ``compression="folded"`` (K-FAC only), ``M_S G_q M_Aᵀ`` with
+  ``M = P (F + δI)^{-1/2}`` on both the store and the queries (then fit runs before build).
+- **score**: ``scores[q, t] = ⟨query_q, train_t⟩`` into a memory-mapped ``scores.npy``
+  (``n_query × n_train``), then ``report.md`` and ``top_examples.png``.
+
+``config.json`` pins the settings of a run directory; ``run`` performs the stages not yet
+complete. Every stage splits its chunks across ``torch.distributed`` ranks (see
+:mod:`kronlab.attribution.distributed`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kronlab.attribution import curvature_access
+from kronlab.attribution.compression import (
+    folded_projections,
+    module_projections,
+    project_blocks,
+    projected_side,
+)
+from kronlab.attribution.curvature import Curvature
+from kronlab.attribution.distributed import Workers
+from kronlab.attribution.sources import AttributionTask, ExampleSet, load_task, model_fingerprint
+from kronlab.attribution.store import (
+    STORAGE_DTYPES,
+    GradientStore,
+    ModuleBlock,
+    StoreMismatchError,
+    StoreSettings,
+    check_settings,
+    flatten_blocks,
+)
+from kronlab.curvature import find_modules, layer_spec, per_example_gradients
+from kronlab.optim.validation import check_choice, check_range
+
+STAGES = ("build", "fit", "apply", "score")
+COMPRESSIONS = ("project", "folded")
+METHODS = ("kfac", "ekfac")
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    """Everything that determines a run's results (saved as ``config.json``).
+
+    ``damping`` is a factor of the mean curvature eigenvalue. ``projection_dim=0`` stores full
+    gradients. ``chunk_rows`` is the unit of commit (and of resume); ``batch_size`` the number
+    of examples per forward/backward pass.
+    """
+
+    model: str = "digits-mlp"
+    data: str = "digits"
+    queries: str = "test"
+    num_queries: int = 10
+    num_train: int | None = None
+    modules: tuple[str, ...] | None = None
+    method: str = "ekfac"
+    fisher: str = "true"
+    damping: float = 0.1
+    projection_dim: int = 0
+    projection_kind: str = "rademacher"
+    compression: str = "project"
+    dtype: str = "float32"
+    batch_size: int = 64
+    chunk_rows: int = 256
+    length: int = 64
+    seed: int = 0
+    train_store: str | None = None
+    top_k: int = 5
+    report_queries: int = 4
+
+    def __post_init__(self) -> None:
+        check_range("num_queries", self.num_queries, 1, integer=True)
+        if self.num_train is not None:
+            check_range("num_train", self.num_train, 1, integer=True)
+        check_choice("method", self.method, METHODS)
+        check_choice("fisher", self.fisher, ("empirical", "true"))
+        check_range("damping", self.damping, 0.0, low_inclusive=False)
+        check_range("projection_dim", self.projection_dim, 0, integer=True)
+        check_choice("projection_kind", self.projection_kind, ("rademacher", "normal"))
+        check_choice("compression", self.compression, COMPRESSIONS)
+        check_choice("dtype", self.dtype, STORAGE_DTYPES)
+        check_range("batch_size", self.batch_size, 1, integer=True)
+        check_range("chunk_rows", self.chunk_rows, 1, integer=True)
+        check_range("length", self.length, 2, integer=True)
+        check_range("top_k", self.top_k, 1, integer=True)
+        check_range("report_queries", self.report_queries, 0, integer=True)
+        if self.compression == "folded" and self.method != "kfac":
+            raise ValueError(
+                f"Invalid compression: 'folded' with method={self.method!r} (allowed: method="
+                "'kfac'). Folding the projection into H^(-1/2) needs a Kronecker-factored "
+                "inverse root; EK-FAC's per-entry eigenvalue correction has none. Use "
+                "compression='project' (inverse curvature first, projection last) for EK-FAC."
+            )
+        if self.modules is not None and not isinstance(self.modules, tuple):
+            object.__setattr__(self, "modules", tuple(self.modules))
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["modules"] = None if self.modules is None else list(self.modules)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> AttributionConfig:
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"config.json has unknown settings {unknown}")
+        if data.get("modules") is not None:
+            data = {**data, "modules": tuple(data["modules"])}
+        return cls(**data)
+
+
+def prepare_run_dir(run_dir: Path, config: AttributionConfig, workers: Workers) -> None:
+    """Write ``config.json``, or check that the one there matches ``config``.
+
+    Every rank checks after the barrier, so a mismatch raises on all of them (none hangs).
+    """
+    path = Path(run_dir) / CONFIG_FILE
+    if workers.is_main and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(path, config.to_json())
+    workers.barrier()
+    stored = AttributionConfig.from_json(json.loads(path.read_text()))
+    differences = [
+        f"  {name}: {value!r} in {path}, {getattr(config, name)!r} now"
+        for name, value in asdict(stored).items()
+        if getattr(config, name) != value
+    ]
+    if differences:
+        raise ValueError(
+            f"run directory {run_dir} was created with other settings:\n"
+            + "\n".join(differences)
+            + "\nuse a new --run-dir for new settings"
+        )
+
+
+def _write_json(path: Path, data: dict) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(temporary, path)
+
+
+def _file_fingerprint(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+class AttributionRun:
+    """One run directory: ``AttributionRun(dir, config).run()`` or stage by stage."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        config: AttributionConfig | None = None,
+        *,
+        workers: Workers | None = None,
+        show_progress: bool = True,
+        cache_dir: Path | None = None,
+        task: AttributionTask | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.config = config or AttributionConfig()
+        self.workers = workers or Workers()
+        self.show_progress = show_progress
+        self.cache_dir = cache_dir
+        self._task = task
+        self._task_placed = False
+        prepare_run_dir(self.run_dir, self.config, self.workers)
+
+    # ---- paths and lazily loaded inputs ---------------------------------------------------
+
+    @property
+    def train_store_dir(self) -> Path:
+        return Path(self.config.train_store) if self.config.train_store else self.run_dir / "train"
+
+    @property
+    def query_store_dir(self) -> Path:
+        return self.run_dir / "queries"
+
+    @property
+    def curvature_path(self) -> Path:
+        return self.run_dir / "curvature.safetensors"
+
+    @property
+    def scores_path(self) -> Path:
+        return self.run_dir / "scores.npy"
+
+    @property
+    def task(self) -> AttributionTask:
+        if self._task is None:
+            config = self.config
+            self._task = load_task(
+                config.model,
+                config.data,
+                config.queries,
+                num_train=config.num_train,
+                num_queries=config.num_queries,
+                length=config.length,
+                seed=config.seed,
+                cache_dir=self.cache_dir,
+            )
+            self._task.model.to(self.workers.device)
+        elif not self._task_placed:
+            self._task.model.to(self.workers.device)
+        self._task_placed = True
+        return self._task
+
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        patterns = None if self.config.modules is None else list(self.config.modules)
+        return find_modules(self.task.model, patterns)
+
+    def _gradient_shapes(self) -> dict[str, tuple[int, int]]:
+        shapes = {}
+        for name, module in self._modules().items():
+            spec = layer_spec(module)
+            assert spec is not None
+            shapes[name] = (spec.d_out, spec.d_in)
+        return shapes
+
+    def _projections(self) -> dict:
+        return module_projections(
+            self._gradient_shapes(),
+            self.config.projection_dim,
+            self.config.projection_kind,
+            device=self.workers.device,
+        )
+
+    def store_settings(self, data: ExampleSet, dtype: str, transform: str) -> StoreSettings:
+        p = self.config.projection_dim
+        blocks = tuple(
+            ModuleBlock(name, (projected_side(d_out, p), projected_side(d_in, p)))
+            for name, (d_out, d_in) in self._gradient_shapes().items()
+        )
+        return StoreSettings(
+            modules=blocks,
+            projection_dim=p,
+            projection_kind=self.config.projection_kind,
+            dtype=dtype,
+            transform=transform,
+            model_fingerprint=model_fingerprint(self.task.model),
+            data_fingerprint=data.fingerprint(),
+        )
+
+    def _train_transform(self) -> str:
+        if self.config.compression == "folded":
+            return f"folded:{self._curvature_fingerprint()}"
+        return "projection"
+
+    def train_settings(self) -> StoreSettings:
+        return self.store_settings(self.task.train, self.config.dtype, self._train_transform())
+
+    # ---- stage status -----------------------------------------------------------------------
+
+    def stage_order(self) -> tuple[str, ...]:
+        """Folded compression needs the curvature before the store can be built."""
+        if self.config.compression == "folded":
+            return ("fit", "build", "apply", "score")
+        return STAGES
+
+    def is_complete(self, stage: str) -> bool:
+        check_choice("stage", stage, STAGES)
+        if stage == "fit":
+            return (self.run_dir / "fit.json").exists()
+        if stage == "score":
+            return (self.run_dir / "score.json").exists()
+        directory = self.train_store_dir if stage == "build" else self.query_store_dir
+        if not (directory / "store.json").exists():
+            return False
+        return GradientStore.open(directory).is_complete
+
+    def _require(self, stage: str, needed_by: str) -> None:
+        if not self.is_complete(stage):
+            raise ValueError(
+                f"stage {needed_by!r} needs stage {stage!r} to be complete in {self.run_dir}; "
+                f"run `kronlab attribute {stage}` first (or `run`)"
+            )
+
+    def run(self, resume: bool = False) -> np.ndarray:
+        """All stages in order, skipping those already complete; returns the scores."""
+        for stage in self.stage_order():
+            if self.is_complete(stage):
+                self._log(f"{stage}: already complete, skipped")
+                continue
+            getattr(self, stage)(**({"resume": resume} if stage in ("build", "apply") else {}))
+        return self.scores()
+
+    def _log(self, message: str) -> None:
+        if self.show_progress and self.workers.is_main:
+            print(f"[kronlab attribute] {message}", flush=True)
+
+    def _progress(self, total: int, description: str) -> tqdm:
+        return tqdm(
+            total=total,
+            desc=description,
+            unit="ex",
+            unit_scale=True,
+            disable=not (self.show_progress and self.workers.is_main),
+            dynamic_ncols=True,
+        )
+
+    # ---- build ------------------------------------------------------------------------------
+
+    def build(self, resume: bool = False) -> GradientStore:
+        """Write every training example's (projected) gradient row; ``resume`` continues a
+        store that an interrupted build left incomplete."""
+        if self.config.compression == "folded":
+            self._require("fit", "build")
+            projections = self._folded()
+        else:
+            projections = self._projections()
+        store = self._open_for_writing(
+            self.train_store_dir, self.train_settings(), len(self.task.train), resume
+        )
+        self._write_rows(store, self.task.train, projections, "build", inverse=False)
+        return store
+
+    def _open_for_writing(
+        self, directory: Path, settings: StoreSettings, rows: int, resume: bool
+    ) -> GradientStore:
+        # All ranks look before rank 0 creates anything, so all of them agree (and all raise).
+        exists = (directory / "store.json").exists()
+        self.workers.barrier()
+        if exists:
+            existing = GradientStore.open(directory)
+            if not resume:
+                state = "complete" if existing.is_complete else "partial"
+                raise FileExistsError(
+                    f"{directory} already holds a {state} gradient store; pass --resume to "
+                    "continue it (or use a new --run-dir)"
+                )
+            check_settings(existing.settings, settings, str(directory))
+        elif self.workers.is_main:
+            GradientStore.create(directory, settings, rows, self.config.chunk_rows)
+        self.workers.barrier()
+        store = GradientStore.open(directory, expected=settings)
+        if store.num_rows != rows or store.chunk_rows != self.config.chunk_rows:
+            raise StoreMismatchError(
+                f"gradient store {directory} has {store.num_rows} rows in chunks of "
+                f"{store.chunk_rows}; this run needs {rows} rows in chunks of "
+                f"{self.config.chunk_rows}"
+            )
+        return store
+
+    def _write_rows(
+        self,
+        store: GradientStore,
+        examples: ExampleSet,
+        projections: dict,
+        description: str,
+        inverse: bool,
+    ) -> None:
+        pending = store.pending_chunks(self.workers.rank, self.workers.world_size)
+        done_rows = store.num_rows - sum(
+            stop - start for start, stop in map(store.chunk_range, store.pending_chunks(0, 1))
+        )
+        progress = self._progress(store.num_rows, description)
+        progress.update(done_rows)
+        for chunk in pending:
+            start, stop = store.chunk_range(chunk)
+            rows = [
+                self._gradient_rows(examples, low, high, projections, store.settings, inverse)
+                for low, high in _batches(start, stop, self.config.batch_size)
+            ]
+            store.write_chunk(chunk, torch.cat(rows))
+            _advance(progress, (stop - start) * self.workers.world_size)
+        progress.close()
+        self.workers.barrier()
+
+    def _gradient_rows(
+        self,
+        examples: ExampleSet,
+        start: int,
+        stop: int,
+        projections: dict,
+        settings: StoreSettings,
+        inverse: bool,
+    ) -> torch.Tensor:
+        device = self.workers.device
+        batch = tuple(t.to(device) for t in examples.batch(start, stop))
+        mask = examples.token_mask(batch)
+        task = self.task
+        if not inverse:
+            blocks = per_example_gradients(
+                task.model, batch, task.loss_fn, self._modules(), projections, mask=mask
+            )
+        else:
+            full = per_example_gradients(
+                task.model, batch, task.loss_fn, self._modules(), mask=mask
+            )
+            curvature = self._curvature()
+            inverse_blocks = curvature.inverse_hvp(full, damping_factor=self.config.damping)
+            blocks = project_blocks(inverse_blocks, projections)
+        return flatten_blocks(blocks, settings).float().cpu()
+
+    # ---- fit --------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        """Fit the K-FAC / EK-FAC curvature on the training examples and save it."""
+        task = self.task
+        passes = 2 if self.config.method == "ekfac" else 1  # EK-FAC's eigenvalue correction
+        progress = self._progress(passes * len(task.train), f"fit ({self.config.method})")
+        batches = TrainingBatches(task.train, self.config.batch_size, self.workers.device, progress)
+        curvature = curvature_access.fit(
+            task.model,
+            batches,
+            task.loss_fn,
+            self._modules(),
+            method=self.config.method,
+            fisher=self.config.fisher,
+            mask_fn=task.train.token_mask,
+            workers=self.workers,
+            seed=self.config.seed,
+        )
+        progress.close()
+        if self.workers.is_main:
+            curvature.save(self.curvature_path)
+            _write_json(
+                self.run_dir / "fit.json",
+                {
+                    "method": self.config.method,
+                    "model_fingerprint": model_fingerprint(task.model),
+                    "curvature_fingerprint": _file_fingerprint(self.curvature_path),
+                },
+            )
+        self.workers.barrier()
+        self._cached_curvature = None
+
+    def _curvature(self):
+        if getattr(self, "_cached_curvature", None) is None:
+            self._require("fit", "apply")
+            self._cached_curvature = Curvature.load(self.curvature_path, self.workers.device)
+        return self._cached_curvature
+
+    def _curvature_fingerprint(self) -> str:
+        self._require("fit", "build")
+        return json.loads((self.run_dir / "fit.json").read_text())["curvature_fingerprint"]
+
+    def _folded(self) -> dict:
+        curvature = self._curvature()
+        if curvature.method != "kfac":
+            raise ValueError(
+                "compression='folded' needs a K-FAC curvature; this run's curvature is "
+                f"{curvature.method!r} (EK-FAC has no Kronecker-factored inverse root — use "
+                "compression='project')"
+            )
+        eigendecompositions = curvature_access.factor_eigendecompositions(curvature)
+        return folded_projections(eigendecompositions, self._projections(), self.config.damping)
+
+    # ---- apply ------------------------------------------------------------------------------
+
+    def query_settings(self) -> StoreSettings:
+        transform = (
+            self._train_transform()
+            if self.config.compression == "folded"
+            else f"inverse:{self._curvature_fingerprint()}"
+        )
+        # Queries are few: keep them in float32 whatever the training store's dtype.
+        return self.store_settings(self.task.queries, "float32", transform)
+
+    def apply(self, resume: bool = False) -> GradientStore:
+        """Transform the queries: ``P_S (H⁻¹ G_q) P_Aᵀ`` (or ``M_S G_q M_Aᵀ`` when folded)."""
+        self._require("fit", "apply")
+        store = self._open_for_writing(
+            self.query_store_dir, self.query_settings(), len(self.task.queries), resume
+        )
+        if self.config.compression == "folded":
+            self._write_rows(store, self.task.queries, self._folded(), "apply", inverse=False)
+        else:
+            self._write_rows(store, self.task.queries, self._projections(), "apply", inverse=True)
+        return store
+
+    # ---- score ------------------------------------------------------------------------------
+
+    def score(self) -> np.ndarray:
+        """``scores[q, t] = ⟨query_q, train_t⟩`` into ``scores.npy``, then the report."""
+        self._require("build", "score")
+        self._require("apply", "score")
+        train = GradientStore.open(self.train_store_dir, expected=self.train_settings())
+        queries = GradientStore.open(self.query_store_dir, expected=self.query_settings())
+        # The two stores must agree on everything that shapes a row.
+        check_settings(
+            train.settings,
+            queries.settings,
+            f"{self.train_store_dir} (against the queries)",
+            ignore=("dtype", "transform", "data_fingerprint"),
+        )
+        query_rows = queries.read().to(self.workers.device)
+        if self.workers.is_main:
+            np.lib.format.open_memmap(
+                self.scores_path,
+                mode="w+",
+                dtype=np.float32,
+                shape=(len(query_rows), train.num_rows),
+            ).flush()
+        self.workers.barrier()
+        scores = np.load(self.scores_path, mmap_mode="r+")
+        progress = self._progress(train.num_rows, "score")
+        for chunk in self.workers.owned(range(train.num_chunks)):
+            start, stop = train.chunk_range(chunk)
+            rows = train.read(start, stop).to(self.workers.device)
+            scores[:, start:stop] = (query_rows @ rows.T).cpu().numpy()
+            _advance(progress, (stop - start) * self.workers.world_size)
+        progress.close()
+        scores.flush()
+        del scores
+        self.workers.barrier()
+        if self.workers.is_main:
+            from kronlab.attribution.report import write_report
+
+            write_report(self.run_dir, self.config, self.task, self.scores())
+            _write_json(self.run_dir / "score.json", {"shape": [len(query_rows), train.num_rows]})
+        self.workers.barrier()
+        return self.scores()
+
+    def scores(self) -> np.ndarray:
+        """The ``(n_query, n_train)`` scores, memory-mapped read-only."""
+        if not self.scores_path.exists():
+            raise ValueError(f"no scores in {self.run_dir}; run the score stage first")
+        return np.load(self.scores_path, mmap_mode="r")
+
+
+def _advance(progress: tqdm, rows: int) -> None:
+    """Only rank 0 draws the bar: it stands for every rank's share (its rows × world size),
+    capped at the total since the last round of chunks may be uneven."""
+    progress.update(min(rows, max(progress.total - progress.n, 0)))
+
+
+class TrainingBatches(Sequence):
+    """Batches of an :class:`ExampleSet`, sliced on demand; each full iteration (one pass of
+    the curvature fit) advances ``progress`` by the examples it yields."""
+
+    def __init__(
+        self, examples: ExampleSet, size: int, device: torch.device, progress: tqdm | None = None
+    ) -> None:
+        self.examples, self.device, self.progress = examples, device, progress
+        self.ranges = list(_batches(0, len(examples), size))
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        low, high = self.ranges[index]
+        return tuple(t.to(self.device) for t in self.examples.batch(low, high))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for index in range(len(self)):
+            batch = self[index]
+            yield batch
+            if self.progress is not None:
+                self.progress.update(len(batch[0]))
+
+
+def _batches(start: int, stop: int, size: int) -> Iterator[tuple[int, int]]:
+    for low in range(start, stop, size):
+        yield low, min(low + size, stop)
+
+
+def with_overrides(config: AttributionConfig, **overrides: object) -> AttributionConfig:
+    """``config`` with the given (non-``None``) fields replaced, validated again."""
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})

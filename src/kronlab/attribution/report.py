@@ -1,0 +1,101 @@
+"""``report.md`` and ``top_examples.png``: each query's strongest proponents and opponents.
+
+A proponent has a large positive score ``⟨H⁻¹ G_q, G_t⟩``: upweighting it lowers the query's
+loss (Koh & Liang 2017); an opponent has the most negative score.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kronlab.attribution.sources import AttributionTask, ExampleSet
+
+
+def top_and_bottom(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the ``k`` highest (descending) and ``k`` lowest (ascending) per row."""
+    k = min(k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return order[:, :k], order[:, ::-1][:, :k]
+
+
+def write_report(run_dir: Path, config, task: AttributionTask, scores: np.ndarray) -> list[Path]:
+    """Write ``report.md`` (and ``top_examples.png`` when matplotlib is there); return paths."""
+    shown = min(config.report_queries, scores.shape[0])
+    proponents, opponents = top_and_bottom(np.asarray(scores[:shown]), config.top_k)
+    lines = [
+        "# kronlab attribution report",
+        "",
+        f"- model: `{config.model}`, data: `{config.data}`, queries: `{config.queries}`",
+        f"- curvature: {config.method} (damping {config.damping} × mean eigenvalue), "
+        f"compression: {config.compression}, projection_dim: {config.projection_dim} "
+        f"({config.projection_kind}), store dtype: {config.dtype}",
+        f"- scores: `scores.npy`, {scores.shape[0]} queries × {scores.shape[1]} training examples",
+        "",
+    ]
+    for query in range(shown):
+        lines.append(f"## Query {query}: {task.queries.describe(query)}")
+        lines.append("")
+        lines.append("| rank | proponent | score | opponent | score |")
+        lines.append("| ---: | --- | ---: | --- | ---: |")
+        for rank, (plus, minus) in enumerate(zip(proponents[query], opponents[query]), 1):
+            lines.append(
+                f"| {rank} | #{plus} {task.train.describe(plus)} | {scores[query, plus]:.4g} "
+                f"| #{minus} {task.train.describe(minus)} | {scores[query, minus]:.4g} |"
+            )
+        lines.append("")
+    written = [run_dir / "report.md"]
+    if shown and _plot(run_dir / "top_examples.png", task, scores, proponents, opponents):
+        written.append(run_dir / "top_examples.png")
+        lines.append("![top proponents and opponents](top_examples.png)")
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    return written
+
+
+def _plot(
+    path: Path,
+    task: AttributionTask,
+    scores: np.ndarray,
+    proponents: np.ndarray,
+    opponents: np.ndarray,
+) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows, k = proponents.shape
+    images = task.train.kind == "image" and task.train.tensors[0].shape[-1] == 64
+    figure, axes = plt.subplots(
+        rows,
+        1 + 2 * k,
+        figsize=(1.3 * (1 + 2 * k), 1.5 * rows) if images else (3 * (1 + 2 * k), 1.6 * rows),
+        squeeze=False,
+    )
+    for query in range(rows):
+        cells = [(task.queries, query, "query", None)]
+        cells += [(task.train, int(t), "+", scores[query, t]) for t in proponents[query]]
+        cells += [(task.train, int(t), "−", scores[query, t]) for t in opponents[query]]
+        for axis, (examples, index, tag, score) in zip(axes[query], cells):
+            _draw(axis, examples, index, images)
+            title = f"{tag} #{index}" if score is None else f"{tag} {score:.2g}"
+            axis.set_title(title, fontsize=7, color="green" if tag == "+" else "black")
+    figure.suptitle("query | top proponents (+) | top opponents (−)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def _draw(axis, examples: ExampleSet, index: int, images: bool) -> None:
+    axis.set_xticks([])
+    axis.set_yticks([])
+    if images:
+        axis.imshow(examples.tensors[0][index].reshape(8, 8).numpy(), cmap="gray_r")
+        axis.set_xlabel(examples.describe(index), fontsize=6)
+    else:
+        text = examples.describe(index)
+        axis.text(0.02, 0.5, text[:40], fontsize=5, family="monospace", va="center", wrap=True)

@@ -1,0 +1,335 @@
+"""Resolve the pipeline's ``--model``, ``--data`` and ``--queries`` into a model, examples, a loss.
+
+Models: ``digits-mlp`` (embedded default: trained once, then loaded from the cache dir),
+``tiny-gpt`` (GPT-2-style, briefly trained on stdlib text, cached too), ``package.module:function``
+(a factory returning an ``nn.Module``), or a local Hugging Face model directory.
+Data: ``digits``, ``stdlib-text``, a local ``.jsonl`` (``{"text": ...}`` or ``{"input": [...],
+"label": k}`` per line) or a local HF dataset directory (``datasets.save_to_disk``); text is
+tokenized on the fly (bytes, or the HF model's tokenizer). Queries: ``test`` (the data's
+held-out split) or another data spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+ExampleKind = Literal["image", "vector", "text"]
+DEFAULT_CACHE = Path(os.environ.get("KRONLAB_CACHE_DIR", Path.home() / ".cache" / "kronlab"))
+
+
+@dataclass
+class ExampleSet:
+    """Examples as aligned tensors; a batch is ``tuple(t[start:stop] for t in tensors)``.
+
+    Text sets are ``(tokens, mask)`` and ``mask`` is passed to the hooks so that padding tokens
+    contribute nothing; labelled sets are ``(inputs, labels)``.
+    """
+
+    tensors: tuple[torch.Tensor, ...]
+    kind: ExampleKind
+    texts: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def batch(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t[start:stop] for t in self.tensors)
+
+    def token_mask(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """The padding mask of a text batch; ``None`` when nothing is padded (no masking work)."""
+        if self.kind != "text" or bool(batch[1].all()):
+            return None
+        return batch[1]
+
+    def subset(self, count: int | None) -> ExampleSet:
+        if count is None or count >= len(self):
+            return self
+        if count < 1:
+            raise ValueError(f"the number of examples must be >= 1, got {count}")
+        texts = None if self.texts is None else self.texts[:count]
+        return ExampleSet(tuple(t[:count] for t in self.tensors), self.kind, texts)
+
+    def fingerprint(self) -> str:
+        return tensors_fingerprint(self.tensors)
+
+    def describe(self, index: int) -> str:
+        if self.kind == "text":
+            assert self.texts is not None
+            return repr(self.texts[index][:60])
+        return f"label {int(self.tensors[1][index])}"
+
+
+@dataclass
+class AttributionTask:
+    """A model, its summed per-example loss, training examples and queries."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    train: ExampleSet
+    queries: ExampleSet
+
+
+def tensors_fingerprint(tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> str:
+    """SHA-256 (first 16 hex digits) of the tensors' dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Fingerprint of the model's parameters and buffers (names included)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensors_fingerprint([tensor]).encode())
+    return digest.hexdigest()[:16]
+
+
+def classification_loss(
+    model: nn.Module, batch: tuple[torch.Tensor, ...], sample: bool = False
+) -> torch.Tensor:
+    """Cross-entropy summed over the batch (the hooks need per-example, unscaled losses).
+
+    ``sample=True`` draws the labels from the model's predictive distribution (true Fisher).
+    """
+    inputs, labels = batch
+    logits = _logits(model(inputs))
+    return F.cross_entropy(logits, _targets(logits, labels, sample), reduction="sum")
+
+
+def language_model_loss(
+    model: nn.Module, batch: tuple[torch.Tensor, ...], sample: bool = False
+) -> torch.Tensor:
+    """Next-token cross-entropy summed over real target tokens (padding masked out)."""
+    tokens, mask = batch
+    logits = _logits(model(tokens))[:, :-1]
+    logits = logits.reshape(-1, logits.shape[-1])
+    targets = _targets(logits, tokens[:, 1:].reshape(-1), sample)
+    losses = F.cross_entropy(logits, targets, reduction="none")
+    return (losses * mask[:, 1:].reshape(-1).to(losses.dtype)).sum()
+
+
+def _targets(logits: torch.Tensor, labels: torch.Tensor, sample: bool) -> torch.Tensor:
+    if not sample:
+        return labels
+    with torch.no_grad():
+        probabilities = torch.softmax(logits.detach().float(), dim=-1)
+        return torch.multinomial(probabilities, 1).squeeze(-1)
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+# ---- models ---------------------------------------------------------------------------------
+
+
+def _train_digits_mlp(seed: int) -> nn.Module:
+    from kronlab.tasks.digits import digits_mlp, digits_task
+
+    task = digits_task()
+    model = digits_mlp(seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    for _ in range(400):
+        rows = torch.randint(len(task.train_inputs), (128,), generator=generator)
+        loss = F.cross_entropy(model(task.train_inputs[rows]), task.train_targets[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+def _train_tiny_gpt(seed: int) -> nn.Module:
+    from kronlab.tasks.text import encode_bytes, stdlib_text, tiny_gpt, train_briefly
+
+    model = tiny_gpt(seed)
+    tokens, mask = encode_bytes(stdlib_text(512, 64, seed=seed + 1), 64)
+    return train_briefly(model, tokens, mask, steps=60, seed=seed)
+
+
+def _embedded_models() -> dict[str, tuple[Callable[[int], nn.Module], Callable[[int], nn.Module]]]:
+    from kronlab.tasks.digits import digits_mlp
+    from kronlab.tasks.text import tiny_gpt
+
+    return {
+        "digits-mlp": (digits_mlp, _train_digits_mlp),
+        "tiny-gpt": (lambda seed: tiny_gpt(seed), _train_tiny_gpt),
+    }
+
+
+def load_model(spec: str, seed: int = 0, cache_dir: Path | None = None) -> nn.Module:
+    """The model named by ``spec`` in eval mode (see the module docstring for the forms)."""
+    embedded = _embedded_models()
+    if spec in embedded:
+        build, train = embedded[spec]
+        cache = Path(cache_dir or DEFAULT_CACHE) / f"{spec}-seed{seed}.pt"
+        model = build(seed)
+        if cache.exists():
+            model.load_state_dict(torch.load(cache, weights_only=True))
+        else:
+            model = train(seed)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            temporary = cache.with_suffix(".tmp")
+            torch.save(model.state_dict(), temporary)
+            os.replace(temporary, cache)
+        return model.eval()
+    if ":" in spec and not Path(spec).exists():
+        module_name, _, function_name = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), function_name)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"--model {spec!r}: cannot import {function_name} ({error})") from None
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"--model {spec!r} returned {type(model).__name__}, not nn.Module")
+        return model.eval()
+    path = Path(spec)
+    if path.is_dir() and (path / "config.json").exists():
+        try:
+            from transformers import AutoModelForCausalLM
+        except ImportError as error:
+            raise ImportError(
+                "a Hugging Face model directory needs transformers: pip install 'kronlab[hf]'"
+            ) from error
+        return AutoModelForCausalLM.from_pretrained(path).eval()
+    raise ValueError(
+        f"--model {spec!r} is not one of {sorted(embedded)}, a 'module:function' factory, or a "
+        "local Hugging Face model directory"
+    )
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+
+def _digits_split(split: Literal["train", "test"]) -> ExampleSet:
+    from kronlab.tasks.digits import digits_task
+
+    task = digits_task()
+    if split == "train":
+        return ExampleSet((task.train_inputs, task.train_targets), "image")
+    return ExampleSet((task.test_inputs, task.test_targets), "image")
+
+
+def _text_set(texts: list[str], length: int, tokenizer_dir: Path | None) -> ExampleSet:
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        encoded = tokenizer(
+            texts, max_length=length, truncation=True, padding="max_length", return_tensors="pt"
+        )
+        tensors = (encoded["input_ids"], encoded["attention_mask"].bool())
+    else:
+        from kronlab.tasks.text import encode_bytes
+
+        tensors = encode_bytes(texts, length)
+    return ExampleSet(tensors, "text", list(texts))
+
+
+def _records_to_set(
+    records: list[dict], source: str, length: int, tokenizer_dir: Path | None
+) -> ExampleSet:
+    if not records:
+        raise ValueError(f"{source} holds no examples")
+    if "text" in records[0]:
+        return _text_set([str(r["text"]) for r in records], length, tokenizer_dir)
+    if "input" in records[0] and "label" in records[0]:
+        inputs = torch.tensor([r["input"] for r in records], dtype=torch.float32)
+        labels = torch.tensor([int(r["label"]) for r in records], dtype=torch.long)
+        return ExampleSet((inputs, labels), "vector")
+    raise ValueError(
+        f"{source}: records need a 'text' field or 'input' and 'label' fields, got keys "
+        f"{sorted(records[0])}"
+    )
+
+
+def load_examples(
+    spec: str,
+    split: Literal["train", "test"],
+    *,
+    length: int = 64,
+    tokenizer_dir: Path | None = None,
+    seed: int = 0,
+) -> ExampleSet:
+    """Examples named by ``spec``; embedded sets have a train and a held-out test split."""
+    if spec == "digits":
+        return _digits_split(split)
+    if spec == "stdlib-text":
+        from kronlab.tasks.text import stdlib_text
+
+        # Disjoint seeds keep the query snippets apart from the training ones.
+        count, offset = (512, 1) if split == "train" else (64, 1000)
+        return _text_set(stdlib_text(count, length, seed=seed + offset), length, tokenizer_dir)
+    path = Path(spec)
+    if path.suffix == ".jsonl" and path.is_file():
+        lines = path.read_text("utf-8").splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+        return _records_to_set(records, spec, length, tokenizer_dir)
+    if path.is_dir():
+        try:
+            from datasets import load_from_disk
+        except ImportError as error:
+            raise ImportError(
+                "a Hugging Face dataset directory needs datasets: pip install 'kronlab[hf]'"
+            ) from error
+        dataset = load_from_disk(str(path))
+        return _records_to_set(list(dataset), spec, length, tokenizer_dir)
+    raise ValueError(
+        f"data {spec!r} is not 'digits', 'stdlib-text', a local .jsonl file or a local Hugging "
+        "Face dataset directory"
+    )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    """A local HF model directory that ships a tokenizer (else text is encoded as bytes)."""
+    return directory.is_dir() and any((directory / name).exists() for name in TOKENIZER_FILES)
+
+
+def load_task(
+    model: str,
+    data: str,
+    queries: str = "test",
+    *,
+    num_train: int | None = None,
+    num_queries: int = 10,
+    length: int = 64,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+) -> AttributionTask:
+    """Model, loss and examples for the pipeline; the loss follows the kind of data."""
+    network = load_model(model, seed=seed, cache_dir=cache_dir)
+    tokenizer_dir = Path(model) if _has_tokenizer(Path(model)) else None
+    train = load_examples(data, "train", length=length, tokenizer_dir=tokenizer_dir, seed=seed)
+    if queries == "test":
+        query_set = load_examples(
+            data, "test", length=length, tokenizer_dir=tokenizer_dir, seed=seed
+        )
+    else:
+        query_set = load_examples(queries, "train", length=length, tokenizer_dir=tokenizer_dir)
+    if query_set.kind != train.kind and {query_set.kind, train.kind} != {"image", "vector"}:
+        raise ValueError(f"queries are {query_set.kind} examples but the data is {train.kind}")
+    loss_fn = language_model_loss if train.kind == "text" else classification_loss
+    for parameter in network.parameters():
+        parameter.requires_grad_(True)
+    return AttributionTask(network, loss_fn, train.subset(num_train), query_set.subset(num_queries))

@@ -1,0 +1,172 @@
+"""GradientStore: round trip per dtype, commit markers, resume after SIGKILL, mismatch errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kronlab.attribution.store import (
+    GradientStore,
+    ModuleBlock,
+    StoreMismatchError,
+    StoreSettings,
+    flatten_blocks,
+)
+
+
+def settings(**overrides) -> StoreSettings:
+    values = dict(
+        modules=(ModuleBlock("fc1", (4, 4)), ModuleBlock("fc2", (4, 3))),
+        projection_dim=4,
+        dtype="float32",
+        model_fingerprint="model-a",
+        data_fingerprint="data-a",
+    )
+    values.update(overrides)
+    return StoreSettings(**values)
+
+
+def fill(store: GradientStore, rows: torch.Tensor) -> None:
+    for chunk in store.pending_chunks():
+        start, stop = store.chunk_range(chunk)
+        store.write_chunk(chunk, rows[start:stop])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"), [("float32", 0.0), ("bfloat16", 2**-8), ("float16", 2**-11)]
+)
+def test_round_trip_per_dtype(tmp_path, dtype, tolerance):
+    layout = settings(dtype=dtype)
+    rows = torch.randn(23, layout.row_width)
+    store = GradientStore.create(tmp_path / "s", layout, num_rows=23, chunk_rows=5)
+    assert store.num_chunks == 5 and not store.is_complete
+    fill(store, rows)
+    reopened = GradientStore.open(tmp_path / "s", expected=layout)
+    assert reopened.is_complete
+    read = reopened.read()
+    assert read.dtype == torch.float32
+    # Storage rounding only: relative error within half an ulp of the storage format.
+    np.testing.assert_allclose(read.numpy(), rows.numpy(), rtol=tolerance, atol=1e-30)
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    assert (tmp_path / "s" / "gradients.bin").stat().st_size == 23 * layout.row_width * itemsize
+    # Row-major flat file: row i starts at i * row_width.
+    raw = np.fromfile(tmp_path / "s" / "gradients.bin", dtype=reopened.array.dtype)
+    np.testing.assert_array_equal(raw.reshape(23, -1)[7], reopened.array[7])
+    metadata = json.loads((tmp_path / "s" / "store.json").read_text())
+    assert metadata["format_version"] == 1 and metadata["num_rows"] == 23
+    assert metadata["settings"]["modules"][1] == {"name": "fc2", "shape": [4, 3]}
+
+
+def test_module_blocks_split_rows_in_order(tmp_path):
+    layout = settings()
+    blocks = {"fc1": torch.randn(6, 4, 4), "fc2": torch.randn(6, 4, 3)}
+    rows = flatten_blocks(blocks, layout)
+    assert torch.equal(rows[:, :16], blocks["fc1"].reshape(6, 16))
+    store = GradientStore.create(tmp_path / "s", layout, num_rows=6, chunk_rows=4)
+    fill(store, rows)
+    split = store.module_blocks(store.read(2, 5))
+    assert torch.equal(split["fc2"], blocks["fc2"][2:5])
+    with pytest.raises(ValueError, match="fc2"):
+        flatten_blocks({"fc1": blocks["fc1"], "fc2": torch.randn(6, 3, 4)}, layout)
+
+
+def test_incomplete_store_refuses_reads_and_pending_chunks_split_by_rank(tmp_path):
+    layout = settings()
+    store = GradientStore.create(tmp_path / "s", layout, num_rows=10, chunk_rows=3)
+    store.write_chunk(1, torch.ones(3, layout.row_width))
+    assert store.committed().tolist() == [False, True, False, False]
+    assert store.pending_chunks(rank=0, world_size=2) == [0, 2]
+    assert store.pending_chunks(rank=1, world_size=2) == [3]
+    assert torch.equal(store.read(3, 6), torch.ones(3, layout.row_width))
+    with pytest.raises(ValueError, match="incomplete.*--resume"):
+        store.read(0, 4)
+    with pytest.raises(ValueError, match="shape"):
+        store.write_chunk(3, torch.ones(3, layout.row_width))  # last chunk has 1 row
+    with pytest.raises(ValueError, match="non-finite"):
+        store.write_chunk(0, torch.full((3, layout.row_width), float("nan")))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("projection_dim", 8),
+        ("dtype", "bfloat16"),
+        ("projection_kind", "normal"),
+        ("modules", (ModuleBlock("fc1", (4, 4)),)),
+        ("model_fingerprint", "model-b"),
+        ("transform", "folded:abc"),
+    ],
+)
+def test_settings_mismatch_is_a_clear_error(tmp_path, field, value):
+    GradientStore.create(tmp_path / "s", settings(), num_rows=4, chunk_rows=2)
+    with pytest.raises(StoreMismatchError, match=f"{field}: stored"):
+        GradientStore.open(tmp_path / "s", expected=settings(**{field: value}))
+    # The same mismatch also blocks resuming into the store.
+    with pytest.raises(StoreMismatchError, match=field):
+        GradientStore.create(
+            tmp_path / "s", settings(**{field: value}), num_rows=4, chunk_rows=2, resume=True
+        )
+
+
+def test_existing_store_needs_resume_and_matching_size(tmp_path):
+    GradientStore.create(tmp_path / "s", settings(), num_rows=4, chunk_rows=2)
+    with pytest.raises(FileExistsError, match="resume"):
+        GradientStore.create(tmp_path / "s", settings(), num_rows=4, chunk_rows=2)
+    with pytest.raises(StoreMismatchError, match="num_rows=4"):
+        GradientStore.create(tmp_path / "s", settings(), num_rows=5, chunk_rows=2, resume=True)
+    with pytest.raises(StoreMismatchError, match="data_fingerprint"):
+        GradientStore.open(tmp_path / "s", expected=settings(data_fingerprint="other"))
+    # Query stores are compared without the data fingerprint.
+    GradientStore.open(
+        tmp_path / "s", expected=settings(data_fingerprint="other"), ignore=("data_fingerprint",)
+    )
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        settings(dtype="int8")
+    with pytest.raises(ValueError, match="projection_dim must be >= 0, got -1"):
+        settings(projection_dim=-1)
+    with pytest.raises(ValueError, match="unique"):
+        settings(modules=(ModuleBlock("a", (1, 1)), ModuleBlock("a", (1, 1))))
+
+
+class Crash(Exception):
+    """Stands in for a SIGKILL at one instant (the CLI test in test_pipeline.py sends real ones)."""
+
+
+@pytest.mark.parametrize("instant", ["mid-data", "after-data-before-commit"])
+def test_resume_after_a_crash_rewrites_only_uncommitted_chunks(tmp_path, monkeypatch, instant):
+    layout = settings()
+    rows = torch.randn(40, layout.row_width)
+    store = GradientStore.create(tmp_path / "s", layout, num_rows=40, chunk_rows=6)
+    for chunk in (0, 1, 2):
+        store.write_chunk(chunk, rows[6 * chunk : 6 * chunk + 6])
+
+    import kronlab.attribution.store as store_module
+
+    real_pwrite = store_module._pwrite_all
+
+    def crashing_pwrite(fd, payload, offset):
+        if instant == "mid-data":
+            real_pwrite(fd, payload[: len(payload) // 2], offset)  # half the chunk's bytes
+            raise Crash
+        if len(payload) == 1:  # the commit byte: data is already in the file
+            raise Crash
+        real_pwrite(fd, payload, offset)
+
+    monkeypatch.setattr(store_module, "_pwrite_all", crashing_pwrite)
+    with pytest.raises(Crash):
+        store.write_chunk(3, rows[18:24] + 1000)  # these values must not survive
+    monkeypatch.setattr(store_module, "_pwrite_all", real_pwrite)
+
+    resumed = GradientStore.create(tmp_path / "s", layout, num_rows=40, chunk_rows=6, resume=True)
+    assert resumed.pending_chunks() == [3, 4, 5, 6]
+    written = []
+    for chunk in resumed.pending_chunks():
+        start, stop = resumed.chunk_range(chunk)
+        resumed.write_chunk(chunk, rows[start:stop])
+        written.append(chunk)
+    assert written == [3, 4, 5, 6] and resumed.is_complete
+    assert torch.equal(resumed.read(), rows)
