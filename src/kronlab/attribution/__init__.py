@@ -15,10 +15,16 @@ from kronlab.attribution.curvature import (
     ModuleCurvature,
 )
 from kronlab.attribution.fit import cross_entropy_loss, default_mask, fit_curvature, mse_loss
+from kronlab.attribution.pipeline import AttributionConfig, AttributionRun
 from kronlab.attribution.scores import NORMALIZATIONS, influence_scores, top_k
+from kronlab.attribution.store import GradientStore, StoreMismatchError
 from kronlab.curvature import find_modules, per_example_gradients
 
 __all__ = [
+    "AttributionConfig",
+    "AttributionRun",
+    "GradientStore",
+    "StoreMismatchError",
     "CURVATURE_METHODS",
     "FORMAT_VERSION",
     "NORMALIZATIONS",

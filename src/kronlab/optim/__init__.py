@@ -18,17 +18,16 @@ from kronlab.optim.sirfshampoo import SIRFShampoo
 from kronlab.optim.spectron import Spectron
 
 __all__ = [
-    "SOAP",
     "KLShampoo",
-    "Shampoo",
     "KronOptimizer",
     "Muon",
     "PSGD",
-    "KronOptimizer",
     "PSGDLayout",
     "ParameterBundle",
     "RegisteredOptimizer",
     "SIRFShampoo",
+    "SOAP",
+    "Shampoo",
     "Spectron",
     "auxiliary_parameters",
     "available_optimizers",
