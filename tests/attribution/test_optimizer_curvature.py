@@ -150,3 +150,46 @@ def test_conv2d_input_side_is_the_kronecker_product_of_its_dims(variant: str) ->
         dense = basis @ torch.diag(optimizer.second_moments[0].flatten()) @ basis.T
     expected = torch.linalg.solve(dense + 0.4 * torch.eye(12, dtype=torch.float64), grad.flatten())
     torch.testing.assert_close(curvature.inverse_hvp({"0": grad}, 0.4)["0"], expected.reshape(3, 4))
+
+
+@pytest.mark.parametrize("preconditioner", ["root_inv", "eigenvalue_corrected"])
+def test_real_shampoo_and_soap_factors_give_the_dense_curvature(preconditioner: str) -> None:
+    """End to end with kronlab.optim.Shampoo: the curvature is the optimizer's own factors."""
+    from kronlab.groups import LinearWeightBias, PerParameter
+    from kronlab.optim import Shampoo
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    optimizer = Shampoo(
+        None,
+        model=model,
+        lr=1e-2,
+        preconditioner=preconditioner,
+        merge_dims=False,
+        factor_dtype=torch.float64,
+        combine_params=(LinearWeightBias(), PerParameter()),
+    )
+    inputs, targets = torch.randn(32, 5, dtype=torch.float64), torch.randint(0, 3, (32,))
+    for _ in range(4):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+    curvature = Curvature.from_optimizer(optimizer, model)
+    grads = {
+        "0": torch.randn(4, 6, dtype=torch.float64),
+        "2": torch.randn(3, 5, dtype=torch.float64),
+    }
+    applied = curvature.inverse_hvp(grads, damping=0.05)
+    for name, layer in (("0", model[0]), ("2", model[2])):
+        (block,) = optimizer.kronecker_factors(layer.weight)
+        if preconditioner == "root_inv":
+            left, right = (f.double() / block.factor_bias_correction for f in block.factors)
+            dense = torch.kron(left, right)
+        else:
+            basis = torch.kron(*(q.double() for q in block.eigenvectors))
+            moment = block.second_moment.double() / block.eigenvalue_bias_correction
+            dense = basis @ torch.diag(moment.flatten()) @ basis.T
+        expected = torch.linalg.solve(
+            dense + 0.05 * torch.eye(len(dense), dtype=torch.float64), grads[name].flatten()
+        )
+        torch.testing.assert_close(applied[name], expected.reshape(grads[name].shape))
