@@ -97,3 +97,25 @@ def test_parse_learning_rates():
     )
     with pytest.raises(ValueError, match="--lr expects"):
         parse_learning_rates(["soap=fast"])
+
+
+def test_all_optimizers(tmp_path):
+    import kronlab.optim
+
+    assert (
+        main(
+            [
+                "compare",
+                "--optimizers",
+                "all",
+                "--steps",
+                "3",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    names = [r["name"] for r in json.loads((tmp_path / "compare.json").read_text())["results"]]
+    assert names == kronlab.optim.available_optimizers()

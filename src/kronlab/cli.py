@@ -36,7 +36,9 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
         "compare.png and compare.json to --out.",
     )
     parser.add_argument(
-        "--optimizers", default="adamw,sgd", help="comma-separated names (see --list)"
+        "--optimizers",
+        default="adamw,sgd,shampoo,soap,pf_shampoo,muon,psgd_quad,sirfshampoo",
+        help="comma-separated names (see --list), or 'all'",
     )
     parser.add_argument("--list", action="store_true", help="list the optimizers and exit")
     parser.add_argument("--task", default="digits", choices=available_tasks())
@@ -71,6 +73,8 @@ def _run_compare(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     names = [name.strip() for name in args.optimizers.split(",") if name.strip()]
+    if names == ["all"]:
+        names = available_optimizers()
     if not names:
         raise ValueError("--optimizers is empty")
     for name in names:
