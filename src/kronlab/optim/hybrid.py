@@ -188,19 +188,6 @@ class HybridMatrixOptimizer(KronOptimizer):
         return self.matrix_algorithm
 
     # --- stepping -----------------------------------------------------------------------
-    def _gradients_are_finite(self) -> bool:
-        # One fused pass (a float32 norm per gradient) instead of an ``isfinite`` mask per
-        # gradient, which cost more than the whole Newton–Schulz overhead: a NaN/Inf entry makes
-        # its norm non-finite. Only entries beyond ~1e19 (overflowing the float32 sum of
-        # squares) are flagged as well, and those mean divergence anyway.
-        grads = [
-            p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
-        ]
-        if not grads:
-            return True
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        return bool(torch.stack(norms).isfinite().all())
-
     def update(self) -> None:
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
