@@ -119,3 +119,25 @@ def test_all_optimizers(tmp_path):
     )
     names = [r["name"] for r in json.loads((tmp_path / "compare.json").read_text())["results"]]
     assert names == kronlab.optim.available_optimizers()
+
+
+def test_each_run_is_independent_of_the_others(tmp_path):
+    """An optimizer that draws random numbers gives the same curve alone or after others."""
+    common = ["--steps", "5", "--no-progress"]
+    main(["compare", "--optimizers", "psgd_quad", "--out", str(tmp_path / "a"), *common])
+    main(
+        [
+            "compare",
+            "--optimizers",
+            "muon,spectron,psgd_quad",
+            "--out",
+            str(tmp_path / "b"),
+            *common,
+        ]
+    )
+
+    def curve(folder):
+        results = json.loads((tmp_path / folder / "compare.json").read_text())["results"]
+        return next(r for r in results if r["name"] == "psgd_quad")["train_loss_curve"]
+
+    assert curve("a") == curve("b")

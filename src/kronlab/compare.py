@@ -66,6 +66,9 @@ def train_one(
 ) -> RunResult:
     """Train the task's model (weights from ``seed``) with one registered optimizer."""
     model = task.make_model(seed)
+    # Optimizers that draw random numbers (PSGD's noise, Spectron's power-iteration start) get
+    # the same stream whichever optimizers ran before them in this comparison.
+    torch.manual_seed(seed)
     optimizer = create_optimizer(optimizer_name, model, lr)
     result = RunResult(name=optimizer_name, lr=lr)
     schedule = batch_schedule(len(task.train_inputs), steps, batch_size, seed)
