@@ -172,16 +172,20 @@ def exact_ggn_method(
     return results, seconds
 
 
-def kronfluence_method(kind: str, model: nn.Module, queries: int, seed: int) -> ScoresByDamping:
+def kronfluence_method(
+    kind: str, model: nn.Module, queries: int, seed: int, samples: int = 1
+) -> ScoresByDamping:
     """kronfluence's EK-FAC with its heuristic damping (0.1 × mean eigenvalue per module); its
-    explicit ``damping_factor`` is one absolute value for all modules, so no relative sweep."""
+    explicit ``damping_factor`` is one absolute value for all modules, so no relative sweep.
+    ``samples`` > 1 fits its factors on that many copies of the training set, each copy with its
+    own label draws: kronfluence's equivalent of kronlab's ``samples`` true-Fisher draws."""
     with tempfile.TemporaryDirectory() as directory:
         state, output = Path(directory) / "state.pt", Path(directory) / "scores.pt"
         torch.save(model.state_dict(), state)
         command = [
             KRONFLUENCE_PYTHON, "-m", "benchmarks.lds_kronfluence", "--model", kind,
             "--state", str(state), "--queries", str(queries), "--output", str(output),
-            "--seed", str(seed),
+            "--seed", str(seed), "--fisher-samples", str(samples),
         ]  # fmt: skip
         completed = subprocess.run(command, capture_output=True, text=True)
         if completed.returncode != 0:
@@ -205,6 +209,14 @@ def main() -> None:
         help="damping factors for the 'best LDS' column (timing uses 0.1)",
     )
     parser.add_argument("--fisher-seeds", type=int, default=3)
+    parser.add_argument(
+        "--fisher-samples",
+        type=int,
+        default=1,
+        help="true-Fisher label draws per example for every sampled method, kronfluence included "
+        "(kronlab: fit_curvature(samples=K); kronfluence: factors fitted on K copies of the "
+        "training set). With 1, an extra 'EK-FAC, 4 Fisher samples' row is shown.",
+    )
     parser.add_argument("--write", type=Path, default=None, help="append the table (markdown)")
     arguments = parser.parse_args()
     torch.set_num_threads(1)
@@ -229,18 +241,21 @@ def main() -> None:
     )
 
     factors = [DAMPING_FACTOR] + [f for f in arguments.sweep if f != DAMPING_FACTOR]
+    samples = arguments.fisher_samples
     methods: dict[str, Callable[..., ScoresByDamping]] = {
         "identity (gradient dot product)": kronlab_method("identity"),
-        "diagonal": kronlab_method("diagonal"),
-        "K-FAC": kronlab_method("kfac"),
-        "EK-FAC": kronlab_method("ekfac"),
+        "diagonal": kronlab_method("diagonal", samples=samples),
+        "K-FAC": kronlab_method("kfac", samples=samples),
+        "EK-FAC": kronlab_method("ekfac", samples=samples),
         "EK-FAC, 4 Fisher samples": kronlab_method("ekfac", samples=4),
         "optimizer curvature (SOAP factors)": optimizer_method,
         "exact damped GGN": exact_ggn_method,
         "kronfluence EK-FAC": lambda model, *_, seed: kronfluence_method(
-            arguments.model, model, arguments.queries, seed
+            arguments.model, model, arguments.queries, seed, samples
         ),
     }
+    if samples != 1:  # every sampled method already draws `samples` labels
+        del methods["EK-FAC, 4 Fisher samples"]
     # These draw true-Fisher labels: report the mean (± std) over seeds of the label draws.
     stochastic = {"diagonal", "K-FAC", "EK-FAC", "EK-FAC, 4 Fisher samples", "kronfluence EK-FAC"}
     rows: list[Row] = []
@@ -305,7 +320,8 @@ def format_table(
         f"### LDS, digits {arguments.model.upper()} ({arguments.subsets} subsets × "
         f"{arguments.seeds} seeds, {arguments.queries} queries)",
         "",
-        f"Command: `PYTHONPATH=src python -m benchmarks.lds --model {arguments.model}`  ",
+        f"Command: `PYTHONPATH=src python -m benchmarks.lds --model {arguments.model}"
+        f" --fisher-samples {arguments.fisher_samples}`  ",
         f"Machine: {machine_description()} (shared, noisy); retraining took "
         f"{retrain_seconds:.0f} s (cached).",
         "",

@@ -14,7 +14,7 @@ import time
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import ConcatDataset, TensorDataset
 
 from benchmarks.lds_training import make_model
 from kronlab.tasks.digits import digits_task
@@ -28,6 +28,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--output", required=True)
     parser.add_argument("--seed", type=int, default=0, help="seeds the true-Fisher label draws")
+    parser.add_argument(
+        "--fisher-samples",
+        type=int,
+        default=1,
+        help="fit the factors on this many copies of the training set (independent label draws)",
+    )
     arguments = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(arguments.seed)
@@ -62,9 +68,11 @@ def main() -> None:
         started = time.perf_counter()
         model = prepare_model(model, task)
         analyzer = Analyzer("lds", model, task, cpu=True, disable_tqdm=True, output_dir=output_dir)
+        # K copies = K true-Fisher label draws per example for covariances and eigenvalues.
+        fit_data = ConcatDataset([train] * arguments.fisher_samples)
         analyzer.fit_all_factors(
             "ekfac",
-            train,
+            fit_data,
             per_device_batch_size=arguments.batch_size,
             factor_args=FactorArguments(strategy="ekfac"),
         )
