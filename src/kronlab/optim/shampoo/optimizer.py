@@ -229,7 +229,10 @@ class Shampoo(KronOptimizer):
         state_dtype = working_dtype(self.bundles[stack.members[0][0]].key.dtype)
         gradient = plan.gather(index, gradients).to(state_dtype)
         state["step"] = state.get("step", 0) + 1
-        filtered = filtered_gradient(state, gradient, settings)
+        if stack.kind == "kronecker" and variants.momentum_in_eigenbasis(settings):
+            filtered = gradient  # the momentum is filtered in the eigenbasis (variants.py)
+        else:
+            filtered = filtered_gradient(state, gradient, settings)
         if stack.kind == "diagonal":
             return gradient, filtered, diagonal_direction(state, gradient, filtered, settings), None
         grafted = grafting_direction(state, gradient, filtered, settings)
