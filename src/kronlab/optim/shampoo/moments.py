@@ -11,13 +11,17 @@ from kronlab.optim.shampoo.settings import StackSettings
 
 
 def filtered_gradient(
-    state: dict[str, Any], gradient: torch.Tensor, settings: StackSettings
+    state: dict[str, Any],
+    gradient: torch.Tensor,
+    settings: StackSettings,
+    key: str = "momentum",
 ) -> torch.Tensor:
     """``M = m̂``, ``m ← β₁ m + (1 − β₁) g``; Nesterov uses ``β₁ m + (1 − β₁) g`` after the
-    update (bias-corrected by ``1 − β₁^t``); ``β₁ = 0`` is the raw gradient."""
+    update (bias-corrected by ``1 − β₁^t``); ``β₁ = 0`` is the raw gradient. ``key`` names the
+    state entry (SOAP keeps its momentum in the eigenbasis under another name)."""
     if settings.beta1 == 0.0:
         return gradient
-    momentum = state.setdefault("momentum", torch.zeros_like(gradient))
+    momentum = state.setdefault(key, torch.zeros_like(gradient))
     accumulate_(momentum, gradient, settings.beta1)
     filtered = gradient.lerp(momentum, settings.beta1) if settings.nesterov else momentum
     return filtered / bias_correction(settings.beta1, state["step"], settings.bias_correction)

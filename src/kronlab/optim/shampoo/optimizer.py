@@ -79,7 +79,8 @@ class Shampoo(KronOptimizer):
     a gradient on a step is neither updated nor decayed, but its statistics see a zero gradient.
 
     State layout: blocks live in stacks, ``optimizer.state["kronlab"]["stacks"][s]``, a dict with
-    ``step`` (updates of the stack), ``momentum`` and ``grafting_second_moment`` ``(B, *block)``,
+    ``step`` (updates of the stack), ``momentum`` (``eigenbasis_momentum`` for the
+    eigenvalue-corrected variant without grafting) and ``grafting_second_moment`` ``(B, *block)``,
     ``factors`` ``[(B, d_i, d_i)]``, ``failures`` ``[(B,)]`` and the variant's cache
     (``variants.py``: ``inverse_roots`` | ``eigenvectors``, ``eigenvalues`` | ``second_moment``
     | ``eigenvalue_ema``, ``correction_step``). ``kronecker_factors(param)`` returns, per block of
@@ -229,7 +230,10 @@ class Shampoo(KronOptimizer):
         state_dtype = working_dtype(self.bundles[stack.members[0][0]].key.dtype)
         gradient = plan.gather(index, gradients).to(state_dtype)
         state["step"] = state.get("step", 0) + 1
-        filtered = filtered_gradient(state, gradient, settings)
+        if stack.kind == "kronecker" and variants.momentum_in_eigenbasis(settings):
+            filtered = gradient  # the momentum is filtered in the eigenbasis (variants.py)
+        else:
+            filtered = filtered_gradient(state, gradient, settings)
         if stack.kind == "diagonal":
             return gradient, filtered, diagonal_direction(state, gradient, filtered, settings), None
         grafted = grafting_direction(state, gradient, filtered, settings)

@@ -6,7 +6,9 @@ Per-stack state written here (lists have one entry per block axis, stacks have B
 * root-inverse: ``inverse_roots`` ``[(B, d_i, d_i)]`` = ``(F_i/bc + εI)^{-p}`` at the last refresh.
 * eigendecomposed: ``eigenvectors`` ``[(B, d_i, d_i)]``, ``eigenvalues`` ``[(B, d_i)]`` of ``F_i``.
 * eigenvalue-corrected: ``eigenvectors``, ``second_moment`` ``(B, d_1, …, d_k)``, and
-  ``correction_step`` (updates of the second moment, for its bias correction).
+  ``correction_step`` (updates of the second moment, for its bias correction); without
+  grafting, also ``eigenbasis_momentum`` (the first moment kept in the eigenbasis, see
+  ``momentum_in_eigenbasis``) instead of the parameter-space ``momentum``.
 * per-factor eigenvalue-corrected: ``eigenvectors``, ``eigenvalue_ema`` ``[(B, d_i)]``,
   ``correction_step``.
 """
@@ -39,6 +41,7 @@ from kronlab.optim.shampoo.config import (
     PerFactorEigenvalueCorrectedConfig,
     RootInverseConfig,
 )
+from kronlab.optim.shampoo.moments import filtered_gradient
 from kronlab.optim.shampoo.settings import StackSettings
 
 State = dict[str, Any]
@@ -56,6 +59,21 @@ def refresh_method(state: State, settings: StackSettings) -> str:
     """``"qr"`` only when configured and a previous refresh exists to warm-start from."""
     wants_qr = getattr(settings.preconditioner, "eigenbasis", "eigh") == "qr"
     return "qr" if wants_qr and state.get("refreshes", 0) > 0 else "eigh"
+
+
+def momentum_in_eigenbasis(settings: StackSettings) -> bool:
+    """Whether a Kronecker stack keeps its first moment in the eigenbasis, ``M̃ = M ×_i Q_iᵀ``.
+
+    Exact (the rotation is linear and the basis only changes at refreshes, where ``M̃`` is
+    carried over by ``Q_newᵀ Q_old``) and saves rotating the momentum every step: 2k instead of
+    4k block products. Only for the eigenvalue-corrected variant without grafting and with
+    preconditioning from the first step, since otherwise ``M`` itself is needed in parameter space.
+    """
+    return (
+        isinstance(settings.preconditioner, EigenvalueCorrectedConfig)
+        and settings.grafting.method == "none"
+        and settings.start_preconditioning_step <= 1
+    )
 
 
 def previous_eigenpairs(state: State, axis: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -98,6 +116,11 @@ def install(
     if isinstance(config, EigendecomposedConfig):
         state["eigenvalues"] = list(eigenvalues)
     elif isinstance(config, EigenvalueCorrectedConfig) and "eigenvectors" in state:
+        if "eigenbasis_momentum" in state:  # M̃_new = M̃_old ×_i (Q_new,iᵀ Q_old,i)
+            state["eigenbasis_momentum"] = kronecker_product_apply(
+                state["eigenbasis_momentum"],
+                [new.mT @ old for new, old in zip(eigenvectors, state["eigenvectors"])],
+            )
         if config.second_moment_carry == "rotate":
             state["second_moment"] = transport_second_moment(
                 state["second_moment"], eigenvectors, state["eigenvectors"]
@@ -179,12 +202,14 @@ def correct_and_precondition(
     if isinstance(config, EigenvalueCorrectedConfig):
         if "second_moment" not in state:
             state["second_moment"] = torch.zeros_like(gradient)
-        update_second_moment_(
-            state["second_moment"], to_eigenbasis(gradient, eigenvectors), settings.beta2
-        )
+        rotated_gradient = to_eigenbasis(gradient, eigenvectors)
+        update_second_moment_(state["second_moment"], rotated_gradient, settings.beta2)
         corrected = state["second_moment"] / eigenvalue_correction(state, settings)
-        rotated = to_eigenbasis(filtered, eigenvectors) / (corrected.sqrt() + settings.epsilon)
-        return from_eigenbasis(rotated, eigenvectors)
+        if momentum_in_eigenbasis(settings):  # ``filtered`` is the raw gradient here
+            rotated = filtered_gradient(state, rotated_gradient, settings, "eigenbasis_momentum")
+        else:
+            rotated = to_eigenbasis(filtered, eigenvectors)
+        return from_eigenbasis(rotated / (corrected.sqrt() + settings.epsilon), eigenvectors)
     if "eigenvalue_ema" not in state:
         state["eigenvalue_ema"] = [torch.zeros_like(product[..., 0]) for product in products]
     for ema, vectors, product in zip(state["eigenvalue_ema"], eigenvectors, products):
