@@ -6,20 +6,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-
-class Conv1D(nn.Module):
-    """HF-style Conv1D (weight ``(in, out)``), written here so no transformers install is needed."""
-
-    def __init__(self, nf: int, nx: int) -> None:
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
-        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(
-            *x.shape[:-1], self.nf
-        )
+from ..curvature.curvature_models import Conv1D  # noqa: F401  (re-exported for these tests)
 
 
 def tiny_mlp(bias: bool = True) -> nn.Module:
