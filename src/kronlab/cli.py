@@ -117,6 +117,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
     from kronlab.attribution.pipeline import COMPRESSIONS, METHODS, STAGES
     from kronlab.attribution.store import STORAGE_DTYPES
+    from kronlab.linalg.projection import PROJECTION_KINDS
 
     parser = subparsers.add_parser(
         "attribute",
@@ -143,7 +144,7 @@ def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
     setting.add_argument("--fisher", choices=("empirical", "true"))
     setting.add_argument("--damping", type=float, help="factor of the mean eigenvalue")
     setting.add_argument("--projection-dim", type=int, help="0 stores full gradients")
-    setting.add_argument("--projection-kind", choices=("rademacher", "normal"))
+    setting.add_argument("--projection-kind", choices=PROJECTION_KINDS)
     setting.add_argument("--compression", choices=COMPRESSIONS)
     setting.add_argument("--dtype", choices=STORAGE_DTYPES, help="storage dtype of the store")
     setting.add_argument("--batch-size", type=int)

@@ -8,7 +8,7 @@ from kronlab.linalg.newton_schulz import (
     resolve_coefficients,
 )
 from kronlab.linalg.power import SpectralNormEstimate, power_iteration
-from kronlab.linalg.projection import random_projection, seed_from_identifier
+from kronlab.linalg.projection import PROJECTION_KINDS, random_projection, seed_from_identifier
 from kronlab.linalg.qr import EigenbasisRefresh, qr_eigenbasis_refresh, rayleigh_quotients
 from kronlab.linalg.roots import (
     coupled_newton_inverse_root,
@@ -18,6 +18,7 @@ from kronlab.linalg.roots import (
 
 __all__ = [
     "NEWTON_SCHULZ_COEFFICIENTS",
+    "PROJECTION_KINDS",
     "EigenbasisRefresh",
     "Eigendecomposition",
     "NewtonSchulzCoefficients",
