@@ -6,7 +6,9 @@
   "Studying Large Language Model Generalization with Influence Functions").
 - **apply**: query gradients ``G_q`` at full size, inverse curvature first, projection last:
   ``P_S (H⁻¹ G_q) P_Aᵀ``; or, with ``compression="folded"`` (K-FAC only), ``M_S G_q M_Aᵀ`` with
-  ``M = P (F + δI)^{-1/2}`` on both the store and the queries (then fit runs before build).
+  ``M = P (F + δI)^{-1/2}`` on both the store and the queries; or, with
+  ``compression="whitened"`` (K-FAC or EK-FAC), the store holds ``M_S G_t M_Aᵀ`` and the queries
+  ``L_S (H⁻¹ G_q) L_Aᵀ`` with ``L = P (F + δI)^{+1/2}`` (folded and whitened: fit runs first).
 - **score**: ``scores[q, t] = ⟨query_q, train_t⟩`` into a memory-mapped ``scores.npy``
   (``n_query × n_train``), then ``report.md`` and ``top_examples.png``.
 
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 from kronlab.attribution import curvature_access
 from kronlab.attribution.compression import (
     folded_projections,
+    lifted_projections,
     module_projections,
     project_blocks,
     projected_side,
@@ -48,10 +51,13 @@ from kronlab.attribution.store import (
     flatten_blocks,
 )
 from kronlab.curvature import find_modules, layer_spec, per_example_gradients
+from kronlab.linalg.projection import PROJECTION_KINDS
 from kronlab.optim.validation import check_choice, check_range
 
 STAGES = ("build", "fit", "apply", "score")
-COMPRESSIONS = ("project", "folded")
+COMPRESSIONS = ("project", "folded", "whitened")
+# Compressions whose training store depends on the fitted curvature (fit runs before build).
+CURVATURE_STORES = ("folded", "whitened")
 METHODS = ("kfac", "ekfac")
 CONFIG_FILE = "config.json"
 
@@ -61,8 +67,14 @@ class AttributionConfig:
     """Everything that determines a run's results (saved as ``config.json``).
 
     ``damping`` is a factor of the mean curvature eigenvalue. ``projection_dim=0`` stores full
-    gradients. ``chunk_rows`` is the unit of commit (and of resume); ``batch_size`` the number
-    of examples per forward/backward pass.
+    gradients; ``projection_kind`` is one of :data:`kronlab.linalg.projection.PROJECTION_KINDS`.
+    ``compression``: ``"project"`` (store ``P_S G_t P_Aᵀ``, queries ``P_S (H⁻¹G_q) P_Aᵀ``),
+    ``"folded"`` (K-FAC only: ``M = P (F + δI)^{-1/2}`` on both sides, per-factor damping) or
+    ``"whitened"`` (store ``M_S G_t M_Aᵀ``, queries ``L_S (H⁻¹G_q) L_Aᵀ`` with
+    ``L = P (F + δI)^{1/2}``: exactly the K-FAC / EK-FAC score without projection, and a sketch
+    of well-conditioned vectors with it; see :mod:`kronlab.attribution.compression`).
+    ``chunk_rows`` is the unit of commit (and of resume); ``batch_size`` the number of examples
+    per forward/backward pass.
     """
 
     model: str = "digits-mlp"
@@ -75,7 +87,7 @@ class AttributionConfig:
     fisher: str = "true"
     damping: float = 0.1
     projection_dim: int = 0
-    projection_kind: str = "rademacher"
+    projection_kind: str = "orthogonal"
     compression: str = "project"
     dtype: str = "float32"
     batch_size: int = 64
@@ -94,7 +106,7 @@ class AttributionConfig:
         check_choice("fisher", self.fisher, ("empirical", "true"))
         check_range("damping", self.damping, 0.0, low_inclusive=False)
         check_range("projection_dim", self.projection_dim, 0, integer=True)
-        check_choice("projection_kind", self.projection_kind, ("rademacher", "normal"))
+        check_choice("projection_kind", self.projection_kind, PROJECTION_KINDS)
         check_choice("compression", self.compression, COMPRESSIONS)
         check_choice("dtype", self.dtype, STORAGE_DTYPES)
         check_range("batch_size", self.batch_size, 1, integer=True)
@@ -107,7 +119,8 @@ class AttributionConfig:
                 f"Invalid compression: 'folded' with method={self.method!r} (allowed: method="
                 "'kfac'). Folding the projection into H^(-1/2) needs a Kronecker-factored "
                 "inverse root; EK-FAC's per-entry eigenvalue correction has none. Use "
-                "compression='project' (inverse curvature first, projection last) for EK-FAC."
+                "compression='whitened' (K-FAC-whitened store, EK-FAC applied to the queries) "
+                "or compression='project' (inverse curvature first, projection last) for EK-FAC."
             )
         if self.modules is not None and not isinstance(self.modules, tuple):
             object.__setattr__(self, "modules", tuple(self.modules))
@@ -259,8 +272,13 @@ class AttributionRun:
         )
 
     def _train_transform(self) -> str:
-        if self.config.compression == "folded":
-            return f"folded:{self._curvature_fingerprint()}"
+        # The damping shapes M = P (F + δI)^{-1/2}, so a store reused through --train-store
+        # must have been built with the same one.
+        if self.config.compression in CURVATURE_STORES:
+            return (
+                f"{self.config.compression}:{self._curvature_fingerprint()}"
+                f":damping={self.config.damping!r}"
+            )
         return "projection"
 
     def train_settings(self) -> StoreSettings:
@@ -269,8 +287,8 @@ class AttributionRun:
     # ---- stage status -----------------------------------------------------------------------
 
     def stage_order(self) -> tuple[str, ...]:
-        """Folded compression needs the curvature before the store can be built."""
-        if self.config.compression == "folded":
+        """Folded and whitened stores need the curvature before they can be built."""
+        if self.config.compression in CURVATURE_STORES:
             return ("fit", "build", "apply", "score")
         return STAGES
 
@@ -320,7 +338,7 @@ class AttributionRun:
     def build(self, resume: bool = False) -> GradientStore:
         """Write every training example's (projected) gradient row; ``resume`` continues a
         store that an interrupted build left incomplete."""
-        if self.config.compression == "folded":
+        if self.config.compression in CURVATURE_STORES:
             self._require("fit", "build")
             projections = self._folded()
         else:
@@ -453,35 +471,45 @@ class AttributionRun:
         return json.loads((self.run_dir / "fit.json").read_text())["curvature_fingerprint"]
 
     def _folded(self) -> dict:
+        """``M = P (F + δI)^{-1/2}`` per side, from the fitted K-FAC factors ``S`` and ``A``."""
         curvature = self._curvature()
-        if curvature.method != "kfac":
+        if self.config.compression == "folded" and curvature.method != "kfac":
             raise ValueError(
                 "compression='folded' needs a K-FAC curvature; this run's curvature is "
                 f"{curvature.method!r} (EK-FAC has no Kronecker-factored inverse root — use "
-                "compression='project')"
+                "compression='whitened' or compression='project')"
             )
         eigendecompositions = curvature_access.factor_eigendecompositions(curvature)
         return folded_projections(eigendecompositions, self._projections(), self.config.damping)
 
+    def _lifted(self) -> dict:
+        """The whitened store's query maps ``L = P (F + δI)^{+1/2}`` per side."""
+        eigendecompositions = curvature_access.factor_eigendecompositions(self._curvature())
+        return lifted_projections(eigendecompositions, self._projections(), self.config.damping)
+
     # ---- apply ------------------------------------------------------------------------------
 
     def query_settings(self) -> StoreSettings:
-        transform = (
-            self._train_transform()
-            if self.config.compression == "folded"
-            else f"inverse:{self._curvature_fingerprint()}"
-        )
+        fingerprint = self._curvature_fingerprint()
+        transform = {
+            "project": f"inverse:{fingerprint}",
+            "folded": self._train_transform(),
+            "whitened": f"lifted-inverse:{fingerprint}:damping={self.config.damping!r}",
+        }[self.config.compression]
         # Queries are few: keep them in float32 whatever the training store's dtype.
         return self.store_settings(self.task.queries, "float32", transform)
 
     def apply(self, resume: bool = False) -> GradientStore:
-        """Transform the queries: ``P_S (H⁻¹ G_q) P_Aᵀ`` (or ``M_S G_q M_Aᵀ`` when folded)."""
+        """Transform the queries: ``P_S (H⁻¹ G_q) P_Aᵀ``, ``M_S G_q M_Aᵀ`` when folded,
+        ``L_S (H⁻¹ G_q) L_Aᵀ`` when whitened."""
         self._require("fit", "apply")
         store = self._open_for_writing(
             self.query_store_dir, self.query_settings(), len(self.task.queries), resume
         )
         if self.config.compression == "folded":
             self._write_rows(store, self.task.queries, self._folded(), "apply", inverse=False)
+        elif self.config.compression == "whitened":
+            self._write_rows(store, self.task.queries, self._lifted(), "apply", inverse=True)
         else:
             self._write_rows(store, self.task.queries, self._projections(), "apply", inverse=True)
         return store

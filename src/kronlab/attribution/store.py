@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kronlab.linalg.projection import PROJECTION_KINDS
+
 STORE_FORMAT_VERSION = 1
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
-PROJECTION_KINDS = ("rademacher", "normal")
 DATA_FILE = "gradients.bin"
 COMMIT_FILE = "committed.bin"
 METADATA_FILE = "store.json"
@@ -52,8 +53,9 @@ class StoreSettings:
     """Everything that must agree between a store and whatever is scored against it.
 
     ``transform`` says what was applied to each ``G_i`` before storing: ``"projection"``
-    (``P_S G P_Aᵀ``, or ``G`` itself at ``projection_dim=0``) or ``"folded:<fingerprint>"``
-    (``M_S G M_Aᵀ`` with ``M = P (F + δI)^{-1/2}`` of the named K-FAC curvature).
+    (``P_S G P_Aᵀ``, or ``G`` itself at ``projection_dim=0``), or ``"folded:<fingerprint>:…"``
+    / ``"whitened:<fingerprint>:…"`` (``M_S G M_Aᵀ`` with ``M = P (F + δI)^{-1/2}`` of the named
+    curvature's K-FAC factors and the damping that follows).
     """
 
     modules: tuple[ModuleBlock, ...]
