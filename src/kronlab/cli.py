@@ -145,7 +145,12 @@ def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
     setting.add_argument("--damping", type=float, help="factor of the mean eigenvalue")
     setting.add_argument("--projection-dim", type=int, help="0 stores full gradients")
     setting.add_argument("--projection-kind", choices=PROJECTION_KINDS)
-    setting.add_argument("--compression", choices=COMPRESSIONS)
+    setting.add_argument(
+        "--compression",
+        choices=COMPRESSIONS,
+        help="project: P (H⁻¹G_q) vs P G_t; folded (K-FAC only): P (F+δ)^(-1/2) on both; "
+        "whitened: P (F+δ)^(1/2) H⁻¹G_q vs P (F+δ)^(-1/2) G_t, best with --projection-dim",
+    )
     setting.add_argument("--dtype", choices=STORAGE_DTYPES, help="storage dtype of the store")
     setting.add_argument("--batch-size", type=int)
     setting.add_argument("--chunk-rows", type=int, help="rows per committed chunk")
