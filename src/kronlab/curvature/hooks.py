@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -24,14 +25,17 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 class LayerBatch:
     """One call of a tracked module on a batch of ``n`` examples with ``T`` tokens each.
 
-    ``activations``: ``(n, T, d_in)`` with the bias 1 appended (embeddings: token indices
-    ``(n, T)``); ``gradients``: ``(n, T, d_out)``; both zero on masked tokens. ``token_mask``
-    ``(n, T)`` bool or ``None`` (all tokens count).
+    ``inputs``: ``(n, T, d_in)`` without the bias column and *not* masked (embeddings: token
+    indices ``(n, T)``); ``gradients``: ``(n, T, d_out)``, zero on masked tokens, which is
+    enough for ``G_i = Σ_t g_t a_tᵀ`` to ignore them. ``token_mask`` ``(n, T)`` bool or
+    ``None`` (all tokens count). :attr:`activations` is the K-FAC ``a_t`` (bias 1 appended,
+    masked tokens zero), built only when asked for: per-example gradients fold the bias into the
+    projection instead and never pay for the copy.
     """
 
     name: str
     spec: LayerSpec
-    activations: torch.Tensor
+    inputs: torch.Tensor
     gradients: torch.Tensor
     token_mask: torch.Tensor | None
 
@@ -44,6 +48,20 @@ class LayerBatch:
         if self.token_mask is None:
             return self.gradients.shape[0] * self.gradients.shape[1]
         return int(self.token_mask.sum())
+
+    @cached_property
+    def activations(self) -> torch.Tensor:
+        """``(n, T, d_in [+1])`` with the bias 1 appended and masked tokens zeroed (embeddings:
+        the token indices)."""
+        if self.spec.kind == "embedding":
+            return self.inputs
+        activations = self.inputs
+        if self.spec.has_bias:
+            ones = activations.new_ones(*activations.shape[:2], 1)
+            activations = torch.cat([activations, ones], dim=-1)
+        if self.token_mask is not None:
+            activations = activations * self.token_mask.to(activations.dtype).unsqueeze(-1)
+        return activations
 
 
 @dataclass
@@ -128,9 +146,9 @@ def layer_batches(
     for call, output_gradient in zip(recorder.calls, output_gradients):
         spec = specs[call.name]
         assert spec is not None
-        activations = _token_activations(call.module, spec, call.inputs)
-        gradients = _token_gradients(spec, output_gradient.detach(), activations.shape[0])
-        yield _apply_mask(call, spec, activations, gradients, mask)
+        inputs = _token_inputs(call.module, spec, call.inputs)
+        gradients = _token_gradients(spec, output_gradient.detach(), inputs.shape[0])
+        yield _apply_mask(call, spec, inputs, gradients, mask)
 
 
 def _check_loss(loss: object) -> None:
@@ -144,7 +162,8 @@ def _check_loss(loss: object) -> None:
         raise ValueError("Invalid loss_fn result: the loss does not require grad")
 
 
-def _token_activations(module: nn.Module, spec: LayerSpec, inputs: torch.Tensor) -> torch.Tensor:
+def _token_inputs(module: nn.Module, spec: LayerSpec, inputs: torch.Tensor) -> torch.Tensor:
+    """``(n, T, d_in)`` token inputs (conv2d: unfolded patches; embeddings: ``(n, T)`` ids)."""
     if inputs.ndim < 2 and spec.kind != "embedding":
         raise ValueError(f"expected batched input to a {spec.kind} module, got {inputs.shape}")
     n = inputs.shape[0]
@@ -158,13 +177,8 @@ def _token_activations(module: nn.Module, spec: LayerSpec, inputs: torch.Tensor)
             padding=module.padding,
             stride=module.stride,
         )
-        activations = patches.transpose(1, 2)
-    else:
-        activations = inputs.reshape(n, -1, inputs.shape[-1])
-    if spec.has_bias:
-        ones = activations.new_ones(*activations.shape[:2], 1)
-        activations = torch.cat([activations, ones], dim=-1)
-    return activations
+        return patches.transpose(1, 2)
+    return inputs.reshape(n, -1, inputs.shape[-1])
 
 
 def _token_gradients(spec: LayerSpec, output_gradient: torch.Tensor, n: int) -> torch.Tensor:
@@ -176,27 +190,25 @@ def _token_gradients(spec: LayerSpec, output_gradient: torch.Tensor, n: int) -> 
 def _apply_mask(
     call: _Call,
     spec: LayerSpec,
-    activations: torch.Tensor,
+    inputs: torch.Tensor,
     gradients: torch.Tensor,
     mask: torch.Tensor | None,
 ) -> LayerBatch:
     token_mask = None
     if mask is not None:
-        if mask.shape != activations.shape[:2]:
+        if mask.shape != inputs.shape[:2]:
             raise ValueError(
                 f"Invalid mask shape: {tuple(mask.shape)} for module {call.name!r} (allowed: "
-                f"(examples, tokens) = {tuple(activations.shape[:2])})"
+                f"(examples, tokens) = {tuple(inputs.shape[:2])})"
             )
         token_mask = mask.to(device=gradients.device).bool()
     if spec.kind == "embedding":
         padding_idx = call.module.padding_idx
         if padding_idx is not None:
             # torch never updates the padding row, so its gradient is zero by definition.
-            real = activations != padding_idx
+            real = inputs != padding_idx
             token_mask = real if token_mask is None else token_mask & real
     if token_mask is not None:
-        weights = token_mask.to(gradients.dtype).unsqueeze(-1)
-        gradients = gradients * weights
-        if spec.kind != "embedding":
-            activations = activations * weights
-    return LayerBatch(call.name, spec, activations, gradients, token_mask)
+        # Zero output gradients suffice: every product with g_t vanishes on masked tokens.
+        gradients = gradients * token_mask.to(gradients.dtype).unsqueeze(-1)
+    return LayerBatch(call.name, spec, inputs, gradients, token_mask)
