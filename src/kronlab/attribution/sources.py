@@ -122,7 +122,7 @@ def language_model_loss(
     (neither here nor by the backward of a slice).
     """
     tokens, mask = batch
-    logits = _logits(model(tokens))
+    logits = _logits(model(tokens, **_no_cache(model)))
     vocab = logits.shape[-1]
     targets = _targets(logits[:, :-1], tokens[:, 1:].reshape(-1), sample)
     targets = targets.reshape(len(tokens), -1).masked_fill(~mask[:, 1:].bool(), _IGNORED)
@@ -133,6 +133,14 @@ def language_model_loss(
 
 
 _IGNORED = -100
+
+
+def _no_cache(model: nn.Module) -> dict[str, bool]:
+    """``use_cache=False`` for Hugging Face models (their config has ``use_cache``): by default
+    they build a key/value cache, copying every layer's keys and values, which a loss never
+    reads."""
+    config = getattr(model, "config", None)
+    return {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
 
 
 def _targets(logits: torch.Tensor, labels: torch.Tensor, sample: bool) -> torch.Tensor:
