@@ -154,3 +154,41 @@ def test_module_called_with_keyword_input() -> None:
         layer, {"layer": layer}, loss_fn, [inputs[i : i + 1] for i in range(4)]
     )
     torch.testing.assert_close(hooked["layer"], reference["layer"])
+
+
+def test_projected_in_the_hooks_with_padding_and_conv_equals_projected_full() -> None:
+    """Projections applied inside the hooks (inputs in the forward, output gradients as they
+    arrive) give the projection of the full per-example gradients, padding and conv included."""
+    model = TinySequenceModel(padding_idx=0).double()
+    tokens = torch.randint(1, 7, (4, 5))
+    tokens[1, 3:] = 0
+    mask = (tokens != 0).double()
+    batch = (tokens, torch.randint(0, 7, (4, 5)), mask)
+    modules = find_modules(model)
+    full = per_example_gradients(model, batch, sequence_loss, modules, mask=mask)
+    generator = torch.Generator().manual_seed(0)
+    projections = {
+        name: (
+            torch.randn(3, matrix.shape[1], generator=generator, dtype=torch.float64),
+            torch.randn(2, matrix.shape[2], generator=generator, dtype=torch.float64),
+        )
+        for name, matrix in full.items()
+    }
+    projected = per_example_gradients(model, batch, sequence_loss, modules, projections, mask)
+    for name, (output_side, input_side) in projections.items():
+        torch.testing.assert_close(projected[name], output_side @ full[name] @ input_side.T)
+
+    conv = _conv_net(bias=True)
+    inputs = (torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    modules = find_modules(conv)
+    full = per_example_gradients(conv, inputs, classification_sum_loss, modules)
+    projections = {
+        name: (
+            torch.randn(2, matrix.shape[1], generator=generator, dtype=torch.float64),
+            torch.randn(2, matrix.shape[2], generator=generator, dtype=torch.float64),
+        )
+        for name, matrix in full.items()
+    }
+    projected = per_example_gradients(conv, inputs, classification_sum_loss, modules, projections)
+    for name, (output_side, input_side) in projections.items():
+        torch.testing.assert_close(projected[name], output_side @ full[name] @ input_side.T)
