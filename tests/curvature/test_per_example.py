@@ -156,9 +156,9 @@ def test_module_called_with_keyword_input() -> None:
     torch.testing.assert_close(hooked["layer"], reference["layer"])
 
 
-def test_projected_in_the_hooks_with_padding_and_conv_equals_projected_full() -> None:
-    """Projections applied inside the hooks (inputs in the forward, output gradients as they
-    arrive) give the projection of the full per-example gradients, padding and conv included."""
+def test_projected_with_padding_and_conv_equals_projected_full() -> None:
+    """Projected per-example gradients (bias folded into ``P_A``, masked tokens dropped through
+    their zero ``g_t``) equal the projection of the full ones, padding and conv included."""
     model = TinySequenceModel(padding_idx=0).double()
     tokens = torch.randint(1, 7, (4, 5))
     tokens[1, 3:] = 0

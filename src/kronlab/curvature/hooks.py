@@ -3,14 +3,11 @@
 One forward + one ``torch.autograd.grad`` with respect to the recorded *outputs* gives, per
 tracked module call, the activations ``a_t`` and output gradients ``g_t = ∂loss/∂s_t`` per token,
 without touching any parameter's ``.grad`` and without forming a per-example model gradient.
-With per-module projections the hooks project each tensor the moment it exists (the input in
-the forward hook, the output gradient in a hook on the output), while it is still in cache:
-read again after the whole backward pass, the full-width tensors come from memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -22,7 +19,6 @@ from torch.nn import functional as F
 from kronlab.curvature.layers import LayerSpec, layer_spec
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
-Projection = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
 @dataclass
@@ -34,9 +30,7 @@ class LayerBatch:
     enough for ``G_i = Σ_t g_t a_tᵀ`` to ignore them. ``token_mask`` ``(n, T)`` bool or
     ``None`` (all tokens count). :attr:`activations` is the K-FAC ``a_t`` (bias 1 appended,
     masked tokens zero), built only when asked for: per-example gradients fold the bias into the
-    projection instead and never pay for the copy. With ``inputs_projected`` the inputs are
-    already ``P_A a_t`` ``(n, T, p)`` (bias folded in); with ``gradients_projected`` the
-    gradients are ``P_S g_t`` ``(n, T, p)``.
+    projection instead and never pay for the copy.
     """
 
     name: str
@@ -44,8 +38,6 @@ class LayerBatch:
     inputs: torch.Tensor
     gradients: torch.Tensor
     token_mask: torch.Tensor | None
-    inputs_projected: bool = False
-    gradients_projected: bool = False
 
     @property
     def num_examples(self) -> int:
@@ -63,8 +55,6 @@ class LayerBatch:
         the token indices)."""
         if self.spec.kind == "embedding":
             return self.inputs
-        if self.inputs_projected:
-            raise ValueError(f"module {self.name!r}: inputs were projected, a_t is not available")
         activations = self.inputs
         if self.spec.has_bias:
             ones = activations.new_ones(*activations.shape[:2], 1)
@@ -80,23 +70,13 @@ class _Call:
     module: nn.Module
     inputs: torch.Tensor
     output: torch.Tensor
-    inputs_projected: bool = False
-    projected_gradients: torch.Tensor | None = None
 
 
 class _Recorder:
-    """Context manager: record ``(module, input, output)`` of every tracked module call, and
-    project inputs and output gradients on the spot where ``projections`` say so."""
+    """Context manager: record ``(module, input, output)`` of every tracked module call."""
 
-    def __init__(
-        self,
-        modules: dict[str, nn.Module],
-        specs: dict[str, LayerSpec],
-        projections: Mapping[str, Projection],
-    ) -> None:
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.modules = modules
-        self.specs = specs
-        self.projections = projections
         self.calls: list[_Call] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -113,9 +93,6 @@ class _Recorder:
         self._handles.clear()
 
     def _hook_for(self, name: str) -> Callable[..., None]:
-        spec = self.specs[name]
-        output_side, input_side = self.projections.get(name, (None, None))
-
         def hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> None:
@@ -124,34 +101,9 @@ class _Recorder:
             inputs = args[0] if args else next(iter(kwargs.values()), None)
             if not isinstance(inputs, torch.Tensor):
                 raise ValueError(f"module {name!r} was called without an input tensor")
-            call = _Call(name, module, inputs.detach(), output)
-            if input_side is not None and spec.kind != "embedding":
-                tokens = _token_inputs(module, spec, call.inputs)
-                call.inputs = project_inputs(tokens, input_side.to(tokens.dtype), spec.has_bias)
-                call.inputs_projected = True
-            if output_side is not None and output.requires_grad:
-                output.register_hook(_project_gradient_into(call, spec, output_side))
-            self.calls.append(call)
+            self.calls.append(_Call(name, module, inputs.detach(), output))
 
         return hook
-
-
-def _project_gradient_into(
-    call: _Call, spec: LayerSpec, output_side: torch.Tensor
-) -> Callable[[torch.Tensor], None]:
-    def hook(gradient: torch.Tensor) -> None:
-        tokens = _token_gradients(spec, gradient.detach(), gradient.shape[0])
-        call.projected_gradients = tokens @ output_side.to(tokens.dtype).transpose(0, 1)
-
-    return hook
-
-
-def project_inputs(inputs: torch.Tensor, input_side: torch.Tensor, has_bias: bool) -> torch.Tensor:
-    """``P_A a_t`` per token ``(n, T, p)`` from inputs ``(n, T, d)``; with a bias,
-    ``P_A [x_t; 1] = P_W x_t + p_b`` is one fused multiply-add, so ``[x_t; 1]`` is never built."""
-    if has_bias:
-        return F.linear(inputs, input_side[:, :-1], input_side[:, -1])
-    return inputs @ input_side.transpose(0, 1)
 
 
 def layer_batches(
@@ -160,16 +112,12 @@ def layer_batches(
     loss_fn: LossFn,
     modules: dict[str, nn.Module],
     mask: torch.Tensor | None = None,
-    projections: Mapping[str, Projection] | None = None,
 ) -> Iterator[LayerBatch]:
     """Run ``loss_fn(model, batch)`` and yield a :class:`LayerBatch` per tracked module call.
 
     ``loss_fn`` must return a scalar that is the *sum* of the per-example losses, so that the
     output gradients of example ``i`` are those of its own loss (no ``1/n`` factor).
     ``mask`` ``(n, T)`` marks real (1) and padding (0) tokens; padding contributes nothing.
-    ``projections[name] = (P_S, P_A)`` (shapes checked by the caller; either may be ``None``)
-    makes that module's batches carry ``P_S g_t`` and ``P_A a_t`` instead (embeddings keep
-    their token indices).
     """
     if not modules:
         raise ValueError("Invalid modules: {} (allowed: at least one tracked module)")
@@ -177,8 +125,7 @@ def layer_batches(
     for name, spec in specs.items():
         if spec is None:
             raise ValueError(f"Invalid modules: {name!r} is not a trackable module")
-    known = {name: spec for name, spec in specs.items() if spec is not None}
-    with _Recorder(modules, known, projections or {}) as recorder:
+    with _Recorder(modules) as recorder:
         loss = loss_fn(model, batch)
     _check_loss(loss)
     uncalled = sorted(set(modules) - {call.name for call in recorder.calls})
@@ -197,19 +144,11 @@ def layer_batches(
     if missing:
         raise ValueError(f"tracked modules received no gradient from the loss: {missing}")
     for call, output_gradient in zip(recorder.calls, output_gradients):
-        spec = known[call.name]
-        if call.inputs_projected:
-            inputs = call.inputs
-        else:
-            inputs = _token_inputs(call.module, spec, call.inputs)
-        if call.projected_gradients is not None:
-            gradients = call.projected_gradients
-        else:
-            gradients = _token_gradients(spec, output_gradient.detach(), inputs.shape[0])
-        layer = _apply_mask(call, spec, inputs, gradients, mask)
-        layer.inputs_projected = call.inputs_projected
-        layer.gradients_projected = call.projected_gradients is not None
-        yield layer
+        spec = specs[call.name]
+        assert spec is not None
+        inputs = _token_inputs(call.module, spec, call.inputs)
+        gradients = _token_gradients(spec, output_gradient.detach(), inputs.shape[0])
+        yield _apply_mask(call, spec, inputs, gradients, mask)
 
 
 def _check_loss(loss: object) -> None:

@@ -13,9 +13,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from kronlab.curvature.hooks import LayerBatch, LossFn, Projection, layer_batches, project_inputs
-from kronlab.curvature.layers import LayerSpec, layer_spec
+from kronlab.curvature.hooks import LayerBatch, LossFn, layer_batches
+from kronlab.curvature.layers import LayerSpec
+
+Projection = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
 def per_example_gradients(
@@ -39,14 +42,12 @@ def per_example_gradients(
     unknown = sorted(set(projections) - set(modules))
     if unknown:
         raise ValueError(f"Invalid projections: no tracked module named {unknown}")
-    for name, projection in projections.items():
-        spec = layer_spec(modules[name])
-        if spec is not None:
-            _check_projection(name, spec, projection)
     results: dict[str, torch.Tensor] = {}
-    layers = layer_batches(model, batch, loss_fn, dict(modules), mask=mask, projections=projections)
-    for layer in layers:
-        contribution = example_gradients(layer, projections.get(layer.name))
+    for layer in layer_batches(model, batch, loss_fn, dict(modules), mask=mask):
+        projection = projections.get(layer.name)
+        if projection is not None:
+            _check_projection(layer.name, layer.spec, projection)
+        contribution = example_gradients(layer, projection)
         previous = results.get(layer.name)
         # A module called several times in one forward (shared weights) sums its calls.
         results[layer.name] = contribution if previous is None else previous + contribution
@@ -54,23 +55,29 @@ def per_example_gradients(
 
 
 def example_gradients(layer: LayerBatch, projection: Projection | None = None) -> torch.Tensor:
-    """``Σ_t (P_S g_t)(P_A a_t)ᵀ`` per example for one :class:`LayerBatch`: the two sides
-    projected (unless the hooks already did), then one batched ``(n, p_S, T) @ (n, T, p_A)``."""
+    """``Σ_t (P_S g_t)(P_A a_t)ᵀ`` per example for one :class:`LayerBatch`: two projections
+    of the token vectors, then one batched ``(n, p_S, T) @ (n, T, p_A)`` product."""
     output_side, input_side = projection if projection is not None else (None, None)
     gradients = layer.gradients
-    if output_side is not None and not layer.gradients_projected:
+    if output_side is not None:
         gradients = gradients @ output_side.to(gradients.dtype).transpose(0, 1)
     if layer.spec.kind == "embedding":
         return _embedding_gradients(layer, gradients, input_side)
-    if layer.inputs_projected:
-        activations = layer.inputs
-    elif input_side is None:
+    if input_side is None:
         activations = layer.activations
     else:
-        activations = project_inputs(
-            layer.inputs, input_side.to(gradients.dtype), layer.spec.has_bias
-        )
+        activations = projected_inputs(layer, input_side.to(gradients.dtype))
     return gradients.transpose(1, 2) @ activations
+
+
+def projected_inputs(layer: LayerBatch, input_side: torch.Tensor) -> torch.Tensor:
+    """``P_A a_t`` per token ``(n, T, p)``; with a bias, ``P_A [x_t; 1] = P_W x_t + p_b`` is one
+    fused multiply-add, so the ``[x_t; 1]`` copy is never made. Masked tokens are not zeroed
+    (their ``g_t`` is)."""
+    inputs = layer.inputs
+    if layer.spec.has_bias:
+        return F.linear(inputs, input_side[:, :-1], input_side[:, -1])
+    return inputs @ input_side.transpose(0, 1)
 
 
 def _embedding_gradients(
