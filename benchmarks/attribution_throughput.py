@@ -23,7 +23,7 @@ Each workload runs in its own subprocess (``--child``). Times exclude imports an
 the largest over rounds).
 
     PYTHONPATH=src /work/main/.venv/bin/python -m benchmarks.attribution_throughput \
-        [--rounds 9] [--write benchmarks/results/issue-8.md]
+        [--rounds 11] [--write benchmarks/results/issue-8.md]
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def gpt2_floor() -> Callable[[], object]:
     return run
 
 
-def gpt2_builds(rounds: int = 9) -> dict:
+def gpt2_builds(rounds: int = 11) -> dict:
     """kronlab and bergson builds (and the model-only floor) alternating in one process."""
     examples = len(gpt2_tokens()) - GPT2_QUERIES
     stages = {"kronlab": kronlab_gpt2_build, "bergson": bergson_gpt2_build, "floor": None}
@@ -498,7 +498,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--child", nargs=2, metavar=("LIBRARY", "WORKLOAD"))
     parser.add_argument("--python", default=sys.executable, help="interpreter with the peers")
-    parser.add_argument("--rounds", type=int, default=9, help="interleaved GPT-2 build rounds")
+    parser.add_argument("--rounds", type=int, default=11, help="interleaved GPT-2 build rounds")
     parser.add_argument("--write", type=Path, default=None, help="append the table (markdown)")
     arguments = parser.parse_args()
     torch.set_num_threads(1)
