@@ -13,7 +13,12 @@ from kronlab.curvature import (
     per_example_gradients,
 )
 
-from .curvature_models import TinySequenceModel, classification_sum_loss, sequence_loss
+from .curvature_models import (
+    Conv1D,
+    TinySequenceModel,
+    classification_sum_loss,
+    sequence_loss,
+)
 
 
 def _autograd_example_matrices(model, modules, loss_fn, examples):
@@ -192,3 +197,90 @@ def test_projected_with_padding_and_conv_equals_projected_full() -> None:
     projected = per_example_gradients(conv, inputs, classification_sum_loss, modules, projections)
     for name, (output_side, input_side) in projections.items():
         torch.testing.assert_close(projected[name], output_side @ full[name] @ input_side.T)
+
+
+class _MixedModel(nn.Module):
+    """Embedding (padding) → in-place ReLU → LayerNorm → Conv1D → Linear (no bias) → Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(7, 5, padding_idx=0)
+        # In place on the first tracked output, which the frozen pass makes a leaf: must work.
+        self.relu = nn.ReLU(inplace=True)
+        self.norm = nn.LayerNorm(5)
+        self.mixer = Conv1D(6, 5)
+        self.hidden = nn.Linear(6, 6, bias=False)
+        self.head = nn.Linear(6, 7)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self.mixer(self.norm(self.relu(self.embedding(tokens))))
+        return self.head(torch.tanh(self.hidden(torch.tanh(hidden))))
+
+
+def _definition_gradients(model, modules, examples):
+    """Reference from the definition: a copy with every parameter trainable, one backward per
+    single-example batch, each module's weight (and bias) gradient rearranged into G."""
+    import copy
+
+    reference_model = copy.deepcopy(model).requires_grad_(True)
+    reference_modules = dict(reference_model.named_modules())
+    rows = {name: [] for name in modules}
+    for example in examples:
+        loss = sequence_loss(reference_model, example)
+        for name in modules:
+            module = reference_modules[name]
+            bias = getattr(module, "bias", None)
+            parameters = [module.weight] + ([bias] if bias is not None else [])
+            grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, grads)]
+            rows[name].append(gradient_matrix(module, *grads))
+    return {name: torch.stack(matrices) for name, matrices in rows.items()}
+
+
+def test_frozen_pass_equals_definition_and_restores_the_model() -> None:
+    """The pass freezes every parameter, yet per-example gradients of Embedding (padding),
+    Conv1D, Linear ± bias equal the loop of single-example backwards; requires_grad flags (a
+    user-frozen module included) and .grad fields are unchanged afterwards."""
+    torch.manual_seed(0)
+    model = _MixedModel().double()
+    model.hidden.requires_grad_(False)  # user-frozen: still attributed, still frozen afterwards
+    model.head.weight.grad = torch.full_like(model.head.weight, 3.0)
+    tokens = torch.randint(1, 7, (4, 5))
+    tokens[1, 3:] = 0
+    tokens[3, 1:] = 0
+    mask = (tokens != 0).double()
+    targets = torch.randint(0, 7, (4, 5))
+    modules = find_modules(model, ["embedding", "mixer", "hidden", "head"])
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    hooked = per_example_gradients(
+        model, (tokens, targets, mask), sequence_loss, modules, mask=mask
+    )
+    examples = [(tokens[i : i + 1], targets[i : i + 1], mask[i : i + 1]) for i in range(4)]
+    reference = _definition_gradients(model, modules, examples)
+    for name in modules:
+        torch.testing.assert_close(hooked[name], reference[name], msg=name)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(p.grad is grads[name] for name, p in model.named_parameters())
+    assert torch.equal(model.head.weight.grad, torch.full_like(model.head.weight, 3.0))
+
+
+def test_flags_restored_when_the_pass_raises() -> None:
+    model = _MixedModel().double()
+    model.norm.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    tokens = torch.randint(1, 7, (2, 3))
+
+    def failing_loss(net, batch):
+        net(batch)
+        raise RuntimeError("loss failed mid-pass")
+
+    with pytest.raises(RuntimeError, match="mid-pass"):
+        per_example_gradients(model, tokens, failing_loss, find_modules(model))
+    assert [p.requires_grad for p in model.parameters()] == flags
+    with pytest.raises(ValueError, match="does not require grad.*tracked modules' outputs"):
+        per_example_gradients(
+            model, tokens, lambda net, batch: net(batch).detach().sum(), find_modules(model)
+        )
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
