@@ -8,8 +8,12 @@ Workloads (CPU, one torch thread, same model weights and data for every library)
   bergson's per-module projection; kronlab also keeps the bias column), float32.
   *Build*: kronlab ``build`` vs bergson ``collect_gradients`` (its index build), batch 32,
   alternating for ``--rounds`` rounds in one process (the order flips every round); the figure
-  is the median of the per-round ratios, examples/s the median per library. The "floor" row is
-  the model alone: forward + backward to the tracked outputs, no hooks, no projection, no store.
+  is the median of the per-round ratios, examples/s the median per library. bergson runs twice
+  per round: on the model as given (all parameters trainable) and frozen as its own CLI freezes
+  it (only the input embeddings trainable, which skips most weight gradients); the floor is
+  judged against the faster of the two. kronlab freezes every parameter itself during the pass.
+  The "floor" row is the model alone: forward + backward to the tracked outputs, parameters
+  trainable, no hooks, no projection, no store.
   *Score*: kronlab fit (EK-FAC) + apply + score of 8 queries against the store; bergson
   ``Attributor`` over its index (query gradients + inner products, no preconditioner);
   kronfluence EK-FAC fit + pairwise scores on a copy of the model whose ``Conv1D`` layers are
@@ -120,14 +124,19 @@ def kronlab_gpt2_build(directory: Path) -> Callable[[], object]:
     return run.build
 
 
-def bergson_gpt2_build(directory: Path) -> Callable[[], object]:
-    """A fresh bergson ``collect_gradients`` index build into ``directory``."""
+def bergson_gpt2_build(directory: Path, frozen: bool = False) -> Callable[[], object]:
+    """A fresh bergson ``collect_gradients`` index build into ``directory``. ``frozen``: the
+    model frozen as bergson's own CLI does (``bergson/utils/worker_utils.py``: everything but
+    the input embeddings), so its backward skips most weight gradients."""
     from bergson import GradientProcessor, IndexConfig, collect_gradients
     from datasets import Dataset
 
     tokens = gpt2_tokens()[:-GPT2_QUERIES]
     data = Dataset.from_dict({"input_ids": tokens.tolist()})
     model = gpt2_model()
+    if frozen:
+        model.requires_grad_(False)
+        model.get_input_embeddings().requires_grad_(True)
     batches = [list(range(i, min(i + 32, len(tokens)))) for i in range(0, len(tokens), 32)]
     config = IndexConfig(run_path=str(directory), projection_dim=PROJECTION_DIM, drop_columns=False)
     processor = GradientProcessor(projection_dim=PROJECTION_DIM)
@@ -161,7 +170,12 @@ def gpt2_floor() -> Callable[[], object]:
 def gpt2_builds(rounds: int = 11) -> dict:
     """kronlab and bergson builds (and the model-only floor) alternating in one process."""
     examples = len(gpt2_tokens()) - GPT2_QUERIES
-    stages = {"kronlab": kronlab_gpt2_build, "bergson": bergson_gpt2_build, "floor": None}
+    stages = {
+        "kronlab": kronlab_gpt2_build,
+        "bergson": bergson_gpt2_build,
+        "bergson_frozen": lambda directory: bergson_gpt2_build(directory, frozen=True),
+        "floor": None,
+    }
     seconds: dict[str, list[float]] = {name: [] for name in stages}
     peaks: dict[str, float] = dict.fromkeys(stages, 0.0)
     with tempfile.TemporaryDirectory() as scratch:
@@ -186,8 +200,8 @@ def gpt2_builds(rounds: int = 11) -> dict:
             "build": {"seconds": median, "peak_mb": peaks[name]},
             "rounds": seconds[name],
         }
-    ratios = [b / k for b, k in zip(seconds["bergson"], seconds["kronlab"])]
-    results["ratios"] = ratios
+    for name, key in (("bergson", "ratios"), ("bergson_frozen", "ratios_frozen")):
+        results[key] = [b / k for b, k in zip(seconds[name], seconds["kronlab"])]
     return results
 
 
@@ -422,6 +436,7 @@ def format_table(results: dict, python: str, rounds: int) -> str:
     builds = results[("kronlab+bergson", "gpt2")]
     k_build = builds.get("kronlab", builds)
     b_build = builds.get("bergson", builds)
+    bf_build = builds.get("bergson_frozen", builds)
     floor = builds.get("floor", builds)
     k_gpt, b_gpt, f_gpt = (
         results[(name, "gpt2")] for name in ("kronlab", "bergson", "kronfluence")
@@ -442,6 +457,8 @@ def format_table(results: dict, python: str, rounds: int) -> str:
         f"(median of {rounds}) | {rate(k_build, 'build')} | {peak(k_build, 'build')} |",
         f"| | bergson | build (collect_gradients, median of {rounds}) "
         f"| {rate(b_build, 'build')} | {peak(b_build, 'build')} |",
+        f"| | bergson | build (model frozen as bergson's CLI does, median of {rounds}) "
+        f"| {rate(bf_build, 'build')} | {peak(bf_build, 'build')} |",
         f"| | model only | forward + backward to tracked outputs | {rate(floor, 'build')} "
         f"| {peak(floor, 'build')} |",
         f"| | kronlab | fit (EK-FAC) | {rate(k_gpt, 'fit')} | {peak(k_gpt, 'fit')} |",
@@ -465,19 +482,31 @@ def format_table(results: dict, python: str, rounds: int) -> str:
         if "error" in result:
             lines.append(f"\n- {name[0]} on {name[1]} failed: `{result['error']}`")
     if "ratios" in builds:
-        ratios = sorted(builds["ratios"])
-        median = statistics.median(ratios)
-        verdict = "met" if median >= 1.5 else "MISSED"
+        medians: dict[str, float] = {}
+        lines.append("")
+        for key, label in (("ratios", "bergson as given"), ("ratios_frozen", "bergson frozen")):
+            ratios = sorted(builds[key])
+            medians[key] = statistics.median(ratios)
+            lines.append(
+                f"- build throughput vs {label}: "
+                f"median {medians[key]:.2f}x over {len(ratios)} interleaved rounds (range "
+                f"{ratios[0]:.2f}–{ratios[-1]:.2f}x; {sum(r >= 1.5 for r in ratios)}/"
+                f"{len(ratios)} rounds ≥ 1.5x)"
+            )
+        # The floor is judged against the faster bergson configuration (the smaller ratio).
+        faster = min(medians, key=lambda key: medians[key])
+        verdict = "met" if medians[faster] >= 1.5 else "MISSED"
         lines.append(
-            f"\n- floor build throughput ≥ 1.5 × bergson (CPU): median {median:.2f}x over "
-            f"{len(ratios)} interleaved rounds (range {ratios[0]:.2f}–{ratios[-1]:.2f}x; "
-            f"{sum(r >= 1.5 for r in ratios)}/{len(ratios)} rounds ≥ 1.5x) → {verdict}"
+            f"- floor build throughput ≥ 1.5 × bergson (CPU), against the faster bergson "
+            f"configuration ({'frozen' if faster == 'ratios_frozen' else 'as given'}): "
+            f"{medians[faster]:.2f}x → {verdict}"
         )
-        model_only = b_build["build"]["seconds"] / floor["build"]["seconds"]
+        floor_seconds = floor["build"]["seconds"]
         lines.append(
-            f"- bergson build vs the model alone (the ceiling for any library that runs this "
-            f"forward/backward): {model_only:.2f}x; kronlab build vs the model alone: "
-            f"{k_build['build']['seconds'] / floor['build']['seconds']:.2f}x the time"
+            f"- time vs the model alone (forward + backward to the tracked outputs, parameters "
+            f"trainable): bergson {b_build['build']['seconds'] / floor_seconds:.2f}x, bergson "
+            f"frozen {bf_build['build']['seconds'] / floor_seconds:.2f}x, kronlab "
+            f"{k_build['build']['seconds'] / floor_seconds:.2f}x"
         )
     if all("error" not in r for r in (k_gpt, f_gpt)) and "score" in f_gpt:
         ours = sum(k_gpt[s]["seconds"] for s in ("build", "apply", "score"))
