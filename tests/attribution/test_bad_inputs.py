@@ -36,22 +36,11 @@ def test_unmatched_module_pattern() -> None:
         fit_curvature(tiny_mlp(), _data(), cross_entropy_loss, modules=["attention.*"])
 
 
-class _NoGradFirstLayer(nn.Module):
-    """The first layer runs under ``no_grad``: its output gradient does not exist."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = tiny_mlp()
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            hidden = self.layers[0](inputs)
-        return self.layers[1:](hidden)
-
-
 def test_module_that_received_no_gradient() -> None:
-    with pytest.raises(ValueError, match="received no gradient.*layers.0"):
-        fit_curvature(_NoGradFirstLayer(), _data(), cross_entropy_loss, "kfac")
+    model = tiny_mlp()
+    model[0].requires_grad_(False)
+    with pytest.raises(ValueError, match="received no gradient"):
+        fit_curvature(model, _data(), cross_entropy_loss, "kfac")
 
 
 def test_non_finite_statistics() -> None:

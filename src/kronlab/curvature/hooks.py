@@ -3,18 +3,11 @@
 One forward + one ``torch.autograd.grad`` with respect to the recorded *outputs* gives, per
 tracked module call, the activations ``a_t`` and output gradients ``g_t = ∂loss/∂s_t`` per token,
 without touching any parameter's ``.grad`` and without forming a per-example model gradient.
-
-Nothing here needs a parameter gradient, so the pass runs with every parameter frozen
-(``requires_grad`` restored afterwards, also on error): the backward then computes only
-activation gradients (no ``∂loss/∂W = Σ_t g_t a_tᵀ`` matmul per layer, no LayerNorm or tied
-embedding gradients). A tracked output that does not require grad (the first tracked module,
-whose input and parameters are all constant) is made a grad leaf, so the graph starts there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -108,36 +101,9 @@ class _Recorder:
             inputs = args[0] if args else next(iter(kwargs.values()), None)
             if not isinstance(inputs, torch.Tensor):
                 raise ValueError(f"module {name!r} was called without an input tensor")
-            constant = not output.requires_grad and output.is_floating_point()
-            if not constant or not torch.is_grad_enabled():
-                # Under no_grad the output stays non-differentiable: layer_batches reports it.
-                self.calls.append(_Call(name, module, inputs.detach(), output))
-                return None
-            # Constant output (frozen parameters, constant input): it has no graph, so it may
-            # become a leaf. The model continues on a clone, so an in-place op downstream (e.g.
-            # ReLU(inplace=True)) neither fails on the leaf nor changes the recorded tensor.
-            output.requires_grad_()
             self.calls.append(_Call(name, module, inputs.detach(), output))
-            return output.clone()
 
         return hook
-
-
-@contextmanager
-def frozen_parameters(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """Set ``requires_grad=False`` on every parameter of ``modules``; restore each parameter's
-    own flag on exit, also when the body raises. ``.grad`` fields are not touched."""
-    saved: dict[int, tuple[nn.Parameter, bool]] = {}
-    for module in modules:
-        for parameter in module.parameters():
-            saved.setdefault(id(parameter), (parameter, parameter.requires_grad))
-    try:
-        for parameter, _ in saved.values():
-            parameter.requires_grad_(False)
-        yield
-    finally:
-        for parameter, requires_grad in saved.values():
-            parameter.requires_grad_(requires_grad)
 
 
 def layer_batches(
@@ -152,9 +118,6 @@ def layer_batches(
     ``loss_fn`` must return a scalar that is the *sum* of the per-example losses, so that the
     output gradients of example ``i`` are those of its own loss (no ``1/n`` factor).
     ``mask`` ``(n, T)`` marks real (1) and padding (0) tokens; padding contributes nothing.
-    The forward and backward run with all of ``model``'s (and the tracked modules') parameters
-    frozen (see the module docstring); their ``requires_grad`` and ``.grad`` are as before
-    afterwards, and gradients only depend on the function, not on which parameters are trainable.
     """
     if not modules:
         raise ValueError("Invalid modules: {} (allowed: at least one tracked module)")
@@ -162,20 +125,6 @@ def layer_batches(
     for name, spec in specs.items():
         if spec is None:
             raise ValueError(f"Invalid modules: {name!r} is not a trackable module")
-    with frozen_parameters([model, *modules.values()]):
-        calls, output_gradients = _differentiate(model, batch, loss_fn, modules)
-    for call, output_gradient in zip(calls, output_gradients):
-        spec = specs[call.name]
-        assert spec is not None
-        inputs = _token_inputs(call.module, spec, call.inputs)
-        gradients = _token_gradients(spec, output_gradient.detach(), inputs.shape[0])
-        yield _apply_mask(call, spec, inputs, gradients, mask)
-
-
-def _differentiate(
-    model: nn.Module, batch: Any, loss_fn: LossFn, modules: dict[str, nn.Module]
-) -> tuple[list[_Call], tuple[torch.Tensor, ...]]:
-    """Forward with the recorder, then the loss's gradients with respect to every call's output."""
     with _Recorder(modules) as recorder:
         loss = loss_fn(model, batch)
     _check_loss(loss)
@@ -185,16 +134,25 @@ def _differentiate(
     not_differentiable = [call.name for call in recorder.calls if not call.output.requires_grad]
     if not_differentiable:
         raise ValueError(
-            "tracked modules received no gradient (output does not require grad: called "
-            f"under torch.no_grad()?): {', '.join(sorted(set(not_differentiable)))}"
+            "tracked modules received no gradient (output does not require grad; frozen "
+            f"parameters?): {', '.join(sorted(set(not_differentiable)))}"
         )
+    # Gradients with respect to the outputs only: the engine runs just the nodes on paths to
+    # them, and each node forms only the input gradients those paths need, so no parameter
+    # gradient (weight matmul, LayerNorm, tied embedding) is computed. Freezing the parameters
+    # for the pass was measured as no gain (issue 8: 1.00x build time, same saved tensors).
     output_gradients = torch.autograd.grad(
         loss, [call.output for call in recorder.calls], allow_unused=True
     )
     missing = sorted({c.name for c, g in zip(recorder.calls, output_gradients) if g is None})
     if missing:
         raise ValueError(f"tracked modules received no gradient from the loss: {missing}")
-    return recorder.calls, output_gradients
+    for call, output_gradient in zip(recorder.calls, output_gradients):
+        spec = specs[call.name]
+        assert spec is not None
+        inputs = _token_inputs(call.module, spec, call.inputs)
+        gradients = _token_gradients(spec, output_gradient.detach(), inputs.shape[0])
+        yield _apply_mask(call, spec, inputs, gradients, mask)
 
 
 def _check_loss(loss: object) -> None:
@@ -205,10 +163,7 @@ def _check_loss(loss: object) -> None:
             "(allowed: a scalar tensor, the sum of per-example losses)"
         )
     if not loss.requires_grad:
-        raise ValueError(
-            "Invalid loss_fn result: the loss does not require grad (allowed: a loss that "
-            "depends on the tracked modules' outputs; parameters are frozen during the pass)"
-        )
+        raise ValueError("Invalid loss_fn result: the loss does not require grad")
 
 
 def _token_inputs(module: nn.Module, spec: LayerSpec, inputs: torch.Tensor) -> torch.Tensor:
