@@ -11,7 +11,8 @@ Workloads (CPU, one torch thread, same model weights and data for every library)
   is the median of the per-round ratios, examples/s the median per library. bergson runs twice
   per round: on the model as given (all parameters trainable) and frozen as its own CLI freezes
   it (only the input embeddings trainable, which skips most weight gradients); the floor is
-  judged against the faster of the two. kronlab freezes every parameter itself during the pass.
+  judged against the faster of the two. (kronlab needs no freeze: its gradients with respect
+  to the tracked outputs never form a parameter gradient.)
   The "floor" row is the model alone: forward + backward to the tracked outputs, parameters
   trainable, no hooks, no projection, no store.
   *Score*: kronlab fit (EK-FAC) + apply + score of 8 queries against the store; bergson
