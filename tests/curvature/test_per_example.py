@@ -281,3 +281,18 @@ def test_model_unchanged_when_the_pass_raises() -> None:
         )
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_relu_inplace_after_a_tracked_module_does_not_change_its_gradients() -> None:
+    # Without a copy the recorded output would be the one after ReLU(inplace=True) and its
+    # gradient the post-ReLU one: wrong by O(1), silently.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(inplace=True), nn.Linear(4, 3)).double()
+    inputs, targets = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    modules = find_modules(model)
+    examples = [(inputs[i : i + 1], targets[i : i + 1]) for i in range(6)]
+    reference = _autograd_example_matrices(model, modules, classification_sum_loss, examples)
+    for _ in range(2):  # the first pass detects the edit and records again; later ones copy
+        hooked = per_example_gradients(model, (inputs, targets), classification_sum_loss, modules)
+        for name in modules:
+            torch.testing.assert_close(hooked[name], reference[name])

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
+from weakref import WeakSet
 
 import torch
 from torch import nn
@@ -70,10 +71,28 @@ class _Call:
     module: nn.Module
     inputs: torch.Tensor
     output: torch.Tensor
+    versions: tuple[int, int]  # of inputs and output when recorded
+
+    def modified_in_place(self) -> bool:
+        """Whether a later in-place op (``ReLU(inplace=True)``, ``x += …``) changed a tensor
+        recorded here: the recorded activations, or the gradient with respect to the output,
+        would then belong to the modified values, not to this module's."""
+        return (self.inputs._version, self.output._version) != self.versions
+
+
+# Modules whose input or output a later in-place op was seen to modify: their calls are
+# recorded through copies from then on (a module-level set, so every pass, batch and stage
+# after the first detection pays one copy instead of a second forward).
+_RECORD_THROUGH_COPIES: WeakSet[nn.Module] = WeakSet()
 
 
 class _Recorder:
-    """Context manager: record ``(module, input, output)`` of every tracked module call."""
+    """Context manager: record ``(module, input, output)`` of every tracked module call.
+
+    For a module in ``_RECORD_THROUGH_COPIES`` the recorded input is a copy and the module's
+    output is replaced by a copy for the rest of the forward, so in-place ops downstream edit
+    the copy while the recorded output stays the one whose gradient is wanted.
+    """
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.modules = modules
@@ -95,13 +114,18 @@ class _Recorder:
     def _hook_for(self, name: str) -> Callable[..., None]:
         def hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-        ) -> None:
+        ) -> torch.Tensor | None:
             if not isinstance(output, torch.Tensor):
                 raise ValueError(f"module {name!r} returned {type(output).__name__}, not a tensor")
             inputs = args[0] if args else next(iter(kwargs.values()), None)
             if not isinstance(inputs, torch.Tensor):
                 raise ValueError(f"module {name!r} was called without an input tensor")
-            self.calls.append(_Call(name, module, inputs.detach(), output))
+            copy = module in _RECORD_THROUGH_COPIES
+            inputs = inputs.detach().clone() if copy else inputs.detach()
+            self.calls.append(
+                _Call(name, module, inputs, output, (inputs._version, output._version))
+            )
+            return output.clone() if copy else None
 
         return hook
 
@@ -128,6 +152,18 @@ def layer_batches(
     with _Recorder(modules) as recorder:
         loss = loss_fn(model, batch)
     _check_loss(loss)
+    modified = [call for call in recorder.calls if call.modified_in_place()]
+    if modified:
+        if any(call.module in _RECORD_THROUGH_COPIES for call in modified):
+            raise RuntimeError(
+                "tracked modules' recorded tensors changed in place even through copies: "
+                f"{sorted({call.name for call in modified})}"
+            )
+        # Once per module: remember it and run this batch again, recording through copies.
+        _RECORD_THROUGH_COPIES.update(call.module for call in modified)
+        del loss, recorder
+        yield from layer_batches(model, batch, loss_fn, modules, mask)
+        return
     uncalled = sorted(set(modules) - {call.name for call in recorder.calls})
     if uncalled:
         raise ValueError(f"tracked modules were not called by loss_fn: {', '.join(uncalled)}")
