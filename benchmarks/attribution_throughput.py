@@ -2,27 +2,40 @@
 
 Workloads (CPU, one torch thread, same model weights and data for every library):
 
-- ``gpt2``: a 2-layer Hugging Face GPT-2 (d 64, vocab 257, random weights) on 64-byte snippets of
-  Python's stdlib; per-sequence gradients of the four ``Conv1D`` layers per block, projected to
-  ``p × p`` per module. kronlab ``build`` vs bergson ``collect_gradients`` (its index build).
-  kronfluence tracks only ``nn.Linear`` / ``nn.Conv2d``, not GPT-2's ``Conv1D``: not run here.
+- ``gpt2``: a 2-layer Hugging Face GPT-2 (d 64, vocab 257, random weights, its default
+  ``gelu_new``) on 64-byte snippets of Python's stdlib; per-sequence gradients of the four
+  ``Conv1D`` layers per block, projected to ``p × p`` per module (Rademacher, both sides, as
+  bergson's per-module projection; kronlab also keeps the bias column), float32.
+  *Build*: kronlab ``build`` vs bergson ``collect_gradients`` (its index build), batch 32,
+  alternating for ``--rounds`` rounds in one process (the order flips every round); the figure
+  is the median of the per-round ratios, examples/s the median per library. bergson runs twice
+  per round: on the model as given (all parameters trainable) and frozen as its own CLI freezes
+  it (only the input embeddings trainable, which skips most weight gradients); the floor is
+  judged against the faster of the two. (kronlab needs no freeze: its gradients with respect
+  to the tracked outputs never form a parameter gradient.)
+  The "floor" row is the model alone: forward + backward to the tracked outputs, parameters
+  trainable, no hooks, no projection, no store.
+  *Score*: kronlab fit (EK-FAC) + apply + score of 8 queries against the store; bergson
+  ``Attributor`` over its index (query gradients + inner products, no preconditioner);
+  kronfluence EK-FAC fit + pairwise scores on a copy of the model whose ``Conv1D`` layers are
+  ``nn.Linear`` (the same function: kronfluence does not track ``Conv1D``).
 - ``digits``: the digits MLP (64 → 128 → 128 → 10). bergson needs a Hugging Face causal LM, so
   it is not run here. kronlab build + fit + apply + score vs kronfluence EK-FAC fit + pairwise
   scores (kronfluence has no gradient store: it recomputes training gradients when scoring).
 
-Each workload runs in its own subprocess (``--child``); on GPT-2 the kronlab and bergson builds
-alternate for three rounds in one process and each keeps its fastest (the machine is shared).
-Times exclude imports and model setup; "peak MB" is the rise of the process's peak RSS during the
-timed stage (``VmHWM``, reset first).
+Each workload runs in its own subprocess (``--child``). Times exclude imports and model setup;
+"peak MB" is the rise of the process's peak RSS during the timed stage (``VmHWM``, reset first;
+the largest over rounds).
 
-    PYTHONPATH=src /work/venvs/issue8/bin/python -m benchmarks.attribution_throughput \
-        [--write benchmarks/results/issue-8.md]
+    PYTHONPATH=src /work/main/.venv/bin/python -m benchmarks.attribution_throughput \
+        [--rounds 11] [--write benchmarks/results/issue-8.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,19 +93,24 @@ def gpt2_tokens() -> torch.Tensor:
     return tokens[full]
 
 
-def kronlab_gpt2_build(directory: Path) -> Callable[[], object]:
-    """A fresh kronlab build of the GPT-2 store into ``directory`` (model and data set up)."""
-    from kronlab.attribution.pipeline import AttributionConfig, AttributionRun
+def _gpt2_task():
     from kronlab.attribution.sources import AttributionTask, ExampleSet, language_model_loss
 
     tokens = gpt2_tokens()
     train, queries = tokens[:-GPT2_QUERIES], tokens[-GPT2_QUERIES:]
-    task = AttributionTask(
+    return AttributionTask(
         gpt2_model(),
         language_model_loss,
         ExampleSet((train, torch.ones_like(train, dtype=torch.bool)), "text", [""] * len(train)),
         ExampleSet((queries, torch.ones_like(queries, dtype=torch.bool)), "text"),
     )
+
+
+def kronlab_gpt2_build(directory: Path) -> Callable[[], object]:
+    """A fresh kronlab build of the GPT-2 store into ``directory`` (model and data set up)."""
+    from kronlab.attribution.pipeline import AttributionConfig, AttributionRun
+
+    task = _gpt2_task()
     config = AttributionConfig(
         projection_dim=PROJECTION_DIM,
         modules=("transformer.h.*",),
@@ -107,35 +125,203 @@ def kronlab_gpt2_build(directory: Path) -> Callable[[], object]:
     return run.build
 
 
-def bergson_gpt2_build(directory: Path) -> Callable[[], object]:
-    """A fresh bergson ``collect_gradients`` index build into ``directory``."""
+def bergson_gpt2_build(directory: Path, frozen: bool = False) -> Callable[[], object]:
+    """A fresh bergson ``collect_gradients`` index build into ``directory``. ``frozen``: the
+    model frozen as bergson's own CLI does (``bergson/utils/worker_utils.py``: everything but
+    the input embeddings), so its backward skips most weight gradients."""
     from bergson import GradientProcessor, IndexConfig, collect_gradients
     from datasets import Dataset
 
     tokens = gpt2_tokens()[:-GPT2_QUERIES]
     data = Dataset.from_dict({"input_ids": tokens.tolist()})
     model = gpt2_model()
+    if frozen:
+        model.requires_grad_(False)
+        model.get_input_embeddings().requires_grad_(True)
     batches = [list(range(i, min(i + 32, len(tokens)))) for i in range(0, len(tokens), 32)]
     config = IndexConfig(run_path=str(directory), projection_dim=PROJECTION_DIM, drop_columns=False)
     processor = GradientProcessor(projection_dim=PROJECTION_DIM)
     return lambda: collect_gradients(model, data, processor, config, batches=batches)
 
 
-def gpt2_builds(rounds: int = 3) -> dict:
-    """Alternate kronlab and bergson builds in one process; keep each one's fastest round."""
-    results: dict[str, dict] = {}
+def gpt2_floor() -> Callable[[], object]:
+    """The model alone over the same batches: forward, then backward to the tracked outputs."""
+    from kronlab.attribution.sources import language_model_loss
+    from kronlab.curvature import find_modules
+
+    tokens = gpt2_tokens()[:-GPT2_QUERIES]
+    model = gpt2_model()
+    tracked = list(find_modules(model, ["transformer.h.*"]).values())
+    real = torch.ones(32, tokens.shape[1], dtype=torch.bool)
+
+    def run() -> None:
+        outputs: list[torch.Tensor] = []
+        for start in range(0, len(tokens), 32):
+            outputs.clear()
+            handles = [m.register_forward_hook(lambda m, i, o: outputs.append(o)) for m in tracked]
+            batch = tokens[start : start + 32]
+            loss = language_model_loss(model, (batch, real[: len(batch)]))
+            for handle in handles:
+                handle.remove()
+            torch.autograd.grad(loss, outputs)
+
+    return run
+
+
+def gpt2_builds(rounds: int = 11) -> dict:
+    """kronlab and bergson builds (and the model-only floor) alternating in one process."""
     examples = len(gpt2_tokens()) - GPT2_QUERIES
+    stages = {
+        "kronlab": kronlab_gpt2_build,
+        "bergson": bergson_gpt2_build,
+        "bergson_frozen": lambda directory: bergson_gpt2_build(directory, frozen=True),
+        "floor": None,
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in stages}
+    peaks: dict[str, float] = dict.fromkeys(stages, 0.0)
     with tempfile.TemporaryDirectory() as scratch:
-        for round_index in range(rounds):
-            for name, prepare in (("kronlab", kronlab_gpt2_build), ("bergson", bergson_gpt2_build)):
-                stage = prepare(Path(scratch) / f"{name}-{round_index}")
+        for round_index in range(rounds + 1):  # round 0 warms up every library, not counted
+            order = list(stages) if round_index % 2 == 0 else list(stages)[::-1]
+            for name in order:
+                prepare = stages[name]
+                stage = (
+                    gpt2_floor()
+                    if prepare is None
+                    else prepare(Path(scratch) / f"{name}-{round_index}")
+                )
                 measured = timed(stage)
-                best = results.get(name)
-                if best is None or measured["seconds"] < best["build"]["seconds"]:
-                    peak_mb = max(measured["peak_mb"], best["build"]["peak_mb"] if best else 0)
-                    results[name] = {"examples": examples, "build": {**measured}}
-                    results[name]["build"]["peak_mb"] = peak_mb
+                if round_index > 0:
+                    seconds[name].append(measured["seconds"])
+                    peaks[name] = max(peaks[name], measured["peak_mb"])
+    results: dict = {}
+    for name in stages:
+        median = statistics.median(seconds[name])
+        results[name] = {
+            "examples": examples,
+            "build": {"seconds": median, "peak_mb": peaks[name]},
+            "rounds": seconds[name],
+        }
+    for name, key in (("bergson", "ratios"), ("bergson_frozen", "ratios_frozen")):
+        results[key] = [b / k for b, k in zip(seconds[name], seconds["kronlab"])]
     return results
+
+
+def kronlab_gpt2_score() -> dict:
+    """kronlab fit (EK-FAC) + apply + score of the GPT-2 queries against a fresh store."""
+    from kronlab.attribution.pipeline import AttributionConfig, AttributionRun
+
+    task = _gpt2_task()
+    config = AttributionConfig(
+        projection_dim=PROJECTION_DIM,
+        modules=("transformer.h.*",),
+        batch_size=32,
+        chunk_rows=64,
+        num_queries=GPT2_QUERIES,
+        method="ekfac",
+        report_queries=0,
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        run = AttributionRun(directory, config, task=task, show_progress=False)
+        run.task  # noqa: B018  (model placed before the clock starts)
+        result = {"examples": len(task.train)}
+        for stage in ("build", "fit", "apply", "score"):
+            result[stage] = timed(getattr(run, stage))
+    return result
+
+
+def bergson_gpt2_score() -> dict:
+    """bergson: index build (untimed), then query gradients + scores with ``Attributor``."""
+    from bergson import Attributor
+    from bergson.config import IndexConfig
+
+    tokens = gpt2_tokens()
+    queries = tokens[-GPT2_QUERIES:]
+    with tempfile.TemporaryDirectory() as scratch:
+        bergson_gpt2_build(Path(scratch) / "index")()
+        index = IndexConfig(run_path=str(Path(scratch) / "index")).partial_run_path
+        model = gpt2_model()
+
+        def score() -> None:
+            attributor = Attributor(index, device="cpu")
+            with attributor.trace(model.base_model, k=None) as result:
+                logits = model(queries).logits[:, :-1]
+                torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), queries[:, 1:].reshape(-1)
+                ).backward()
+                model.zero_grad()
+            assert result.scores.shape == (GPT2_QUERIES, len(tokens) - GPT2_QUERIES)
+
+        return {"examples": len(tokens) - GPT2_QUERIES, "score": timed(score)}
+
+
+def _linear_gpt2():
+    """The benchmark GPT-2 with each block's ``Conv1D`` replaced by the equal ``nn.Linear``."""
+    from torch import nn
+
+    model = gpt2_model()
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ != "Conv1D":
+            continue
+        linear = nn.Linear(*module.weight.shape)
+        with torch.no_grad():
+            linear.weight.copy_(module.weight.T)
+            linear.bias.copy_(module.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, linear)
+    return model
+
+
+def kronfluence_gpt2() -> dict:
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+    from torch.utils.data import TensorDataset
+
+    model = _linear_gpt2()
+    tracked = [name for name, _ in model.named_modules() if name.startswith("transformer.h.")]
+    tracked = [n for n in tracked if isinstance(model.get_submodule(n), torch.nn.Linear)]
+
+    class LanguageModelTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            (tokens,) = batch
+            logits = model(tokens, use_cache=False).logits[:, :-1]
+            logits = logits.reshape(-1, logits.shape[-1])
+            targets = tokens[:, 1:].reshape(-1)
+            if sample:
+                with torch.no_grad():
+                    targets = torch.multinomial(torch.softmax(logits, -1), 1).squeeze(-1)
+            return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            return self.compute_train_loss(batch, model)
+
+        def get_influence_tracked_modules(self):
+            return tracked
+
+    tokens = gpt2_tokens()
+    train = TensorDataset(tokens[:-GPT2_QUERIES])
+    queries = TensorDataset(tokens[-GPT2_QUERIES:])
+    task = LanguageModelTask()
+    model = prepare_model(model, task)
+    with tempfile.TemporaryDirectory() as directory:
+        analyzer = Analyzer("bench", model, task, cpu=True, disable_tqdm=True, output_dir=directory)
+        fit = timed(
+            lambda: analyzer.fit_all_factors(
+                "ekfac", train, per_device_batch_size=32, factor_args=FactorArguments("ekfac")
+            )
+        )
+        score = timed(
+            lambda: analyzer.compute_pairwise_scores(
+                "scores",
+                "ekfac",
+                queries,
+                train,
+                per_device_query_batch_size=GPT2_QUERIES,
+                per_device_train_batch_size=32,
+                score_args=ScoreArguments(damping_factor=None),
+            )
+        )
+    return {"examples": len(train), "fit": fit, "score": score}
 
 
 def _digits_task():
@@ -212,6 +398,9 @@ def kronfluence_digits() -> dict:
 
 CHILDREN = {
     ("kronlab+bergson", "gpt2"): gpt2_builds,
+    ("kronlab", "gpt2"): kronlab_gpt2_score,
+    ("bergson", "gpt2"): bergson_gpt2_score,
+    ("kronfluence", "gpt2"): kronfluence_gpt2,
     ("kronlab", "digits"): kronlab_digits,
     ("kronfluence", "digits"): kronfluence_digits,
 }
@@ -220,8 +409,9 @@ CHILDREN = {
 # ---- parent ---------------------------------------------------------------------------------
 
 
-def run_child(library: str, workload: str, python: str) -> dict:
+def run_child(library: str, workload: str, python: str, rounds: int) -> dict:
     command = [python, "-m", "benchmarks.attribution_throughput", "--child", library, workload]
+    command += ["--rounds", str(rounds)]
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         return {"error": completed.stderr.strip().splitlines()[-1][:200]}
@@ -241,26 +431,45 @@ def peak(result: dict, *stages: str) -> str:
     return f"{max(result[stage]['peak_mb'] for stage in stages):.0f}"
 
 
-def format_table(results: dict, python: str) -> str:
+def format_table(results: dict, python: str, rounds: int) -> str:
     from benchmarks.common import machine_description
 
-    pair = results[("kronlab+bergson", "gpt2")]
-    k_gpt = pair.get("kronlab", pair)
-    b_gpt = pair.get("bergson", pair)
+    builds = results[("kronlab+bergson", "gpt2")]
+    k_build = builds.get("kronlab", builds)
+    b_build = builds.get("bergson", builds)
+    bf_build = builds.get("bergson_frozen", builds)
+    floor = builds.get("floor", builds)
+    k_gpt, b_gpt, f_gpt = (
+        results[(name, "gpt2")] for name in ("kronlab", "bergson", "kronfluence")
+    )
     k_dig, f_dig = results[("kronlab", "digits")], results[("kronfluence", "digits")]
+    seqs = k_build.get("examples", "?")
     lines = [
         f"### Gradient-store throughput (CPU, p = {PROJECTION_DIM} per module)",
         "",
-        f"Command: `PYTHONPATH=src {python} -m benchmarks.attribution_throughput`  ",
+        f"Command: `PYTHONPATH=src {python} -m benchmarks.attribution_throughput "
+        f"--rounds {rounds}`  ",
         f"Machine: {machine_description()}; 2 cores shared with other jobs (noisy): ratios are "
         "within one run.",
         "",
         "| workload | library | stage | examples/s | peak MB (rise) |",
         "|---|---|---|---|---|",
-        f"| GPT-2 2×64, {k_gpt.get('examples', '?')} seqs × {LENGTH} tokens | kronlab | build "
-        f"| {rate(k_gpt, 'build')} | {peak(k_gpt, 'build')} |",
-        f"| | bergson | build (collect_gradients) | {rate(b_gpt, 'build')} "
-        f"| {peak(b_gpt, 'build')} |",
+        f"| GPT-2 2×64, {seqs} seqs × {LENGTH} tokens | kronlab | build "
+        f"(median of {rounds}) | {rate(k_build, 'build')} | {peak(k_build, 'build')} |",
+        f"| | bergson | build (collect_gradients, median of {rounds}) "
+        f"| {rate(b_build, 'build')} | {peak(b_build, 'build')} |",
+        f"| | bergson | build (model frozen as bergson's CLI does, median of {rounds}) "
+        f"| {rate(bf_build, 'build')} | {peak(bf_build, 'build')} |",
+        f"| | model only | forward + backward to tracked outputs | {rate(floor, 'build')} "
+        f"| {peak(floor, 'build')} |",
+        f"| | kronlab | fit (EK-FAC) | {rate(k_gpt, 'fit')} | {peak(k_gpt, 'fit')} |",
+        f"| | kronlab | apply + score ({GPT2_QUERIES} queries) | {rate(k_gpt, 'apply', 'score')} "
+        f"| {peak(k_gpt, 'apply', 'score')} |",
+        f"| | bergson | score ({GPT2_QUERIES} queries, Attributor, no preconditioner) "
+        f"| {rate(b_gpt, 'score')} | {peak(b_gpt, 'score')} |",
+        f"| | kronfluence | fit (EK-FAC) | {rate(f_gpt, 'fit')} | {peak(f_gpt, 'fit')} |",
+        f"| | kronfluence | pairwise scores ({GPT2_QUERIES} queries) | {rate(f_gpt, 'score')} "
+        f"| {peak(f_gpt, 'score')} |",
         f"| digits MLP, {k_dig.get('examples', '?')} examples, 16 queries | kronlab | build "
         f"| {rate(k_dig, 'build')} | {peak(k_dig, 'build')} |",
         f"| | kronlab | fit (EK-FAC) | {rate(k_dig, 'fit')} | {peak(k_dig, 'fit')} |",
@@ -273,10 +482,39 @@ def format_table(results: dict, python: str) -> str:
     for name, result in results.items():
         if "error" in result:
             lines.append(f"\n- {name[0]} on {name[1]} failed: `{result['error']}`")
-    if "error" not in k_gpt and "error" not in b_gpt:
-        ratio = b_gpt["build"]["seconds"] / k_gpt["build"]["seconds"]
-        verdict = "met" if ratio >= 1.5 else "MISSED"
-        lines.append(f"\n- floor build throughput ≥ 1.5 × bergson (CPU): {ratio:.2f}x → {verdict}")
+    if "ratios" in builds:
+        medians: dict[str, float] = {}
+        lines.append("")
+        for key, label in (("ratios", "bergson as given"), ("ratios_frozen", "bergson frozen")):
+            ratios = sorted(builds[key])
+            medians[key] = statistics.median(ratios)
+            lines.append(
+                f"- build throughput vs {label}: "
+                f"median {medians[key]:.2f}x over {len(ratios)} interleaved rounds (range "
+                f"{ratios[0]:.2f}–{ratios[-1]:.2f}x; {sum(r >= 1.5 for r in ratios)}/"
+                f"{len(ratios)} rounds ≥ 1.5x)"
+            )
+        # The floor is judged against the faster bergson configuration (the smaller ratio).
+        faster = min(medians, key=lambda key: medians[key])
+        verdict = "met" if medians[faster] >= 1.5 else "MISSED"
+        lines.append(
+            f"- floor build throughput ≥ 1.5 × bergson (CPU), against the faster bergson "
+            f"configuration ({'frozen' if faster == 'ratios_frozen' else 'as given'}): "
+            f"{medians[faster]:.2f}x → {verdict}"
+        )
+        floor_seconds = floor["build"]["seconds"]
+        lines.append(
+            f"- time vs the model alone (forward + backward to the tracked outputs, parameters "
+            f"trainable): bergson {b_build['build']['seconds'] / floor_seconds:.2f}x, bergson "
+            f"frozen {bf_build['build']['seconds'] / floor_seconds:.2f}x, kronlab "
+            f"{k_build['build']['seconds'] / floor_seconds:.2f}x"
+        )
+    if all("error" not in r for r in (k_gpt, f_gpt)) and "score" in f_gpt:
+        ours = sum(k_gpt[s]["seconds"] for s in ("build", "apply", "score"))
+        lines.append(
+            f"- GPT-2 scoring, kronlab build+apply+score vs kronfluence pairwise: "
+            f"{f_gpt['score']['seconds'] / ours:.2f}x faster"
+        )
     if "error" not in k_dig and "error" not in f_dig:
         ours = sum(k_dig[s]["seconds"] for s in ("build", "apply", "score"))
         lines.append(
@@ -290,17 +528,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--child", nargs=2, metavar=("LIBRARY", "WORKLOAD"))
     parser.add_argument("--python", default=sys.executable, help="interpreter with the peers")
+    parser.add_argument("--rounds", type=int, default=11, help="interleaved GPT-2 build rounds")
     parser.add_argument("--write", type=Path, default=None, help="append the table (markdown)")
     arguments = parser.parse_args()
     torch.set_num_threads(1)
     if arguments.child:
-        print(json.dumps(CHILDREN[tuple(arguments.child)]()))
+        child = CHILDREN[tuple(arguments.child)]
+        outcome = child(arguments.rounds) if child is gpt2_builds else child()
+        print(json.dumps(outcome))
         return
     results = {}
     for library, workload in CHILDREN:
-        results[(library, workload)] = run_child(library, workload, arguments.python)
+        results[(library, workload)] = run_child(
+            library, workload, arguments.python, arguments.rounds
+        )
         print(library, workload, results[(library, workload)], flush=True)
-    table = format_table(results, arguments.python)
+    table = format_table(results, arguments.python, arguments.rounds)
     print(table)
     if arguments.write is not None:
         with arguments.write.open("a") as handle:

@@ -13,7 +13,12 @@ from kronlab.curvature import (
     per_example_gradients,
 )
 
-from .curvature_models import TinySequenceModel, classification_sum_loss, sequence_loss
+from .curvature_models import (
+    Conv1D,
+    TinySequenceModel,
+    classification_sum_loss,
+    sequence_loss,
+)
 
 
 def _autograd_example_matrices(model, modules, loss_fn, examples):
@@ -154,3 +159,140 @@ def test_module_called_with_keyword_input() -> None:
         layer, {"layer": layer}, loss_fn, [inputs[i : i + 1] for i in range(4)]
     )
     torch.testing.assert_close(hooked["layer"], reference["layer"])
+
+
+def test_projected_with_padding_and_conv_equals_projected_full() -> None:
+    """Projected per-example gradients (bias folded into ``P_A``, masked tokens dropped through
+    their zero ``g_t``) equal the projection of the full ones, padding and conv included."""
+    model = TinySequenceModel(padding_idx=0).double()
+    tokens = torch.randint(1, 7, (4, 5))
+    tokens[1, 3:] = 0
+    mask = (tokens != 0).double()
+    batch = (tokens, torch.randint(0, 7, (4, 5)), mask)
+    modules = find_modules(model)
+    full = per_example_gradients(model, batch, sequence_loss, modules, mask=mask)
+    generator = torch.Generator().manual_seed(0)
+    projections = {
+        name: (
+            torch.randn(3, matrix.shape[1], generator=generator, dtype=torch.float64),
+            torch.randn(2, matrix.shape[2], generator=generator, dtype=torch.float64),
+        )
+        for name, matrix in full.items()
+    }
+    projected = per_example_gradients(model, batch, sequence_loss, modules, projections, mask)
+    for name, (output_side, input_side) in projections.items():
+        torch.testing.assert_close(projected[name], output_side @ full[name] @ input_side.T)
+
+    conv = _conv_net(bias=True)
+    inputs = (torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    modules = find_modules(conv)
+    full = per_example_gradients(conv, inputs, classification_sum_loss, modules)
+    projections = {
+        name: (
+            torch.randn(2, matrix.shape[1], generator=generator, dtype=torch.float64),
+            torch.randn(2, matrix.shape[2], generator=generator, dtype=torch.float64),
+        )
+        for name, matrix in full.items()
+    }
+    projected = per_example_gradients(conv, inputs, classification_sum_loss, modules, projections)
+    for name, (output_side, input_side) in projections.items():
+        torch.testing.assert_close(projected[name], output_side @ full[name] @ input_side.T)
+
+
+class _MixedModel(nn.Module):
+    """Embedding (padding) → LayerNorm → Conv1D → Linear (no bias) → Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(7, 5, padding_idx=0)
+        self.norm = nn.LayerNorm(5)
+        self.mixer = Conv1D(6, 5)
+        self.hidden = nn.Linear(6, 6, bias=False)
+        self.head = nn.Linear(6, 7)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self.mixer(self.norm(self.embedding(tokens)))
+        return self.head(torch.tanh(self.hidden(torch.tanh(hidden))))
+
+
+def _definition_gradients(model, modules, examples):
+    """Reference from the definition: a copy with every parameter trainable, one backward per
+    single-example batch, each module's weight (and bias) gradient rearranged into G."""
+    import copy
+
+    reference_model = copy.deepcopy(model).requires_grad_(True)
+    reference_modules = dict(reference_model.named_modules())
+    rows = {name: [] for name in modules}
+    for example in examples:
+        loss = sequence_loss(reference_model, example)
+        for name in modules:
+            module = reference_modules[name]
+            bias = getattr(module, "bias", None)
+            parameters = [module.weight] + ([bias] if bias is not None else [])
+            grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, grads)]
+            rows[name].append(gradient_matrix(module, *grads))
+    return {name: torch.stack(matrices) for name, matrices in rows.items()}
+
+
+def test_mixed_model_equals_definition_and_leaves_the_model_as_it_was() -> None:
+    """Per-example gradients of Embedding (padding), Conv1D, Linear ± bias equal the loop of
+    single-example backwards; requires_grad flags (a frozen LayerNorm included) and .grad
+    fields are unchanged afterwards."""
+    torch.manual_seed(0)
+    model = _MixedModel().double()
+    model.norm.requires_grad_(False)  # an untracked frozen module: no effect on the others
+    model.head.weight.grad = torch.full_like(model.head.weight, 3.0)
+    tokens = torch.randint(1, 7, (4, 5))
+    tokens[1, 3:] = 0
+    tokens[3, 1:] = 0
+    mask = (tokens != 0).double()
+    targets = torch.randint(0, 7, (4, 5))
+    modules = find_modules(model, ["embedding", "mixer", "hidden", "head"])
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    hooked = per_example_gradients(
+        model, (tokens, targets, mask), sequence_loss, modules, mask=mask
+    )
+    examples = [(tokens[i : i + 1], targets[i : i + 1], mask[i : i + 1]) for i in range(4)]
+    reference = _definition_gradients(model, modules, examples)
+    for name in modules:
+        torch.testing.assert_close(hooked[name], reference[name], msg=name)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(p.grad is grads[name] for name, p in model.named_parameters())
+    assert torch.equal(model.head.weight.grad, torch.full_like(model.head.weight, 3.0))
+
+
+def test_model_unchanged_when_the_pass_raises() -> None:
+    model = _MixedModel().double()
+    model.norm.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    tokens = torch.randint(1, 7, (2, 3))
+
+    def failing_loss(net, batch):
+        net(batch)
+        raise RuntimeError("loss failed mid-pass")
+
+    with pytest.raises(RuntimeError, match="mid-pass"):
+        per_example_gradients(model, tokens, failing_loss, find_modules(model))
+    with pytest.raises(ValueError, match="does not require grad"):
+        per_example_gradients(
+            model, tokens, lambda net, batch: net(batch).detach().sum(), find_modules(model)
+        )
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_relu_inplace_after_a_tracked_module_does_not_change_its_gradients() -> None:
+    # Without a copy the recorded output would be the one after ReLU(inplace=True) and its
+    # gradient the post-ReLU one: wrong by O(1), silently.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(inplace=True), nn.Linear(4, 3)).double()
+    inputs, targets = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    modules = find_modules(model)
+    examples = [(inputs[i : i + 1], targets[i : i + 1]) for i in range(6)]
+    reference = _autograd_example_matrices(model, modules, classification_sum_loss, examples)
+    for _ in range(2):  # the first pass detects the edit and records again; later ones copy
+        hooked = per_example_gradients(model, (inputs, targets), classification_sum_loss, modules)
+        for name in modules:
+            torch.testing.assert_close(hooked[name], reference[name])

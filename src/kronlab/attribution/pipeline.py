@@ -195,6 +195,7 @@ class AttributionRun:
         self.cache_dir = cache_dir
         self._task = task
         self._task_placed = False
+        self._tracked_modules: dict[str, torch.nn.Module] | None = None
         prepare_run_dir(self.run_dir, self.config, self.workers)
 
     # ---- paths and lazily loaded inputs ---------------------------------------------------
@@ -236,8 +237,11 @@ class AttributionRun:
         return self._task
 
     def _modules(self) -> dict[str, torch.nn.Module]:
-        patterns = None if self.config.modules is None else list(self.config.modules)
-        return find_modules(self.task.model, patterns)
+        # Resolved once: a glob walk over the model per batch is a measurable share of a build.
+        if self._tracked_modules is None:
+            patterns = None if self.config.modules is None else list(self.config.modules)
+            self._tracked_modules = find_modules(self.task.model, patterns)
+        return self._tracked_modules
 
     def _gradient_shapes(self) -> dict[str, tuple[int, int]]:
         shapes = {}

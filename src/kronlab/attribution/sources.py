@@ -115,20 +115,41 @@ def classification_loss(
 def language_model_loss(
     model: nn.Module, batch: tuple[torch.Tensor, ...], sample: bool = False
 ) -> torch.Tensor:
-    """Next-token cross-entropy summed over real target tokens (padding masked out)."""
+    """Next-token cross-entropy summed over real target tokens (padding masked out).
+
+    Position ``t`` predicts token ``t + 1``; the last position and padded targets get the
+    ignore index instead of being sliced or multiplied away, so the logits are never copied
+    (neither here nor by the backward of a slice).
+    """
     tokens, mask = batch
-    logits = _logits(model(tokens))[:, :-1]
-    logits = logits.reshape(-1, logits.shape[-1])
-    targets = _targets(logits, tokens[:, 1:].reshape(-1), sample)
-    losses = F.cross_entropy(logits, targets, reduction="none")
-    return (losses * mask[:, 1:].reshape(-1).to(losses.dtype)).sum()
+    logits = _logits(model(tokens, **_no_cache(model)))
+    vocab = logits.shape[-1]
+    targets = _targets(logits[:, :-1], tokens[:, 1:].reshape(-1), sample)
+    targets = targets.reshape(len(tokens), -1).masked_fill(~mask[:, 1:].bool(), _IGNORED)
+    targets = F.pad(targets, (0, 1), value=_IGNORED)
+    return F.cross_entropy(
+        logits.reshape(-1, vocab), targets.reshape(-1), ignore_index=_IGNORED, reduction="sum"
+    )
+
+
+_IGNORED = -100
+
+
+def _no_cache(model: nn.Module) -> dict[str, bool]:
+    """``use_cache=False`` for Hugging Face models (their config has ``use_cache``): by default
+    they build a key/value cache, copying every layer's keys and values, which a loss never
+    reads."""
+    config = getattr(model, "config", None)
+    return {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
 
 
 def _targets(logits: torch.Tensor, labels: torch.Tensor, sample: bool) -> torch.Tensor:
+    """``labels``, or with ``sample`` one draw per row of ``logits`` (``(..., classes)``)."""
     if not sample:
         return labels
     with torch.no_grad():
-        probabilities = torch.softmax(logits.detach().float(), dim=-1)
+        flat = logits.detach().reshape(-1, logits.shape[-1])
+        probabilities = torch.softmax(flat.float(), dim=-1)
         return torch.multinomial(probabilities, 1).squeeze(-1)
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
+from weakref import WeakSet
 
 import torch
 from torch import nn
@@ -24,14 +26,17 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 class LayerBatch:
     """One call of a tracked module on a batch of ``n`` examples with ``T`` tokens each.
 
-    ``activations``: ``(n, T, d_in)`` with the bias 1 appended (embeddings: token indices
-    ``(n, T)``); ``gradients``: ``(n, T, d_out)``; both zero on masked tokens. ``token_mask``
-    ``(n, T)`` bool or ``None`` (all tokens count).
+    ``inputs``: ``(n, T, d_in)`` without the bias column and *not* masked (embeddings: token
+    indices ``(n, T)``); ``gradients``: ``(n, T, d_out)``, zero on masked tokens, which is
+    enough for ``G_i = Σ_t g_t a_tᵀ`` to ignore them. ``token_mask`` ``(n, T)`` bool or
+    ``None`` (all tokens count). :attr:`activations` is the K-FAC ``a_t`` (bias 1 appended,
+    masked tokens zero), built only when asked for: per-example gradients fold the bias into the
+    projection instead and never pay for the copy.
     """
 
     name: str
     spec: LayerSpec
-    activations: torch.Tensor
+    inputs: torch.Tensor
     gradients: torch.Tensor
     token_mask: torch.Tensor | None
 
@@ -45,6 +50,20 @@ class LayerBatch:
             return self.gradients.shape[0] * self.gradients.shape[1]
         return int(self.token_mask.sum())
 
+    @cached_property
+    def activations(self) -> torch.Tensor:
+        """``(n, T, d_in [+1])`` with the bias 1 appended and masked tokens zeroed (embeddings:
+        the token indices)."""
+        if self.spec.kind == "embedding":
+            return self.inputs
+        activations = self.inputs
+        if self.spec.has_bias:
+            ones = activations.new_ones(*activations.shape[:2], 1)
+            activations = torch.cat([activations, ones], dim=-1)
+        if self.token_mask is not None:
+            activations = activations * self.token_mask.to(activations.dtype).unsqueeze(-1)
+        return activations
+
 
 @dataclass
 class _Call:
@@ -52,10 +71,28 @@ class _Call:
     module: nn.Module
     inputs: torch.Tensor
     output: torch.Tensor
+    versions: tuple[int, int]  # of inputs and output when recorded
+
+    def modified_in_place(self) -> bool:
+        """Whether a later in-place op (``ReLU(inplace=True)``, ``x += …``) changed a tensor
+        recorded here: the recorded activations, or the gradient with respect to the output,
+        would then belong to the modified values, not to this module's."""
+        return (self.inputs._version, self.output._version) != self.versions
+
+
+# Modules whose input or output a later in-place op was seen to modify: their calls are
+# recorded through copies from then on (a module-level set, so every pass, batch and stage
+# after the first detection pays one copy instead of a second forward).
+_RECORD_THROUGH_COPIES: WeakSet[nn.Module] = WeakSet()
 
 
 class _Recorder:
-    """Context manager: record ``(module, input, output)`` of every tracked module call."""
+    """Context manager: record ``(module, input, output)`` of every tracked module call.
+
+    For a module in ``_RECORD_THROUGH_COPIES`` the recorded input is a copy and the module's
+    output is replaced by a copy for the rest of the forward, so in-place ops downstream edit
+    the copy while the recorded output stays the one whose gradient is wanted.
+    """
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.modules = modules
@@ -77,13 +114,18 @@ class _Recorder:
     def _hook_for(self, name: str) -> Callable[..., None]:
         def hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-        ) -> None:
+        ) -> torch.Tensor | None:
             if not isinstance(output, torch.Tensor):
                 raise ValueError(f"module {name!r} returned {type(output).__name__}, not a tensor")
             inputs = args[0] if args else next(iter(kwargs.values()), None)
             if not isinstance(inputs, torch.Tensor):
                 raise ValueError(f"module {name!r} was called without an input tensor")
-            self.calls.append(_Call(name, module, inputs.detach(), output))
+            copy = module in _RECORD_THROUGH_COPIES
+            inputs = inputs.detach().clone() if copy else inputs.detach()
+            self.calls.append(
+                _Call(name, module, inputs, output, (inputs._version, output._version))
+            )
+            return output.clone() if copy else None
 
         return hook
 
@@ -110,6 +152,18 @@ def layer_batches(
     with _Recorder(modules) as recorder:
         loss = loss_fn(model, batch)
     _check_loss(loss)
+    modified = [call for call in recorder.calls if call.modified_in_place()]
+    if modified:
+        if any(call.module in _RECORD_THROUGH_COPIES for call in modified):
+            raise RuntimeError(
+                "tracked modules' recorded tensors changed in place even through copies: "
+                f"{sorted({call.name for call in modified})}"
+            )
+        # Once per module: remember it and run this batch again, recording through copies.
+        _RECORD_THROUGH_COPIES.update(call.module for call in modified)
+        del loss, recorder
+        yield from layer_batches(model, batch, loss_fn, modules, mask)
+        return
     uncalled = sorted(set(modules) - {call.name for call in recorder.calls})
     if uncalled:
         raise ValueError(f"tracked modules were not called by loss_fn: {', '.join(uncalled)}")
@@ -119,6 +173,10 @@ def layer_batches(
             "tracked modules received no gradient (output does not require grad; frozen "
             f"parameters?): {', '.join(sorted(set(not_differentiable)))}"
         )
+    # Gradients with respect to the outputs only: the engine runs just the nodes on paths to
+    # them, and each node forms only the input gradients those paths need, so no parameter
+    # gradient (weight matmul, LayerNorm, tied embedding) is computed. Freezing the parameters
+    # for the pass was measured as no gain (issue 8: 1.00x build time, same saved tensors).
     output_gradients = torch.autograd.grad(
         loss, [call.output for call in recorder.calls], allow_unused=True
     )
@@ -128,9 +186,9 @@ def layer_batches(
     for call, output_gradient in zip(recorder.calls, output_gradients):
         spec = specs[call.name]
         assert spec is not None
-        activations = _token_activations(call.module, spec, call.inputs)
-        gradients = _token_gradients(spec, output_gradient.detach(), activations.shape[0])
-        yield _apply_mask(call, spec, activations, gradients, mask)
+        inputs = _token_inputs(call.module, spec, call.inputs)
+        gradients = _token_gradients(spec, output_gradient.detach(), inputs.shape[0])
+        yield _apply_mask(call, spec, inputs, gradients, mask)
 
 
 def _check_loss(loss: object) -> None:
@@ -144,7 +202,8 @@ def _check_loss(loss: object) -> None:
         raise ValueError("Invalid loss_fn result: the loss does not require grad")
 
 
-def _token_activations(module: nn.Module, spec: LayerSpec, inputs: torch.Tensor) -> torch.Tensor:
+def _token_inputs(module: nn.Module, spec: LayerSpec, inputs: torch.Tensor) -> torch.Tensor:
+    """``(n, T, d_in)`` token inputs (conv2d: unfolded patches; embeddings: ``(n, T)`` ids)."""
     if inputs.ndim < 2 and spec.kind != "embedding":
         raise ValueError(f"expected batched input to a {spec.kind} module, got {inputs.shape}")
     n = inputs.shape[0]
@@ -158,13 +217,8 @@ def _token_activations(module: nn.Module, spec: LayerSpec, inputs: torch.Tensor)
             padding=module.padding,
             stride=module.stride,
         )
-        activations = patches.transpose(1, 2)
-    else:
-        activations = inputs.reshape(n, -1, inputs.shape[-1])
-    if spec.has_bias:
-        ones = activations.new_ones(*activations.shape[:2], 1)
-        activations = torch.cat([activations, ones], dim=-1)
-    return activations
+        return patches.transpose(1, 2)
+    return inputs.reshape(n, -1, inputs.shape[-1])
 
 
 def _token_gradients(spec: LayerSpec, output_gradient: torch.Tensor, n: int) -> torch.Tensor:
@@ -176,27 +230,25 @@ def _token_gradients(spec: LayerSpec, output_gradient: torch.Tensor, n: int) -> 
 def _apply_mask(
     call: _Call,
     spec: LayerSpec,
-    activations: torch.Tensor,
+    inputs: torch.Tensor,
     gradients: torch.Tensor,
     mask: torch.Tensor | None,
 ) -> LayerBatch:
     token_mask = None
     if mask is not None:
-        if mask.shape != activations.shape[:2]:
+        if mask.shape != inputs.shape[:2]:
             raise ValueError(
                 f"Invalid mask shape: {tuple(mask.shape)} for module {call.name!r} (allowed: "
-                f"(examples, tokens) = {tuple(activations.shape[:2])})"
+                f"(examples, tokens) = {tuple(inputs.shape[:2])})"
             )
         token_mask = mask.to(device=gradients.device).bool()
     if spec.kind == "embedding":
         padding_idx = call.module.padding_idx
         if padding_idx is not None:
             # torch never updates the padding row, so its gradient is zero by definition.
-            real = activations != padding_idx
+            real = inputs != padding_idx
             token_mask = real if token_mask is None else token_mask & real
     if token_mask is not None:
-        weights = token_mask.to(gradients.dtype).unsqueeze(-1)
-        gradients = gradients * weights
-        if spec.kind != "embedding":
-            activations = activations * weights
-    return LayerBatch(call.name, spec, activations, gradients, token_mask)
+        # Zero output gradients suffice: every product with g_t vanishes on masked tokens.
+        gradients = gradients * token_mask.to(gradients.dtype).unsqueeze(-1)
+    return LayerBatch(call.name, spec, inputs, gradients, token_mask)

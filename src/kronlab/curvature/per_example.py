@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from kronlab.curvature.hooks import LayerBatch, LossFn, layer_batches
 from kronlab.curvature.layers import LayerSpec
@@ -54,17 +55,29 @@ def per_example_gradients(
 
 
 def example_gradients(layer: LayerBatch, projection: Projection | None = None) -> torch.Tensor:
-    """``Σ_t (P_S g_t)(P_A a_t)ᵀ`` per example for one :class:`LayerBatch`."""
+    """``Σ_t (P_S g_t)(P_A a_t)ᵀ`` per example for one :class:`LayerBatch`: two projections
+    of the token vectors, then one batched ``(n, p_S, T) @ (n, T, p_A)`` product."""
     output_side, input_side = projection if projection is not None else (None, None)
     gradients = layer.gradients
     if output_side is not None:
         gradients = gradients @ output_side.to(gradients.dtype).transpose(0, 1)
     if layer.spec.kind == "embedding":
         return _embedding_gradients(layer, gradients, input_side)
-    activations = layer.activations
-    if input_side is not None:
-        activations = activations @ input_side.to(activations.dtype).transpose(0, 1)
+    if input_side is None:
+        activations = layer.activations
+    else:
+        activations = projected_inputs(layer, input_side.to(gradients.dtype))
     return gradients.transpose(1, 2) @ activations
+
+
+def projected_inputs(layer: LayerBatch, input_side: torch.Tensor) -> torch.Tensor:
+    """``P_A a_t`` per token ``(n, T, p)``; with a bias, ``P_A [x_t; 1] = P_W x_t + p_b`` is one
+    fused multiply-add, so the ``[x_t; 1]`` copy is never made. Masked tokens are not zeroed
+    (their ``g_t`` is)."""
+    inputs = layer.inputs
+    if layer.spec.has_bias:
+        return F.linear(inputs, input_side[:, :-1], input_side[:, -1])
+    return inputs @ input_side.transpose(0, 1)
 
 
 def _embedding_gradients(
