@@ -10,7 +10,12 @@ import torch
 from torch import nn
 
 from kronlab.compare import compare
-from kronlab.factors.psgd_factors import balance_scales, procrustes_step, spectral_norm_lower_bound
+from kronlab.factors.psgd_factors import (
+    balance_scales,
+    gram_norm_lower_bound,
+    procrustes_step,
+    spectral_norm_lower_bound,
+)
 from kronlab.groups import LinearWeightBias, PerParameter
 from kronlab.optim import PSGD, available_optimizers, plan_psgd_layout
 from kronlab.tasks.digits import digits_task
@@ -133,11 +138,23 @@ def test_state_has_the_planned_factor_shapes_and_verbose_line(capsys):
 
 # --- one step against the float64 reference ------------------------------------------------
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("shape", [(5, 5), (6, 4), (4, 7)])
-def test_one_factor_update_matches_float64_reference(method, shape):
+@pytest.mark.parametrize(
+    ("shape", "skew"),
+    # all dense with a tall axis (2·width < size): term1 and Q² of that axis are never formed
+    [((5, 5), 1.0), ((6, 4), 1.0), ((4, 7), 1.0), ((9, 3), math.inf), ((3, 9), math.inf)],
+)
+def test_one_factor_update_matches_float64_reference(method, shape, skew):
     generator = torch.Generator().manual_seed(1)
     param = nn.Parameter(torch.randn(shape, dtype=F64, generator=generator))
-    optimizer = PSGD([param], lr=0.01, method=method, momentum=0.0, noise_scale=0.0, dtype=F64)
+    optimizer = PSGD(
+        [param],
+        lr=0.01,
+        method=method,
+        momentum=0.0,
+        noise_scale=0.0,
+        dtype=F64,
+        max_skew_dense=skew,
+    )
     param.grad = torch.randn(shape, dtype=F64, generator=generator)
     optimizer.step()  # initialises the state
     state = optimizer.state[param]
@@ -301,6 +318,18 @@ def test_spectral_norm_lower_bound_is_a_tight_lower_bound():
         spectral_norm_lower_bound(rank_one), torch.linalg.matrix_norm(rank_one, ord=2)
     )
     assert torch.isfinite(spectral_norm_lower_bound(torch.zeros(2, 3, 3))).all()
+
+
+def test_gram_bound_through_the_root_is_the_same_estimate():
+    generator = torch.Generator().manual_seed(13)
+    root = torch.randn(3, 10, 4, generator=generator, dtype=F64)
+    torch.testing.assert_close(
+        gram_norm_lower_bound(root),
+        torch.stack([reference_lower_bound(x @ x.T) for x in root]),
+        rtol=1e-12,
+        atol=0,
+    )
+    assert torch.isfinite(gram_norm_lower_bound(torch.zeros(2, 5, 2))).all()
 
 
 def test_procrustes_step_matches_reference_and_fixes_symmetric_matrices():

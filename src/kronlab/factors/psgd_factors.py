@@ -9,6 +9,12 @@ from cheap lower bounds. No eigendecomposition and no inverse.
 
 Every function here takes a stack: dense factors ``(B, d, d)``, diagonal factors ``(B, d)``, one
 Lipschitz estimate per factor ``(B,)`` and one preconditioner learning rate per factor ``(B,)``.
+
+Cost. For a dense axis of size ``d`` on a gradient ``r`` wide (the other axis), ``term1`` has
+rank ``≤ r``. When ``2r < d`` ("tall" axes, e.g. the 1024-row factor of a ``1024 × 256``
+weight with all factors dense) ``term1`` is never formed: products with it go through its
+root ``Pg`` (``2·d²·r`` instead of ``d³``), and ``Q²`` is never formed either (applying ``Q``
+twice costs ``2·d²·r`` per use, forming ``Q²`` costs ``d³``). See ``is_tall``.
 """
 
 from __future__ import annotations
@@ -63,23 +69,94 @@ def spectral_norm_lower_bound(matrices: Tensor) -> Tensor:
     return power_iteration(matrices, start, NORM_BOUND_ITERATIONS).sigma.abs()
 
 
+def gram_norm_lower_bound(root: Tensor) -> Tensor:
+    """``spectral_norm_lower_bound(X Xᵀ)`` for a stack ``X`` of ``(B, d, r)``, without ``X Xᵀ``.
+
+    The same estimate (start from the row of ``X Xᵀ`` of largest norm, two power iterations,
+    ``|uᵀ A v|``) in ``O(d r²)``: ``‖(X Xᵀ)_i‖² = x_i (XᵀX) x_iᵀ`` picks the row, and every
+    product with ``A = X Xᵀ`` is ``X (Xᵀ u)``.
+    """
+    root = root.to(working_dtype(root.dtype))
+    transposed = root.transpose(-1, -2)
+
+    def gram_times(vectors: Tensor) -> Tensor:
+        return (root @ (transposed @ vectors.unsqueeze(-1))).squeeze(-1)
+
+    squared_row_norms = ((root @ (transposed @ root)) * root).sum(dim=-1)
+    rows = squared_row_norms.argmax(dim=-1)
+    picked = root[torch.arange(root.shape[0], device=root.device), rows]
+    u = _unit((root @ picked.unsqueeze(-1)).squeeze(-1))  # that row of X Xᵀ
+    for _ in range(NORM_BOUND_ITERATIONS):
+        v = _unit(gram_times(u))
+        u = _unit(gram_times(v))
+    return (u * gram_times(v)).sum(dim=-1).abs()
+
+
+def is_tall(size: int, width: int) -> bool:
+    """Whether a dense axis of ``size`` on a ``width``-wide gradient works through roots.
+
+    ``2·width < size``: then a product with ``term1 = Pg Pgᵀ`` through ``Pg`` (``2·d²·r``) is
+    cheaper than forming it (``d²·r``) and multiplying by it (``d³``), and applying ``Q`` twice
+    at each of the two uses of ``Q²`` per step (``4·d²·r``) is cheaper than forming ``Q²``
+    (``d³``) and applying it twice (``2·d²·r``).
+    """
+    return 2 * width < size
+
+
+class Gram(NamedTuple):
+    """``term1 = X Xᵀ`` of one dense axis: ``root`` ``X`` is ``Pg`` (left) or ``Pgᵀ`` (right).
+
+    ``matrix`` is the formed ``(B, d, d)`` product, or None for tall axes (``is_tall``), whose
+    products with ``term1`` go through the ``(B, d, r)`` root.
+    """
+
+    root: Tensor
+    matrix: Tensor | None
+
+    def norm_lower_bound(self) -> Tensor:
+        if self.matrix is not None:
+            return spectral_norm_lower_bound(self.matrix)
+        return gram_norm_lower_bound(self.root)
+
+    def times(self, other: Tensor) -> Tensor:
+        """``term1 @ other``."""
+        if self.matrix is not None:
+            return self.matrix @ other
+        return self.root @ (self.root.transpose(-1, -2) @ other)
+
+
+def _unit(vectors: Tensor, epsilon: float = 1e-12) -> Tensor:
+    return vectors / (torch.linalg.vector_norm(vectors, dim=-1, keepdim=True) + epsilon)
+
+
 def _per_matrix(values: Tensor) -> Tensor:
     return values.reshape(-1, 1, 1)
 
 
 def quad_dense(
-    factor: Tensor, term1: Tensor, term2: Tensor, lipschitz: Tensor, lr: Tensor
+    factor: Tensor, term1: Gram, term2: Tensor, lipschitz: Tensor, lr: Tensor
 ) -> FactorUpdate:
     """QUAD on dense ``Q``: ``Q ← sym((I − k E) Q (I − k E))``, ``E = term1 − c``, ``k = μ/2L``.
 
-    Applied as two one-sided steps (the second reuses the first's result), then re-symmetrized.
+    With ``term1`` formed: two one-sided steps (the second reuses the first's result), then
+    re-symmetrized (two ``d³`` products). Tall axes (``term1 = X Xᵀ``, ``X`` of ``d × r``):
+    with ``a = 1 + k·c`` and symmetric ``Q``, ``E Q E = a²Q − ak(TQ + QT) + k²TQT = a²Q + V + Vᵀ``
+    where ``W = XᵀQ``, ``V = X (−ak·W + k²/2 · (W X) Xᵀ)``: ``2·d²·r + 2·d·r²`` and exactly
+    symmetric.
     """
-    lipschitz = update_lipschitz(lipschitz, spectral_norm_lower_bound(term1) + term2)
+    lipschitz = update_lipschitz(lipschitz, term1.norm_lower_bound() + term2)
     step = _per_matrix(lr / (2 * lipschitz)).to(factor.dtype)
     c = _per_matrix(term2).to(factor.dtype)
-    half = factor - step * (term1 @ factor - c * factor)
-    half = half - step * (half @ term1 - c * half)
-    return FactorUpdate((half + half.transpose(-1, -2)) / 2, lipschitz)
+    if term1.matrix is not None:
+        half = factor - step * (term1.matrix @ factor - c * factor)
+        half = half - step * (half @ term1.matrix - c * half)
+        return FactorUpdate((half + half.transpose(-1, -2)) / 2, lipschitz)
+    root, transposed = term1.root, term1.root.transpose(-1, -2)
+    gain = 1 + step * c
+    projected = transposed @ factor  # W = XᵀQ
+    inner = (projected @ root) @ transposed  # (W X) Xᵀ, r × d
+    half_sum = root @ (projected * (-gain * step) + inner * (step * step / 2))
+    return FactorUpdate(gain * gain * factor + half_sum + half_sum.transpose(-1, -2), lipschitz)
 
 
 def quad_diagonal(
@@ -93,13 +170,13 @@ def quad_diagonal(
 
 
 def procrustes_dense(
-    factor: Tensor, term1: Tensor, term2: Tensor, lipschitz: Tensor, lr: Tensor
+    factor: Tensor, term1: Gram, term2: Tensor, lipschitz: Tensor, lr: Tensor
 ) -> FactorUpdate:
     """Procrustes on dense ``Q``: ``Q ← Q − μ/L (term1 − c) Q``, then ``procrustes_step``."""
-    lipschitz = update_lipschitz(lipschitz, spectral_norm_lower_bound(term1) + term2)
+    lipschitz = update_lipschitz(lipschitz, term1.norm_lower_bound() + term2)
     step = _per_matrix(lr / lipschitz).to(factor.dtype)
     c = _per_matrix(term2).to(factor.dtype)
-    moved = factor - step * (term1 @ factor - c * factor)
+    moved = factor - step * (term1.times(factor) - c * factor)
     return FactorUpdate(procrustes_step(moved), lipschitz)
 
 
@@ -152,31 +229,35 @@ def factor_square(factor: Tensor, kind: FactorKind) -> Tensor | None:
     return None
 
 
-def apply_kron(
-    matrices: Tensor,
-    left: Tensor | None,
-    right: Tensor | None,
-    left_kind: FactorKind,
-    right_kind: FactorKind,
+def apply_axis(
+    matrices: Tensor, axis: int, kind: FactorKind, factor: Tensor, square: Tensor | None
 ) -> Tensor:
-    """``P_l X P_r`` for a stack ``X`` of ``(B, m, n)``; diagonal ``P`` scale rows/columns."""
-    if left_kind == "dense":
-        matrices = left @ matrices
-    elif left_kind == "diagonal":
-        matrices = left.unsqueeze(-1) * matrices
-    if right_kind == "dense":
-        matrices = matrices @ right
-    elif right_kind == "diagonal":
-        matrices = matrices * right.unsqueeze(-2)
-    return matrices
+    """``Q² X`` (``axis`` 0) or ``X Q²`` (``axis`` 1) for a stack ``X`` of ``(B, m, n)``.
+
+    ``square`` is ``Q²`` when formed; a dense factor without it is applied twice (tall axes).
+    Diagonal ``Q²`` scales rows or columns.
+    """
+    if kind == "none":
+        return matrices
+    if kind == "diagonal":
+        square = factor * factor if square is None else square
+        return matrices * (square.unsqueeze(-1) if axis == 0 else square.unsqueeze(-2))
+    if square is not None:
+        return square @ matrices if axis == 0 else matrices @ square
+    return factor @ (factor @ matrices) if axis == 0 else (matrices @ factor) @ factor
 
 
-def whitening_terms(preconditioned: Tensor, axis: int, kind: FactorKind) -> Tensor:
-    """``term1`` of one axis: ``Pg Pgᵀ`` (left) or ``Pgᵀ Pg`` (right); its diagonal if diagonal."""
+def whitening_terms(preconditioned: Tensor, axis: int, kind: FactorKind) -> Gram | Tensor:
+    """``term1`` of one axis: ``Pg Pgᵀ`` (left) or ``Pgᵀ Pg`` (right); its diagonal if diagonal.
+
+    Dense axes get a ``Gram`` (formed unless the axis is tall, see ``is_tall``).
+    """
     if kind == "dense":
-        transposed = preconditioned.transpose(-1, -2)
-        return preconditioned @ transposed if axis == 0 else transposed @ preconditioned
-    return (preconditioned * preconditioned).sum(dim=2 - axis)
+        root = preconditioned if axis == 0 else preconditioned.transpose(-1, -2)
+        size, width = root.shape[-2:]
+        matrix = None if is_tall(size, width) else root @ root.transpose(-1, -2)
+        return Gram(root, matrix)
+    return torch.linalg.vector_norm(preconditioned, dim=2 - axis).square()
 
 
 def balance_scales(left: Tensor, right: Tensor, due: Tensor) -> tuple[Tensor, Tensor]:
