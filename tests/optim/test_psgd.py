@@ -140,8 +140,15 @@ def test_state_has_the_planned_factor_shapes_and_verbose_line(capsys):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(
     ("shape", "skew"),
-    # all dense with a tall axis (2·width < size): term1 and Q² of that axis are never formed
-    [((5, 5), 1.0), ((6, 4), 1.0), ((4, 7), 1.0), ((9, 3), math.inf), ((3, 9), math.inf)],
+    # all dense with tall axes: term1 and Q² not formed (9x3, 3x9), term1 not formed (10x5 quad)
+    [
+        ((5, 5), 1.0),
+        ((6, 4), 1.0),
+        ((4, 7), 1.0),
+        ((9, 3), math.inf),
+        ((3, 9), math.inf),
+        ((10, 5), math.inf),
+    ],
 )
 def test_one_factor_update_matches_float64_reference(method, shape, skew):
     generator = torch.Generator().manual_seed(1)

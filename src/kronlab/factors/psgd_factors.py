@@ -11,10 +11,10 @@ Every function here takes a stack: dense factors ``(B, d, d)``, diagonal factors
 Lipschitz estimate per factor ``(B,)`` and one preconditioner learning rate per factor ``(B,)``.
 
 Cost. For a dense axis of size ``d`` on a gradient ``r`` wide (the other axis), ``term1`` has
-rank ``≤ r``. When ``2r < d`` ("tall" axes, e.g. the 1024-row factor of a ``1024 × 256``
-weight with all factors dense) ``term1`` is never formed: products with it go through its
-root ``Pg`` (``2·d²·r`` instead of ``d³``), and ``Q²`` is never formed either (applying ``Q``
-twice costs ``2·d²·r`` per use, forming ``Q²`` costs ``d³``). See ``is_tall``.
+rank ``≤ r``. On tall axes (e.g. the 1024-row factor of a ``1024 × 256`` weight with all
+factors dense) ``term1`` is not formed: products with it go through its root ``Pg``
+(``2·d²·r`` instead of ``d³``), and ``Q²`` is not formed either (applying ``Q`` twice costs
+``2·d²·r`` per use, forming ``Q²`` costs ``d³``). See ``keeps_root`` and ``forms_square``.
 """
 
 from __future__ import annotations
@@ -92,22 +92,34 @@ def gram_norm_lower_bound(root: Tensor) -> Tensor:
     return (u * gram_times(v)).sum(dim=-1).abs()
 
 
-def is_tall(size: int, width: int) -> bool:
-    """Whether a dense axis of ``size`` on a ``width``-wide gradient works through roots.
+def forms_square(size: int, width: int) -> bool:
+    """Whether ``Q²`` of a dense axis of ``size`` on a ``width``-wide gradient is formed.
 
-    ``2·width < size``: then a product with ``term1 = Pg Pgᵀ`` through ``Pg`` (``2·d²·r``) is
-    cheaper than forming it (``d²·r``) and multiplying by it (``d³``), and applying ``Q`` twice
-    at each of the two uses of ``Q²`` per step (``4·d²·r``) is cheaper than forming ``Q²``
-    (``d³``) and applying it twice (``2·d²·r``).
+    ``Q²`` is used twice per step (this step's output, the next step's fit): forming it costs
+    ``d³ + 2·d²·r``, applying ``Q`` twice at both uses ``4·d²·r``; so form it when ``d ≤ 2r``.
     """
-    return 2 * width < size
+    return size <= 2 * width
+
+
+def keeps_root(size: int, width: int, method: str) -> bool:
+    """Whether ``term1 = X Xᵀ`` of a dense axis is kept as its ``d × r`` root ``X``.
+
+    Formed, it costs ``d²·r`` plus ``d³`` per product with it (QUAD two, Procrustes one);
+    through the root a product costs ``2·d²·r``, and QUAD's update (``quad_dense``) and the
+    norm bound (``gram_norm_lower_bound``) add ``O(d·r²)``. The cheaper one is used (the root
+    wins for ``r ≲ 0.59 d`` (QUAD) and ``r < d/2`` (Procrustes)).
+    """
+    d, r = size, width
+    if method == "quad":
+        return 2 * d * d * r + 4 * d * r * r < d * d * r + 2 * d**3
+    return 2 * d * d * r + 2 * d * r * r < d * d * r + d**3
 
 
 class Gram(NamedTuple):
     """``term1 = X Xᵀ`` of one dense axis: ``root`` ``X`` is ``Pg`` (left) or ``Pgᵀ`` (right).
 
-    ``matrix`` is the formed ``(B, d, d)`` product, or None for tall axes (``is_tall``), whose
-    products with ``term1`` go through the ``(B, d, r)`` root.
+    ``matrix`` is the formed ``(B, d, d)`` product, or None when ``keeps_root`` chose to take
+    products with ``term1`` through the ``(B, d, r)`` root.
     """
 
     root: Tensor
@@ -118,11 +130,11 @@ class Gram(NamedTuple):
             return spectral_norm_lower_bound(self.matrix)
         return gram_norm_lower_bound(self.root)
 
-    def times(self, other: Tensor) -> Tensor:
-        """``term1 @ other``."""
+    def add_product(self, base: Tensor, scale: Tensor, other: Tensor) -> Tensor:
+        """``base + scale · (term1 @ other)`` (``scale`` per matrix), the add fused in the GEMM."""
         if self.matrix is not None:
-            return self.matrix @ other
-        return self.root @ (self.root.transpose(-1, -2) @ other)
+            return torch.baddbmm(base, self.matrix * scale, other)
+        return torch.baddbmm(base, self.root * scale, self.root.transpose(-1, -2) @ other)
 
 
 def _unit(vectors: Tensor, epsilon: float = 1e-12) -> Tensor:
@@ -138,21 +150,22 @@ def quad_dense(
 ) -> FactorUpdate:
     """QUAD on dense ``Q``: ``Q ← sym((I − k E) Q (I − k E))``, ``E = term1 − c``, ``k = μ/2L``.
 
-    With ``term1`` formed: two one-sided steps (the second reuses the first's result), then
-    re-symmetrized (two ``d³`` products). Tall axes (``term1 = X Xᵀ``, ``X`` of ``d × r``):
-    with ``a = 1 + k·c`` and symmetric ``Q``, ``E Q E = a²Q − ak(TQ + QT) + k²TQT = a²Q + V + Vᵀ``
-    where ``W = XᵀQ``, ``V = X (−ak·W + k²/2 · (W X) Xᵀ)``: ``2·d²·r + 2·d·r²`` and exactly
-    symmetric.
+    With ``term1`` formed: ``E = (1 + k·c) I − k·term1`` applied from the left, then from the
+    right, then re-symmetrized (two ``d³`` products, the additions fused into them). Through the
+    root (``term1 = X Xᵀ``, ``X`` of ``d × r``, see ``keeps_root``): with ``a = 1 + k·c`` and
+    symmetric ``Q``, ``E Q E = a²Q − ak(TQ + QT) + k²TQT = a²Q + V + Vᵀ`` where ``W = XᵀQ`` and
+    ``V = X (−ak·W + k²/2 · (W X) Xᵀ)``: ``2·d²·r + 2·d·r²``, and exactly symmetric.
     """
     lipschitz = update_lipschitz(lipschitz, term1.norm_lower_bound() + term2)
     step = _per_matrix(lr / (2 * lipschitz)).to(factor.dtype)
     c = _per_matrix(term2).to(factor.dtype)
-    if term1.matrix is not None:
-        half = factor - step * (term1.matrix @ factor - c * factor)
-        half = half - step * (half @ term1.matrix - c * half)
-        return FactorUpdate((half + half.transpose(-1, -2)) / 2, lipschitz)
-    root, transposed = term1.root, term1.root.transpose(-1, -2)
     gain = 1 + step * c
+    if term1.matrix is not None:
+        scaled = term1.matrix * -step  # E = gain·I − k·term1
+        half = torch.baddbmm(factor * gain, scaled, factor)  # E Q
+        half = torch.baddbmm(half * gain, half, scaled)  # E Q E
+        return FactorUpdate((half + half.transpose(-1, -2)) * 0.5, lipschitz)
+    root, transposed = term1.root, term1.root.transpose(-1, -2)
     projected = transposed @ factor  # W = XᵀQ
     inner = (projected @ root) @ transposed  # (W X) Xᵀ, r × d
     half_sum = root @ (projected * (-gain * step) + inner * (step * step / 2))
@@ -176,7 +189,7 @@ def procrustes_dense(
     lipschitz = update_lipschitz(lipschitz, term1.norm_lower_bound() + term2)
     step = _per_matrix(lr / lipschitz).to(factor.dtype)
     c = _per_matrix(term2).to(factor.dtype)
-    moved = factor - step * (term1.times(factor) - c * factor)
+    moved = term1.add_product(factor * (1 + step * c), -step, factor)
     return FactorUpdate(procrustes_step(moved), lipschitz)
 
 
@@ -204,16 +217,18 @@ def procrustes_step(factor: Tensor, max_step: float = PROCRUSTES_MAX_STEP) -> Te
     movable = size > torch.finfo(size.dtype).smallest_normal
     skew = skew / _per_matrix(torch.where(movable, size, torch.ones_like(size)))
     skew_factor = skew @ factor
-    skew2_factor = skew @ skew_factor
-    trace1 = skew_factor.diagonal(dim1=-2, dim2=-1).float().sum(-1)
-    trace2 = skew2_factor.diagonal(dim1=-2, dim2=-1).float().sum(-1)
+    accumulate = torch.promote_types(factor.dtype, torch.float32)
+    trace1 = skew_factor.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=accumulate)
+    # tr(R·RQ) = Σ R ⊙ (RQ)ᵀ: the step length is known before the product R·RQ is formed
+    trace2 = (skew * skew_factor.transpose(-1, -2)).sum(dim=(-2, -1), dtype=accumulate)
     norm = spectral_norm_lower_bound(skew).clamp(min=torch.finfo(torch.float32).tiny)
     angle = max_step / norm
     safe_trace2 = torch.where(trace2 < 0, trace2, -torch.ones_like(trace2))
     angle = torch.where(trace2 < 0, torch.minimum(angle, -trace1 / safe_trace2), angle)
     angle = torch.where(movable & (trace1 > 0), angle, torch.zeros_like(angle))
     angle = _per_matrix(angle).to(factor.dtype)
-    return factor + angle * (skew_factor + 0.5 * angle * skew2_factor)
+    # Q + a·RQ + a²/2 · R·RQ, the last product fused with the sum
+    return torch.baddbmm(factor + angle * skew_factor, skew * (0.5 * angle * angle), skew_factor)
 
 
 DENSE_UPDATES = {"quad": quad_dense, "procrustes": procrustes_dense}
@@ -247,16 +262,16 @@ def apply_axis(
     return factor @ (factor @ matrices) if axis == 0 else (matrices @ factor) @ factor
 
 
-def whitening_terms(preconditioned: Tensor, axis: int, kind: FactorKind) -> Gram | Tensor:
+def whitening_terms(
+    preconditioned: Tensor, axis: int, kind: FactorKind, keep_root: bool = False
+) -> Gram | Tensor:
     """``term1`` of one axis: ``Pg Pgᵀ`` (left) or ``Pgᵀ Pg`` (right); its diagonal if diagonal.
 
-    Dense axes get a ``Gram`` (formed unless the axis is tall, see ``is_tall``).
+    Dense axes get a ``Gram``, formed unless ``keep_root`` (see ``keeps_root``).
     """
     if kind == "dense":
         root = preconditioned if axis == 0 else preconditioned.transpose(-1, -2)
-        size, width = root.shape[-2:]
-        matrix = None if is_tall(size, width) else root @ root.transpose(-1, -2)
-        return Gram(root, matrix)
+        return Gram(root, None if keep_root else root @ root.transpose(-1, -2))
     return torch.linalg.vector_norm(preconditioned, dim=2 - axis).square()
 
 

@@ -22,7 +22,8 @@ from kronlab.factors.psgd_factors import (
     apply_axis,
     balance_scales,
     factor_square,
-    is_tall,
+    forms_square,
+    keeps_root,
     preconditioner_lr_schedule,
     whitening_terms,
 )
@@ -293,12 +294,11 @@ class PSGD(KronOptimizer):
         steps = torch.tensor([state["step"] for state in states], device=momentum.device)
         kinds = {"left": left_kind, "right": right_kind}
         sides = [side for side, kind in kinds.items() if kind != "none"]
-        # Q² is formed (and cached) only where it is cheaper than applying Q twice
-        forms_square = {
-            side: kinds[side] == "diagonal"
-            or not is_tall(momentum.shape[1 + axis], momentum.shape[2 - axis])
-            for axis, side in enumerate(("left", "right"))
-        }
+        # per dense axis: size d and width r (the other axis) decide the cheaper products
+        rows, cols = momentum.shape[1:]
+        sizes = {"left": (rows, cols), "right": (cols, rows)}
+        squared = {side: kinds[side] == "diagonal" or forms_square(*sizes[side]) for side in sides}
+        roots = {side: keeps_root(*sizes[side], group["method"]) for side in sides}
         stored = {side: self._stacks.stack((key, side), states, f"{side}_factor") for side in sides}
         factors = {side: stored[side].to(compute) for side in sides}
         squares = {side: self._stacks.derived((key, side), stored[side]) for side in sides}
@@ -312,12 +312,13 @@ class PSGD(KronOptimizer):
         noisy = momentum
         if group["noise_scale"] > 0:
             noisy = _gaussian_noise(momentum, group["noise_scale"]).add_(momentum)
-        preconditioned = _precondition(noisy, factors, kinds, squares, forms_square)
+        preconditioned = _precondition(noisy, factors, kinds, squares, squared)
         lr = preconditioner_lr_schedule(group["preconditioner_lr"], steps)
-        numel = momentum.shape[1] * momentum.shape[2]
+        numel = rows * cols
         for side in sides:
             updates = DENSE_UPDATES if kinds[side] == "dense" else DIAGONAL_UPDATES
-            term1 = whitening_terms(preconditioned, 0 if side == "left" else 1, kinds[side])
+            axis = 0 if side == "left" else 1
+            term1 = whitening_terms(preconditioned, axis, kinds[side], roots[side])
             term2 = torch.full_like(lr, numel / factors[side].shape[-1])
             name = f"{side}_lipschitz"
             lipschitz = self._stacks.stack((key, name), states, name)
@@ -328,12 +329,12 @@ class PSGD(KronOptimizer):
             factors[side] = stored[side].to(compute)
             self._stacks.store((key, name), states, name, refreshed.lipschitz)
         squares = {
-            side: factor_square(factors[side], kinds[side]) if forms_square[side] else None
+            side: factor_square(factors[side], kinds[side]) if squared[side] else None
             for side in sides
         }
         for side in sides:  # reused by the next step's fit while the factors stay unchanged
             self._stacks.store_derived((key, side), stored[side], squares[side])
-        directions = _precondition(momentum, factors, kinds, squares, forms_square)
+        directions = _precondition(momentum, factors, kinds, squares, squared)
         return _clip_rms(directions, UPDATE_RMS_CLIP)
 
     def _apply_updates(
@@ -365,18 +366,18 @@ def _precondition(
     factors: dict[str, Tensor],
     kinds: dict[str, FactorKind],
     squares: dict[str, Tensor | None],
-    forms_square: dict[str, bool],
+    squared: dict[str, bool],
 ) -> Tensor:
     """``Q_l² X Q_r²`` for a stack ``X`` of ``(B, m, n)``.
 
-    ``squares`` are reused where given; missing ones are formed where ``forms_square`` says so,
+    ``squares`` are reused where given; missing ones are formed where ``squared`` says so,
     else that factor is applied twice.
     """
     for axis, side in enumerate(("left", "right")):
         if kinds[side] == "none":
             continue
         square = squares.get(side)
-        if square is None and forms_square[side]:
+        if square is None and squared[side]:
             square = factor_square(factors[side], kinds[side])
         matrices = apply_axis(matrices, axis, kinds[side], factors[side], square)
     return matrices
