@@ -17,6 +17,7 @@ from kronlab.factors.psgd_factors import (
     spectral_norm_lower_bound,
 )
 from kronlab.groups import LinearWeightBias, PerParameter
+from kronlab.linalg._dtypes import product_dtype
 from kronlab.optim import PSGD, available_optimizers, plan_psgd_layout
 from kronlab.tasks.digits import digits_task
 
@@ -394,6 +395,25 @@ def test_bf16_parameters_train_and_keep_their_dtype(dtype):
     state_dtype = dtype or torch.bfloat16
     assert optimizer.state[model[0].weight]["momentum"].dtype == state_dtype
     assert math.isfinite(losses[-1]) and losses[-1] < 0.5 * losses[0]
+
+
+def test_half_state_is_multiplied_in_float32_on_cpu_and_stored_in_half():
+    assert product_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32
+    assert product_dtype(torch.bfloat16, torch.device("cuda")) == torch.bfloat16
+    assert product_dtype(torch.float64, torch.device("cpu")) == torch.float64
+    generator = torch.Generator().manual_seed(14)
+    grads = [torch.randn(12, 8, generator=generator) for _ in range(5)]
+    factors = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        param = nn.Parameter(torch.zeros(12, 8))
+        optimizer = PSGD([param], dtype=dtype, noise_scale=0.0, max_skew_dense=math.inf)
+        for grad in grads:
+            param.grad = grad.clone()
+            optimizer.step()
+        factors[dtype] = optimizer.state[param]["left_factor"]
+    assert factors[torch.bfloat16].dtype == torch.bfloat16
+    half, single = factors[torch.bfloat16].float(), factors[torch.float32]
+    assert (half - single).norm() < 2e-2 * single.norm()
 
 
 def test_state_dict_round_trip_resumes_the_same_trajectory():

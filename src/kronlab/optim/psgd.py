@@ -104,7 +104,9 @@ class PSGD(KronOptimizer):
     1.1, and every 100 steps the two factors are rescaled to the geometric mean of their max-abs
     values (``P`` unchanged) so neither drifts toward under- or overflow. The stacked state of a
     bucket is reused from step to step (the per-bundle entries are views of it) and so is ``Q²``
-    of the refreshed factors, which the next step's fit needs again.
+    of the refreshed factors, which the next step's fit needs again. On tall dense axes (much
+    larger than the other axis) ``term1`` and ``Q²`` are not formed; their products go through
+    ``Pg`` and ``Q`` (``keeps_root``, ``forms_square``).
 
     Args:
         lr: learning rate; with ``lr_style="adam"`` the step is ``lr/5 · update`` so AdamW's
@@ -123,8 +125,10 @@ class PSGD(KronOptimizer):
         noise_scale: std of the Gaussian noise added to ``M`` for the fit (keeps it well posed
             when gradients vanish); 0 disables it.
         dtype: dtype of the state and the preconditioner math; ``None`` = the gradient's dtype.
-            Updates are cast back to each parameter's dtype; Lipschitz estimates are kept in at
-            least float32.
+            On CPU, half-precision state is multiplied in float32 (``product_dtype``: CPU half
+            GEMMs accumulate in float32 anyway and are ~2x slower) and the refreshed factors
+            are stored rounded to ``dtype``. Updates are cast back to each parameter's dtype;
+            Lipschitz estimates are kept in at least float32.
     """
 
     def __init__(
