@@ -306,13 +306,12 @@ class PSGD(KronOptimizer):
         stored = {side: self._stacks.stack((key, side), states, f"{side}_factor") for side in sides}
         factors = {side: stored[side].to(compute) for side in sides}
         squares = {side: self._stacks.derived((key, side), stored[side]) for side in sides}
-        if len(sides) == 2:
-            due = steps % BALANCE_EVERY == 0
-            if bool(due.any()):
-                factors["left"], factors["right"] = balance_scales(
-                    factors["left"], factors["right"], due
-                )
-                squares = {}
+        # decided from the host-side step counts: no device sync
+        if len(sides) == 2 and any(state["step"] % BALANCE_EVERY == 0 for state in states):
+            factors["left"], factors["right"] = balance_scales(
+                factors["left"], factors["right"], steps % BALANCE_EVERY == 0
+            )
+            squares = {}
         noisy = momentum
         if group["noise_scale"] > 0:
             noisy = _gaussian_noise(momentum, group["noise_scale"]).add_(momentum)
