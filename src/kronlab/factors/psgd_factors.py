@@ -213,7 +213,7 @@ def procrustes_step(factor: Tensor, max_step: float = PROCRUSTES_MAX_STEP) -> Te
     concave. Matrices that are already symmetric are left unchanged.
     """
     skew = factor.transpose(-1, -2) - factor
-    size = skew.abs().amax(dim=(-2, -1))
+    size = skew.amax(dim=(-2, -1))  # = max |R_ij|: R is antisymmetric
     movable = size > torch.finfo(size.dtype).smallest_normal
     skew = skew / _per_matrix(torch.where(movable, size, torch.ones_like(size)))
     skew_factor = skew @ factor
@@ -227,8 +227,9 @@ def procrustes_step(factor: Tensor, max_step: float = PROCRUSTES_MAX_STEP) -> Te
     angle = torch.where(trace2 < 0, torch.minimum(angle, -trace1 / safe_trace2), angle)
     angle = torch.where(movable & (trace1 > 0), angle, torch.zeros_like(angle))
     angle = _per_matrix(angle).to(factor.dtype)
-    # Q + a·RQ + a²/2 · R·RQ, the last product fused with the sum
-    return torch.baddbmm(factor + angle * skew_factor, skew * (0.5 * angle * angle), skew_factor)
+    # Q + a·RQ + a²/2 · R·RQ = Q + R·(a·Q + a²/2 · RQ), the sum fused into the product
+    rotated = torch.addcmul(factor * angle, skew_factor, 0.5 * angle * angle)
+    return torch.baddbmm(factor, skew, rotated)
 
 
 DENSE_UPDATES = {"quad": quad_dense, "procrustes": procrustes_dense}
