@@ -211,6 +211,18 @@ def test_nonfinite_gradient_skips_step_without_touching_state():
     assert all(torch.equal(buffers[k], optimizer.state[k]["buffer"]) for k in buffers)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_any_nonfinite_entry_is_caught_and_large_finite_ones_are_not(bad, dtype):
+    param = nn.Parameter(torch.zeros(3, 4, dtype=dtype))
+    optimizer = MomentumOnBundles([param], on_nonfinite_grad="raise")
+    param.grad = torch.full_like(param, 6e4)  # near fp16's max: a 2-norm would overflow
+    optimizer.step()
+    param.grad[1, 2] = bad
+    with pytest.raises(FloatingPointError):
+        optimizer.step()
+
+
 def test_nonfinite_policy_raise_and_ignore():
     model = tutorial_model()
     model(torch.tensor([1])).sum().backward()

@@ -10,8 +10,14 @@ import torch
 from torch import nn
 
 from kronlab.compare import compare
-from kronlab.factors.psgd_factors import balance_scales, procrustes_step, spectral_norm_lower_bound
+from kronlab.factors.psgd_factors import (
+    balance_scales,
+    gram_norm_lower_bound,
+    procrustes_step,
+    spectral_norm_lower_bound,
+)
 from kronlab.groups import LinearWeightBias, PerParameter
+from kronlab.linalg._dtypes import product_dtype
 from kronlab.optim import PSGD, available_optimizers, plan_psgd_layout
 from kronlab.tasks.digits import digits_task
 
@@ -133,11 +139,30 @@ def test_state_has_the_planned_factor_shapes_and_verbose_line(capsys):
 
 # --- one step against the float64 reference ------------------------------------------------
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("shape", [(5, 5), (6, 4), (4, 7)])
-def test_one_factor_update_matches_float64_reference(method, shape):
+@pytest.mark.parametrize(
+    ("shape", "skew"),
+    # all dense with tall axes: term1 and Q² not formed (9x3, 3x9), term1 not formed (10x5 quad)
+    [
+        ((5, 5), 1.0),
+        ((6, 4), 1.0),
+        ((4, 7), 1.0),
+        ((9, 3), math.inf),
+        ((3, 9), math.inf),
+        ((10, 5), math.inf),
+    ],
+)
+def test_one_factor_update_matches_float64_reference(method, shape, skew):
     generator = torch.Generator().manual_seed(1)
     param = nn.Parameter(torch.randn(shape, dtype=F64, generator=generator))
-    optimizer = PSGD([param], lr=0.01, method=method, momentum=0.0, noise_scale=0.0, dtype=F64)
+    optimizer = PSGD(
+        [param],
+        lr=0.01,
+        method=method,
+        momentum=0.0,
+        noise_scale=0.0,
+        dtype=F64,
+        max_skew_dense=skew,
+    )
     param.grad = torch.randn(shape, dtype=F64, generator=generator)
     optimizer.step()  # initialises the state
     state = optimizer.state[param]
@@ -303,6 +328,18 @@ def test_spectral_norm_lower_bound_is_a_tight_lower_bound():
     assert torch.isfinite(spectral_norm_lower_bound(torch.zeros(2, 3, 3))).all()
 
 
+def test_gram_bound_through_the_root_is_the_same_estimate():
+    generator = torch.Generator().manual_seed(13)
+    root = torch.randn(3, 10, 4, generator=generator, dtype=F64)
+    torch.testing.assert_close(
+        gram_norm_lower_bound(root),
+        torch.stack([reference_lower_bound(x @ x.T) for x in root]),
+        rtol=1e-12,
+        atol=0,
+    )
+    assert torch.isfinite(gram_norm_lower_bound(torch.zeros(2, 5, 2))).all()
+
+
 def test_procrustes_step_matches_reference_and_fixes_symmetric_matrices():
     generator = torch.Generator().manual_seed(7)
     q = torch.eye(5, dtype=F64) + 0.4 * torch.randn(3, 5, 5, dtype=F64, generator=generator)
@@ -358,6 +395,25 @@ def test_bf16_parameters_train_and_keep_their_dtype(dtype):
     state_dtype = dtype or torch.bfloat16
     assert optimizer.state[model[0].weight]["momentum"].dtype == state_dtype
     assert math.isfinite(losses[-1]) and losses[-1] < 0.5 * losses[0]
+
+
+def test_half_state_is_multiplied_in_float32_on_cpu_and_stored_in_half():
+    assert product_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32
+    assert product_dtype(torch.bfloat16, torch.device("cuda")) == torch.bfloat16
+    assert product_dtype(torch.float64, torch.device("cpu")) == torch.float64
+    generator = torch.Generator().manual_seed(14)
+    grads = [torch.randn(12, 8, generator=generator) for _ in range(5)]
+    factors = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        param = nn.Parameter(torch.zeros(12, 8))
+        optimizer = PSGD([param], dtype=dtype, noise_scale=0.0, max_skew_dense=math.inf)
+        for grad in grads:
+            param.grad = grad.clone()
+            optimizer.step()
+        factors[dtype] = optimizer.state[param]["left_factor"]
+    assert factors[torch.bfloat16].dtype == torch.bfloat16
+    half, single = factors[torch.bfloat16].float(), factors[torch.float32]
+    assert (half - single).norm() < 2e-2 * single.norm()
 
 
 def test_state_dict_round_trip_resumes_the_same_trajectory():

@@ -9,6 +9,12 @@ from cheap lower bounds. No eigendecomposition and no inverse.
 
 Every function here takes a stack: dense factors ``(B, d, d)``, diagonal factors ``(B, d)``, one
 Lipschitz estimate per factor ``(B,)`` and one preconditioner learning rate per factor ``(B,)``.
+
+Cost. For a dense axis of size ``d`` on a gradient ``r`` wide (the other axis), ``term1`` has
+rank ``≤ r``. On tall axes (e.g. the 1024-row factor of a ``1024 × 256`` weight with all
+factors dense) ``term1`` is not formed: products with it go through its root ``Pg``
+(``2·d²·r`` instead of ``d³``), and ``Q²`` is not formed either (applying ``Q`` twice costs
+``2·d²·r`` per use, forming ``Q²`` costs ``d³``). See ``keeps_root`` and ``forms_square``.
 """
 
 from __future__ import annotations
@@ -63,23 +69,121 @@ def spectral_norm_lower_bound(matrices: Tensor) -> Tensor:
     return power_iteration(matrices, start, NORM_BOUND_ITERATIONS).sigma.abs()
 
 
+def gram_norm_lower_bound(root: Tensor) -> Tensor:
+    """``spectral_norm_lower_bound(X Xᵀ)`` for a stack ``X`` of ``(B, d, r)``, without ``X Xᵀ``.
+
+    The same estimate (start from the row of ``X Xᵀ`` of largest norm, two power iterations,
+    ``|uᵀ A v|``) in ``O(d r²)``: ``‖(X Xᵀ)_i‖² = x_i (XᵀX) x_iᵀ`` picks the row, and every
+    product with ``A = X Xᵀ`` is ``X (Xᵀ u)``.
+    """
+    root = root.to(working_dtype(root.dtype))
+    transposed = root.transpose(-1, -2)
+
+    def gram_times(vectors: Tensor) -> Tensor:
+        return (root @ (transposed @ vectors.unsqueeze(-1))).squeeze(-1)
+
+    squared_row_norms = ((root @ (transposed @ root)) * root).sum(dim=-1)
+    rows = squared_row_norms.argmax(dim=-1)
+    picked = root[torch.arange(root.shape[0], device=root.device), rows]
+    u = _unit((root @ picked.unsqueeze(-1)).squeeze(-1))  # that row of X Xᵀ
+    for _ in range(NORM_BOUND_ITERATIONS):
+        v = _unit(gram_times(u))
+        u = _unit(gram_times(v))
+    return (u * gram_times(v)).sum(dim=-1).abs()
+
+
+def forms_square(size: int, width: int) -> bool:
+    """Whether ``Q²`` of a dense axis of ``size`` on a ``width``-wide gradient is formed.
+
+    ``Q²`` is used twice per step (this step's output, the next step's fit): forming it costs
+    ``d³ + 2·d²·r``, applying ``Q`` twice at both uses ``4·d²·r``; so form it when ``d ≤ 2r``.
+    """
+    return size <= 2 * width
+
+
+def keeps_root(size: int, width: int, method: str) -> bool:
+    """Whether ``term1 = X Xᵀ`` of a dense axis is kept as its ``d × r`` root ``X``.
+
+    Formed, it costs ``d²·r`` plus ``d³`` per product with it (QUAD two, Procrustes one);
+    through the root a product costs ``2·d²·r``, and QUAD's update (``quad_dense``) and the
+    norm bound (``gram_norm_lower_bound``) add ``O(d·r²)``. The cheaper one is used (the root
+    wins for ``r ≲ 0.59 d`` (QUAD) and ``r < d/2`` (Procrustes)).
+    """
+    d, r = size, width
+    if method == "quad":
+        return 2 * d * d * r + 4 * d * r * r < d * d * r + 2 * d**3
+    return 2 * d * d * r + 2 * d * r * r < d * d * r + d**3
+
+
+class Gram(NamedTuple):
+    """``term1 = X Xᵀ`` of one dense axis: ``root`` ``X`` is ``Pg`` (left) or ``Pgᵀ`` (right).
+
+    ``matrix`` is the formed ``(B, d, d)`` product, or None when ``keeps_root`` chose to take
+    products with ``term1`` through the ``(B, d, r)`` root.
+    """
+
+    root: Tensor
+    matrix: Tensor | None
+
+    def norm_lower_bound(self) -> Tensor:
+        if self.matrix is not None:
+            return spectral_norm_lower_bound(self.matrix)
+        return gram_norm_lower_bound(self.root)
+
+    def add_product(self, base: Tensor, scale: Tensor, other: Tensor) -> Tensor:
+        """``base + scale · (term1 @ other)`` (``scale`` per matrix), the add fused in the GEMM."""
+        if self.matrix is not None:
+            return torch.baddbmm(base, self.matrix * scale, other)
+        return torch.baddbmm(base, self.root * scale, self.root.transpose(-1, -2) @ other)
+
+
+def transpose_copy(matrices: Tensor) -> Tensor:
+    """``matrices.mT`` of a stack ``(B, d, d)``, materialized (contiguous).
+
+    One matrix at a time: torch's 2-D transpose copy is blocked, its generic strided copy (what
+    a 3-D ``.mT`` operand gets) thrashes the cache on power-of-two sizes (~3x slower at 1024).
+    """
+    result = torch.empty_like(matrices, memory_format=torch.contiguous_format)
+    for source, target in zip(matrices, result):
+        target.copy_(source.t())
+    return result
+
+
+def _unit(vectors: Tensor, epsilon: float = 1e-12) -> Tensor:
+    return vectors / (torch.linalg.vector_norm(vectors, dim=-1, keepdim=True) + epsilon)
+
+
 def _per_matrix(values: Tensor) -> Tensor:
     return values.reshape(-1, 1, 1)
 
 
 def quad_dense(
-    factor: Tensor, term1: Tensor, term2: Tensor, lipschitz: Tensor, lr: Tensor
+    factor: Tensor, term1: Gram, term2: Tensor, lipschitz: Tensor, lr: Tensor
 ) -> FactorUpdate:
     """QUAD on dense ``Q``: ``Q ← sym((I − k E) Q (I − k E))``, ``E = term1 − c``, ``k = μ/2L``.
 
-    Applied as two one-sided steps (the second reuses the first's result), then re-symmetrized.
+    With ``term1`` formed: ``E = (1 + k·c) I − k·term1`` applied from the left, then from the
+    right, then re-symmetrized (two ``d³`` products, the additions fused into them). Through the
+    root (``term1 = X Xᵀ``, ``X`` of ``d × r``, see ``keeps_root``): with ``a = 1 + k·c`` and
+    symmetric ``Q``, ``E Q E = a²Q − ak(TQ + QT) + k²TQT = a²Q + V + Vᵀ`` where ``W = XᵀQ`` and
+    ``V = X (−ak·W + k²/2 · (W X) Xᵀ)``: ``2·d²·r + 2·d·r²``, and exactly symmetric.
     """
-    lipschitz = update_lipschitz(lipschitz, spectral_norm_lower_bound(term1) + term2)
+    lipschitz = update_lipschitz(lipschitz, term1.norm_lower_bound() + term2)
     step = _per_matrix(lr / (2 * lipschitz)).to(factor.dtype)
     c = _per_matrix(term2).to(factor.dtype)
-    half = factor - step * (term1 @ factor - c * factor)
-    half = half - step * (half @ term1 - c * half)
-    return FactorUpdate((half + half.transpose(-1, -2)) / 2, lipschitz)
+    gain = 1 + step * c
+    if term1.matrix is not None:
+        scaled = term1.matrix * -step  # E = gain·I − k·term1
+        half = torch.baddbmm(factor * gain, scaled, factor)  # E Q
+        half = torch.baddbmm(half * gain, half, scaled)  # E Q E
+        return FactorUpdate(transpose_copy(half).add_(half).mul_(0.5), lipschitz)
+    root, transposed = term1.root, term1.root.transpose(-1, -2)
+    projected = transposed @ factor  # W = XᵀQ
+    inner = (projected @ root) @ transposed  # (W X) Xᵀ, r × d
+    half_sum = root @ (projected * (-gain * step) + inner * (step * step / 2))  # V
+    # (V + Vᵀ) first, then a²Q: every rounding is symmetric, so the result is exactly symmetric
+    symmetric = transpose_copy(half_sum).add_(half_sum)
+    return FactorUpdate(symmetric.addcmul_(factor, gain * gain), lipschitz)
 
 
 def quad_diagonal(
@@ -93,13 +197,13 @@ def quad_diagonal(
 
 
 def procrustes_dense(
-    factor: Tensor, term1: Tensor, term2: Tensor, lipschitz: Tensor, lr: Tensor
+    factor: Tensor, term1: Gram, term2: Tensor, lipschitz: Tensor, lr: Tensor
 ) -> FactorUpdate:
     """Procrustes on dense ``Q``: ``Q ← Q − μ/L (term1 − c) Q``, then ``procrustes_step``."""
-    lipschitz = update_lipschitz(lipschitz, spectral_norm_lower_bound(term1) + term2)
+    lipschitz = update_lipschitz(lipschitz, term1.norm_lower_bound() + term2)
     step = _per_matrix(lr / lipschitz).to(factor.dtype)
     c = _per_matrix(term2).to(factor.dtype)
-    moved = factor - step * (term1 @ factor - c * factor)
+    moved = term1.add_product(factor * (1 + step * c), -step, factor)
     return FactorUpdate(procrustes_step(moved), lipschitz)
 
 
@@ -122,21 +226,26 @@ def procrustes_step(factor: Tensor, max_step: float = PROCRUSTES_MAX_STEP) -> Te
     shortened to the minimizer ``−tr(RQ)/tr(R²Q)`` of the second-order model when that is
     concave. Matrices that are already symmetric are left unchanged.
     """
-    skew = factor.transpose(-1, -2) - factor
-    size = skew.abs().amax(dim=(-2, -1))
+    skew = transpose_copy(factor).sub_(factor)  # exactly antisymmetric
+    size = skew.amax(dim=(-2, -1))  # = max |R_ij|: R is antisymmetric
     movable = size > torch.finfo(size.dtype).smallest_normal
-    skew = skew / _per_matrix(torch.where(movable, size, torch.ones_like(size)))
+    skew.div_(_per_matrix(torch.where(movable, size, torch.ones_like(size))))
     skew_factor = skew @ factor
-    skew2_factor = skew @ skew_factor
-    trace1 = skew_factor.diagonal(dim1=-2, dim2=-1).float().sum(-1)
-    trace2 = skew2_factor.diagonal(dim1=-2, dim2=-1).float().sum(-1)
+    accumulate = torch.promote_types(factor.dtype, torch.float32)
+    trace1 = skew_factor.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=accumulate)
+    # tr(R·RQ) = Σ R ⊙ (RQ)ᵀ = −⟨R, RQ⟩: the step length is known before R·RQ is formed
+    trace2 = -torch.linalg.vecdot(
+        skew.flatten(1).to(accumulate), skew_factor.flatten(1).to(accumulate)
+    )
     norm = spectral_norm_lower_bound(skew).clamp(min=torch.finfo(torch.float32).tiny)
     angle = max_step / norm
     safe_trace2 = torch.where(trace2 < 0, trace2, -torch.ones_like(trace2))
     angle = torch.where(trace2 < 0, torch.minimum(angle, -trace1 / safe_trace2), angle)
     angle = torch.where(movable & (trace1 > 0), angle, torch.zeros_like(angle))
     angle = _per_matrix(angle).to(factor.dtype)
-    return factor + angle * (skew_factor + 0.5 * angle * skew2_factor)
+    # Q + a·RQ + a²/2 · R·RQ = Q + R·(a·Q + a²/2 · RQ), the sum fused into the product
+    rotated = (factor * angle).addcmul_(skew_factor, 0.5 * angle * angle)
+    return torch.baddbmm(factor, skew, rotated)
 
 
 DENSE_UPDATES = {"quad": quad_dense, "procrustes": procrustes_dense}
@@ -152,31 +261,35 @@ def factor_square(factor: Tensor, kind: FactorKind) -> Tensor | None:
     return None
 
 
-def apply_kron(
-    matrices: Tensor,
-    left: Tensor | None,
-    right: Tensor | None,
-    left_kind: FactorKind,
-    right_kind: FactorKind,
+def apply_axis(
+    matrices: Tensor, axis: int, kind: FactorKind, factor: Tensor, square: Tensor | None
 ) -> Tensor:
-    """``P_l X P_r`` for a stack ``X`` of ``(B, m, n)``; diagonal ``P`` scale rows/columns."""
-    if left_kind == "dense":
-        matrices = left @ matrices
-    elif left_kind == "diagonal":
-        matrices = left.unsqueeze(-1) * matrices
-    if right_kind == "dense":
-        matrices = matrices @ right
-    elif right_kind == "diagonal":
-        matrices = matrices * right.unsqueeze(-2)
-    return matrices
+    """``Q² X`` (``axis`` 0) or ``X Q²`` (``axis`` 1) for a stack ``X`` of ``(B, m, n)``.
+
+    ``square`` is ``Q²`` when formed; a dense factor without it is applied twice (tall axes).
+    Diagonal ``Q²`` scales rows or columns.
+    """
+    if kind == "none":
+        return matrices
+    if kind == "diagonal":
+        square = factor * factor if square is None else square
+        return matrices * (square.unsqueeze(-1) if axis == 0 else square.unsqueeze(-2))
+    if square is not None:
+        return square @ matrices if axis == 0 else matrices @ square
+    return factor @ (factor @ matrices) if axis == 0 else (matrices @ factor) @ factor
 
 
-def whitening_terms(preconditioned: Tensor, axis: int, kind: FactorKind) -> Tensor:
-    """``term1`` of one axis: ``Pg Pgᵀ`` (left) or ``Pgᵀ Pg`` (right); its diagonal if diagonal."""
+def whitening_terms(
+    preconditioned: Tensor, axis: int, kind: FactorKind, keep_root: bool = False
+) -> Gram | Tensor:
+    """``term1`` of one axis: ``Pg Pgᵀ`` (left) or ``Pgᵀ Pg`` (right); its diagonal if diagonal.
+
+    Dense axes get a ``Gram``, formed unless ``keep_root`` (see ``keeps_root``).
+    """
     if kind == "dense":
-        transposed = preconditioned.transpose(-1, -2)
-        return preconditioned @ transposed if axis == 0 else transposed @ preconditioned
-    return (preconditioned * preconditioned).sum(dim=2 - axis)
+        root = preconditioned if axis == 0 else preconditioned.transpose(-1, -2)
+        return Gram(root, None if keep_root else root @ root.transpose(-1, -2))
+    return torch.linalg.vector_norm(preconditioned, dim=2 - axis).square()
 
 
 def balance_scales(left: Tensor, right: Tensor, due: Tensor) -> tuple[Tensor, Tensor]:

@@ -19,14 +19,17 @@ from kronlab.factors.psgd_factors import (
     DENSE_UPDATES,
     DIAGONAL_UPDATES,
     FactorKind,
-    apply_kron,
+    apply_axis,
     balance_scales,
     factor_square,
+    forms_square,
+    keeps_root,
     preconditioner_lr_schedule,
     whitening_terms,
 )
 from kronlab.groups.layout import plan_layout
 from kronlab.groups.rules import PreconditionerGroup
+from kronlab.linalg._dtypes import product_dtype
 from kronlab.optim.base import DEFAULT_RULES, KronOptimizer, NonFinitePolicy, ParamsT
 from kronlab.optim.bundles import ParameterBundle
 from kronlab.optim.registry import register_optimizer
@@ -101,7 +104,9 @@ class PSGD(KronOptimizer):
     1.1, and every 100 steps the two factors are rescaled to the geometric mean of their max-abs
     values (``P`` unchanged) so neither drifts toward under- or overflow. The stacked state of a
     bucket is reused from step to step (the per-bundle entries are views of it) and so is ``Q²``
-    of the refreshed factors, which the next step's fit needs again.
+    of the refreshed factors, which the next step's fit needs again. On tall dense axes (much
+    larger than the other axis) ``term1`` and ``Q²`` are not formed; their products go through
+    ``Pg`` and ``Q`` (``keeps_root``, ``forms_square``).
 
     Args:
         lr: learning rate; with ``lr_style="adam"`` the step is ``lr/5 · update`` so AdamW's
@@ -120,8 +125,10 @@ class PSGD(KronOptimizer):
         noise_scale: std of the Gaussian noise added to ``M`` for the fit (keeps it well posed
             when gradients vanish); 0 disables it.
         dtype: dtype of the state and the preconditioner math; ``None`` = the gradient's dtype.
-            Updates are cast back to each parameter's dtype; Lipschitz estimates are kept in at
-            least float32.
+            On CPU, half-precision state is multiplied in float32 (``product_dtype``: CPU half
+            GEMMs accumulate in float32 anyway and are ~2x slower) and the refreshed factors
+            are stored rounded to ``dtype``. Updates are cast back to each parameter's dtype;
+            Lipschitz estimates are kept in at least float32.
     """
 
     def __init__(
@@ -278,47 +285,60 @@ class PSGD(KronOptimizer):
         """Refresh the stacked factors of same-layout bundles; return their clipped updates.
 
         Pipeline: (balance) → ``Pg = P_l (M + noise) P_r`` → one factor step per axis →
-        ``P_l' M P_r'`` with the refreshed factors → RMS clip.
+        ``P_l' M P_r'`` with the refreshed factors → RMS clip. The state stays in its dtype;
+        the arithmetic runs in ``product_dtype`` (float32 for half-precision state on CPU) and
+        refreshed factors are rounded to the state dtype before they are used or cached.
         """
         states = [self.state[bundle.key] for bundle in bundles]
         for state in states:
             state["step"] += 1
-        momentum = self._stacks.stack((key, "momentum"), states, "momentum")
+        stored_momentum = self._stacks.stack((key, "momentum"), states, "momentum")
+        compute = product_dtype(stored_momentum.dtype, stored_momentum.device)
+        momentum = stored_momentum.to(compute)
         steps = torch.tensor([state["step"] for state in states], device=momentum.device)
         kinds = {"left": left_kind, "right": right_kind}
         sides = [side for side, kind in kinds.items() if kind != "none"]
-        factors = {
-            side: self._stacks.stack((key, side), states, f"{side}_factor") for side in sides
-        }
-        squares = {side: self._stacks.derived((key, side), factors[side]) for side in sides}
-        if len(sides) == 2:
-            due = steps % BALANCE_EVERY == 0
-            if bool(due.any()):
-                factors["left"], factors["right"] = balance_scales(
-                    factors["left"], factors["right"], due
-                )
-                squares = {}
+        # per dense axis: size d and width r (the other axis) decide the cheaper products
+        rows, cols = momentum.shape[1:]
+        sizes = {"left": (rows, cols), "right": (cols, rows)}
+        squared = {side: kinds[side] == "diagonal" or forms_square(*sizes[side]) for side in sides}
+        roots = {side: keeps_root(*sizes[side], group["method"]) for side in sides}
+        stored = {side: self._stacks.stack((key, side), states, f"{side}_factor") for side in sides}
+        factors = {side: stored[side].to(compute) for side in sides}
+        squares = {side: self._stacks.derived((key, side), stored[side]) for side in sides}
+        # decided from the host-side step counts: no device sync
+        if len(sides) == 2 and any(state["step"] % BALANCE_EVERY == 0 for state in states):
+            factors["left"], factors["right"] = balance_scales(
+                factors["left"], factors["right"], steps % BALANCE_EVERY == 0
+            )
+            squares = {}
         noisy = momentum
         if group["noise_scale"] > 0:
-            noisy = momentum + _gaussian_noise(momentum, group["noise_scale"])
-        preconditioned = _precondition(noisy, factors, kinds, squares)
+            noisy = _gaussian_noise(momentum, group["noise_scale"]).add_(momentum)
+        preconditioned = _precondition(noisy, factors, kinds, squares, squared)
         lr = preconditioner_lr_schedule(group["preconditioner_lr"], steps)
-        numel = momentum.shape[1] * momentum.shape[2]
+        numel = rows * cols
         for side in sides:
             updates = DENSE_UPDATES if kinds[side] == "dense" else DIAGONAL_UPDATES
-            term1 = whitening_terms(preconditioned, 0 if side == "left" else 1, kinds[side])
+            axis = 0 if side == "left" else 1
+            term1 = whitening_terms(preconditioned, axis, kinds[side], roots[side])
             term2 = torch.full_like(lr, numel / factors[side].shape[-1])
             name = f"{side}_lipschitz"
             lipschitz = self._stacks.stack((key, name), states, name)
             refreshed = updates[group["method"]](factors[side], term1, term2, lipschitz, lr)
-            factors[side] = self._stacks.store(
-                (key, side), states, f"{side}_factor", refreshed.factor
+            stored[side] = self._stacks.store(
+                (key, side), states, f"{side}_factor", refreshed.factor.to(stored[side].dtype)
             )
+            factors[side] = stored[side].to(compute)
             self._stacks.store((key, name), states, name, refreshed.lipschitz)
-        squares = {side: factor_square(factors[side], kinds[side]) for side in sides}
+        squares = {
+            side: factor_square(factors[side], kinds[side]) if squared[side] else None
+            for side in sides
+        }
         for side in sides:  # reused by the next step's fit while the factors stay unchanged
-            self._stacks.store_derived((key, side), factors[side], squares[side])
-        return _clip_rms(_precondition(momentum, factors, kinds, squares), UPDATE_RMS_CLIP)
+            self._stacks.store_derived((key, side), stored[side], squares[side])
+        directions = _precondition(momentum, factors, kinds, squares, squared)
+        return _clip_rms(directions, UPDATE_RMS_CLIP)
 
     def _apply_updates(
         self,
@@ -349,29 +369,35 @@ def _precondition(
     factors: dict[str, Tensor],
     kinds: dict[str, FactorKind],
     squares: dict[str, Tensor | None],
+    squared: dict[str, bool],
 ) -> Tensor:
-    """``Q_l² X Q_r²`` for a stack ``X`` of ``(B, m, n)`` (``squares`` reused where given)."""
-    squares = {
-        side: squares.get(side)
-        if squares.get(side) is not None
-        else factor_square(factor, kinds[side])
-        for side, factor in factors.items()
-    }
-    return apply_kron(
-        matrices, squares.get("left"), squares.get("right"), kinds["left"], kinds["right"]
-    )
+    """``Q_l² X Q_r²`` for a stack ``X`` of ``(B, m, n)``.
+
+    ``squares`` are reused where given; missing ones are formed where ``squared`` says so,
+    else that factor is applied twice.
+    """
+    for axis, side in enumerate(("left", "right")):
+        if kinds[side] == "none":
+            continue
+        square = squares.get(side)
+        if square is None and squared[side]:
+            square = factor_square(factors[side], kinds[side])
+        matrices = apply_axis(matrices, axis, kinds[side], factors[side], square)
+    return matrices
 
 
 def _gaussian_noise(like: Tensor, scale: float) -> Tensor:
     """``scale · N(0, I)`` shaped like ``like`` (drawn in float32: half-precision randn is slow)."""
-    noise = torch.randn(like.shape, dtype=torch.float32, device=like.device).mul_(scale)
+    noise = torch.empty(like.shape, dtype=torch.float32, device=like.device).normal_(0.0, scale)
     return noise.to(like.dtype)
 
 
 def _clip_rms(directions: Tensor, limit: float) -> Tensor:
-    """Scale each matrix whose RMS exceeds ``limit`` down to RMS ``limit``."""
-    rms = directions.float().square().mean(dim=(-2, -1), keepdim=True).sqrt()
-    return directions * (limit / rms.clamp(min=limit)).to(directions.dtype)
+    """Scale each matrix whose RMS exceeds ``limit`` down to RMS ``limit`` (in place)."""
+    accumulate = torch.promote_types(directions.dtype, torch.float32)
+    norms = torch.linalg.vector_norm(directions, dim=(-2, -1), keepdim=True, dtype=accumulate)
+    rms = norms / math.sqrt(directions.shape[-2] * directions.shape[-1])
+    return directions.mul_((limit / rms.clamp(min=limit)).to(directions.dtype))
 
 
 @register_optimizer(
