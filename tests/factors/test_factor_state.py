@@ -147,3 +147,29 @@ def test_qr_refresh_converges_to_the_eigenbasis() -> None:
     torch.testing.assert_close(
         refreshed.eigenvalues.sort(dim=-1).values, exact_values, rtol=1e-6, atol=1e-9
     )
+
+
+@pytest.mark.parametrize("method", ["eigh", "qr"])
+def test_refresh_without_column_tracking_or_exact_eigenvalues(method: str) -> None:
+    # What a caller opts out of is the only difference: same basis, identity column order.
+    factors = random_psd(2, 5, seed=7)
+    start = torch.linalg.qr(factors + 0.3 * random_psd(2, 5, seed=8))[0]
+    failures = torch.zeros(2, dtype=torch.long)
+    full = refresh_eigenbasis(factors, start, None, failures, method=method)
+    lean = refresh_eigenbasis(factors, start, None, failures, method=method, track_columns=False)
+    torch.testing.assert_close(lean.eigenvectors, full.eigenvectors)
+    torch.testing.assert_close(lean.eigenvalues, full.eigenvalues)
+    assert torch.equal(lean.order, torch.arange(5).expand(2, 5))
+    basis_only = refresh_eigenbasis(
+        factors, start, None, failures, method=method, exact_eigenvalues=False
+    )
+    # eigh is unaffected; QR returns the same columns, in the order they were orthonormalized.
+    quotients = torch.diagonal(
+        basis_only.eigenvectors.mT @ factors @ basis_only.eigenvectors, dim1=-2, dim2=-1
+    )
+    resorted = quotients.argsort(dim=-1, descending=method == "qr")
+    torch.testing.assert_close(
+        basis_only.eigenvectors.gather(-1, resorted.unsqueeze(-2).expand(2, 5, 5)),
+        full.eigenvectors,
+    )
+    torch.testing.assert_close(basis_only.order.gather(-1, resorted), full.order)
