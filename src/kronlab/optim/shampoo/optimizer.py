@@ -28,7 +28,7 @@ from kronlab.optim.shampoo.moments import (
 )
 from kronlab.optim.shampoo.plan import StackingPlan, build_plan
 from kronlab.optim.shampoo.settings import StackSettings
-from kronlab.optim.shampoo.statistics import outer_products, update_factors_
+from kronlab.optim.shampoo.statistics import update_factors_
 from kronlab.optim.validation import check_betas, check_choice, check_range
 
 VECTOR_PRECONDITIONERS = ("diagonal", "grafting", "dense")
@@ -240,11 +240,14 @@ class Shampoo(KronOptimizer):
         if stack.kind == "grafting":
             return gradient, filtered, filtered if grafted is None else grafted, None
         factor_gradient = gradient.to(settings.factor_dtype)
-        products = outer_products(
-            factor_gradient, variants.kl_inverse_sqrts(state, settings, stack.num_factors)
+        products = update_factors_(
+            state,
+            factor_gradient,
+            variants.kl_inverse_sqrts(state, settings, stack.num_factors),
+            settings.factor_beta,
+            keep_products=variants.reads_outer_products(settings),
         )
-        update_factors_(state, products, settings.factor_beta)
-        return factor_gradient, filtered, grafted, products
+        return factor_gradient, filtered, grafted, [] if products is None else products
 
     def _refresh_due_decompositions(
         self,
@@ -268,11 +271,12 @@ class Shampoo(KronOptimizer):
                 and options.refresh_after_step == after_step
                 and options.is_refresh_step(state["step"])
             ):
+                method = variants.refresh_method(state, options)
+                needs = variants.refresh_needs(options)
                 for axis, factor in enumerate(state["factors"]):
-                    method = variants.refresh_method(state, options)
-                    batches[(factor.shape[-1], factor.dtype, method)].append((index, axis))
+                    batches[(factor.shape[-1], factor.dtype, method, needs)].append((index, axis))
         results: dict[tuple[int, int], tuple] = {}
-        for (size, _, method), members in batches.items():
+        for (size, _, method, (track_columns, exact_eigenvalues)), members in batches.items():
             factors, previous_vectors, previous_values, failures = [], [], [], []
             for index, axis in members:
                 state = stack_states[index]
@@ -301,6 +305,8 @@ class Shampoo(KronOptimizer):
                 method=method,
                 max_consecutive_failures=settings[members[0][0]].max_consecutive_failures,
                 name=f"Shampoo factors of size {size}",
+                track_columns=track_columns,
+                exact_eigenvalues=exact_eigenvalues,
             )
             sizes = [factor.shape[0] for factor in factors]
             for (index, axis), values, vectors, fails, ok, order in zip(
