@@ -37,6 +37,7 @@ from benchmarks.common import (
     transformer_batch,
 )
 from kronlab.optim import SOAP, KLShampoo, Shampoo
+from kronlab.optim.shampoo import RootInverseConfig
 
 Factory = Callable[[nn.Module, int], torch.optim.Optimizer]
 
@@ -46,6 +47,15 @@ def kronlab_variants() -> dict[str, tuple[Factory, str]]:
     return {
         "shampoo root_inv": (
             lambda m, f: Shampoo(m.parameters(), lr=1e-3, precondition_frequency=f),
+            "root_inv",
+        ),
+        "shampoo root_inv (qr refresh)": (
+            lambda m, f: Shampoo(
+                m.parameters(),
+                lr=1e-3,
+                preconditioner=RootInverseConfig(eigenbasis="qr"),
+                precondition_frequency=f,
+            ),
             "root_inv",
         ),
         "shampoo eigendecomposed": (

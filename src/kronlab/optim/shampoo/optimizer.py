@@ -272,11 +272,11 @@ class Shampoo(KronOptimizer):
                 and options.is_refresh_step(state["step"])
             ):
                 method = variants.refresh_method(state, options)
-                needs = variants.refresh_needs(options)
+                tracked = variants.tracks_columns(options)
                 for axis, factor in enumerate(state["factors"]):
-                    batches[(factor.shape[-1], factor.dtype, method, needs)].append((index, axis))
+                    batches[(factor.shape[-1], factor.dtype, method, tracked)].append((index, axis))
         results: dict[tuple[int, int], tuple] = {}
-        for (size, _, method, (track_columns, exact_eigenvalues)), members in batches.items():
+        for (size, _, method, tracked), members in batches.items():
             factors, previous_vectors, previous_values, failures = [], [], [], []
             for index, axis in members:
                 state = stack_states[index]
@@ -305,8 +305,10 @@ class Shampoo(KronOptimizer):
                 method=method,
                 max_consecutive_failures=settings[members[0][0]].max_consecutive_failures,
                 name=f"Shampoo factors of size {size}",
-                track_columns=track_columns,
-                exact_eigenvalues=exact_eigenvalues,
+                track_columns=tracked,
+                # A QR refresh's exact eigenvalues would cost another F Q: the variants read
+                # the warm start's Rayleigh quotients (root-inverse, eigendecomposed) or none.
+                exact_eigenvalues=False,
             )
             sizes = [factor.shape[0] for factor in factors]
             for (index, axis), values, vectors, fails, ok, order in zip(

@@ -61,18 +61,16 @@ def refresh_method(state: State, settings: StackSettings) -> str:
     return "qr" if wants_qr and state.get("refreshes", 0) > 0 else "eigh"
 
 
-def refresh_needs(settings: StackSettings) -> tuple[bool, bool]:
-    """``(track_columns, exact_eigenvalues)`` a refresh must deliver for this variant.
+def tracks_columns(settings: StackSettings) -> bool:
+    """Whether a refresh must say which old column each new one continues (``order``).
 
-    The eigenvalue-corrected variants carry per-column estimates across a refresh (so need the
-    column ``order``) and never read the refresh's eigenvalues; root-inverse and eigendecomposed
-    Shampoo use the eigenvalues and keep nothing per column. Skipping what is not needed saves a
-    ``d³`` product per factor and refresh.
+    The eigenvalue-corrected variants carry per-column estimates across a refresh;
+    root-inverse and eigendecomposed Shampoo keep nothing per column, which saves eigh's
+    ranking product ``F Q_old`` per factor.
     """
-    corrected = isinstance(
+    return isinstance(
         settings.preconditioner, (EigenvalueCorrectedConfig, PerFactorEigenvalueCorrectedConfig)
     )
-    return corrected, not corrected
 
 
 def reads_outer_products(settings: StackSettings) -> bool:
@@ -131,6 +129,8 @@ def install(
             )
             roots.append(torch.where(good[..., None, None], root, previous))
         state["inverse_roots"] = roots
+        if config.eigenbasis == "qr":  # the next refresh's warm start
+            state["eigenvectors"] = list(eigenvectors)
         return
     if isinstance(config, EigendecomposedConfig):
         state["eigenvalues"] = list(eigenvalues)
