@@ -14,6 +14,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from kronlab.linalg.eigh import eigh
+from kronlab.linalg.finite import finite_matrices
 from kronlab.linalg.qr import qr_eigenbasis_refresh, rayleigh_quotients
 
 EigenbasisMethod = Literal["eigh", "qr"]
@@ -66,7 +67,7 @@ def refresh_eigenbasis(
     saving a product, see ``qr_eigenbasis_refresh``).
     """
     # One host sync: in the usual all-finite case no masking pass over the factors is needed.
-    finite = torch.isfinite(factors).flatten(-2).all(-1)
+    finite = finite_matrices(factors)
     all_finite = bool(finite.all())
     if method == "qr" and previous_eigenvectors is not None:
         work = factors
@@ -77,7 +78,7 @@ def refresh_eigenbasis(
         values, vectors, order = qr_eigenbasis_refresh(
             work, previous_eigenvectors.to(work.dtype), exact_eigenvalues=exact_eigenvalues
         )
-        ok = finite & torch.isfinite(vectors).flatten(-2).all(-1) & torch.isfinite(values).all(-1)
+        ok = finite & finite_matrices(vectors) & torch.isfinite(values).all(-1)
         if not track_columns:
             order = None
     else:

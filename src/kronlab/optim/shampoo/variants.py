@@ -122,6 +122,9 @@ def install(
         roots = []
         for axis, (values, vectors, good) in enumerate(zip(eigenvalues, eigenvectors, ok)):
             root = damped_inverse_root(values, vectors, settings.epsilon, exponent, scale)
+            if bool(good.all()):  # nothing to fall back to: skip the masking pass
+                roots.append(root)
+                continue
             previous = (
                 state["inverse_roots"][axis]
                 if "inverse_roots" in state
@@ -137,7 +140,8 @@ def install(
     elif isinstance(config, EigenvalueCorrectedConfig) and "eigenvectors" in state:
         if "eigenbasis_momentum" in state:
             # M̃_new = M̃_old ×_i (Q_new,iᵀ Q_old,i), computed as back to parameter space and
-            # into the new basis: 2k block products instead of Σ d_i³ + k (fewer for any block).
+            # into the new basis: 2k block products, never more work than forming the k
+            # d_i×d_i overlaps and applying them (for m×n: 2mn(m+n) vs m³ + n³ + mn(m+n)).
             state["eigenbasis_momentum"] = to_eigenbasis(
                 from_eigenbasis(state["eigenbasis_momentum"], state["eigenvectors"]),
                 eigenvectors,
