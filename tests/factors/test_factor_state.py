@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from kronlab.factors.accumulation import accumulate_, bias_correction
+from kronlab.factors.accumulation import accumulate_, accumulate_square_, bias_correction
 from kronlab.factors.correction import (
     transport_eigenvalues,
     transport_second_moment,
@@ -38,6 +38,14 @@ def test_accumulate_ema_and_sum() -> None:
         accumulate_(total, sample.double(), 1.0)
     torch.testing.assert_close(total, sum(s.double() for s in samples))
     assert bias_correction(1.0, 5) == 1.0 and bias_correction(0.9, 2, enabled=False) == 1.0
+    squares, square_sum = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for sample in samples:
+        accumulate_square_(squares, sample.double(), 0.9)
+        accumulate_square_(square_sum, sample.double(), 1.0)
+    torch.testing.assert_close(
+        squares, sum(0.9 ** (3 - t) * 0.1 * samples[t - 1].double() ** 2 for t in (1, 2, 3))
+    )
+    torch.testing.assert_close(square_sum, sum(s.double() ** 2 for s in samples))
 
 
 def test_damped_inverse_root_matches_definition() -> None:

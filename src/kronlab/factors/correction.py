@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kronlab.factors.accumulation import accumulate_
+from kronlab.factors.accumulation import accumulate_, accumulate_square_
 from kronlab.factors.kronecker import kronecker_product_apply
 from kronlab.linalg.qr import rayleigh_quotients
 
@@ -67,10 +67,5 @@ def update_factor_eigenvalues_(
 def update_second_moment_(
     second_moment: torch.Tensor, rotated_gradient: torch.Tensor, beta: float
 ) -> torch.Tensor:
-    """Full correction, in place: ``E ← β E + (1 − β) G̃^{⊙2}`` with ``G̃ = G ×_i Q_iᵀ``
-    (``β = 1`` sums). ``addcmul_`` squares on the fly: no ``G̃^{⊙2}`` temporary."""
-    if beta != 1.0:
-        second_moment.mul_(beta)
-    return second_moment.addcmul_(
-        rotated_gradient, rotated_gradient, value=1.0 - beta if beta != 1.0 else 1.0
-    )
+    """Full correction, in place: ``E ← β E + (1 − β) G̃^{⊙2}`` with ``G̃ = G ×_i Q_iᵀ``."""
+    return accumulate_square_(second_moment, rotated_gradient, beta)

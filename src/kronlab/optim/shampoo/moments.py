@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from kronlab.factors.accumulation import accumulate_, bias_correction
+from kronlab.factors.accumulation import accumulate_, accumulate_square_, bias_correction
 from kronlab.optim.shampoo.settings import StackSettings
 
 
@@ -48,11 +48,11 @@ def grafting_direction(
     else:
         beta = settings.beta2 if grafting.beta2 is None else grafting.beta2
     second_moment = state.setdefault("grafting_second_moment", torch.zeros_like(gradient))
-    accumulate_(second_moment, gradient.square(), beta)
+    accumulate_square_(second_moment, gradient, beta)
     correction = 1.0
     if grafting.method == "adam":
         correction = bias_correction(beta, state["step"], settings.bias_correction)
-    return filtered / ((second_moment / correction).sqrt() + grafting.epsilon)
+    return filtered / _adam_denominator(second_moment, correction, grafting.epsilon)
 
 
 def diagonal_direction(
@@ -61,9 +61,16 @@ def diagonal_direction(
     """Elementwise preconditioning of vectors and scalars: Adam's ``M / (√(v/bc₂) + ε)`` with the
     optimizer's ``β₂`` and ``ε`` (what SOAP does for 1-D parameters)."""
     second_moment = state.setdefault("diagonal_second_moment", torch.zeros_like(gradient))
-    accumulate_(second_moment, gradient.square(), settings.beta2)
+    accumulate_square_(second_moment, gradient, settings.beta2)
     correction = bias_correction(settings.beta2, state["step"], settings.bias_correction)
-    return filtered / ((second_moment / correction).sqrt() + settings.epsilon)
+    return filtered / _adam_denominator(second_moment, correction, settings.epsilon)
+
+
+def _adam_denominator(
+    second_moment: torch.Tensor, correction: float, epsilon: float
+) -> torch.Tensor:
+    """``√(v / bc₂) + ε`` with one temporary (the square root and ε in place)."""
+    return (second_moment / correction).sqrt_().add_(epsilon)
 
 
 def graft(direction: torch.Tensor, grafting: torch.Tensor) -> torch.Tensor:
