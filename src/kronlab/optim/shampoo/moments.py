@@ -21,7 +21,7 @@ def filtered_gradient(
     state entry (SOAP keeps its momentum in the eigenbasis under another name)."""
     if settings.beta1 == 0.0:
         return gradient
-    momentum = state.setdefault(key, torch.zeros_like(gradient))
+    momentum = _zero_initialised(state, key, gradient)
     accumulate_(momentum, gradient, settings.beta1)
     filtered = gradient.lerp(momentum, settings.beta1) if settings.nesterov else momentum
     return filtered / bias_correction(settings.beta1, state["step"], settings.bias_correction)
@@ -47,7 +47,7 @@ def grafting_direction(
         beta = 1.0
     else:
         beta = settings.beta2 if grafting.beta2 is None else grafting.beta2
-    second_moment = state.setdefault("grafting_second_moment", torch.zeros_like(gradient))
+    second_moment = _zero_initialised(state, "grafting_second_moment", gradient)
     accumulate_square_(second_moment, gradient, beta)
     correction = 1.0
     if grafting.method == "adam":
@@ -60,7 +60,7 @@ def diagonal_direction(
 ) -> torch.Tensor:
     """Elementwise preconditioning of vectors and scalars: Adam's ``M / (√(v/bc₂) + ε)`` with the
     optimizer's ``β₂`` and ``ε`` (what SOAP does for 1-D parameters)."""
-    second_moment = state.setdefault("diagonal_second_moment", torch.zeros_like(gradient))
+    second_moment = _zero_initialised(state, "diagonal_second_moment", gradient)
     accumulate_square_(second_moment, gradient, settings.beta2)
     correction = bias_correction(settings.beta2, state["step"], settings.bias_correction)
     return filtered / _adam_denominator(second_moment, correction, settings.epsilon)
@@ -79,3 +79,10 @@ def graft(direction: torch.Tensor, grafting: torch.Tensor) -> torch.Tensor:
     own = torch.linalg.vector_norm(direction, dim=dims, keepdim=True)
     target = torch.linalg.vector_norm(grafting, dim=dims, keepdim=True)
     return direction * torch.where(own > 0, target / own, torch.zeros_like(own))
+
+
+def _zero_initialised(state: dict[str, Any], key: str, like: torch.Tensor) -> torch.Tensor:
+    # Not ``setdefault(key, zeros_like(...))``: that would allocate and zero-fill every step.
+    if key not in state:
+        state[key] = torch.zeros_like(like)
+    return state[key]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -291,17 +292,18 @@ class Shampoo(KronOptimizer):
                     )[axis]
                 )
                 vectors, values = variants.previous_eigenpairs(state, axis)
-                eye = torch.eye(size, dtype=factor.dtype, device=factor.device)
                 factors.append(factor)
-                previous_vectors.append(eye.expand_as(factor) if vectors is None else vectors)
-                previous_values.append(
-                    factor.new_zeros(factor.shape[:-1]) if values is None else values
-                )
+                previous_vectors.append(vectors)
+                previous_values.append(values)
             refreshed = refresh_eigenbasis(
-                torch.cat(factors),
-                torch.cat(previous_vectors),
-                torch.cat(previous_values),
-                torch.cat(failures),
+                _concatenate(factors),
+                _concatenate_or_none(
+                    previous_vectors,
+                    factors,
+                    lambda f: torch.eye(f.shape[-1], dtype=f.dtype, device=f.device).expand_as(f),
+                ),
+                _concatenate_or_none(previous_values, factors, lambda f: f.new_zeros(f.shape[:-1])),
+                _concatenate(failures),
                 method=method,
                 max_consecutive_failures=settings[members[0][0]].max_consecutive_failures,
                 name=f"Shampoo factors of size {size}",
@@ -420,6 +422,24 @@ class Shampoo(KronOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._plan = None
+
+
+def _concatenate(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)  # one member: no copy
+
+
+def _concatenate_or_none(
+    tensors: list[torch.Tensor | None],
+    factors: list[torch.Tensor],
+    default: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor | None:
+    """The members' previous eigenpairs as one batch (``default(factor)`` where a member has
+    none yet), or ``None`` when no member has any (the refresh's own fallback is the same)."""
+    if all(tensor is None for tensor in tensors):
+        return None
+    return _concatenate(
+        [default(factor) if tensor is None else tensor for tensor, factor in zip(tensors, factors)]
+    )
 
 
 def _stack_key(group: dict[str, Any], param: torch.Tensor) -> tuple:
