@@ -6,7 +6,8 @@ reported as such)::
     PYTHONPATH=src python -m benchmarks.shampoo [--frequency 10] [--periods 2] [--threads 1]
 
 Each optimizer is timed (``optimizer.step()`` only, gradients recomputed outside the timer) over
-``periods`` whole precondition periods after one period of warm-up, on the benchmark MLP
+``periods`` whole precondition periods after one period of warm-up, every candidate and FLOP
+floor interleaved step by step (medians over periods), on the benchmark MLP
 256→512→512→10 (batch 256) and the 4-layer d_model-256 transformer. The FLOP floor of a variant
 is the time ``torch.matmul`` takes for the matrix products it cannot avoid, per step plus
 1/frequency of the per-refresh products, over the same blocks, in the same process.
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import statistics
+import time
 import traceback
 from collections.abc import Callable
 
@@ -29,12 +32,15 @@ from benchmarks.common import (
     format_ratio,
     language_model_loss,
     machine_description,
-    matmul_floor_seconds,
     mlp_batch,
+    time_callable,
     time_optimizer_steps,
     transformer_batch,
 )
+from kronlab.factors.inverse import damped_inverse_root
+from kronlab.linalg.qr import qr_eigenbasis_refresh
 from kronlab.optim import SOAP, KLShampoo, Shampoo
+from kronlab.optim.shampoo import RootInverseConfig
 
 Factory = Callable[[nn.Module, int], torch.optim.Optimizer]
 
@@ -44,6 +50,15 @@ def kronlab_variants() -> dict[str, tuple[Factory, str]]:
     return {
         "shampoo root_inv": (
             lambda m, f: Shampoo(m.parameters(), lr=1e-3, precondition_frequency=f),
+            "root_inv",
+        ),
+        "shampoo root_inv (qr refresh)": (
+            lambda m, f: Shampoo(
+                m.parameters(),
+                lr=1e-3,
+                preconditioner=RootInverseConfig(eigenbasis="qr"),
+                precondition_frequency=f,
+            ),
             "root_inv",
         ),
         "shampoo eigendecomposed": (
@@ -162,7 +177,10 @@ def floor_products(
     Statistics G Gᵀ and Gᵀ G (KL: G R^{-1/2} and L^{-1/2} G first); root-inverse: L^{-p} G R^{-p};
     eigenbasis variants: into the basis and back (2 + 2); SOAP: the gradient into the basis and
     the direction back (momentum can live in the basis); refresh: Q diag Qᵀ (root-inverse) or
-    one power step F Q (QR refresh), counted once per period.
+    one power step F Q (QR refresh), counted once per period. SOAP's refresh also counts moving
+    the eigenbasis momentum into the new basis (out of the old one and into the new: 2 + 2
+    block products, the cheapest way), the price of the 2 products per step that keeping the
+    momentum in the basis saves; before this was counted the floor was too strict.
     """
     per_step: list[tuple[int, int, int]] = []
     per_refresh: list[tuple[int, int, int]] = []
@@ -176,23 +194,55 @@ def floor_products(
             per_refresh += [(m, m, m), (n, n, n)]
         elif kind == "soap":
             per_step += stats + rotate_in + rotate_out
-            per_refresh += [(m, m, m), (n, n, n)]
+            per_refresh += [(m, m, m), (n, n, n)] + rotate_out + rotate_in
         else:  # eigendecomposed, per-factor: the direction goes in and out of the basis
             per_step += stats + rotate_in + rotate_out
     return per_step, per_refresh
 
 
-def time_one(
-    factory: Factory, model: nn.Module, batch, loss_fn, frequency: int, periods: int
-) -> float:
-    model = copy.deepcopy(model)
-    optimizer = factory(model, frequency)
-    return time_optimizer_steps(
-        model, optimizer, batch, loss_fn, steps=periods * frequency, warmup=frequency
-    )
+class Candidate:
+    """One optimizer on its own copy of the model, stepped and timed one step at a time."""
+
+    def __init__(
+        self, name: str, factory: Factory, model: nn.Module, batch, loss_fn, frequency: int
+    ):
+        self.name = name
+        self.model = copy.deepcopy(model)
+        self.optimizer = factory(self.model, frequency)
+        self.batch, self.loss_fn = batch, loss_fn
+        for _ in range(frequency):  # one period of warm-up (and peers' compilation)
+            self.step_seconds()
+
+    def step_seconds(self) -> float:
+        """Seconds of one ``optimizer.step()`` (the gradient is computed outside the timer)."""
+        _select_heavyball_compilation(self.name)
+        return time_optimizer_steps(
+            self.model, self.optimizer, self.batch, self.loss_fn, steps=1, warmup=0
+        )
 
 
-def run(frequency: int, periods: int) -> str:
+class Floor:
+    """A variant's unavoidable products with fixed operands: per step, and per refresh."""
+
+    def __init__(self, kind: str, blocks: list[tuple[int, int]]) -> None:
+        per_step, per_refresh = floor_products(kind, blocks)
+        self.per_step = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in per_step]
+        self.per_refresh = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in per_refresh]
+        self.seconds(self.per_step + self.per_refresh)  # warm-up
+
+    @staticmethod
+    def seconds(operands: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        started = time.perf_counter()
+        for a, b in operands:
+            torch.matmul(a, b)
+        return time.perf_counter() - started
+
+
+def run(frequency: int, periods: int, models: tuple[str, ...] = ("mlp", "transformer")) -> str:
+    """Interleaved step by step: in each step slot every candidate takes one timed step and every
+    floor times its per-step products (its per-refresh products once per period), so all of
+    them see the same load. A period's figure is its mean step time; reported are the median
+    over periods of the step time and of the per-period ratios."""
     setups = {
         "MLP 256-512-512-10, batch 256": (
             benchmark_mlp(),
@@ -207,77 +257,164 @@ def run(frequency: int, periods: int) -> str:
     }
     lines = [
         f"machine: {machine_description()}",
-        f"precondition_frequency={frequency}, timed {periods} periods after 1 period of warm-up",
+        f"precondition_frequency={frequency}; {periods} timed period(s) after 1 period of "
+        "warm-up, all candidates and floors interleaved step by step; medians over periods",
         "",
     ]
+    floor_kinds = (
+        "root_inv",
+        "eigendecomposed",
+        "soap",
+        "per_factor",
+        "kl_per_factor",
+        "kl_root_inv",
+    )
     for title, (model, batch, loss_fn) in setups.items():
-        adamw = time_one(
-            lambda m, f: torch.optim.AdamW(m.parameters(), lr=1e-3),
-            model,
-            batch,
-            loss_fn,
-            frequency,
-            periods,
-        )
+        if title.split()[0].lower() not in models:
+            continue
         blocks = matrix_blocks(model)
-        floors = {}
-        for kind in (
-            "root_inv",
-            "eigendecomposed",
-            "soap",
-            "per_factor",
-            "kl_per_factor",
-            "kl_root_inv",
-        ):
-            per_step, per_refresh = floor_products(kind, blocks)
-            floors[kind] = (
-                matmul_floor_seconds(per_step)
-                + matmul_floor_seconds(per_refresh, repeats=3) / frequency
-            )
-        peer_times: dict[str, tuple[float, str]] = {}
+        floors = {kind: Floor(kind, blocks) for kind in floor_kinds}
+        entries: list[tuple[str, Factory, str, bool]] = [
+            ("AdamW", lambda m, f: torch.optim.AdamW(m.parameters(), lr=1e-3), "", False)
+        ]
+        entries += [(f"kronlab {n}", f, k, False) for n, (f, k) in kronlab_variants().items()]
         for name, (factory, kind, missing) in peer_factories().items():
             if factory is None:
-                peer_times[name] = (math.nan, kind)
                 lines.append(f"{title}: {name}: {missing}")
-                continue
+            else:
+                entries.append((name, factory, kind, True))
+        candidates: list[Candidate] = []
+        kinds: dict[str, tuple[str, bool]] = {}
+        for name, factory, kind, is_peer in entries:
             try:
-                peer_times[name] = (
-                    time_one(factory, model, batch, loss_fn, frequency, periods),
-                    kind,
-                )
+                candidates.append(Candidate(name, factory, model, batch, loss_fn, frequency))
+                kinds[name] = (kind, is_peer)
             except Exception as error:  # noqa: BLE001 - a crashing peer is a result
-                peer_times[name] = (math.nan, kind)
                 lines.append(
                     f"{title}: {name} failed: {type(error).__name__}: {error}".split("\n")[0]
                 )
                 traceback.print_exc()
+        samples: dict[str, list[float]] = {c.name: [] for c in candidates}
+        floor_samples: dict[str, list[float]] = {kind: [] for kind in floor_kinds}
+        for _ in range(periods):
+            totals = dict.fromkeys(samples, 0.0)
+            floor_totals = dict.fromkeys(floor_kinds, 0.0)
+            for slot in range(frequency):
+                for candidate in list(candidates):
+                    try:
+                        totals[candidate.name] += candidate.step_seconds()
+                    except Exception as error:  # noqa: BLE001
+                        lines.append(f"{title}: {candidate.name} failed: {error!r}"[:200])
+                        candidates.remove(candidate)
+                        totals[candidate.name] = math.nan
+                for kind, floor in floors.items():
+                    floor_totals[kind] += floor.seconds(floor.per_step)
+                    if slot == 0:
+                        floor_totals[kind] += floor.seconds(floor.per_refresh)
+            for name, total in totals.items():
+                samples[name].append(total / frequency)
+            for kind, total in floor_totals.items():
+                floor_samples[kind].append(total / frequency)
+
+        def median_ratio(values: list[float], references: list[float]) -> str:
+            ratios = [v / r for v, r in zip(values, references)]
+            return format_ratio(statistics.median(ratios), 1.0) if ratios else "n/a"
+
         lines += [
             f"### {title}",
             "",
-            f"AdamW step: {1000 * adamw:.2f} ms",
+            f"AdamW step: {1000 * statistics.median(samples['AdamW']):.2f} ms",
             "",
             "| optimizer | ms/step | vs AdamW | vs FLOP floor | vs fastest peer (same algorithm) |",
             "|---|---|---|---|---|",
         ]
-        for name, (factory, kind) in kronlab_variants().items():
-            seconds = time_one(factory, model, batch, loss_fn, frequency, periods)
-            same = [t for t, k in peer_times.values() if k == kind and math.isfinite(t)]
-            fastest = min(same) if same else math.nan
+        for name, values in samples.items():
+            kind, is_peer = kinds[name]
+            if name == "AdamW":
+                continue
+            same = [samples[other] for other, (k, peer) in kinds.items() if peer and k == kind]
+            fastest = [min(period) for period in zip(*same)] if same else []
             lines.append(
-                f"| kronlab {name} | {1000 * seconds:.2f} | {format_ratio(seconds, adamw)} | "
-                f"{format_ratio(seconds, floors[kind])} | {format_ratio(seconds, fastest)} |"
-            )
-        for name, (seconds, kind) in peer_times.items():
-            lines.append(
-                f"| {name} | {1000 * seconds:.2f} | {format_ratio(seconds, adamw)} | "
-                f"{format_ratio(seconds, floors[kind])} | |"
+                f"| {name} | {1000 * statistics.median(values):.2f} | "
+                f"{median_ratio(values, samples['AdamW'])} | "
+                f"{median_ratio(values, floor_samples[kind])} | "
+                f"{'' if is_peer else median_ratio(values, fastest)} |"
             )
         lines += [
             "",
             "FLOP floors (ms): "
-            + ", ".join(f"{kind} {1000 * value:.2f}" for kind, value in floors.items()),
+            + ", ".join(
+                f"{kind} {1000 * statistics.median(values):.2f}"
+                for kind, values in floor_samples.items()
+            ),
             "",
         ]
+        del candidates, floors
+    return "\n".join(lines)
+
+
+def _select_heavyball_compilation(name: str) -> None:
+    # heavyball reads its global compile switch at every call: set it for the one stepping.
+    if name.startswith("heavyball"):
+        import heavyball.utils
+
+        heavyball.utils.compile_mode = "default" if "compile on" in name else None
+
+
+def refresh_costs(sizes: tuple[int, ...] = (256, 512, 768, 1024), rounds: int = 5) -> str:
+    """Per-factor cost of each way to refresh, in units of one ``d×d @ d×d`` matmul (interleaved,
+    medians): what the root-inverse refresh costs by eigh and by the warm-started QR step, and
+    Householder QR against Cholesky QR for SOAP's orthonormalization. The factor is a float32
+    EMA-like ``F = X Xᵀ / d`` with a fast-decaying spectrum (condition ~1e7, like the benchmark
+    models' factors), warm-started from the eigenbasis of a perturbed ``F``."""
+    lines = [
+        "| d | eigh + Q diag Qᵀ | warm QR step + Q diag Qᵀ | Householder QR (geqrf + orgqr) "
+        "| Cholesky QR | Cholesky QR: max abs(QᵀQ − I) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for size in sizes:
+        generator = torch.Generator().manual_seed(size)
+        scales = torch.logspace(0, -3.5, size)  # singular values of X: condition of F ~ 1e7
+        basis = torch.linalg.qr(torch.randn(size, size, generator=generator))[0]
+        factor = (basis * scales**2) @ basis.T
+        noise = torch.randn(size, size, generator=generator) * 1e-4
+        warm = torch.linalg.eigh(factor + noise @ noise.T)[1]
+        image = factor @ warm
+
+        def cholesky_qr(image: torch.Tensor = image) -> torch.Tensor:
+            upper = torch.linalg.cholesky_ex(image.T @ image, upper=True)[0]
+            return torch.linalg.solve_triangular(upper, image, upper=True, left=False)
+
+        def householder(image: torch.Tensor = image) -> torch.Tensor:
+            return torch.linalg.householder_product(*torch.geqrf(image))
+
+        def via_eigh(factor: torch.Tensor = factor) -> torch.Tensor:
+            values, vectors = torch.linalg.eigh(factor)
+            return damped_inverse_root(values, vectors, 1e-12, 0.25)
+
+        def via_qr(factor: torch.Tensor = factor, warm: torch.Tensor = warm) -> torch.Tensor:
+            refreshed = qr_eigenbasis_refresh(factor, warm, exact_eigenvalues=False)
+            return damped_inverse_root(refreshed.eigenvalues, refreshed.eigenvectors, 1e-12, 0.25)
+
+        candidates = {
+            "matmul": lambda factor=factor, warm=warm: factor @ warm,
+            "eigh": via_eigh,
+            "qr": via_qr,
+            "householder": householder,
+            "cholesky": cholesky_qr,
+        }
+        samples: dict[str, list[float]] = {name: [] for name in candidates}
+        for _ in range(rounds):
+            for name, function in candidates.items():
+                samples[name].append(time_callable(function, repeats=1, warmup=0))
+        unit = statistics.median(samples["matmul"])
+        cost = {name: statistics.median(values) / unit for name, values in samples.items()}
+        q = cholesky_qr()
+        error = (q.T @ q - torch.eye(size)).abs().max().item()
+        lines.append(
+            f"| {size} | {cost['eigh']:.1f} | {cost['qr']:.1f} | {cost['householder']:.1f} | "
+            f"{cost['cholesky']:.1f} | {error:.1e} |"
+        )
     return "\n".join(lines)
 
 
@@ -286,9 +423,17 @@ def main() -> None:
     parser.add_argument("--frequency", type=int, default=10)
     parser.add_argument("--periods", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", default="mlp,transformer", help="comma-separated subset")
+    parser.add_argument(
+        "--refresh-costs", action="store_true", help="only the per-factor refresh cost table"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(run(args.frequency, args.periods))
+    if args.refresh_costs:
+        print(f"machine: {machine_description()}\n")
+        print(refresh_costs())
+        return
+    print(run(args.frequency, args.periods, tuple(args.models.split(","))))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from kronlab.factors.accumulation import accumulate_, bias_correction
+from kronlab.factors.accumulation import accumulate_, accumulate_square_, bias_correction
 from kronlab.factors.correction import (
     transport_eigenvalues,
     transport_second_moment,
@@ -38,6 +38,14 @@ def test_accumulate_ema_and_sum() -> None:
         accumulate_(total, sample.double(), 1.0)
     torch.testing.assert_close(total, sum(s.double() for s in samples))
     assert bias_correction(1.0, 5) == 1.0 and bias_correction(0.9, 2, enabled=False) == 1.0
+    squares, square_sum = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for sample in samples:
+        accumulate_square_(squares, sample.double(), 0.9)
+        accumulate_square_(square_sum, sample.double(), 1.0)
+    torch.testing.assert_close(
+        squares, sum(0.9 ** (3 - t) * 0.1 * samples[t - 1].double() ** 2 for t in (1, 2, 3))
+    )
+    torch.testing.assert_close(square_sum, sum(s.double() ** 2 for s in samples))
 
 
 def test_damped_inverse_root_matches_definition() -> None:
@@ -147,3 +155,29 @@ def test_qr_refresh_converges_to_the_eigenbasis() -> None:
     torch.testing.assert_close(
         refreshed.eigenvalues.sort(dim=-1).values, exact_values, rtol=1e-6, atol=1e-9
     )
+
+
+@pytest.mark.parametrize("method", ["eigh", "qr"])
+def test_refresh_without_column_tracking_or_exact_eigenvalues(method: str) -> None:
+    # What a caller opts out of is the only difference: same basis, identity column order.
+    factors = random_psd(2, 5, seed=7)
+    start = torch.linalg.qr(factors + 0.3 * random_psd(2, 5, seed=8))[0]
+    failures = torch.zeros(2, dtype=torch.long)
+    full = refresh_eigenbasis(factors, start, None, failures, method=method)
+    lean = refresh_eigenbasis(factors, start, None, failures, method=method, track_columns=False)
+    torch.testing.assert_close(lean.eigenvectors, full.eigenvectors)
+    torch.testing.assert_close(lean.eigenvalues, full.eigenvalues)
+    assert torch.equal(lean.order, torch.arange(5).expand(2, 5))
+    basis_only = refresh_eigenbasis(
+        factors, start, None, failures, method=method, exact_eigenvalues=False
+    )
+    # eigh is unaffected; QR returns the same columns, in the order they were orthonormalized.
+    quotients = torch.diagonal(
+        basis_only.eigenvectors.mT @ factors @ basis_only.eigenvectors, dim1=-2, dim2=-1
+    )
+    resorted = quotients.argsort(dim=-1, descending=method == "qr")
+    torch.testing.assert_close(
+        basis_only.eigenvectors.gather(-1, resorted.unsqueeze(-2).expand(2, 5, 5)),
+        full.eigenvectors,
+    )
+    torch.testing.assert_close(basis_only.order.gather(-1, resorted), full.order)

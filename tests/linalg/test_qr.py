@@ -73,3 +73,29 @@ def test_bad_arguments():
         qr_eigenbasis_refresh(torch.eye(3), torch.eye(4))
     with pytest.raises(ValueError, match="iterations must be >= 1"):
         qr_eigenbasis_refresh(torch.eye(3), torch.eye(3), iterations=0)
+
+
+def test_warm_start_eigenvalues_skip_the_final_product():
+    # exact_eigenvalues=False: SOAP's refresh. The eigenvalues are the warm start's Rayleigh
+    # quotients diag(QᵀAQ) sorted descending, and the basis is the orthonormal factor of A Q in
+    # that order (diag R ≥ 0) — the same columns as the default, before its final sort.
+    matrix = random_spd(6, (2,), condition=40)
+    start = torch.linalg.qr(torch.randn(2, 6, 6, dtype=torch.float64)).Q
+    result = qr_eigenbasis_refresh(matrix, start, exact_eigenvalues=False)
+    quotients = torch.diagonal(start.mT @ matrix @ start, dim1=-2, dim2=-1)
+    expected_values, first = quotients.sort(dim=-1, descending=True)
+    assert torch.allclose(result.eigenvalues, expected_values, atol=1e-12)
+    assert torch.equal(result.order, first)
+    sorted_start = start.gather(-1, first.unsqueeze(-2).expand_as(start))
+    q, r = torch.linalg.qr(matrix @ sorted_start)
+    expected_vectors = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    assert torch.allclose(result.eigenvectors, expected_vectors, atol=1e-10)
+    exact = qr_eigenbasis_refresh(matrix, start)
+    columns = result.order.argsort(dim=-1).gather(-1, exact.order)  # same columns, re-sorted
+    assert torch.allclose(
+        exact.eigenvectors, result.eigenvectors.gather(-1, columns.unsqueeze(-2).expand_as(start))
+    )
+    values, vectors = torch.linalg.eigh(matrix)  # an exact eigenbasis is still a fixed point
+    fixed = qr_eigenbasis_refresh(matrix, vectors, exact_eigenvalues=False)
+    assert torch.allclose(fixed.eigenvectors, vectors.flip(-1), atol=1e-10)
+    assert torch.allclose(fixed.eigenvalues, values.flip(-1), atol=1e-12)

@@ -26,6 +26,16 @@ def descending_qr_step(
     return basis[:, second], first[second]
 
 
+def warm_qr_step(matrix: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Root-inverse / eigendecomposed QR refresh: eigenvalues are the warm start's Rayleigh
+    quotients (descending), eigenvectors the orthonormal factor of A Q in that order
+    (diag R ≥ 0)."""
+    quotients = torch.diagonal(basis.T @ matrix @ basis)
+    order = quotients.argsort(descending=True)
+    q, r = torch.linalg.qr(matrix @ basis[:, order])
+    return quotients[order], q * torch.sign(torch.diagonal(r))
+
+
 def reference_trajectory(
     weight: torch.Tensor,
     gradients: list[torch.Tensor],
@@ -66,9 +76,23 @@ def reference_trajectory(
 
     def refresh(factor_bias: float) -> None:
         nonlocal second_moment, eigen_left, eigen_right, refreshes
-        if variant == "root_inv":
+        if variant == "root_inv" and eigenbasis == "qr":
+            for side, factor in (("left", left), ("right", right)):
+                if refreshes == 0:  # the first refresh is an exact eigh
+                    values, vectors = torch.linalg.eigh(factor)
+                else:
+                    values, vectors = warm_qr_step(factor, cache[f"{side}_vectors"])
+                scales = (values.clamp_min(0) / factor_bias + epsilon) ** -power
+                cache[f"{side}_root"] = vectors @ torch.diag(scales) @ vectors.T
+                cache[f"{side}_vectors"] = vectors
+        elif variant == "root_inv":
             cache["left_root"] = matrix_power(left / factor_bias + epsilon * identity_m, -power)
             cache["right_root"] = matrix_power(right / factor_bias + epsilon * identity_n, -power)
+        elif variant == "eigendecomposed" and eigenbasis == "qr" and refreshes > 0:
+            cache["left_values"], cache["left_vectors"] = warm_qr_step(left, cache["left_vectors"])
+            cache["right_values"], cache["right_vectors"] = warm_qr_step(
+                right, cache["right_vectors"]
+            )
         else:
             order_left, order_right = torch.arange(m), torch.arange(n)
             if eigenbasis == "qr" and refreshes > 0:

@@ -13,6 +13,7 @@ from kronlab.groups import LinearWeightBias, PerParameter
 from kronlab.optim import SOAP, KLShampoo, Shampoo
 from kronlab.optim.base import GLOBAL_STATE
 from kronlab.optim.shampoo import (
+    EigendecomposedConfig,
     EigenvalueCorrectedConfig,
     GraftingConfig,
     PerFactorEigenvalueCorrectedConfig,
@@ -56,6 +57,9 @@ def test_bad_arguments_raise_at_construction(options: dict, argument: str) -> No
 def test_bad_config_fields_raise() -> None:
     with pytest.raises(ValueError, match="Invalid eigenbasis"):
         EigenvalueCorrectedConfig(eigenbasis="svd")  # type: ignore[arg-type]
+    for config in (RootInverseConfig, EigendecomposedConfig):
+        with pytest.raises(ValueError, match="Invalid eigenbasis"):
+            config(eigenbasis="svd")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="Invalid exponent_override"):
         PerFactorEigenvalueCorrectedConfig(exponent_override=-0.5)
     with pytest.raises(ValueError, match="Invalid factor_beta"):

@@ -8,7 +8,12 @@ import torch
 from torch import nn
 
 from kronlab.optim import Shampoo
-from kronlab.optim.shampoo import EigenvalueCorrectedConfig, PerFactorEigenvalueCorrectedConfig
+from kronlab.optim.shampoo import (
+    EigendecomposedConfig,
+    EigenvalueCorrectedConfig,
+    PerFactorEigenvalueCorrectedConfig,
+    RootInverseConfig,
+)
 
 from .shampoo_reference import reference_trajectory
 
@@ -59,6 +64,9 @@ CASES = [
     ("per_factor", False, {"frequency": 2, "bias_correction": False, "grafting": "adam"}),
     ("per_factor", True, {"frequency": 2, "beta2": 1.0}),
     ("per_factor", False, {"frequency": 2, "eigenbasis": "qr"}),
+    ("root_inv", False, {"frequency": 2, "eigenbasis": "qr"}),
+    ("root_inv", True, {"frequency": 2, "eigenbasis": "qr"}),
+    ("eigendecomposed", False, {"frequency": 2, "eigenbasis": "qr"}),
     ("root_inv", True, {"frequency": 2, "beta1": 0.0}),
 ]
 
@@ -77,6 +85,9 @@ def test_first_steps_match_dense_reference(variant: str, kl: bool, extra: dict) 
         )
     if variant == "per_factor":
         preconditioner = PerFactorEigenvalueCorrectedConfig(eigenbasis=eigenbasis)
+    if variant in ("root_inv", "eigendecomposed") and eigenbasis == "qr":
+        config = RootInverseConfig if variant == "root_inv" else EigendecomposedConfig
+        preconditioner = config(eigenbasis="qr")
     actual = run_optimizer(
         weight,
         gradients,

@@ -16,6 +16,14 @@ def accumulate_(state: torch.Tensor, sample: torch.Tensor, beta: float) -> torch
     return state.lerp_(sample.to(state.dtype), 1.0 - beta)
 
 
+def accumulate_square_(state: torch.Tensor, sample: torch.Tensor, beta: float) -> torch.Tensor:
+    """``S ← β S + (1 − β) X^{⊙2}`` in place (``β = 1``: ``S ← S + X^{⊙2}``), the second moment of
+    Adam and of every eigenvalue correction; ``addcmul_`` squares on the fly, no temporary."""
+    if beta == 1.0:
+        return state.addcmul_(sample, sample)
+    return state.mul_(beta).addcmul_(sample, sample, value=1.0 - beta)
+
+
 def bias_correction(beta: float, count: int, enabled: bool = True) -> float:
     """``1 − β^count``: the weight an EMA started at zero has gathered after ``count`` updates.
 

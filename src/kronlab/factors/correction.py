@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kronlab.factors.accumulation import accumulate_
+from kronlab.factors.accumulation import accumulate_, accumulate_square_
 from kronlab.factors.kronecker import kronecker_product_apply
 from kronlab.linalg.qr import rayleigh_quotients
 
@@ -68,4 +68,4 @@ def update_second_moment_(
     second_moment: torch.Tensor, rotated_gradient: torch.Tensor, beta: float
 ) -> torch.Tensor:
     """Full correction, in place: ``E ← β E + (1 − β) G̃^{⊙2}`` with ``G̃ = G ×_i Q_iᵀ``."""
-    return accumulate_(second_moment, rotated_gradient.square(), beta)
+    return accumulate_square_(second_moment, rotated_gradient, beta)

@@ -14,6 +14,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from kronlab.linalg.eigh import eigh
+from kronlab.linalg.finite import finite_matrices
 from kronlab.linalg.qr import qr_eigenbasis_refresh, rayleigh_quotients
 
 EigenbasisMethod = Literal["eigh", "qr"]
@@ -50,6 +51,8 @@ def refresh_eigenbasis(
     float64: bool = False,
     max_consecutive_failures: int = 5,
     name: str = "factor",
+    track_columns: bool = True,
+    exact_eigenvalues: bool = True,
 ) -> RefreshedEigenbasis:
     """Decompose ``factors`` (ascending eigenvalues for eigh, descending for QR).
 
@@ -57,28 +60,43 @@ def refresh_eigenbasis(
     a previous decomposition a failed factor gets the identity basis and zero eigenvalues.
     Raises ``DecompositionFailed`` once any factor has failed ``max_consecutive_failures``
     times in a row (one host sync per refresh, which is amortized).
+
+    Callers that keep no per-column state pass ``track_columns=False`` (``order`` is then the
+    identity, saving eigh's ranking product ``F Q_old``); callers that use only the basis pass
+    ``exact_eigenvalues=False`` (the QR refresh then returns the warm start's Rayleigh quotients,
+    saving a product, see ``qr_eigenbasis_refresh``).
     """
+    # One host sync: in the usual all-finite case no masking pass over the factors is needed.
+    finite = finite_matrices(factors)
+    all_finite = bool(finite.all())
     if method == "qr" and previous_eigenvectors is not None:
-        finite = torch.isfinite(factors).flatten(-2).all(-1)
-        identity = torch.eye(factors.shape[-1], dtype=factors.dtype, device=factors.device)
-        # Non-finite factors are swapped for the identity so QR cannot fail on them.
-        safe = torch.where(finite[..., None, None], factors, identity)
-        work = safe.double() if float64 else safe
-        refreshed = qr_eigenbasis_refresh(work, previous_eigenvectors.to(work.dtype))
-        values, vectors, order = refreshed
-        ok = finite & torch.isfinite(vectors).flatten(-2).all(-1) & torch.isfinite(values).all(-1)
+        work = factors
+        if not all_finite:  # non-finite factors become the identity so QR cannot fail on them
+            identity = torch.eye(factors.shape[-1], dtype=factors.dtype, device=factors.device)
+            work = torch.where(finite[..., None, None], factors, identity)
+        work = work.double() if float64 else work
+        values, vectors, order = qr_eigenbasis_refresh(
+            work, previous_eigenvectors.to(work.dtype), exact_eigenvalues=exact_eigenvalues
+        )
+        ok = finite & finite_matrices(vectors) & torch.isfinite(values).all(-1)
+        if not track_columns:
+            order = None
     else:
-        decomposition = eigh(factors, float64=float64)
-        values, vectors, ok = decomposition
+        values, vectors, ok = eigh(factors, float64=float64)
         order = None
-        if previous_eigenvectors is not None:
+        if previous_eigenvectors is not None and track_columns:
             # eigh sorts ascending; old column j continues as the new column whose rank its
             # Rayleigh quotient under the new factor has (exact when the basis is unchanged).
-            quotients = rayleigh_quotients(
-                torch.where(torch.isfinite(factors), factors, 0.0), previous_eigenvectors
+            finite_factors = (
+                factors if all_finite else torch.where(finite[..., None, None], factors, 0.0)
             )
-            order = quotients.argsort(dim=-1)
+            order = rayleigh_quotients(finite_factors, previous_eigenvectors).argsort(dim=-1)
     values, vectors = values.to(factors.dtype), vectors.to(factors.dtype)
+    identity_order = torch.arange(factors.shape[-1], device=factors.device).expand(values.shape)
+    if bool(ok.all()):  # the usual case: nothing to fall back to, no masking passes
+        failures = torch.zeros_like(failures)
+        order = identity_order if order is None else order
+        return RefreshedEigenbasis(values, vectors, failures, ok, order)
     if previous_eigenvectors is None:
         previous_eigenvectors = torch.eye(
             factors.shape[-1], dtype=factors.dtype, device=factors.device
@@ -88,7 +106,6 @@ def refresh_eigenbasis(
         previous_eigenvalues = torch.zeros_like(values)
     vectors = torch.where(ok[..., None, None], vectors, previous_eigenvectors)
     values = torch.where(ok[..., None], values, previous_eigenvalues)
-    identity_order = torch.arange(factors.shape[-1], device=factors.device).expand(values.shape)
     order = identity_order if order is None else torch.where(ok[..., None], order, identity_order)
     failures = torch.where(ok, torch.zeros_like(failures), failures + 1)
     worst = int(failures.max()) if failures.numel() else 0

@@ -81,6 +81,13 @@ def kronecker_outer(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
     return result
 
 
+def unfold(blocks: torch.Tensor, axis: int) -> torch.Tensor:
+    """The mode-``axis`` unfoldings ``G_(axis)`` ``(B, d_axis, ∏ other d)`` of a stack (a view,
+    no copy, for matrix blocks)."""
+    moved = blocks.movedim(axis + 1, 1)
+    return moved.reshape(blocks.shape[0], blocks.shape[axis + 1], -1)
+
+
 def axis_outer_products(blocks: torch.Tensor) -> list[torch.Tensor]:
     """``[G_(i) G_(i)ᵀ for each axis i]`` where ``G_(i)`` is the mode-``i`` unfolding.
 
@@ -88,6 +95,6 @@ def axis_outer_products(blocks: torch.Tensor) -> list[torch.Tensor]:
     """
     products = []
     for axis in range(blocks.ndim - 1):
-        unfolded = blocks.movedim(axis + 1, 1).reshape(blocks.shape[0], blocks.shape[axis + 1], -1)
+        unfolded = unfold(blocks, axis)
         products.append(unfolded @ unfolded.transpose(-1, -2))
     return products

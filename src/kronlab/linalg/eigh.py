@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 
 from kronlab.linalg._dtypes import check_square, working_dtype
+from kronlab.linalg.finite import finite_matrices
 
 
 class Eigendecomposition(NamedTuple):
@@ -44,7 +45,7 @@ def eigh(matrix: torch.Tensor, *, float64: bool = False) -> Eigendecomposition:
     batch_shape = matrix.shape[:-2]
     identity = torch.eye(n, dtype=compute_dtype, device=matrix.device)
 
-    finite = torch.isfinite(matrix).all(dim=-1).all(dim=-1)
+    finite = finite_matrices(matrix)
     all_finite = bool(finite.all())  # one host sync; decompositions are amortized anyway
     working = matrix.to(compute_dtype)
     # Non-finite matrices are swapped for the identity so the batched call cannot fail on them.

@@ -10,10 +10,10 @@ from kronlab.linalg._dtypes import check_square, working_dtype
 
 
 class EigenbasisRefresh(NamedTuple):
-    """Refreshed eigenvector estimates, descending by Rayleigh quotient.
+    """Refreshed eigenvector estimates, descending by eigenvalue estimate.
 
-    ``order`` is the permutation applied to the warm-start columns before the last QR step, so
-    per-column state (e.g. SOAP's second moment) can be carried along with ``state[..., order]``.
+    ``order`` is the permutation applied to the warm-start columns, so per-column state (e.g.
+    SOAP's second moment) can be carried along with ``state[..., order]``.
     """
 
     eigenvalues: torch.Tensor
@@ -23,11 +23,24 @@ class EigenbasisRefresh(NamedTuple):
 
 def rayleigh_quotients(matrix: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """``diag(Qᵀ A Q)`` without forming the full product."""
-    return ((matrix @ basis) * basis).sum(dim=-2)
+    return _column_dots(matrix @ basis, basis)
+
+
+def _column_dots(image: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``diag(Qᵀ (A Q))`` from ``A Q`` already formed: column-wise dot products."""
+    return (image * basis).sum(dim=-2)
+
+
+def _permute_columns(matrix: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    return matrix.gather(-1, order.unsqueeze(-2).expand_as(matrix))
 
 
 def qr_eigenbasis_refresh(
-    matrix: torch.Tensor, eigenvectors: torch.Tensor, iterations: int = 1
+    matrix: torch.Tensor,
+    eigenvectors: torch.Tensor,
+    iterations: int = 1,
+    *,
+    exact_eigenvalues: bool = True,
 ) -> EigenbasisRefresh:
     """Improve eigenvector estimates ``Q`` of symmetric ``A`` by warm-started subspace iteration.
 
@@ -35,6 +48,13 @@ def qr_eigenbasis_refresh(
     replaces ``Q`` with the orthonormal factor of ``A Q`` (signs fixed so ``diag(R) ≥ 0``, making an
     exact eigenbasis of a PSD matrix a fixed point). This is the eigenbasis update of SOAP
     (Vyas et al., 2024, "SOAP: Improving and Stabilizing Shampoo using Adam").
+
+    One product ``A Q`` per iteration serves both the quotients (``diag(Qᵀ (AQ))``) and the
+    power step (sorting permutes the columns of ``AQ`` as it does those of ``Q``). With
+    ``exact_eigenvalues=True`` the eigenvalues are the Rayleigh quotients of the returned basis
+    (one more product ``A Q``), which is then sorted by them. With ``False`` they are the
+    quotients of the last warm start, in the order the basis was orthonormalized — SOAP's own
+    refresh, for callers that only need the basis and ``order``.
     """
     check_square("matrix", matrix)
     if eigenvectors.shape != matrix.shape:
@@ -49,17 +69,18 @@ def qr_eigenbasis_refresh(
     basis = eigenvectors.to(dtype)
     total_order = torch.arange(matrix.shape[-1], device=matrix.device).expand(matrix.shape[:-1])
     for _ in range(iterations):
-        order = rayleigh_quotients(matrix, basis).argsort(dim=-1, descending=True)
-        basis = basis.gather(-1, order.unsqueeze(-2).expand_as(basis))
+        image = matrix @ basis
+        quotients, order = _column_dots(image, basis).sort(dim=-1, descending=True)
         total_order = total_order.gather(-1, order)
-        q, r = torch.linalg.qr(matrix @ basis)
-        signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
-        basis = q * torch.where(signs == 0, 1.0, signs).unsqueeze(-2)
+        # geqrf + householder_product: Q without forming R (its diagonal is that of ``reflectors``).
+        reflectors, scales = torch.geqrf(_permute_columns(image, order))
+        basis = torch.linalg.householder_product(reflectors, scales)
+        signs = torch.diagonal(reflectors, dim1=-2, dim2=-1).sign()
+        basis.mul_(torch.where(signs == 0, 1.0, signs).unsqueeze(-2))
+    if not exact_eigenvalues:
+        return EigenbasisRefresh(quotients, basis, total_order)
     # QR keeps column k tied to input column k, so a final sort keeps ``order`` consistent.
-    eigenvalues = rayleigh_quotients(matrix, basis)
-    final = eigenvalues.argsort(dim=-1, descending=True)
+    eigenvalues, final = rayleigh_quotients(matrix, basis).sort(dim=-1, descending=True)
     return EigenbasisRefresh(
-        eigenvalues.gather(-1, final),
-        basis.gather(-1, final.unsqueeze(-2).expand_as(basis)),
-        total_order.gather(-1, final),
+        eigenvalues, _permute_columns(basis, final), total_order.gather(-1, final)
     )

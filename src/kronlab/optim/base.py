@@ -13,6 +13,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from kronlab.groups.rules import PerParameter, PreconditionerGroup, check_rules
+from kronlab.linalg.finite import all_finite
 from kronlab.optim.bundles import ParameterBundle, identify_bundles
 from kronlab.optim.validation import check_choice
 
@@ -150,18 +151,12 @@ class KronOptimizer(Optimizer):
         return [bundle for bundle in self.bundles if bundle.has_gradient()]
 
     def _gradients_are_finite(self) -> bool:
-        # One min/max pass per tensor: a NaN propagates into both, +Inf into the max, -Inf into
-        # the min, and unlike a 2-norm it cannot overflow on large finite values (fp16
-        # included). On CPU this is ~10x faster than the fused inf-norm (_foreach_norm(inf)).
-        extremes = [
-            torch.stack(torch.aminmax(p.grad))
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None and p.grad.numel() > 0
-        ]
-        if not extremes:
-            return True
-        return bool(torch.cat(extremes).isfinite().all())
+        # A sum per gradient, exact isfinite only if one is not finite (kronlab.linalg.finite):
+        # several times faster on CPU than an inf-norm, and large finite values cannot cause a
+        # false alarm.
+        return all_finite(
+            [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        )
 
     # --- checkpointing ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

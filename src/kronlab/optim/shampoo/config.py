@@ -28,25 +28,33 @@ def _check_factor_beta(factor_beta: float | None) -> None:
 class RootInverseConfig:
     """Classic Shampoo (Gupta et al., 2018): cached ``(F/bc + εI)^{-p}`` per factor, recomputed
     every ``precondition_frequency`` steps; ``p = 1/(2k)`` for a k-factor block unless
-    ``exponent_override`` is given."""
+    ``exponent_override`` is given. ``eigenbasis="qr"`` trades the exact ``eigh`` of a refresh
+    for one warm-started QR power step from the previous basis, with the previous basis'
+    Rayleigh quotients ``diag(Q_oldᵀ F Q_old)`` as eigenvalues (approximate; the first refresh
+    is an eigh), as in Distributed Shampoo's QR-based eigendecomposition option."""
 
     exponent_override: float | None = None
+    eigenbasis: Literal["eigh", "qr"] = "eigh"
     name: str = "root_inv"
 
     def __post_init__(self) -> None:
         _check_exponent(self.exponent_override)
+        check_choice("eigenbasis", self.eigenbasis, ("eigh", "qr"))
 
 
 @dataclass(frozen=True)
 class EigendecomposedConfig:
     """Shampoo from cached eigenpairs ``F = Q Λ Qᵀ``: ``Q diag((Λ/bc + ε)^{-p}) Qᵀ`` applied with
-    the current bias correction (Shi et al., 2023, Distributed Shampoo)."""
+    the current bias correction (Shi et al., 2023, Distributed Shampoo). ``eigenbasis``: as in
+    ``RootInverseConfig``."""
 
     exponent_override: float | None = None
+    eigenbasis: Literal["eigh", "qr"] = "eigh"
     name: str = "eigendecomposed"
 
     def __post_init__(self) -> None:
         _check_exponent(self.exponent_override)
+        check_choice("eigenbasis", self.eigenbasis, ("eigh", "qr"))
 
 
 @dataclass(frozen=True)

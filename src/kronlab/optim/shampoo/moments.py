@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from kronlab.factors.accumulation import accumulate_, bias_correction
+from kronlab.factors.accumulation import accumulate_, accumulate_square_, bias_correction
 from kronlab.optim.shampoo.settings import StackSettings
 
 
@@ -21,7 +21,7 @@ def filtered_gradient(
     state entry (SOAP keeps its momentum in the eigenbasis under another name)."""
     if settings.beta1 == 0.0:
         return gradient
-    momentum = state.setdefault(key, torch.zeros_like(gradient))
+    momentum = _zero_initialised(state, key, gradient)
     accumulate_(momentum, gradient, settings.beta1)
     filtered = gradient.lerp(momentum, settings.beta1) if settings.nesterov else momentum
     return filtered / bias_correction(settings.beta1, state["step"], settings.bias_correction)
@@ -47,12 +47,12 @@ def grafting_direction(
         beta = 1.0
     else:
         beta = settings.beta2 if grafting.beta2 is None else grafting.beta2
-    second_moment = state.setdefault("grafting_second_moment", torch.zeros_like(gradient))
-    accumulate_(second_moment, gradient.square(), beta)
+    second_moment = _zero_initialised(state, "grafting_second_moment", gradient)
+    accumulate_square_(second_moment, gradient, beta)
     correction = 1.0
     if grafting.method == "adam":
         correction = bias_correction(beta, state["step"], settings.bias_correction)
-    return filtered / ((second_moment / correction).sqrt() + grafting.epsilon)
+    return filtered / _adam_denominator(second_moment, correction, grafting.epsilon)
 
 
 def diagonal_direction(
@@ -60,10 +60,17 @@ def diagonal_direction(
 ) -> torch.Tensor:
     """Elementwise preconditioning of vectors and scalars: Adam's ``M / (√(v/bc₂) + ε)`` with the
     optimizer's ``β₂`` and ``ε`` (what SOAP does for 1-D parameters)."""
-    second_moment = state.setdefault("diagonal_second_moment", torch.zeros_like(gradient))
-    accumulate_(second_moment, gradient.square(), settings.beta2)
+    second_moment = _zero_initialised(state, "diagonal_second_moment", gradient)
+    accumulate_square_(second_moment, gradient, settings.beta2)
     correction = bias_correction(settings.beta2, state["step"], settings.bias_correction)
-    return filtered / ((second_moment / correction).sqrt() + settings.epsilon)
+    return filtered / _adam_denominator(second_moment, correction, settings.epsilon)
+
+
+def _adam_denominator(
+    second_moment: torch.Tensor, correction: float, epsilon: float
+) -> torch.Tensor:
+    """``√(v / bc₂) + ε`` with one temporary (the square root and ε in place)."""
+    return (second_moment / correction).sqrt_().add_(epsilon)
 
 
 def graft(direction: torch.Tensor, grafting: torch.Tensor) -> torch.Tensor:
@@ -72,3 +79,10 @@ def graft(direction: torch.Tensor, grafting: torch.Tensor) -> torch.Tensor:
     own = torch.linalg.vector_norm(direction, dim=dims, keepdim=True)
     target = torch.linalg.vector_norm(grafting, dim=dims, keepdim=True)
     return direction * torch.where(own > 0, target / own, torch.zeros_like(own))
+
+
+def _zero_initialised(state: dict[str, Any], key: str, like: torch.Tensor) -> torch.Tensor:
+    # Not ``setdefault(key, zeros_like(...))``: that would allocate and zero-fill every step.
+    if key not in state:
+        state[key] = torch.zeros_like(like)
+    return state[key]

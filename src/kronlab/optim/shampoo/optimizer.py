@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -28,7 +29,7 @@ from kronlab.optim.shampoo.moments import (
 )
 from kronlab.optim.shampoo.plan import StackingPlan, build_plan
 from kronlab.optim.shampoo.settings import StackSettings
-from kronlab.optim.shampoo.statistics import outer_products, update_factors_
+from kronlab.optim.shampoo.statistics import update_factors_
 from kronlab.optim.validation import check_betas, check_choice, check_range
 
 VECTOR_PRECONDITIONERS = ("diagonal", "grafting", "dense")
@@ -240,11 +241,14 @@ class Shampoo(KronOptimizer):
         if stack.kind == "grafting":
             return gradient, filtered, filtered if grafted is None else grafted, None
         factor_gradient = gradient.to(settings.factor_dtype)
-        products = outer_products(
-            factor_gradient, variants.kl_inverse_sqrts(state, settings, stack.num_factors)
+        products = update_factors_(
+            state,
+            factor_gradient,
+            variants.kl_inverse_sqrts(state, settings, stack.num_factors),
+            settings.factor_beta,
+            keep_products=variants.reads_outer_products(settings),
         )
-        update_factors_(state, products, settings.factor_beta)
-        return factor_gradient, filtered, grafted, products
+        return factor_gradient, filtered, grafted, [] if products is None else products
 
     def _refresh_due_decompositions(
         self,
@@ -268,11 +272,12 @@ class Shampoo(KronOptimizer):
                 and options.refresh_after_step == after_step
                 and options.is_refresh_step(state["step"])
             ):
+                method = variants.refresh_method(state, options)
+                tracked = variants.tracks_columns(options)
                 for axis, factor in enumerate(state["factors"]):
-                    method = variants.refresh_method(state, options)
-                    batches[(factor.shape[-1], factor.dtype, method)].append((index, axis))
+                    batches[(factor.shape[-1], factor.dtype, method, tracked)].append((index, axis))
         results: dict[tuple[int, int], tuple] = {}
-        for (size, _, method), members in batches.items():
+        for (size, _, method, tracked), members in batches.items():
             factors, previous_vectors, previous_values, failures = [], [], [], []
             for index, axis in members:
                 state = stack_states[index]
@@ -287,20 +292,25 @@ class Shampoo(KronOptimizer):
                     )[axis]
                 )
                 vectors, values = variants.previous_eigenpairs(state, axis)
-                eye = torch.eye(size, dtype=factor.dtype, device=factor.device)
                 factors.append(factor)
-                previous_vectors.append(eye.expand_as(factor) if vectors is None else vectors)
-                previous_values.append(
-                    factor.new_zeros(factor.shape[:-1]) if values is None else values
-                )
+                previous_vectors.append(vectors)
+                previous_values.append(values)
             refreshed = refresh_eigenbasis(
-                torch.cat(factors),
-                torch.cat(previous_vectors),
-                torch.cat(previous_values),
-                torch.cat(failures),
+                _concatenate(factors),
+                _concatenate_or_none(
+                    previous_vectors,
+                    factors,
+                    lambda f: torch.eye(f.shape[-1], dtype=f.dtype, device=f.device).expand_as(f),
+                ),
+                _concatenate_or_none(previous_values, factors, lambda f: f.new_zeros(f.shape[:-1])),
+                _concatenate(failures),
                 method=method,
                 max_consecutive_failures=settings[members[0][0]].max_consecutive_failures,
                 name=f"Shampoo factors of size {size}",
+                track_columns=tracked,
+                # A QR refresh's exact eigenvalues would cost another F Q: the variants read
+                # the warm start's Rayleigh quotients (root-inverse, eigendecomposed) or none.
+                exact_eigenvalues=False,
             )
             sizes = [factor.shape[0] for factor in factors]
             for (index, axis), values, vectors, fails, ok, order in zip(
@@ -412,6 +422,24 @@ class Shampoo(KronOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._plan = None
+
+
+def _concatenate(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)  # one member: no copy
+
+
+def _concatenate_or_none(
+    tensors: list[torch.Tensor | None],
+    factors: list[torch.Tensor],
+    default: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor | None:
+    """The members' previous eigenpairs as one batch (``default(factor)`` where a member has
+    none yet), or ``None`` when no member has any (the refresh's own fallback is the same)."""
+    if all(tensor is None for tensor in tensors):
+        return None
+    return _concatenate(
+        [default(factor) if tensor is None else tensor for tensor, factor in zip(tensors, factors)]
+    )
 
 
 def _stack_key(group: dict[str, Any], param: torch.Tensor) -> tuple:

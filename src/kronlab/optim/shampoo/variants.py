@@ -61,6 +61,23 @@ def refresh_method(state: State, settings: StackSettings) -> str:
     return "qr" if wants_qr and state.get("refreshes", 0) > 0 else "eigh"
 
 
+def tracks_columns(settings: StackSettings) -> bool:
+    """Whether a refresh must say which old column each new one continues (``order``).
+
+    The eigenvalue-corrected variants carry per-column estimates across a refresh;
+    root-inverse and eigendecomposed Shampoo keep nothing per column, which saves eigh's
+    ranking product ``F Q_old`` per factor.
+    """
+    return isinstance(
+        settings.preconditioner, (EigenvalueCorrectedConfig, PerFactorEigenvalueCorrectedConfig)
+    )
+
+
+def reads_outer_products(settings: StackSettings) -> bool:
+    """Whether the direction needs this step's outer products ``O_t`` (the per-factor EMA)."""
+    return isinstance(settings.preconditioner, PerFactorEigenvalueCorrectedConfig)
+
+
 def momentum_in_eigenbasis(settings: StackSettings) -> bool:
     """Whether a Kronecker stack keeps its first moment in the eigenbasis, ``M̃ = M ×_i Q_iᵀ``.
 
@@ -105,6 +122,9 @@ def install(
         roots = []
         for axis, (values, vectors, good) in enumerate(zip(eigenvalues, eigenvectors, ok)):
             root = damped_inverse_root(values, vectors, settings.epsilon, exponent, scale)
+            if bool(good.all()):  # nothing to fall back to: skip the masking pass
+                roots.append(root)
+                continue
             previous = (
                 state["inverse_roots"][axis]
                 if "inverse_roots" in state
@@ -112,14 +132,19 @@ def install(
             )
             roots.append(torch.where(good[..., None, None], root, previous))
         state["inverse_roots"] = roots
+        if config.eigenbasis == "qr":  # the next refresh's warm start
+            state["eigenvectors"] = list(eigenvectors)
         return
     if isinstance(config, EigendecomposedConfig):
         state["eigenvalues"] = list(eigenvalues)
     elif isinstance(config, EigenvalueCorrectedConfig) and "eigenvectors" in state:
-        if "eigenbasis_momentum" in state:  # M̃_new = M̃_old ×_i (Q_new,iᵀ Q_old,i)
-            state["eigenbasis_momentum"] = kronecker_product_apply(
-                state["eigenbasis_momentum"],
-                [new.mT @ old for new, old in zip(eigenvectors, state["eigenvectors"])],
+        if "eigenbasis_momentum" in state:
+            # M̃_new = M̃_old ×_i (Q_new,iᵀ Q_old,i), computed as back to parameter space and
+            # into the new basis: 2k block products, never more work than forming the k
+            # d_i×d_i overlaps and applying them (for m×n: 2mn(m+n) vs m³ + n³ + mn(m+n)).
+            state["eigenbasis_momentum"] = to_eigenbasis(
+                from_eigenbasis(state["eigenbasis_momentum"], state["eigenvectors"]),
+                eigenvectors,
             )
         if config.second_moment_carry == "rotate":
             state["second_moment"] = transport_second_moment(
@@ -204,12 +229,15 @@ def correct_and_precondition(
             state["second_moment"] = torch.zeros_like(gradient)
         rotated_gradient = to_eigenbasis(gradient, eigenvectors)
         update_second_moment_(state["second_moment"], rotated_gradient, settings.beta2)
-        corrected = state["second_moment"] / eigenvalue_correction(state, settings)
+        denominator = (state["second_moment"] / eigenvalue_correction(state, settings)).sqrt_()
+        denominator.add_(settings.epsilon)
         if momentum_in_eigenbasis(settings):  # ``filtered`` is the raw gradient here
             rotated = filtered_gradient(state, rotated_gradient, settings, "eigenbasis_momentum")
         else:
             rotated = to_eigenbasis(filtered, eigenvectors)
-        return from_eigenbasis(rotated / (corrected.sqrt() + settings.epsilon), eigenvectors)
+        # In place is safe: ``rotated`` is a fresh tensor (a rotation, the bias-corrected
+        # momentum, or with β₁ = 0 this step's rotated gradient, already accumulated above).
+        return from_eigenbasis(rotated.div_(denominator), eigenvectors)
     if "eigenvalue_ema" not in state:
         state["eigenvalue_ema"] = [torch.zeros_like(product[..., 0]) for product in products]
     for ema, vectors, product in zip(state["eigenvalue_ema"], eigenvectors, products):
