@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -141,3 +142,12 @@ def test_each_run_is_independent_of_the_others(tmp_path):
         return next(r for r in results if r["name"] == "psgd_quad")["train_loss_curve"]
 
     assert curve("a") == curve("b")
+
+
+def test_step_time_leaves_out_the_warm_up_steps():
+    from kronlab.compare import mean_step_ms
+
+    # 20 steps: the first two (one tenth) carry the one-time start-up cost and are left out.
+    assert mean_step_ms([2.0, 1.0] + [0.001] * 18) == pytest.approx(1.0)
+    assert mean_step_ms([0.004]) == pytest.approx(4.0)  # a single step is all there is
+    assert math.isnan(mean_step_ms([]))
