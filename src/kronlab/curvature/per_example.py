@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from kronlab.curvature.hooks import LayerBatch, LossFn, layer_batches
 from kronlab.curvature.layers import LayerSpec
@@ -55,14 +56,7 @@ def per_example_gradients(
 
 def example_gradients(layer: LayerBatch, projection: Projection | None = None) -> torch.Tensor:
     """``Σ_t (P_S g_t)(P_A a_t)ᵀ`` per example for one :class:`LayerBatch`: two projections
-    of the token vectors, then one batched ``(n, p_S, T) @ (n, T, p_A)`` product whose left
-    operand is a transposed view (``bmm`` reads it in place, no copy).
-
-    With a bias, ``a_t = [x_t; 1]`` and ``P_A = [P_W, p_b]``, so
-    ``Σ_t ĝ_t (P_W x_t + p_b)ᵀ = Σ_t ĝ_t (P_W x_t)ᵀ + (Σ_t ĝ_t) p_bᵀ`` (``ĝ_t = P_S g_t``):
-    the input side is a plain product and the bias term a rank-one ``(n, p, p)`` addend of
-    the ``baddbmm``. Neither ``[x_t; 1]`` nor a bias-broadcast ``(n, T, p)`` is ever formed.
-    """
+    of the token vectors, then one batched ``(n, p_S, T) @ (n, T, p_A)`` product."""
     output_side, input_side = projection if projection is not None else (None, None)
     gradients = layer.gradients
     if output_side is not None:
@@ -70,14 +64,20 @@ def example_gradients(layer: LayerBatch, projection: Projection | None = None) -
     if layer.spec.kind == "embedding":
         return _embedding_gradients(layer, gradients, input_side)
     if input_side is None:
-        return gradients.transpose(1, 2) @ layer.activations
-    input_side = input_side.to(gradients.dtype)
-    if not layer.spec.has_bias:
-        return gradients.transpose(1, 2) @ (layer.inputs @ input_side.transpose(0, 1))
-    projected = layer.inputs @ input_side[:, :-1].transpose(0, 1)
-    # Masked tokens have g_t = 0, so the token sum of ĝ_t already leaves them out.
-    bias_term = gradients.sum(1).unsqueeze(2) * input_side[:, -1]
-    return torch.baddbmm(bias_term, gradients.transpose(1, 2), projected)
+        activations = layer.activations
+    else:
+        activations = projected_inputs(layer, input_side.to(gradients.dtype))
+    return gradients.transpose(1, 2) @ activations
+
+
+def projected_inputs(layer: LayerBatch, input_side: torch.Tensor) -> torch.Tensor:
+    """``P_A a_t`` per token ``(n, T, p)``; with a bias, ``P_A [x_t; 1] = P_W x_t + p_b`` is one
+    fused multiply-add, so the ``[x_t; 1]`` copy is never made. Masked tokens are not zeroed
+    (their ``g_t`` is)."""
+    inputs = layer.inputs
+    if layer.spec.has_bias:
+        return F.linear(inputs, input_side[:, :-1], input_side[:, -1])
+    return inputs @ input_side.transpose(0, 1)
 
 
 def _embedding_gradients(
