@@ -29,6 +29,12 @@ the largest over rounds).
 
     PYTHONPATH=src /work/main/.venv/bin/python -m benchmarks.attribution_throughput \
         [--rounds 11] [--write benchmarks/results/issue-8.md]
+
+``--breakdown BATCHES`` instead splits kronlab's GPT-2 build time per batch of 32 (process CPU
+time, the variants interleaved batch by batch, medians): the model alone, kronlab's
+per-example pass with its projections, the same pass with the projected products replaced by
+zeros (hooks, bookkeeping, no projection), and the projection ops alone, re-run on the
+recorded tensors of one batch (outside the pass: no model work in between).
 """
 
 from __future__ import annotations
@@ -166,6 +172,75 @@ def gpt2_floor() -> Callable[[], object]:
             torch.autograd.grad(loss, outputs)
 
     return run
+
+
+def gpt2_breakdown(batches: int) -> str:
+    """Per-batch split of kronlab's build time (see the module docstring, ``--breakdown``)."""
+    import kronlab.curvature.per_example as per_example
+    from kronlab.attribution.compression import module_projections
+    from kronlab.attribution.sources import language_model_loss
+    from kronlab.curvature import find_modules, layer_batches, layer_spec, per_example_gradients
+
+    tokens = gpt2_tokens()[:-GPT2_QUERIES]
+    model = gpt2_model()
+    modules = find_modules(model, ["transformer.h.*"])
+    shapes = {}
+    for name, module in modules.items():
+        spec = layer_spec(module)
+        assert spec is not None
+        shapes[name] = (spec.d_out, spec.d_in)
+    projections = module_projections(shapes, PROJECTION_DIM, "rademacher")
+    real = torch.ones(32, tokens.shape[1], dtype=torch.bool)
+    data = [(tokens[s : s + 32], real) for s in range(0, len(tokens) - 31, 32)]
+    project = per_example.example_gradients
+
+    def model_only(batch: tuple) -> None:
+        outputs: list[torch.Tensor] = []
+        hook = lambda m, i, o: outputs.append(o)  # noqa: E731
+        handles = [m.register_forward_hook(hook) for m in modules.values()]
+        loss = language_model_loss(model, batch)
+        for handle in handles:
+            handle.remove()
+        torch.autograd.grad(loss, outputs)
+
+    def kronlab(batch: tuple) -> None:
+        per_example_gradients(model, batch, language_model_loss, modules, projections)
+
+    def no_projection(batch: tuple) -> None:
+        per_example.example_gradients = lambda layer, projection=None: layer.gradients.new_zeros(
+            len(layer.gradients), PROJECTION_DIM, PROJECTION_DIM
+        )
+        try:
+            kronlab(batch)
+        finally:
+            per_example.example_gradients = project
+
+    def projection_ops(batch: tuple) -> None:
+        for layer in recorded:
+            project(layer, projections[layer.name])
+
+    recorded = list(layer_batches(model, data[0], language_model_loss, modules))
+    variants = {
+        "model only": model_only,
+        "kronlab per-example pass": kronlab,
+        "same, projections replaced by zeros": no_projection,
+        "projection ops alone (one batch's recorded tensors)": projection_ops,
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for index in range(batches + len(data)):  # the first pass over the data warms up
+        batch = data[index % len(data)]
+        order = list(variants) if index % 2 == 0 else list(variants)[::-1]
+        for name in order:
+            started = time.process_time()
+            variants[name](batch)
+            if index >= len(data):
+                seconds[name].append(time.process_time() - started)
+    base = statistics.median(seconds["model only"])
+    lines = ["| per batch of 32 | ms (median) | vs model only |", "|---|---|---|"]
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        lines.append(f"| {name} | {median * 1e3:.2f} | {median / base:.3f}x |")
+    return "\n".join(lines) + "\n"
 
 
 def gpt2_builds(rounds: int = 11) -> dict:
@@ -530,8 +605,14 @@ def main() -> None:
     parser.add_argument("--python", default=sys.executable, help="interpreter with the peers")
     parser.add_argument("--rounds", type=int, default=11, help="interleaved GPT-2 build rounds")
     parser.add_argument("--write", type=Path, default=None, help="append the table (markdown)")
+    parser.add_argument(
+        "--breakdown", type=int, default=0, metavar="BATCHES", help="only split the build time"
+    )
     arguments = parser.parse_args()
     torch.set_num_threads(1)
+    if arguments.breakdown:
+        print(gpt2_breakdown(arguments.breakdown))
+        return
     if arguments.child:
         child = CHILDREN[tuple(arguments.child)]
         outcome = child(arguments.rounds) if child is gpt2_builds else child()
