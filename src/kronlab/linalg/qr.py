@@ -31,6 +31,22 @@ def _column_dots(image: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return (image * basis).sum(dim=-2)
 
 
+def _row_dots(rows: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of two ``(…, d, d)`` stacks (``diag(X Yᵀ)``)."""
+    return (rows * others).sum(dim=-1)
+
+
+def _permute_rows(matrix: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``matrix[b, order[b], :]`` for every batch entry: whole-row copies by one index_select
+    over the flattened stack (a gather would index every element)."""
+    rows = matrix.shape[-2]
+    flat = matrix.reshape(-1, matrix.shape[-1])
+    offsets = torch.arange(0, flat.shape[0], rows, device=matrix.device).reshape(
+        matrix.shape[:-2] + (1,)
+    )
+    return flat.index_select(0, (order + offsets).reshape(-1)).reshape(matrix.shape)
+
+
 def _permute_columns(matrix: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return matrix.gather(-1, order.unsqueeze(-2).expand_as(matrix))
 
@@ -67,13 +83,22 @@ def qr_eigenbasis_refresh(
     dtype = working_dtype(matrix.dtype)
     matrix = matrix.to(dtype)
     basis = eigenvectors.to(dtype)
+    if not basis.mT.is_contiguous():
+        # Keep bases column-major (what LAPACK returns): ``Qᵀ`` is then contiguous, so the
+        # quotients below pair two row-major operands (a transposed elementwise pairing is
+        # ~10x slower at d = 1024). One transposing copy, only for a row-major warm start.
+        basis = basis.mT.contiguous().mT
     total_order = torch.arange(matrix.shape[-1], device=matrix.device).expand(matrix.shape[:-1])
     for _ in range(iterations):
-        image = matrix @ basis
-        quotients, order = _column_dots(image, basis).sort(dim=-1, descending=True)
+        # ``Qᵀ A = (A Q)ᵀ`` (A symmetric), formed row-major: its rows are the columns of ``A Q``.
+        # That one product gives the quotients (row-wise dots with ``Qᵀ``, a contiguous
+        # reduction), the sort is a gather of whole rows, and its transposed view is the
+        # column-major ``A Q`` LAPACK's geqrf works on, so torch makes no layout copy.
+        image_rows = basis.mT @ matrix
+        quotients, order = _row_dots(image_rows, basis.mT).sort(dim=-1, descending=True)
         total_order = total_order.gather(-1, order)
         # geqrf + householder_product: Q without forming R (its diagonal is that of ``reflectors``).
-        reflectors, scales = torch.geqrf(_permute_columns(image, order))
+        reflectors, scales = torch.geqrf(_permute_rows(image_rows, order).mT)
         basis = torch.linalg.householder_product(reflectors, scales)
         signs = torch.diagonal(reflectors, dim1=-2, dim2=-1).sign()
         basis.mul_(torch.where(signs == 0, 1.0, signs).unsqueeze(-2))

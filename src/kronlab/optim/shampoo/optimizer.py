@@ -425,7 +425,13 @@ class Shampoo(KronOptimizer):
 
 
 def _concatenate(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)  # one member: no copy
+    """One batch of the members (one member: no copy). Column-major matrices (eigenvectors as
+    LAPACK returns them) stay column-major: a plain ``cat`` would transpose every entry."""
+    if len(tensors) == 1:
+        return tensors[0]
+    if all(t.ndim >= 3 and not t.is_contiguous() and t.mT.is_contiguous() for t in tensors):
+        return torch.cat([t.mT for t in tensors]).mT
+    return torch.cat(tensors)
 
 
 def _concatenate_or_none(
