@@ -97,10 +97,14 @@ def qr_eigenbasis_refresh(
         image_rows = basis.mT @ matrix
         quotients, order = _row_dots(image_rows, basis.mT).sort(dim=-1, descending=True)
         total_order = total_order.gather(-1, order)
-        # geqrf + householder_product: Q without forming R (its diagonal is that of ``reflectors``).
-        reflectors, scales = torch.geqrf(_permute_rows(image_rows, order).mT)
-        basis = torch.linalg.householder_product(reflectors, scales)
-        signs = torch.diagonal(reflectors, dim1=-2, dim2=-1).sign()
+        # geqrf + householder_product: Q without forming R (its diagonal is that of
+        # ``reflectors``). Both run in place on the permuted image, a temporary of ours: LAPACK
+        # overwrites its input, so out-of-place calls would first copy it (twice per refresh).
+        reflectors = _permute_rows(image_rows, order).mT
+        scales = reflectors.new_empty(reflectors.shape[:-1])
+        torch.geqrf(reflectors, out=(reflectors, scales))
+        signs = torch.diagonal(reflectors, dim1=-2, dim2=-1).sign()  # before Q overwrites R
+        basis = torch.linalg.householder_product(reflectors, scales, out=reflectors)
         basis.mul_(torch.where(signs == 0, 1.0, signs).unsqueeze(-2))
     if not exact_eigenvalues:
         return EigenbasisRefresh(quotients, basis, total_order)
