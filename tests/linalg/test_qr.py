@@ -61,6 +61,32 @@ def test_batched_equals_looped():
         assert torch.equal(batched.order[index], single.order)
 
 
+def test_stacks_refreshed_as_one_batch_without_concatenation():
+    # A list of stacks is the batch of their concatenation; against the SOAP step written from
+    # its definition (sort by diag(QᵀAQ), QR of A Q with diag R ≥ 0) in float64.
+    matrices = random_spd(5, (5,), condition=30)
+    starts = torch.linalg.qr(torch.randn(5, 5, 5, dtype=torch.float64)).Q
+    row_major = starts.contiguous()  # a row-major warm start is accepted too
+    for exact in (False, True):
+        result = qr_eigenbasis_refresh(
+            [matrices[:2], matrices[2:]], [row_major[:2], starts[2:]], exact_eigenvalues=exact
+        )
+        whole = qr_eigenbasis_refresh(matrices, starts, exact_eigenvalues=exact)
+        assert torch.allclose(result.eigenvectors, whole.eigenvectors, atol=1e-12)
+        assert torch.allclose(result.eigenvalues, whole.eigenvalues, atol=1e-12)
+        assert torch.equal(result.order, whole.order)
+    quotients = torch.diagonal(starts.mT @ matrices @ starts, dim1=-2, dim2=-1)
+    first = quotients.argsort(dim=-1, descending=True)
+    q, r = torch.linalg.qr(matrices @ starts.gather(-1, first.unsqueeze(-2).expand_as(starts)))
+    expected = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    lean = qr_eigenbasis_refresh(
+        [matrices[:2], matrices[2:]], [starts[:2], starts[2:]], exact_eigenvalues=False
+    )
+    assert torch.allclose(lean.eigenvectors, expected, atol=1e-10)
+    with pytest.raises(ValueError, match="one eigenvector stack per matrix stack"):
+        qr_eigenbasis_refresh([matrices], [starts, starts])
+
+
 def test_rayleigh_quotients_definition():
     matrix = random_spd(4)
     basis = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64)).Q

@@ -9,10 +9,12 @@ is increased, and a warning is issued; the caller decides when too many failures
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import torch
 
+from kronlab.linalg.batching import concatenate_matrices
 from kronlab.linalg.eigh import eigh
 from kronlab.linalg.finite import finite_matrices
 from kronlab.linalg.qr import qr_eigenbasis_refresh, rayleigh_quotients
@@ -42,8 +44,8 @@ class DecompositionFailed(RuntimeError):
 
 
 def refresh_eigenbasis(
-    factors: torch.Tensor,
-    previous_eigenvectors: torch.Tensor | None,
+    factors: torch.Tensor | Sequence[torch.Tensor],
+    previous_eigenvectors: torch.Tensor | Sequence[torch.Tensor] | None,
     previous_eigenvalues: torch.Tensor | None,
     failures: torch.Tensor,
     *,
@@ -61,50 +63,72 @@ def refresh_eigenbasis(
     Raises ``DecompositionFailed`` once any factor has failed ``max_consecutive_failures``
     times in a row (one host sync per refresh, which is amortized).
 
+    ``factors`` (and ``previous_eigenvectors``) may be sequences of ``(B_i, d, d)`` stacks,
+    decomposed as the one batch of their concatenation; the QR refresh then never forms that
+    concatenation (the usual, all-finite case), eigh needs it.
+
     Callers that keep no per-column state pass ``track_columns=False`` (``order`` is then the
     identity, saving eigh's ranking product ``F Q_old``); callers that use only the basis pass
     ``exact_eigenvalues=False`` (the QR refresh then returns the warm start's Rayleigh quotients,
     saving a product, see ``qr_eigenbasis_refresh``).
     """
+    stacks = [factors] if isinstance(factors, torch.Tensor) else list(factors)
+    previous_stacks = (
+        None
+        if previous_eigenvectors is None
+        else [previous_eigenvectors]
+        if isinstance(previous_eigenvectors, torch.Tensor)
+        else list(previous_eigenvectors)
+    )
+    like = stacks[0]
     # One host sync: in the usual all-finite case no masking pass over the factors is needed.
-    finite = finite_matrices(factors)
+    finite = finite_matrices(factors if isinstance(factors, torch.Tensor) else stacks)
     all_finite = bool(finite.all())
-    if method == "qr" and previous_eigenvectors is not None:
-        work = factors
+    if method == "qr" and previous_stacks is not None:
+        work = stacks
         if not all_finite:  # non-finite factors become the identity so QR cannot fail on them
-            identity = torch.eye(factors.shape[-1], dtype=factors.dtype, device=factors.device)
-            work = torch.where(finite[..., None, None], factors, identity)
-        work = work.double() if float64 else work
+            identity = torch.eye(like.shape[-1], dtype=like.dtype, device=like.device)
+            work = [torch.where(finite[..., None, None], concatenate_matrices(stacks), identity)]
+            previous_stacks = [concatenate_matrices(previous_stacks)]
+        if float64:
+            work = [stack.double() for stack in work]
         values, vectors, order = qr_eigenbasis_refresh(
-            work, previous_eigenvectors.to(work.dtype), exact_eigenvalues=exact_eigenvalues
+            work,
+            [stack.to(work[0].dtype) for stack in previous_stacks],
+            exact_eigenvalues=exact_eigenvalues,
         )
         ok = finite & finite_matrices(vectors) & torch.isfinite(values).all(-1)
         if not track_columns:
             order = None
     else:
+        factors = concatenate_matrices(stacks)
         values, vectors, ok = eigh(factors, float64=float64)
         order = None
-        if previous_eigenvectors is not None and track_columns:
+        if previous_stacks is not None and track_columns:
             # eigh sorts ascending; old column j continues as the new column whose rank its
             # Rayleigh quotient under the new factor has (exact when the basis is unchanged).
             finite_factors = (
                 factors if all_finite else torch.where(finite[..., None, None], factors, 0.0)
             )
-            order = rayleigh_quotients(finite_factors, previous_eigenvectors).argsort(dim=-1)
-    values, vectors = values.to(factors.dtype), vectors.to(factors.dtype)
-    identity_order = torch.arange(factors.shape[-1], device=factors.device).expand(values.shape)
+            order = rayleigh_quotients(
+                finite_factors, concatenate_matrices(previous_stacks)
+            ).argsort(dim=-1)
+    values, vectors = values.to(like.dtype), vectors.to(like.dtype)
+    identity_order = torch.arange(like.shape[-1], device=like.device).expand(values.shape)
     if bool(ok.all()):  # the usual case: nothing to fall back to, no masking passes
         failures = torch.zeros_like(failures)
         order = identity_order if order is None else order
         return RefreshedEigenbasis(values, vectors, failures, ok, order)
-    if previous_eigenvectors is None:
-        previous_eigenvectors = torch.eye(
-            factors.shape[-1], dtype=factors.dtype, device=factors.device
-        ).expand_as(factors)
+    if previous_stacks is None:
+        previous = torch.eye(like.shape[-1], dtype=like.dtype, device=like.device).expand_as(
+            vectors
+        )
         previous_eigenvalues = torch.zeros_like(values)
-    elif previous_eigenvalues is None:
-        previous_eigenvalues = torch.zeros_like(values)
-    vectors = torch.where(ok[..., None, None], vectors, previous_eigenvectors)
+    else:
+        previous = concatenate_matrices(previous_stacks)
+        if previous_eigenvalues is None:
+            previous_eigenvalues = torch.zeros_like(values)
+    vectors = torch.where(ok[..., None, None], vectors, previous)
     values = torch.where(ok[..., None], values, previous_eigenvalues)
     order = identity_order if order is None else torch.where(ok[..., None], order, identity_order)
     failures = torch.where(ok, torch.zeros_like(failures), failures + 1)

@@ -11,6 +11,7 @@ import torch
 from kronlab.factors.eigenbasis import refresh_eigenbasis
 from kronlab.groups.layout import BlockLayout
 from kronlab.linalg._dtypes import working_dtype
+from kronlab.linalg.batching import concatenate_matrices
 from kronlab.optim.base import GLOBAL_STATE, KronOptimizer, ParamsT
 from kronlab.optim.bundles import ParameterBundle
 from kronlab.optim.shampoo import variants
@@ -295,15 +296,17 @@ class Shampoo(KronOptimizer):
                 factors.append(factor)
                 previous_vectors.append(vectors)
                 previous_values.append(values)
+            # The factor and eigenvector stacks go as lists: the QR refresh batches them
+            # without copying them into one tensor first.
             refreshed = refresh_eigenbasis(
-                _concatenate(factors),
-                _concatenate_or_none(
+                factors,
+                _with_defaults(
                     previous_vectors,
                     factors,
                     lambda f: torch.eye(f.shape[-1], dtype=f.dtype, device=f.device).expand_as(f),
                 ),
                 _concatenate_or_none(previous_values, factors, lambda f: f.new_zeros(f.shape[:-1])),
-                _concatenate(failures),
+                concatenate_matrices(failures),
                 method=method,
                 max_consecutive_failures=settings[members[0][0]].max_consecutive_failures,
                 name=f"Shampoo factors of size {size}",
@@ -424,8 +427,16 @@ class Shampoo(KronOptimizer):
         self._plan = None
 
 
-def _concatenate(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)  # one member: no copy
+def _with_defaults(
+    tensors: list[torch.Tensor | None],
+    factors: list[torch.Tensor],
+    default: Callable[[torch.Tensor], torch.Tensor],
+) -> list[torch.Tensor] | None:
+    """The members' previous eigenpairs (``default(factor)`` where a member has none yet), or
+    ``None`` when no member has any (the refresh's own fallback is the same)."""
+    if all(tensor is None for tensor in tensors):
+        return None
+    return [default(f) if tensor is None else tensor for tensor, f in zip(tensors, factors)]
 
 
 def _concatenate_or_none(
@@ -433,13 +444,9 @@ def _concatenate_or_none(
     factors: list[torch.Tensor],
     default: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor | None:
-    """The members' previous eigenpairs as one batch (``default(factor)`` where a member has
-    none yet), or ``None`` when no member has any (the refresh's own fallback is the same)."""
-    if all(tensor is None for tensor in tensors):
-        return None
-    return _concatenate(
-        [default(factor) if tensor is None else tensor for tensor, factor in zip(tensors, factors)]
-    )
+    """``_with_defaults`` as one batch."""
+    members = _with_defaults(tensors, factors, default)
+    return None if members is None else concatenate_matrices(members)
 
 
 def _stack_key(group: dict[str, Any], param: torch.Tensor) -> tuple:

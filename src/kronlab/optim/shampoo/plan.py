@@ -48,9 +48,16 @@ class StackingPlan:
     def gather(self, index: int, bundle_tensors: list[torch.Tensor | None]) -> torch.Tensor:
         """Stack ``index``'s blocks taken from per-bundle grouped tensors."""
         stack = self.stacks[index]
+        # A stack of one member is a view of it: ``cat``/``stack`` of one tensor would copy it
+        # every step. Safe because the step only reads its gradient stacks.
         if stack.kind != "kronecker":
             flat = [bundle_tensors[b].reshape(-1) for b, _ in stack.members]
-            return torch.cat(flat).unsqueeze(0)
+            return (flat[0] if len(flat) == 1 else torch.cat(flat)).unsqueeze(0)
+        if len(stack.members) == 1:
+            ((bundle_index, block_index),) = stack.members
+            layout = self.layouts[bundle_index]
+            block = layout.split(bundle_tensors[bundle_index])[block_index]
+            return block.reshape(stack.block_shape).unsqueeze(0)
         blocks = {}
         for bundle_index, _ in stack.members:
             if bundle_index not in blocks:
