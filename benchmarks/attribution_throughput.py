@@ -112,20 +112,27 @@ def _gpt2_task():
     )
 
 
-def kronlab_gpt2_build(directory: Path) -> Callable[[], object]:
-    """A fresh kronlab build of the GPT-2 store into ``directory`` (model and data set up)."""
-    from kronlab.attribution.pipeline import AttributionConfig, AttributionRun
+def _gpt2_config(method: str):
+    """The GPT-2 store settings every kronlab GPT-2 row uses (p, modules, batching)."""
+    from kronlab.attribution.pipeline import AttributionConfig
 
-    task = _gpt2_task()
-    config = AttributionConfig(
+    return AttributionConfig(
         projection_dim=PROJECTION_DIM,
         modules=("transformer.h.*",),
         batch_size=32,
         chunk_rows=64,
         num_queries=GPT2_QUERIES,
-        method="kfac",
+        method=method,
         report_queries=0,
     )
+
+
+def kronlab_gpt2_build(directory: Path) -> Callable[[], object]:
+    """A fresh kronlab build of the GPT-2 store into ``directory`` (model and data set up)."""
+    from kronlab.attribution.pipeline import AttributionRun
+
+    task = _gpt2_task()
+    config = _gpt2_config("kfac")
     run = AttributionRun(directory, config, task=task, show_progress=False)
     run.task  # noqa: B018  (model placed before the clock starts)
     return run.build
@@ -283,18 +290,10 @@ def gpt2_builds(rounds: int = 11) -> dict:
 
 def kronlab_gpt2_score() -> dict:
     """kronlab fit (EK-FAC) + apply + score of the GPT-2 queries against a fresh store."""
-    from kronlab.attribution.pipeline import AttributionConfig, AttributionRun
+    from kronlab.attribution.pipeline import AttributionRun
 
     task = _gpt2_task()
-    config = AttributionConfig(
-        projection_dim=PROJECTION_DIM,
-        modules=("transformer.h.*",),
-        batch_size=32,
-        chunk_rows=64,
-        num_queries=GPT2_QUERIES,
-        method="ekfac",
-        report_queries=0,
-    )
+    config = _gpt2_config("ekfac")
     with tempfile.TemporaryDirectory() as directory:
         run = AttributionRun(directory, config, task=task, show_progress=False)
         run.task  # noqa: B018  (model placed before the clock starts)
