@@ -52,7 +52,7 @@ def grafting_direction(
     correction = 1.0
     if grafting.method == "adam":
         correction = bias_correction(beta, state["step"], settings.bias_correction)
-    return filtered / _adam_denominator(second_moment, correction, grafting.epsilon)
+    return filtered / adam_denominator(second_moment, correction, grafting.epsilon)
 
 
 def diagonal_direction(
@@ -63,10 +63,10 @@ def diagonal_direction(
     second_moment = _zero_initialised(state, "diagonal_second_moment", gradient)
     accumulate_square_(second_moment, gradient, settings.beta2)
     correction = bias_correction(settings.beta2, state["step"], settings.bias_correction)
-    return filtered / _adam_denominator(second_moment, correction, settings.epsilon)
+    return filtered / adam_denominator(second_moment, correction, settings.epsilon)
 
 
-def _adam_denominator(
+def adam_denominator(
     second_moment: torch.Tensor, correction: float, epsilon: float
 ) -> torch.Tensor:
     """``√(v / bc₂) + ε`` with one temporary (the square root and ε in place)."""

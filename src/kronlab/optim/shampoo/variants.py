@@ -41,7 +41,7 @@ from kronlab.optim.shampoo.config import (
     PerFactorEigenvalueCorrectedConfig,
     RootInverseConfig,
 )
-from kronlab.optim.shampoo.moments import filtered_gradient
+from kronlab.optim.shampoo.moments import adam_denominator, filtered_gradient
 from kronlab.optim.shampoo.settings import StackSettings
 
 State = dict[str, Any]
@@ -229,8 +229,9 @@ def correct_and_precondition(
             state["second_moment"] = torch.zeros_like(gradient)
         rotated_gradient = to_eigenbasis(gradient, eigenvectors)
         update_second_moment_(state["second_moment"], rotated_gradient, settings.beta2)
-        denominator = (state["second_moment"] / eigenvalue_correction(state, settings)).sqrt_()
-        denominator.add_(settings.epsilon)
+        denominator = adam_denominator(
+            state["second_moment"], eigenvalue_correction(state, settings), settings.epsilon
+        )
         if momentum_in_eigenbasis(settings):  # ``filtered`` is the raw gradient here
             rotated = filtered_gradient(state, rotated_gradient, settings, "eigenbasis_momentum")
         else:
