@@ -253,6 +253,15 @@ def test_batch_size_counts_training_forwards_since_the_last_step():
     assert optimizer.pending_batch_size == 0
 
 
+def test_data_parallel_size_scales_the_counted_batch():
+    # Each of 4 ranks sees 3 examples of a gradient averaged over 12 (the two-process
+    # equality with DDP itself is in test_data_parallel.py).
+    model = TensorModel((3, 2))
+    optimizer = SIRFShampoo(model, data_parallel_size=4)
+    model(torch.randn(3, 6, dtype=torch.float64))
+    assert optimizer.pending_batch_size == 12
+
+
 def _train(optimizer, model, steps):
     for _ in range(steps):
         optimizer.zero_grad()
@@ -338,6 +347,8 @@ def test_half_precision_factors_match_float32(half):
         (dict(structures=("dense",)), "structures"),
         (dict(preconditioner_dtypes=torch.int32), "preconditioner_dtypes"),
         (dict(preconditioner_dtypes=(torch.float32,) * 3), "preconditioner_dtypes"),
+        (dict(data_parallel_size=0), "data_parallel_size"),
+        (dict(data_parallel_size=1.5), "data_parallel_size"),
     ],
 )
 def test_bad_hyperparameters_raise_at_construction(kwargs, match):

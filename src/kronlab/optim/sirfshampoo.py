@@ -124,6 +124,13 @@ def precondition(
     return result
 
 
+def _data_parallel_world_size(model: nn.Module) -> int:
+    """Ranks a ``DistributedDataParallel`` wrapper averages gradients over (1 otherwise)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return torch.distributed.get_world_size(model.process_group)
+    return 1
+
+
 def factor_update_due(schedule: int | Callable[[int], bool], step: int) -> bool:
     """Whether the factors are updated at 0-based ``step``: ``step % T == 0``, or ``T(step)``."""
     return bool(schedule(step)) if callable(schedule) else step % schedule == 0
@@ -151,6 +158,10 @@ class SIRFShampoo(KronOptimizer):
             parameter's dtype, but float32 for 16-bit parameters.
         combine_params: grouping rules (``kronlab.groups``), first match wins.
         verbose_init: print the groups with their factors, e.g. ``'33x33 (DenseMatrix)'``.
+        data_parallel_size: how many processes' batches each gradient averages, so that ``B``
+            is the global batch (the hook only sees this process's inputs). ``None``: the world
+            size of ``model``'s process group when ``model`` is a ``DistributedDataParallel``
+            wrapper, else 1; pass it when the model is wrapped after the optimizer is built.
         on_nonfinite_grad: see ``KronOptimizer``. The update itself never synchronizes with the
             host; the default ``"skip"`` check costs one sync per step, ``"ignore"`` none.
     """
@@ -173,10 +184,15 @@ class SIRFShampoo(KronOptimizer):
         combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
         verbose_init: bool = False,
         *,
+        data_parallel_size: int | None = None,
         on_nonfinite_grad: NonFinitePolicy = "skip",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: {model!r} (allowed: a torch.nn.Module)")
+        if data_parallel_size is None:
+            data_parallel_size = _data_parallel_world_size(model)
+        check_range("data_parallel_size", data_parallel_size, 1, integer=True)
+        self._data_parallel_size = data_parallel_size
         self._plans: dict[ParameterBundle, FactorPlan] = {}
         self._batch_size = 0
         defaults = dict(
@@ -262,7 +278,8 @@ class SIRFShampoo(KronOptimizer):
             (x for x in (*args, *kwargs.values()) if isinstance(x, Tensor) and x.ndim > 0), None
         )
         if first is not None:
-            self._batch_size += first.shape[0]  # a Python int: no host sync
+            # A Python int (no host sync); DDP averages the gradient over every rank's batch.
+            self._batch_size += first.shape[0] * self._data_parallel_size
 
     # --- stepping ---------------------------------------------------------------------------
     @torch.no_grad()
