@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kronlab.optim import PSGD, SOAP, KLShampoo, Muon, Shampoo, SIRFShampoo
+from kronlab.optim import PSGD, SOAP, KLShampoo, Muon, Shampoo, SIRFShampoo, Spectron
 
 STEPS = 6
 BATCH = 16
@@ -26,8 +26,9 @@ BATCH = 16
 # keeps the 8x8 weights two-factor blocks (merged, each would be one 64x64 factor of rank 1).
 OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "sgd": lambda model: torch.optim.SGD(model.parameters(), lr=0.1),
-    # float64 factors: this gradient's G Gᵀ has condition ~1e6, so in float32 its smallest
-    # eigenvalue sits at the eigh noise floor and the summation order decides whether it is kept.
+    # float64 factors (here and for pf_shampoo): this gradient's G Gᵀ has condition ~1e6, so in
+    # float32 its smallest eigenvalue sits at the eigh noise floor, where the summation order
+    # decides how it is rounded, and its inverse root magnifies that.
     "shampoo": lambda model: Shampoo(
         model.parameters(),
         lr=0.01,
@@ -41,6 +42,15 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     ),
     "psgd_quad": lambda model: PSGD(model.parameters(), lr=0.01, method="quad"),
     "muon": lambda model: Muon(model.parameters(), lr=0.02),
+    "spectron": lambda model: Spectron(model.parameters(), lr=0.01, rank=4),
+    "pf_shampoo": lambda model: Shampoo(
+        model.parameters(),
+        lr=0.01,
+        preconditioner="per_factor_eigenvalue_corrected",
+        precondition_frequency=2,
+        merge_dims=False,
+        factor_dtype=torch.float64,
+    ),
     "sirfshampoo": lambda model: SIRFShampoo(model, lr=0.05, beta2=0.1, T=2),
 }
 
