@@ -9,7 +9,9 @@ Workloads (CPU, one torch thread, same model weights and data for every library)
   side is a few ms of set-up per build; kronlab also keeps the bias column), float32.
   *Build*: kronlab ``build`` vs bergson ``collect_gradients`` (its index build), batch 32,
   alternating for ``--rounds`` rounds in one process (the order flips every round); the figure
-  is the median of the per-round ratios, examples/s the median per library. bergson runs twice
+  is the median of the per-round ratios, examples/s the median per library (wall clock; the
+  ratios are also given by process CPU time, which leaves out the time other jobs on a shared
+  machine hold the CPU: every library runs in this one single-threaded process). bergson runs twice
   per round: on the model as given (all parameters trainable) and frozen as its own CLI freezes
   it (only the input embeddings trainable, which skips most weight gradients); the floor is
   judged against the faster of the two. (kronlab needs no freeze: its gradients with respect
@@ -82,10 +84,10 @@ def _status(field: str) -> float:
 
 def timed(stage: Callable[[], object]) -> dict[str, float]:
     before = _reset_peak()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     stage()
-    seconds = time.perf_counter() - started
-    return {"seconds": seconds, "peak_mb": _status("VmHWM") - before}
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mb": _status("VmHWM") - before}
 
 
 # ---- workloads ------------------------------------------------------------------------------
@@ -318,6 +320,7 @@ def gpt2_builds(rounds: int = 11) -> dict:
     examples = len(gpt2_tokens()) - GPT2_QUERIES
     stages = _build_stages()
     seconds: dict[str, list[float]] = {name: [] for name in stages}
+    cpu_seconds: dict[str, list[float]] = {name: [] for name in stages}
     peaks: dict[str, float] = dict.fromkeys(stages, 0.0)
     with tempfile.TemporaryDirectory() as scratch:
         for round_index in range(rounds + 1):  # round 0 warms up every library, not counted
@@ -327,6 +330,7 @@ def gpt2_builds(rounds: int = 11) -> dict:
                 measured = timed(stage)
                 if round_index > 0:
                     seconds[name].append(measured["seconds"])
+                    cpu_seconds[name].append(measured["cpu_seconds"])
                     peaks[name] = max(peaks[name], measured["peak_mb"])
     results: dict = {}
     for name in stages:
@@ -339,9 +343,10 @@ def gpt2_builds(rounds: int = 11) -> dict:
     for variant in BUILD_VARIANTS:
         suffix = f"_{variant}" if variant else ""
         for name, key in (("bergson", "ratios"), ("bergson_frozen", "ratios_frozen")):
-            results[key + suffix] = [
-                b / k for b, k in zip(seconds[name + suffix], seconds["kronlab" + suffix])
-            ]
+            for clock, times in (("", seconds), ("_cpu", cpu_seconds)):
+                results[key + suffix + clock] = [
+                    b / k for b, k in zip(times[name + suffix], times["kronlab" + suffix])
+                ]
     return results
 
 
@@ -598,6 +603,7 @@ def _build_verdicts(builds: dict, variant: str) -> list[str]:
         return []
     lines = ["", f"{VARIANT_LABELS[variant]}:"]
     medians: dict[str, float] = {}
+    cpu_medians: dict[str, float] = {}
     for key, label in (("ratios", "bergson as given"), ("ratios_frozen", "bergson frozen")):
         ratios = sorted(builds[key + suffix])
         medians[key] = statistics.median(ratios)
@@ -607,13 +613,26 @@ def _build_verdicts(builds: dict, variant: str) -> list[str]:
             f"{ratios[0]:.2f}–{ratios[-1]:.2f}x; {sum(r >= 1.5 for r in ratios)}/"
             f"{len(ratios)} rounds ≥ 1.5x)"
         )
+        cpu = sorted(builds.get(key + suffix + "_cpu", []))
+        if cpu:
+            cpu_medians[key] = statistics.median(cpu)
+            lines.append(
+                f"  - by process CPU time (not counting time the other jobs on the 2 cores "
+                f"held the CPU): median {cpu_medians[key]:.2f}x (range {cpu[0]:.2f}–"
+                f"{cpu[-1]:.2f}x)"
+            )
     # The floor is judged against the faster bergson configuration (the smaller ratio).
     faster = min(medians, key=lambda key: medians[key])
     verdict = "met" if medians[faster] >= 1.5 else "MISSED"
+    by_cpu = ""
+    if cpu_medians:
+        cpu_faster = min(cpu_medians, key=lambda key: cpu_medians[key])
+        cpu_verdict = "met" if cpu_medians[cpu_faster] >= 1.5 else "MISSED"
+        by_cpu = f"; by CPU time {cpu_medians[cpu_faster]:.2f}x → {cpu_verdict}"
     lines.append(
         f"- floor build throughput ≥ 1.5 × bergson (CPU), against the faster bergson "
         f"configuration ({'frozen' if faster == 'ratios_frozen' else 'as given'}): "
-        f"{medians[faster]:.2f}x → {verdict}"
+        f"{medians[faster]:.2f}x → {verdict}{by_cpu}"
     )
     floor_seconds = builds["floor" + suffix]["build"]["seconds"]
     seconds = {name: builds[name + suffix]["build"]["seconds"] for name in BUILD_ROWS}
