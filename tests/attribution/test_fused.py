@@ -187,3 +187,15 @@ def test_cli_flag_reaches_the_run(tmp_path, monkeypatch):
         with pytest.raises(Stop):
             main(["attribute", "build", "--run-dir", str(tmp_path), *flags])
         assert seen.pop() is expected
+
+
+def test_a_compiled_model_is_refused_with_the_reason():
+    # The compiled graph's backward is one node: the hooks' outputs have no path to the loss.
+    model = tiny_gpt2()
+    modules = find_modules(model, ["transformer.h.*"])
+    tokens = torch.randint(23, (3, 12), generator=torch.Generator().manual_seed(4))
+    model.compile(backend="aot_eager")  # no code generation: the same autograd structure
+    with pytest.raises(ValueError, match="torch.compile'd.*eager model"):
+        per_example_gradients(
+            model, (tokens, torch.ones_like(tokens, dtype=torch.bool)), language_model_loss, modules
+        )
