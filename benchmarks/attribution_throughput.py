@@ -43,7 +43,8 @@ the largest over rounds).
 time, the variants interleaved batch by batch, medians): the model alone, kronlab's
 per-example pass with its projections, the same pass with the projected products replaced by
 zeros (hooks, bookkeeping, no projection), and the projection ops alone, re-run on the
-recorded tensors of one batch (outside the pass: no model work in between).
+recorded tensors of one batch (outside the pass: no model work in between); then the model
+alone and kronlab's pass on a copy of the model with the fused-activation swap in place.
 """
 
 from __future__ import annotations
@@ -234,6 +235,7 @@ def gpt2_breakdown(batches: int) -> str:
     """Per-batch split of kronlab's build time (see the module docstring, ``--breakdown``)."""
     import kronlab.curvature.per_example as per_example
     from kronlab.attribution.compression import module_projections
+    from kronlab.attribution.fused import fused_activations
     from kronlab.attribution.sources import language_model_loss
     from kronlab.curvature import find_modules, layer_batches, layer_spec, per_example_gradients
 
@@ -250,7 +252,11 @@ def gpt2_breakdown(batches: int) -> str:
     data = [(tokens[s : s + 32], real) for s in range(0, len(tokens) - 31, 32)]
     project = per_example.example_gradients
 
-    def model_only(batch: tuple) -> None:
+    # A second copy of the model with the fused-activation swap held for the whole split.
+    fused_model = gpt2_model()
+    fused_modules = find_modules(fused_model, ["transformer.h.*"])
+
+    def model_only(batch: tuple, model=model, modules=modules) -> None:
         outputs: list[torch.Tensor] = []
         hook = lambda m, i, o: outputs.append(o)  # noqa: E731
         handles = [m.register_forward_hook(hook) for m in modules.values()]
@@ -259,7 +265,7 @@ def gpt2_breakdown(batches: int) -> str:
             handle.remove()
         torch.autograd.grad(loss, outputs)
 
-    def kronlab(batch: tuple) -> None:
+    def kronlab(batch: tuple, model=model, modules=modules) -> None:
         per_example_gradients(model, batch, language_model_loss, modules, projections)
 
     def no_projection(batch: tuple) -> None:
@@ -281,16 +287,23 @@ def gpt2_breakdown(batches: int) -> str:
         "kronlab per-example pass": kronlab,
         "same, projections replaced by zeros": no_projection,
         "projection ops alone (one batch's recorded tensors)": projection_ops,
+        "model only, fused activations": functools.partial(
+            model_only, model=fused_model, modules=fused_modules
+        ),
+        "kronlab per-example pass, fused activations": functools.partial(
+            kronlab, model=fused_model, modules=fused_modules
+        ),
     }
     seconds: dict[str, list[float]] = {name: [] for name in variants}
-    for index in range(batches + len(data)):  # the first pass over the data warms up
-        batch = data[index % len(data)]
-        order = list(variants) if index % 2 == 0 else list(variants)[::-1]
-        for name in order:
-            started = time.process_time()
-            variants[name](batch)
-            if index >= len(data):
-                seconds[name].append(time.process_time() - started)
+    with fused_activations(fused_model):
+        for index in range(batches + len(data)):  # the first pass over the data warms up
+            batch = data[index % len(data)]
+            order = list(variants) if index % 2 == 0 else list(variants)[::-1]
+            for name in order:
+                started = time.process_time()
+                variants[name](batch)
+                if index >= len(data):
+                    seconds[name].append(time.process_time() - started)
     base = statistics.median(seconds["model only"])
     lines = ["| per batch of 32 | ms (median) | vs model only |", "|---|---|---|"]
     for name, values in seconds.items():
