@@ -4,17 +4,26 @@ Workloads (CPU, one torch thread, same model weights and data for every library)
 
 - ``gpt2``: a 2-layer Hugging Face GPT-2 (d 64, vocab 257, random weights, its default
   ``gelu_new``) on 64-byte snippets of Python's stdlib; per-sequence gradients of the four
-  ``Conv1D`` layers per block, projected to ``p × p`` per module (Rademacher, both sides, as
-  bergson's per-module projection; kronlab also keeps the bias column), float32.
+  ``Conv1D`` layers per block, projected to ``p × p`` per module (both sides, as bergson's
+  per-module projection; bergson Rademacher, kronlab its default orthogonal kind, whose QR per
+  side is a few ms of set-up per build; kronlab also keeps the bias column), float32.
   *Build*: kronlab ``build`` vs bergson ``collect_gradients`` (its index build), batch 32,
   alternating for ``--rounds`` rounds in one process (the order flips every round); the figure
-  is the median of the per-round ratios, examples/s the median per library. bergson runs twice
+  is the median of the per-round ratios, examples/s the median per library (wall clock; the
+  ratios are also given by process CPU time, which leaves out the time other jobs on a shared
+  machine hold the CPU: every library runs in this one single-threaded process). bergson runs twice
   per round: on the model as given (all parameters trainable) and frozen as its own CLI freezes
   it (only the input embeddings trainable, which skips most weight gradients); the floor is
   judged against the faster of the two. (kronlab needs no freeze: its gradients with respect
   to the tracked outputs never form a parameter gradient.)
   The "floor" row is the model alone: forward + backward to the tracked outputs, parameters
   trainable, no hooks, no projection, no store.
+  Two more model variants run in the same rounds, each with all four rows (``BUILD_VARIANTS``):
+  *fused*, the same model with kronlab's opt-in ``fused_activations=True`` (HF's unfused
+  ``gelu_new`` run as torch's fused ``F.gelu(approximate="tanh")``), with bergson and the
+  model-only row given the same swapped model; and *tanh*, the GPT-2 config with
+  ``activation_function="gelu_pytorch_tanh"`` (HF's fused GELU, the same function up to
+  rounding, same weights) for every library, each on its default path.
   *Score*: kronlab fit (EK-FAC) + apply + score of 8 queries against the store; bergson
   ``Attributor`` over its index (query gradients + inner products, no preconditioner);
   kronfluence EK-FAC fit + pairwise scores on a copy of the model whose ``Conv1D`` layers are
@@ -34,12 +43,15 @@ the largest over rounds).
 time, the variants interleaved batch by batch, medians): the model alone, kronlab's
 per-example pass with its projections, the same pass with the projected products replaced by
 zeros (hooks, bookkeeping, no projection), and the projection ops alone, re-run on the
-recorded tensors of one batch (outside the pass: no model work in between).
+recorded tensors of one batch (outside the pass: no model work in between); then the model
+alone and kronlab's pass on a copy of the model with the fused-activation swap in place.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import statistics
 import subprocess
@@ -73,21 +85,41 @@ def _status(field: str) -> float:
 
 def timed(stage: Callable[[], object]) -> dict[str, float]:
     before = _reset_peak()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     stage()
-    seconds = time.perf_counter() - started
-    return {"seconds": seconds, "peak_mb": _status("VmHWM") - before}
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mb": _status("VmHWM") - before}
 
 
 # ---- workloads ------------------------------------------------------------------------------
 
 
-def gpt2_model():
+def gpt2_model(activation: str = "gelu_new"):
+    """The benchmark GPT-2; ``activation`` is its HF ``activation_function`` (the weights do not
+    depend on it: same seed, same parameter shapes)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=257, n_positions=LENGTH, n_embd=64, n_layer=2, n_head=4)
+    config = GPT2Config(
+        vocab_size=257,
+        n_positions=LENGTH,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        activation_function=activation,
+    )
     return GPT2LMHeadModel(config).eval()
+
+
+# The build comparison's model variants: name -> (HF activation_function, fused option on).
+# "fused" runs the default model with kronlab's opt-in fused activations, and bergson on the
+# same model with the same swap (kronlab.attribution.fused); "tanh" builds the model with HF's
+# fused gelu_pytorch_tanh (the same function as gelu_new up to rounding) for both libraries.
+BUILD_VARIANTS = {
+    "": ("gelu_new", False),
+    "fused": ("gelu_new", True),
+    "tanh": ("gelu_pytorch_tanh", False),
+}
 
 
 def gpt2_tokens() -> torch.Tensor:
@@ -99,13 +131,13 @@ def gpt2_tokens() -> torch.Tensor:
     return tokens[full]
 
 
-def _gpt2_task():
+def _gpt2_task(activation: str = "gelu_new"):
     from kronlab.attribution.sources import AttributionTask, ExampleSet, language_model_loss
 
     tokens = gpt2_tokens()
     train, queries = tokens[:-GPT2_QUERIES], tokens[-GPT2_QUERIES:]
     return AttributionTask(
-        gpt2_model(),
+        gpt2_model(activation),
         language_model_loss,
         ExampleSet((train, torch.ones_like(train, dtype=torch.bool)), "text", [""] * len(train)),
         ExampleSet((queries, torch.ones_like(queries, dtype=torch.bool)), "text"),
@@ -127,47 +159,65 @@ def _gpt2_config(method: str):
     )
 
 
-def kronlab_gpt2_build(directory: Path) -> Callable[[], object]:
-    """A fresh kronlab build of the GPT-2 store into ``directory`` (model and data set up)."""
+def kronlab_gpt2_build(
+    directory: Path, activation: str = "gelu_new", fused: bool = False
+) -> Callable[[], object]:
+    """A fresh kronlab build of the GPT-2 store into ``directory`` (model and data set up);
+    ``fused``: with the opt-in ``fused_activations``."""
     from kronlab.attribution.pipeline import AttributionRun
 
-    task = _gpt2_task()
+    task = _gpt2_task(activation)
     config = _gpt2_config("kfac")
-    run = AttributionRun(directory, config, task=task, show_progress=False)
+    run = AttributionRun(directory, config, task=task, show_progress=False, fused_activations=fused)
     run.task  # noqa: B018  (model placed before the clock starts)
     return run.build
 
 
-def bergson_gpt2_build(directory: Path, frozen: bool = False) -> Callable[[], object]:
+def bergson_gpt2_build(
+    directory: Path, frozen: bool = False, activation: str = "gelu_new", fused: bool = False
+) -> Callable[[], object]:
     """A fresh bergson ``collect_gradients`` index build into ``directory``. ``frozen``: the
     model frozen as bergson's own CLI does (``bergson/utils/worker_utils.py``: everything but
-    the input embeddings), so its backward skips most weight gradients."""
+    the input embeddings), so its backward skips most weight gradients. ``fused``: bergson gets
+    the model with kronlab's fused-activation swap in place, as kronlab's fused build runs it."""
     from bergson import GradientProcessor, IndexConfig, collect_gradients
     from datasets import Dataset
 
+    from kronlab.attribution.fused import fused_activations
+
     tokens = gpt2_tokens()[:-GPT2_QUERIES]
     data = Dataset.from_dict({"input_ids": tokens.tolist()})
-    model = gpt2_model()
+    model = gpt2_model(activation)
     if frozen:
         model.requires_grad_(False)
         model.get_input_embeddings().requires_grad_(True)
     batches = [list(range(i, min(i + 32, len(tokens)))) for i in range(0, len(tokens), 32)]
     config = IndexConfig(run_path=str(directory), projection_dim=PROJECTION_DIM, drop_columns=False)
     processor = GradientProcessor(projection_dim=PROJECTION_DIM)
-    return lambda: collect_gradients(model, data, processor, config, batches=batches)
+
+    def build() -> None:
+        with fused_activations(model) if fused else contextlib.nullcontext():
+            collect_gradients(model, data, processor, config, batches=batches)
+
+    return build
 
 
-def gpt2_floor() -> Callable[[], object]:
+def gpt2_floor(activation: str = "gelu_new", fused: bool = False) -> Callable[[], object]:
     """The model alone over the same batches: forward, then backward to the tracked outputs."""
+    from kronlab.attribution.fused import fused_activations
     from kronlab.attribution.sources import language_model_loss
     from kronlab.curvature import find_modules
 
     tokens = gpt2_tokens()[:-GPT2_QUERIES]
-    model = gpt2_model()
+    model = gpt2_model(activation)
     tracked = list(find_modules(model, ["transformer.h.*"]).values())
     real = torch.ones(32, tokens.shape[1], dtype=torch.bool)
 
     def run() -> None:
+        with fused_activations(model) if fused else contextlib.nullcontext():
+            model_passes()
+
+    def model_passes() -> None:
         outputs: list[torch.Tensor] = []
         for start in range(0, len(tokens), 32):
             outputs.clear()
@@ -185,6 +235,7 @@ def gpt2_breakdown(batches: int) -> str:
     """Per-batch split of kronlab's build time (see the module docstring, ``--breakdown``)."""
     import kronlab.curvature.per_example as per_example
     from kronlab.attribution.compression import module_projections
+    from kronlab.attribution.fused import fused_activations
     from kronlab.attribution.sources import language_model_loss
     from kronlab.curvature import find_modules, layer_batches, layer_spec, per_example_gradients
 
@@ -201,7 +252,11 @@ def gpt2_breakdown(batches: int) -> str:
     data = [(tokens[s : s + 32], real) for s in range(0, len(tokens) - 31, 32)]
     project = per_example.example_gradients
 
-    def model_only(batch: tuple) -> None:
+    # A second copy of the model with the fused-activation swap held for the whole split.
+    fused_model = gpt2_model()
+    fused_modules = find_modules(fused_model, ["transformer.h.*"])
+
+    def model_only(batch: tuple, model=model, modules=modules) -> None:
         outputs: list[torch.Tensor] = []
         hook = lambda m, i, o: outputs.append(o)  # noqa: E731
         handles = [m.register_forward_hook(hook) for m in modules.values()]
@@ -210,7 +265,7 @@ def gpt2_breakdown(batches: int) -> str:
             handle.remove()
         torch.autograd.grad(loss, outputs)
 
-    def kronlab(batch: tuple) -> None:
+    def kronlab(batch: tuple, model=model, modules=modules) -> None:
         per_example_gradients(model, batch, language_model_loss, modules, projections)
 
     def no_projection(batch: tuple) -> None:
@@ -232,16 +287,23 @@ def gpt2_breakdown(batches: int) -> str:
         "kronlab per-example pass": kronlab,
         "same, projections replaced by zeros": no_projection,
         "projection ops alone (one batch's recorded tensors)": projection_ops,
+        "model only, fused activations": functools.partial(
+            model_only, model=fused_model, modules=fused_modules
+        ),
+        "kronlab per-example pass, fused activations": functools.partial(
+            kronlab, model=fused_model, modules=fused_modules
+        ),
     }
     seconds: dict[str, list[float]] = {name: [] for name in variants}
-    for index in range(batches + len(data)):  # the first pass over the data warms up
-        batch = data[index % len(data)]
-        order = list(variants) if index % 2 == 0 else list(variants)[::-1]
-        for name in order:
-            started = time.process_time()
-            variants[name](batch)
-            if index >= len(data):
-                seconds[name].append(time.process_time() - started)
+    with fused_activations(fused_model):
+        for index in range(batches + len(data)):  # the first pass over the data warms up
+            batch = data[index % len(data)]
+            order = list(variants) if index % 2 == 0 else list(variants)[::-1]
+            for name in order:
+                started = time.process_time()
+                variants[name](batch)
+                if index >= len(data):
+                    seconds[name].append(time.process_time() - started)
     base = statistics.median(seconds["model only"])
     lines = ["| per batch of 32 | ms (median) | vs model only |", "|---|---|---|"]
     for name, values in seconds.items():
@@ -250,30 +312,38 @@ def gpt2_breakdown(batches: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _build_stages() -> dict[str, Callable[[Path], Callable[[], object]]]:
+    """Every build row, keyed ``library`` or ``library_variant`` (see ``BUILD_VARIANTS``)."""
+    stages: dict[str, Callable[[Path], Callable[[], object]]] = {}
+    for variant, (activation, fused) in BUILD_VARIANTS.items():
+        suffix = f"_{variant}" if variant else ""
+        options = {"activation": activation, "fused": fused}
+        stages["kronlab" + suffix] = functools.partial(kronlab_gpt2_build, **options)
+        stages["bergson" + suffix] = functools.partial(bergson_gpt2_build, **options)
+        stages["bergson_frozen" + suffix] = functools.partial(
+            bergson_gpt2_build, frozen=True, **options
+        )
+        stages["floor" + suffix] = lambda directory, options=options: gpt2_floor(**options)
+    return stages
+
+
 def gpt2_builds(rounds: int = 11) -> dict:
-    """kronlab and bergson builds (and the model-only floor) alternating in one process."""
+    """kronlab and bergson builds (and the model-only floor) of every model variant, all
+    alternating in one process."""
     examples = len(gpt2_tokens()) - GPT2_QUERIES
-    stages = {
-        "kronlab": kronlab_gpt2_build,
-        "bergson": bergson_gpt2_build,
-        "bergson_frozen": lambda directory: bergson_gpt2_build(directory, frozen=True),
-        "floor": None,
-    }
+    stages = _build_stages()
     seconds: dict[str, list[float]] = {name: [] for name in stages}
+    cpu_seconds: dict[str, list[float]] = {name: [] for name in stages}
     peaks: dict[str, float] = dict.fromkeys(stages, 0.0)
     with tempfile.TemporaryDirectory() as scratch:
         for round_index in range(rounds + 1):  # round 0 warms up every library, not counted
             order = list(stages) if round_index % 2 == 0 else list(stages)[::-1]
             for name in order:
-                prepare = stages[name]
-                stage = (
-                    gpt2_floor()
-                    if prepare is None
-                    else prepare(Path(scratch) / f"{name}-{round_index}")
-                )
+                stage = stages[name](Path(scratch) / f"{name}-{round_index}")
                 measured = timed(stage)
                 if round_index > 0:
                     seconds[name].append(measured["seconds"])
+                    cpu_seconds[name].append(measured["cpu_seconds"])
                     peaks[name] = max(peaks[name], measured["peak_mb"])
     results: dict = {}
     for name in stages:
@@ -283,8 +353,13 @@ def gpt2_builds(rounds: int = 11) -> dict:
             "build": {"seconds": median, "peak_mb": peaks[name]},
             "rounds": seconds[name],
         }
-    for name, key in (("bergson", "ratios"), ("bergson_frozen", "ratios_frozen")):
-        results[key] = [b / k for b, k in zip(seconds[name], seconds["kronlab"])]
+    for variant in BUILD_VARIANTS:
+        suffix = f"_{variant}" if variant else ""
+        for name, key in (("bergson", "ratios"), ("bergson_frozen", "ratios_frozen")):
+            for clock, times in (("", seconds), ("_cpu", cpu_seconds)):
+                results[key + suffix + clock] = [
+                    b / k for b, k in zip(times[name + suffix], times["kronlab" + suffix])
+                ]
     return results
 
 
@@ -505,6 +580,94 @@ def peak(result: dict, *stages: str) -> str:
     return f"{max(result[stage]['peak_mb'] for stage in stages):.0f}"
 
 
+VARIANT_LABELS = {
+    "": "HF gelu_new (the model as configured)",
+    "fused": "gelu_new, fused option (kronlab fused_activations=True; bergson and the model "
+    "row on the same swapped model)",
+    "tanh": "GPT-2 config activation_function='gelu_pytorch_tanh' (both libraries)",
+}
+
+
+def _variant_rows(builds: dict, rounds: int) -> list[str]:
+    """Table rows of the extra build variants (the default's rows are written inline)."""
+    lines = []
+    for variant in BUILD_VARIANTS:
+        if not variant or f"kronlab_{variant}" not in builds:
+            continue
+        label = {"fused": "fused activations", "tanh": "gelu_pytorch_tanh config"}[variant]
+        for name, what in (
+            ("kronlab", f"build, {label} (median of {rounds})"),
+            ("bergson", f"build, {label} (median of {rounds})"),
+            ("bergson_frozen", f"build, {label}, frozen as its CLI does (median of {rounds})"),
+            ("floor", f"{label}: forward + backward to tracked outputs"),
+        ):
+            result = builds[f"{name}_{variant}"]
+            library = "model only" if name == "floor" else name.split("_")[0]
+            lines.append(
+                f"| | {library} | {what} | {rate(result, 'build')} | {peak(result, 'build')} |"
+            )
+    return lines
+
+
+def _build_verdicts(builds: dict, variant: str) -> list[str]:
+    """Ratio lines and the floor's verdict for one model variant of the build comparison."""
+    suffix = f"_{variant}" if variant else ""
+    if "ratios" + suffix not in builds:
+        return []
+    lines = ["", f"{VARIANT_LABELS[variant]}:"]
+    medians: dict[str, float] = {}
+    cpu_medians: dict[str, float] = {}
+    for key, label in (("ratios", "bergson as given"), ("ratios_frozen", "bergson frozen")):
+        ratios = sorted(builds[key + suffix])
+        medians[key] = statistics.median(ratios)
+        lines.append(
+            f"- build throughput vs {label}: "
+            f"median {medians[key]:.2f}x over {len(ratios)} interleaved rounds (range "
+            f"{ratios[0]:.2f}–{ratios[-1]:.2f}x; {sum(r >= 1.5 for r in ratios)}/"
+            f"{len(ratios)} rounds ≥ 1.5x)"
+        )
+        cpu = sorted(builds.get(key + suffix + "_cpu", []))
+        if cpu:
+            cpu_medians[key] = statistics.median(cpu)
+            lines.append(
+                f"  - by process CPU time (not counting time the other jobs on the 2 cores "
+                f"held the CPU): median {cpu_medians[key]:.2f}x (range {cpu[0]:.2f}–"
+                f"{cpu[-1]:.2f}x)"
+            )
+    # The floor is judged against the faster bergson configuration (the smaller ratio).
+    faster = min(medians, key=lambda key: medians[key])
+    verdict = "met" if medians[faster] >= 1.5 else "MISSED"
+    by_cpu = ""
+    if cpu_medians:
+        cpu_faster = min(cpu_medians, key=lambda key: cpu_medians[key])
+        cpu_verdict = "met" if cpu_medians[cpu_faster] >= 1.5 else "MISSED"
+        by_cpu = f"; by CPU time {cpu_medians[cpu_faster]:.2f}x → {cpu_verdict}"
+    lines.append(
+        f"- floor build throughput ≥ 1.5 × bergson (CPU), against the faster bergson "
+        f"configuration ({'frozen' if faster == 'ratios_frozen' else 'as given'}): "
+        f"{medians[faster]:.2f}x → {verdict}{by_cpu}"
+    )
+    floor_seconds = builds["floor" + suffix]["build"]["seconds"]
+    seconds = {name: builds[name + suffix]["build"]["seconds"] for name in BUILD_ROWS}
+    lines.append(
+        f"- time vs the model alone (forward + backward to the tracked outputs, parameters "
+        f"trainable): bergson {seconds['bergson'] / floor_seconds:.2f}x, bergson frozen "
+        f"{seconds['bergson_frozen'] / floor_seconds:.2f}x, kronlab "
+        f"{seconds['kronlab'] / floor_seconds:.2f}x"
+    )
+    if variant:
+        default = builds["kronlab"]["build"]["seconds"]
+        lines.append(
+            f"- kronlab build time of the default model / this variant's: "
+            f"{default / seconds['kronlab']:.2f}x; bergson frozen: "
+            f"{builds['bergson_frozen']['build']['seconds'] / seconds['bergson_frozen']:.2f}x"
+        )
+    return lines
+
+
+BUILD_ROWS = ("kronlab", "bergson", "bergson_frozen")
+
+
 def format_table(results: dict, python: str, rounds: int) -> str:
     from benchmarks.common import machine_description
 
@@ -536,6 +699,7 @@ def format_table(results: dict, python: str, rounds: int) -> str:
         f"| {rate(bf_build, 'build')} | {peak(bf_build, 'build')} |",
         f"| | model only | forward + backward to tracked outputs | {rate(floor, 'build')} "
         f"| {peak(floor, 'build')} |",
+        *_variant_rows(builds, rounds),
         f"| | kronlab | fit (EK-FAC) | {rate(k_gpt, 'fit')} | {peak(k_gpt, 'fit')} |",
         f"| | kronlab | apply + score ({GPT2_QUERIES} queries) | {rate(k_gpt, 'apply', 'score')} "
         f"| {peak(k_gpt, 'apply', 'score')} |",
@@ -556,33 +720,8 @@ def format_table(results: dict, python: str, rounds: int) -> str:
     for name, result in results.items():
         if "error" in result:
             lines.append(f"\n- {name[0]} on {name[1]} failed: `{result['error']}`")
-    if "ratios" in builds:
-        medians: dict[str, float] = {}
-        lines.append("")
-        for key, label in (("ratios", "bergson as given"), ("ratios_frozen", "bergson frozen")):
-            ratios = sorted(builds[key])
-            medians[key] = statistics.median(ratios)
-            lines.append(
-                f"- build throughput vs {label}: "
-                f"median {medians[key]:.2f}x over {len(ratios)} interleaved rounds (range "
-                f"{ratios[0]:.2f}–{ratios[-1]:.2f}x; {sum(r >= 1.5 for r in ratios)}/"
-                f"{len(ratios)} rounds ≥ 1.5x)"
-            )
-        # The floor is judged against the faster bergson configuration (the smaller ratio).
-        faster = min(medians, key=lambda key: medians[key])
-        verdict = "met" if medians[faster] >= 1.5 else "MISSED"
-        lines.append(
-            f"- floor build throughput ≥ 1.5 × bergson (CPU), against the faster bergson "
-            f"configuration ({'frozen' if faster == 'ratios_frozen' else 'as given'}): "
-            f"{medians[faster]:.2f}x → {verdict}"
-        )
-        floor_seconds = floor["build"]["seconds"]
-        lines.append(
-            f"- time vs the model alone (forward + backward to the tracked outputs, parameters "
-            f"trainable): bergson {b_build['build']['seconds'] / floor_seconds:.2f}x, bergson "
-            f"frozen {bf_build['build']['seconds'] / floor_seconds:.2f}x, kronlab "
-            f"{k_build['build']['seconds'] / floor_seconds:.2f}x"
-        )
+    for variant in BUILD_VARIANTS:
+        lines.extend(_build_verdicts(builds, variant))
     if all("error" not in r for r in (k_gpt, f_gpt)) and "score" in f_gpt:
         ours = sum(k_gpt[s]["seconds"] for s in ("build", "apply", "score"))
         lines.append(

@@ -85,6 +85,14 @@ def test_incomplete_store_refuses_reads_and_pending_chunks_split_by_rank(tmp_pat
         store.write_chunk(3, torch.ones(3, layout.row_width))  # last chunk has 1 row
     with pytest.raises(ValueError, match="non-finite"):
         store.write_chunk(0, torch.full((3, layout.row_width), float("nan")))
+    one_inf = torch.zeros(3, layout.row_width)
+    one_inf[2, 5] = -float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        store.write_chunk(0, one_inf)
+    # Finite entries whose sum overflows float32 are finite rows: written, not refused.
+    huge = torch.full((3, layout.row_width), 3e38)
+    store.write_chunk(0, huge)
+    assert torch.equal(store.read(0, 3), huge)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from kronlab.attribution.curvature import (
     ModuleCurvature,
 )
 from kronlab.attribution.fit import cross_entropy_loss, default_mask, fit_curvature, mse_loss
+from kronlab.attribution.fused import fused_activations
 from kronlab.attribution.pipeline import AttributionConfig, AttributionRun
 from kronlab.attribution.scores import NORMALIZATIONS, influence_scores, top_k
 from kronlab.attribution.store import GradientStore, StoreMismatchError
@@ -34,6 +35,7 @@ __all__ = [
     "default_mask",
     "find_modules",
     "fit_curvature",
+    "fused_activations",
     "influence_scores",
     "mse_loss",
     "per_example_gradients",

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from kronlab.attribution.compression import (
 )
 from kronlab.attribution.curvature import Curvature
 from kronlab.attribution.distributed import Workers
+from kronlab.attribution.fused import fused_activations
 from kronlab.attribution.sources import AttributionTask, ExampleSet, load_task, model_fingerprint
 from kronlab.attribution.store import (
     STORAGE_DTYPES,
@@ -176,7 +178,14 @@ def _file_fingerprint(path: Path) -> str:
 
 
 class AttributionRun:
-    """One run directory: ``AttributionRun(dir, config).run()`` or stage by stage."""
+    """One run directory: ``AttributionRun(dir, config).run()`` or stage by stage.
+
+    ``fused_activations=True`` (opt-in, not pinned in ``config.json``: an execution choice like
+    the device) runs the model's known unfused activations (Hugging Face ``gelu_new`` and the
+    other GELUs listed in :mod:`kronlab.attribution.fused`) through torch's fused kernels of the
+    same function during build, fit and apply: the same model function, different rounding, a
+    faster pass on CPU. The model is restored after each stage.
+    """
 
     def __init__(
         self,
@@ -187,8 +196,10 @@ class AttributionRun:
         show_progress: bool = True,
         cache_dir: Path | None = None,
         task: AttributionTask | None = None,
+        fused_activations: bool = False,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.fused_activations = bool(fused_activations)
         self.config = config or AttributionConfig()
         self.workers = workers or Workers()
         self.show_progress = show_progress
@@ -235,6 +246,10 @@ class AttributionRun:
             self._task.model.to(self.workers.device)
         self._task_placed = True
         return self._task
+
+    def _model_execution(self) -> AbstractContextManager:
+        """Where the model runs (build, fit, apply): with the opt-in fused activations."""
+        return fused_activations(self.task.model) if self.fused_activations else nullcontext()
 
     def _modules(self) -> dict[str, torch.nn.Module]:
         # Resolved once: a glob walk over the model per batch is a measurable share of a build.
@@ -394,14 +409,15 @@ class AttributionRun:
         )
         progress = self._progress(store.num_rows, description)
         progress.update(done_rows)
-        for chunk in pending:
-            start, stop = store.chunk_range(chunk)
-            rows = [
-                self._gradient_rows(examples, low, high, projections, store.settings, inverse)
-                for low, high in _batches(start, stop, self.config.batch_size)
-            ]
-            store.write_chunk(chunk, torch.cat(rows))
-            _advance(progress, (stop - start) * self.workers.world_size)
+        with self._model_execution():
+            for chunk in pending:
+                start, stop = store.chunk_range(chunk)
+                rows = [
+                    self._gradient_rows(examples, low, high, projections, store.settings, inverse)
+                    for low, high in _batches(start, stop, self.config.batch_size)
+                ]
+                store.write_chunk(chunk, torch.cat(rows))
+                _advance(progress, (stop - start) * self.workers.world_size)
         progress.close()
         self.workers.barrier()
 
@@ -439,17 +455,18 @@ class AttributionRun:
         passes = 2 if self.config.method == "ekfac" else 1  # EK-FAC's eigenvalue correction
         progress = self._progress(passes * len(task.train), f"fit ({self.config.method})")
         batches = TrainingBatches(task.train, self.config.batch_size, self.workers.device, progress)
-        curvature = curvature_access.fit(
-            task.model,
-            batches,
-            task.loss_fn,
-            self._modules(),
-            method=self.config.method,
-            fisher=self.config.fisher,
-            mask_fn=task.train.token_mask,
-            workers=self.workers,
-            seed=self.config.seed,
-        )
+        with self._model_execution():
+            curvature = curvature_access.fit(
+                task.model,
+                batches,
+                task.loss_fn,
+                self._modules(),
+                method=self.config.method,
+                fisher=self.config.fisher,
+                mask_fn=task.train.token_mask,
+                workers=self.workers,
+                seed=self.config.seed,
+            )
         progress.close()
         if self.workers.is_main:
             curvature.save(self.curvature_path)

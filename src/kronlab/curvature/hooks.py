@@ -182,13 +182,30 @@ def layer_batches(
     )
     missing = sorted({c.name for c, g in zip(recorder.calls, output_gradients) if g is None})
     if missing:
-        raise ValueError(f"tracked modules received no gradient from the loss: {missing}")
+        raise ValueError(
+            f"tracked modules received no gradient from the loss: {missing}" + _compiled_hint(model)
+        )
     for call, output_gradient in zip(recorder.calls, output_gradients):
         spec = specs[call.name]
         assert spec is not None
         inputs = _token_inputs(call.module, spec, call.inputs)
         gradients = _token_gradients(spec, output_gradient.detach(), inputs.shape[0])
         yield _apply_mask(call, spec, inputs, gradients, mask)
+
+
+def _compiled_hint(model: nn.Module) -> str:
+    """Why a compiled model's tracked outputs get no gradient, if it is compiled."""
+    compiled = type(model).__name__ == "OptimizedModule" or any(
+        getattr(module, "_compiled_call_impl", None) is not None for module in model.modules()
+    )
+    if not compiled:
+        return ""
+    return (
+        ". The model is torch.compile'd: the compiled graph's backward is one autograd node, so "
+        "the outputs the hooks record are side outputs with no path to the loss. Run the "
+        "attribution passes on the eager model (for a faster pass on CPU, "
+        "fused_activations=True / --fused-activations swaps unfused activations instead)"
+    )
 
 
 def _check_loss(loss: object) -> None:
