@@ -35,6 +35,20 @@ class TinySequenceModel(nn.Module):
         return self.head(torch.relu(self.mixer(self.embedding(tokens))))
 
 
+class PositionalSequenceModel(TinySequenceModel):
+    """``TinySequenceModel`` plus a learned position embedding called GPT-2's way: once per
+    batch on position ids ``(1, T)``, its output broadcast over the examples."""
+
+    def __init__(self, vocab: int = 7, width: int = 5, positions: int = 8) -> None:
+        super().__init__(vocab, width)
+        self.position = nn.Embedding(positions, width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+        hidden = self.embedding(tokens) + self.position(ids)
+        return self.head(torch.relu(self.mixer(hidden)))
+
+
 def sequence_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Summed next-token loss; batch = (tokens, targets, mask) with mask 1 on real tokens."""
     tokens, targets, mask = batch

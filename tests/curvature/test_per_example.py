@@ -15,6 +15,7 @@ from kronlab.curvature import (
 
 from .curvature_models import (
     Conv1D,
+    PositionalSequenceModel,
     TinySequenceModel,
     classification_sum_loss,
     sequence_loss,
@@ -82,6 +83,21 @@ def test_sequence_model_with_padding_matches_autograd() -> None:
     examples = [(tokens[i : i + 1], targets[i : i + 1], mask[i : i + 1]) for i in range(4)]
     reference = _autograd_example_matrices(model, modules, sequence_loss, examples)
     assert set(hooked) == {"embedding", "mixer", "head"}
+    for name in modules:
+        torch.testing.assert_close(hooked[name], reference[name])
+
+
+def test_module_called_once_per_batch_and_broadcast_gets_per_example_gradients() -> None:
+    # The position embedding sees ids (1, T) and its output is broadcast over the batch, so
+    # autograd alone would give the batch's summed gradient (before the fix: a (1, ...) block).
+    model = PositionalSequenceModel().double()
+    tokens = torch.randint(0, 7, (4, 5))
+    batch = (tokens, torch.randint(0, 7, (4, 5)), torch.ones(4, 5, dtype=torch.float64))
+    modules = find_modules(model)
+    hooked = per_example_gradients(model, batch, sequence_loss, modules)
+    examples = [tuple(t[i : i + 1] for t in batch) for i in range(4)]
+    reference = _autograd_example_matrices(model, modules, sequence_loss, examples)
+    assert hooked["position"].shape == (4, 5, 8)
     for name in modules:
         torch.testing.assert_close(hooked[name], reference[name])
 

@@ -299,6 +299,12 @@ def load_examples(
         # Disjoint seeds keep the query snippets apart from the training ones.
         count, offset = (512, 1) if split == "train" else (64, 1000)
         return _text_set(stdlib_text(count, length, seed=seed + offset), length, tokenizer_dir)
+    if split == "test":
+        # A user's file has no held-out split: its "test" would silently be the training set.
+        raise ValueError(
+            f"data {spec!r} has no held-out split for --queries test: pass the queries as their "
+            "own file or directory (--queries queries.jsonl)"
+        )
     path = Path(spec)
     if path.suffix == ".jsonl" and path.is_file():
         lines = path.read_text("utf-8").splitlines()

@@ -94,8 +94,9 @@ class _Recorder:
     the copy while the recorded output stays the one whose gradient is wanted.
     """
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
+    def __init__(self, modules: dict[str, nn.Module], batch_size: int | None = None) -> None:
         self.modules = modules
+        self.batch_size = batch_size
         self.calls: list[_Call] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -122,10 +123,21 @@ class _Recorder:
                 raise ValueError(f"module {name!r} was called without an input tensor")
             copy = module in _RECORD_THROUGH_COPIES
             inputs = inputs.detach().clone() if copy else inputs.detach()
+            n = self.batch_size
+            broadcast = n is not None and n > 1 and inputs.shape[:1] == output.shape[:1] == (1,)
+            if broadcast:
+                # One call for the whole batch whose output is broadcast over it (HF GPT-2's
+                # position embedding gets position ids (1, T)): autograd would hand back the
+                # batch's summed gradient. An expanded output (a view, same values downstream)
+                # gets each example's own gradient instead; the inputs are the same per example.
+                inputs = inputs.expand(n, *inputs.shape[1:])
+                output = output.expand(n, *output.shape[1:])
             self.calls.append(
                 _Call(name, module, inputs, output, (inputs._version, output._version))
             )
-            return output.clone() if copy else None
+            if copy:
+                return output.clone()
+            return output if broadcast else None
 
         return hook
 
@@ -149,7 +161,7 @@ def layer_batches(
     for name, spec in specs.items():
         if spec is None:
             raise ValueError(f"Invalid modules: {name!r} is not a trackable module")
-    with _Recorder(modules) as recorder:
+    with _Recorder(modules, _batch_size(batch, mask)) as recorder:
         loss = loss_fn(model, batch)
     _check_loss(loss)
     modified = [call for call in recorder.calls if call.modified_in_place()]
@@ -191,6 +203,20 @@ def layer_batches(
         inputs = _token_inputs(call.module, spec, call.inputs)
         gradients = _token_gradients(spec, output_gradient.detach(), inputs.shape[0])
         yield _apply_mask(call, spec, inputs, gradients, mask)
+
+
+def _batch_size(batch: Any, mask: torch.Tensor | None) -> int | None:
+    """Examples in ``batch``: the mask's rows, else the leading size of its first tensor (a
+    tensor, or the first one in a tuple, list or dict); ``None`` if it holds no tensor."""
+    if mask is not None:
+        return mask.shape[0]
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (tuple, list)):
+        batch = next((item for item in batch if isinstance(item, torch.Tensor)), None)
+    if isinstance(batch, torch.Tensor) and batch.ndim > 0:
+        return batch.shape[0]
+    return None
 
 
 def _compiled_hint(model: nn.Module) -> str:
