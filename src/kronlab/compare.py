@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,26 +94,38 @@ def train_one(
             break
         if step % eval_every == 0 or step == steps:
             result.test_loss_curve.append((step, evaluate(model, task)[0]))
-    result.ms_per_step = mean_step_ms(step_seconds)
+    result.ms_per_step = step_ms(step_seconds)
     result.final_train_loss = result.train_loss_curve[-1]
     if not result.diverged:
         result.test_loss, result.test_accuracy = evaluate(model, task)
     return result
 
 
-def mean_step_ms(step_seconds: list[float]) -> float:
-    """Mean milliseconds per step, leaving out the first tenth of the steps (at least one).
+STEP_BLOCK = 20  # steps per timing block: a multiple of the registered precondition periods
 
-    The first steps pay one-time costs — optimizer state allocation, and for whichever
-    optimizer runs first, the process's lazy kernel and thread-pool start-up (seen at over a
-    second) — that would otherwise dominate a 200-step mean and favour later optimizers.
-    Amortized refreshes later in the run stay in the mean.
+
+def step_ms(step_seconds: list[float], block: int = STEP_BLOCK) -> float:
+    """Milliseconds per step: the median over blocks of ``block`` consecutive steps of each
+    block's mean, the first block left out.
+
+    Block means keep amortized work (a refresh every 10 steps) in the figure; the median over
+    blocks drops the blocks hit by one-time costs (state allocation, the process's lazy kernel
+    and thread-pool start-up for whichever optimizer runs first, seen at over a second and
+    for tens of steps after) or by other jobs on a shared machine, which would otherwise
+    dominate a 200-step mean: a fresh venv's AdamW once read 13–26 ms/step instead of ~1.
+    Runs shorter than three blocks fall back to the mean without their first tenth.
     """
     if not step_seconds:
         return math.nan
-    warmup = max(1, len(step_seconds) // 10) if len(step_seconds) > 1 else 0
-    timed = step_seconds[warmup:]
-    return 1000 * sum(timed) / len(timed)
+    if len(step_seconds) < 3 * block:
+        warmup = max(1, len(step_seconds) // 10) if len(step_seconds) > 1 else 0
+        timed = step_seconds[warmup:]
+        return 1000 * sum(timed) / len(timed)
+    means = [
+        sum(step_seconds[start : start + block]) / block
+        for start in range(block, len(step_seconds) - block + 1, block)
+    ]
+    return 1000 * statistics.median(means)
 
 
 def compare(
