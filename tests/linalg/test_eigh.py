@@ -142,3 +142,45 @@ def test_reads_only_the_lower_triangle_and_leaves_the_input_untouched(dtype):
         result.eigenvectors * result.eigenvalues.unsqueeze(-2)
     ) @ result.eigenvectors.mT
     torch.testing.assert_close(reconstructed.double(), lower, atol=tolerance * 10, rtol=0)
+
+
+def test_sequence_of_stacks_is_the_batch_of_their_concatenation():
+    # Several (B_i, n, n) stacks decompose as one batch; a non-finite member is reported in
+    # its slot and its neighbours are unaffected; the inputs are untouched.
+    first, second = random_spd(5, (2,), condition=1e2), random_spd(5, (3,), condition=1e3)
+    second[1, 0, 0] = float("nan")
+    before = [first.clone(), second.clone()]
+    result = eigh([first, second])
+    assert result.ok.tolist() == [True, True, True, False, True]
+    assert torch.equal(first, before[0])
+    torch.testing.assert_close(second, before[1], equal_nan=True, rtol=0, atol=0)
+    for index, matrix in enumerate([*first, *second]):
+        if index == 3:
+            continue
+        expected = torch.linalg.eigvalsh(matrix)
+        torch.testing.assert_close(result.eigenvalues[index], expected, atol=1e-12, rtol=0)
+        vectors = result.eigenvectors[index]
+        torch.testing.assert_close(
+            (vectors * result.eigenvalues[index]) @ vectors.mT, matrix, atol=1e-12, rtol=0
+        )
+    with pytest.raises(ValueError, match="same n"):
+        eigh([first, random_spd(4, (1,))])
+
+
+def test_failed_in_place_attempt_is_retried_from_the_input(monkeypatch):
+    # The first (in-place) attempt overwrites its buffer before failing, as LAPACK may; the
+    # retry must start again from the caller's matrices, not from that buffer.
+    real = torch.linalg.eigh
+
+    def overwriting_then_failing(matrix, **options):
+        if "out" in options:
+            options["out"][1].fill_(float("nan"))
+            raise torch.linalg.LinAlgError("did not converge")
+        return real(matrix, **options)
+
+    monkeypatch.setattr(torch.linalg, "eigh", overwriting_then_failing)
+    stacks = [random_spd(4, (2,), dtype=torch.float32), random_spd(4, (1,), dtype=torch.float32)]
+    result = eigh(stacks)
+    assert result.ok.all()
+    expected = torch.linalg.eigvalsh(torch.cat(stacks).double())
+    torch.testing.assert_close(result.eigenvalues.double(), expected, atol=1e-5, rtol=0)
