@@ -421,7 +421,7 @@ def refresh_costs(sizes: tuple[int, ...] = (256, 512, 768, 1024), rounds: int = 
 
 def root_refresh_costs(
     batches: tuple[tuple[int, int], ...] = ((256, 23), (512, 4), (768, 4), (1024, 8)),
-    rounds: int = 5,
+    rounds: int = 9,
 ) -> str:
     """Per-factor cost of a root-inverse refresh, in units of one ``d×d @ d×d`` matmul
     (interleaved rounds, medians), on ``(d, B)`` batches of B EMA-like factors (the transformer's
