@@ -37,7 +37,8 @@ from benchmarks.common import (
     time_optimizer_steps,
     transformer_batch,
 )
-from kronlab.factors.inverse import damped_inverse_root
+from kronlab.factors.eigenbasis import refresh_eigenbasis
+from kronlab.factors.inverse import damped_inverse_root, damped_inverse_root_
 from kronlab.linalg.qr import qr_eigenbasis_refresh
 from kronlab.optim import SOAP, KLShampoo, Shampoo
 from kronlab.optim.shampoo import RootInverseConfig
@@ -418,6 +419,103 @@ def refresh_costs(sizes: tuple[int, ...] = (256, 512, 768, 1024), rounds: int = 
     return "\n".join(lines)
 
 
+def root_refresh_costs(
+    batches: tuple[tuple[int, int], ...] = ((256, 23), (512, 4), (768, 4), (1024, 8)),
+    rounds: int = 9,
+) -> str:
+    """Per-factor cost of a root-inverse refresh, in units of one ``d×d @ d×d`` matmul
+    (interleaved rounds, medians), on ``(d, B)`` batches of B EMA-like factors (the transformer's
+    batch per size; the MLP's is 4 × 512) held as two stacks, as after the stacking plan, with
+    the exponent of a matrix block (1/4):
+
+    * before: ``torch.cat`` of the stacks, ``torch.linalg.eigh``, ``Q diag(s) Qᵀ`` (this
+      issue's starting code);
+    * kronlab: ``refresh_eigenbasis`` (eigh in its one working copy) and
+      ``damped_inverse_root_`` (``X Xᵀ`` in the eigenvectors' memory), the code the optimizer runs;
+    * eigvalsh: eigenvalues alone (tridiagonalization + QR on the tridiagonal), a lower bound
+      for any LAPACK ``eigh`` route to an exact root;
+    * warm-rotated eigh: ``Qᵀ F Q`` (2 products), its eigh, ``Q V`` and the root (exact, but
+      no cheaper: the tridiagonalization does not exploit a nearly diagonal input);
+    * warm QR step: ``eigenbasis="qr"`` (approximate), as the optimizer runs it.
+    """
+    lines = [
+        "| d × B | before: cat + eigh + Q diag Qᵀ | kronlab: eigh in place + X Xᵀ "
+        "| eigvalsh alone | warm-rotated eigh (exact) | warm QR step (approximate) |",
+        "|---|---|---|---|---|---|",
+    ]
+    exponent, epsilon = 0.25, 1e-12
+    for size, batch in batches:
+        generator = torch.Generator().manual_seed(size)
+        scales = torch.logspace(0, -3.5, size)  # condition of F ~ 1e7, like the models' factors
+        factors = []
+        for _ in range(batch):
+            basis = torch.linalg.qr(torch.randn(size, size, generator=generator))[0]
+            factors.append((basis * scales**2) @ basis.T)
+        stack = torch.stack(factors)
+        stacks = list(stack.split([batch // 2, batch - batch // 2]))
+        noise = torch.randn(batch, size, size, generator=generator) * 1e-4
+        warm = torch.linalg.eigh(stack + noise @ noise.mT)[1]
+        warm_stacks = list(warm.split([batch // 2, batch - batch // 2]))
+        failures = torch.zeros(batch, dtype=torch.long)
+
+        def before(stacks: list[torch.Tensor] = stacks) -> torch.Tensor:
+            values, vectors = torch.linalg.eigh(torch.cat(stacks))
+            return damped_inverse_root(values, vectors, epsilon, exponent)
+
+        def kronlab_refresh(
+            stacks: list[torch.Tensor] = stacks, failures: torch.Tensor = failures
+        ) -> torch.Tensor:
+            refreshed = refresh_eigenbasis(
+                stacks, None, None, failures, track_columns=False, exact_eigenvalues=False
+            )
+            return damped_inverse_root_(
+                refreshed.eigenvalues, refreshed.eigenvectors, epsilon, exponent
+            )
+
+        def rotated(stack: torch.Tensor = stack, warm: torch.Tensor = warm) -> torch.Tensor:
+            values, vectors = torch.linalg.eigh(warm.mT @ stack @ warm)
+            return damped_inverse_root(values, warm @ vectors, epsilon, exponent)
+
+        def warm_qr(
+            stacks: list[torch.Tensor] = stacks,
+            warm_stacks: list[torch.Tensor] = warm_stacks,
+            failures: torch.Tensor = failures,
+        ) -> torch.Tensor:
+            refreshed = refresh_eigenbasis(
+                stacks,
+                warm_stacks,
+                None,
+                failures,
+                method="qr",
+                track_columns=False,
+                exact_eigenvalues=False,
+            )
+            return damped_inverse_root(
+                refreshed.eigenvalues, refreshed.eigenvectors, epsilon, exponent
+            )
+
+        candidates: dict[str, Callable[[], object]] = {
+            "matmul": lambda stack=stack: stack @ stack,
+            "before": before,
+            "kronlab": kronlab_refresh,
+            "eigvalsh": lambda stack=stack: torch.linalg.eigvalsh(stack),
+            "rotated": rotated,
+            "qr": warm_qr,
+        }
+        samples: dict[str, list[float]] = {name: [] for name in candidates}
+        for _ in range(rounds):
+            for name, function in candidates.items():
+                samples[name].append(time_callable(function, repeats=1, warmup=0))
+        unit = statistics.median(samples["matmul"])
+        cost = {name: statistics.median(values) / unit for name, values in samples.items()}
+        lines.append(
+            f"| {size} × {batch} | {cost['before']:.1f} | {cost['kronlab']:.1f} | "
+            f"{cost['eigvalsh']:.1f} | "
+            f"{cost['rotated']:.1f} | {cost['qr']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--frequency", type=int, default=10)
@@ -427,11 +525,20 @@ def main() -> None:
     parser.add_argument(
         "--refresh-costs", action="store_true", help="only the per-factor refresh cost table"
     )
+    parser.add_argument(
+        "--root-refresh-costs",
+        action="store_true",
+        help="only the root-inverse refresh cost table (before/after, exact alternatives)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.refresh_costs:
         print(f"machine: {machine_description()}\n")
         print(refresh_costs())
+        return
+    if args.root_refresh_costs:
+        print(f"machine: {machine_description()}\n")
+        print(root_refresh_costs())
         return
     print(run(args.frequency, args.periods, tuple(args.models.split(","))))
 

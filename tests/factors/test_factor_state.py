@@ -16,7 +16,7 @@ from kronlab.factors.correction import (
     update_second_moment_,
 )
 from kronlab.factors.eigenbasis import DecompositionFailed, refresh_eigenbasis
-from kronlab.factors.inverse import damped_inverse_root
+from kronlab.factors.inverse import damped_inverse_root, damped_inverse_root_
 
 
 def random_psd(batch: int, size: int, seed: int) -> torch.Tensor:
@@ -56,6 +56,18 @@ def test_damped_inverse_root_matches_definition() -> None:
     damped = matrices / 0.3 + 1e-3 * torch.eye(5, dtype=torch.float64)
     inverse_fourth = torch.linalg.matrix_power(torch.linalg.inv(root), 4)
     torch.testing.assert_close(inverse_fourth, damped, rtol=1e-8, atol=1e-10)
+
+
+def test_in_place_damped_inverse_root_matches_definition() -> None:
+    # The X Xᵀ form (X = Q diag(s^{1/2}), built in the eigenvectors' memory) against the same
+    # definition as above; it consumes the eigenvectors it is given.
+    matrices = random_psd(3, 5, seed=3)
+    values, vectors = torch.linalg.eigh(matrices)
+    root = damped_inverse_root_(values, vectors.clone(), epsilon=1e-3, exponent=0.25, scale=2.0)
+    damped = matrices * 2.0 + 1e-3 * torch.eye(5, dtype=torch.float64)
+    inverse_fourth = torch.linalg.matrix_power(torch.linalg.inv(root), 4)
+    torch.testing.assert_close(inverse_fourth, damped, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(root, root.mT, rtol=0, atol=1e-14)
 
 
 def test_second_moment_and_factor_eigenvalue_updates() -> None:

@@ -128,8 +128,9 @@ def test_decompositions_are_batched_across_stacks(monkeypatch: pytest.MonkeyPatc
     calls = []
     original = eigenbasis.eigh
 
-    def counting(matrix: torch.Tensor, **kwargs: object):
-        calls.append(tuple(matrix.shape))
+    def counting(matrix: torch.Tensor | list[torch.Tensor], **kwargs: object):
+        stacks = [matrix] if isinstance(matrix, torch.Tensor) else matrix
+        calls.append((sum(s.shape[0] for s in stacks), *stacks[0].shape[1:]))
         return original(matrix, **kwargs)
 
     monkeypatch.setattr(eigenbasis, "eigh", counting)

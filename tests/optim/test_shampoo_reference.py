@@ -68,6 +68,9 @@ CASES = [
     ("root_inv", True, {"frequency": 2, "eigenbasis": "qr"}),
     ("eigendecomposed", False, {"frequency": 2, "eigenbasis": "qr"}),
     ("root_inv", True, {"frequency": 2, "beta1": 0.0}),
+    # The momentum's bias correction and the graft scale are applied in the update only.
+    ("root_inv", False, {"frequency": 2, "nesterov": True, "grafting": "adam"}),
+    ("eigenvalue_corrected", False, {"frequency": 2, "grafting": "adam"}),
 ]
 
 

@@ -101,10 +101,13 @@ def refresh_eigenbasis(
         if not track_columns:
             order = None
     else:
-        factors = concatenate_matrices(stacks)
+        ranks_columns = previous_stacks is not None and track_columns
+        # Without the ranking below several stacks go as a list: their concatenation is then
+        # the copy eigh works in, not one more copy.
+        factors = stacks if len(stacks) > 1 and not ranks_columns else concatenate_matrices(stacks)
         values, vectors, ok = eigh(factors, float64=float64)
         order = None
-        if previous_stacks is not None and track_columns:
+        if ranks_columns:
             # eigh sorts ascending; old column j continues as the new column whose rank its
             # Rayleigh quotient under the new factor has (exact when the basis is unchanged).
             finite_factors = (

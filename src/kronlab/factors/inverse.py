@@ -26,3 +26,19 @@ def damped_inverse_root(
     """``Q diag((scale · λ + ε)^{-exponent}) Qᵀ`` for a stack ``(B, d)``, ``(B, d, d)``."""
     scales = damped_inverse_root_scales(eigenvalues, epsilon, exponent, scale)
     return (eigenvectors * scales.unsqueeze(-2)) @ eigenvectors.transpose(-1, -2)
+
+
+def damped_inverse_root_(
+    eigenvalues: torch.Tensor,
+    eigenvectors: torch.Tensor,
+    epsilon: float,
+    exponent: float,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """``damped_inverse_root`` as ``X Xᵀ`` with ``X = Q diag(s^{1/2})`` formed in place in
+    ``eigenvectors`` (overwritten: for callers that keep no eigenvectors). Same single product
+    (torch has no ``syrk`` for the symmetric half), no ``d×d`` temporary, and the result is
+    positive semi-definite by construction."""
+    half_scales = damped_inverse_root_scales(eigenvalues, epsilon, exponent / 2, scale)
+    factor = eigenvectors.mul_(half_scales.unsqueeze(-2))
+    return factor @ factor.transpose(-1, -2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -21,10 +22,27 @@ def filtered_gradient(
     state entry (SOAP keeps its momentum in the eigenbasis under another name)."""
     if settings.beta1 == 0.0:
         return gradient
+    # Always a fresh tensor (callers may edit it in place), never the momentum state itself.
+    filtered, correction = uncorrected_filtered_gradient(state, gradient, settings, key)
+    return filtered / correction
+
+
+def uncorrected_filtered_gradient(
+    state: dict[str, Any],
+    gradient: torch.Tensor,
+    settings: StackSettings,
+    key: str = "momentum",
+) -> tuple[torch.Tensor, float]:
+    """``(m̃, c)`` with ``filtered_gradient = m̃ / c``: the momentum (Nesterov's look-ahead) before
+    its bias correction ``c = 1 − β₁^t``. A linear preconditioner commutes with the scalar, so
+    the division can wait for the final update (one pass fewer per step; for Nesterov the
+    look-ahead is the only temporary). ``m̃`` may be the momentum state itself: read-only."""
+    if settings.beta1 == 0.0:
+        return gradient, 1.0
     momentum = _zero_initialised(state, key, gradient)
     accumulate_(momentum, gradient, settings.beta1)
     filtered = gradient.lerp(momentum, settings.beta1) if settings.nesterov else momentum
-    return filtered / bias_correction(settings.beta1, state["step"], settings.bias_correction)
+    return filtered, bias_correction(settings.beta1, state["step"], settings.bias_correction)
 
 
 def grafting_direction(
@@ -43,6 +61,43 @@ def grafting_direction(
         return None
     if grafting.method == "sgd":
         return filtered
+    second_moment, correction = _grafting_second_moment(state, gradient, settings)
+    return filtered / adam_denominator(second_moment, correction, grafting.epsilon)
+
+
+def grafting_norms(
+    state: dict[str, Any],
+    gradient: torch.Tensor,
+    filtered: torch.Tensor,
+    filtered_correction: float,
+    settings: StackSettings,
+) -> torch.Tensor | None:
+    """Per-block Frobenius norms ``(B,)`` of ``grafting_direction`` on ``M = filtered / c``
+    (``c = filtered_correction``), all a graft needs once preconditioning runs. The direction
+    itself is never formed: with ``√(v/bc₂) + ε = (√v + ε√bc₂)/√bc₂`` the adam norm is
+    ``‖m̃ / (√v + ε√bc₂)‖ · √bc₂ / c``, one temporary and three passes after ``v``'s update
+    (``grafting_direction`` makes two temporaries and four passes, plus the one for ``m̃ / c``).
+    ``None`` for ``"none"``; updates the grafting second moment like ``grafting_direction``.
+    """
+    grafting = settings.grafting
+    if grafting.method == "none":
+        return None
+    dims = tuple(range(1, filtered.ndim))
+    if grafting.method == "sgd":
+        return torch.linalg.vector_norm(filtered, dim=dims).div_(filtered_correction)
+    second_moment, correction = _grafting_second_moment(state, gradient, settings)
+    root_correction = math.sqrt(correction)
+    quotient = second_moment.sqrt().add_(grafting.epsilon * root_correction)
+    torch.div(filtered, quotient, out=quotient)
+    norms = torch.linalg.vector_norm(quotient, dim=dims)
+    return norms.mul_(root_correction / filtered_correction)
+
+
+def _grafting_second_moment(
+    state: dict[str, Any], gradient: torch.Tensor, settings: StackSettings
+) -> tuple[torch.Tensor, float]:
+    """The updated grafting second moment and its bias correction (1 except for adam)."""
+    grafting = settings.grafting
     if grafting.method == "adagrad":
         beta = 1.0
     else:
@@ -52,7 +107,7 @@ def grafting_direction(
     correction = 1.0
     if grafting.method == "adam":
         correction = bias_correction(beta, state["step"], settings.bias_correction)
-    return filtered / adam_denominator(second_moment, correction, grafting.epsilon)
+    return second_moment, correction
 
 
 def diagonal_direction(
@@ -76,9 +131,16 @@ def adam_denominator(
 def graft(direction: torch.Tensor, grafting: torch.Tensor) -> torch.Tensor:
     """Rescale each block of ``direction`` to the Frobenius norm of the grafting direction."""
     dims = tuple(range(1, direction.ndim))
-    own = torch.linalg.vector_norm(direction, dim=dims, keepdim=True)
-    target = torch.linalg.vector_norm(grafting, dim=dims, keepdim=True)
-    return direction * torch.where(own > 0, target / own, torch.zeros_like(own))
+    return direction * graft_scales(direction, torch.linalg.vector_norm(grafting, dim=dims))
+
+
+def graft_scales(direction: torch.Tensor, target_norms: torch.Tensor) -> torch.Tensor:
+    """Per-block factors ``(B, 1, …)`` that give each block of ``direction`` the norm
+    ``target_norms`` ``(B,)`` (0 for a zero block), for the final update to apply."""
+    dims = tuple(range(1, direction.ndim))
+    own = torch.linalg.vector_norm(direction, dim=dims)
+    scales = torch.where(own > 0, target_norms / own, 0.0)
+    return scales.reshape(-1, *([1] * len(dims)))
 
 
 def _zero_initialised(state: dict[str, Any], key: str, like: torch.Tensor) -> torch.Tensor:

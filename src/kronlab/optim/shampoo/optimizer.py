@@ -25,8 +25,10 @@ from kronlab.optim.shampoo.config import (
 from kronlab.optim.shampoo.moments import (
     diagonal_direction,
     filtered_gradient,
-    graft,
+    graft_scales,
     grafting_direction,
+    grafting_norms,
+    uncorrected_filtered_gradient,
 )
 from kronlab.optim.shampoo.plan import StackingPlan, build_plan
 from kronlab.optim.shampoo.settings import StackSettings
@@ -53,6 +55,24 @@ class KroneckerBlock(NamedTuple):
     inverse_roots: list[torch.Tensor] | None
     factor_bias_correction: float
     eigenvalue_bias_correction: float
+
+
+class StackWork(NamedTuple):
+    """One stack's per-step quantities between the statistics and the direction.
+
+    An elementwise stack has only ``final`` (its direction). A Kronecker stack has the factor
+    gradient, the filtered gradient before its bias correction (``M = filtered /
+    filtered_correction``), ``grafting`` (before preconditioning starts: the direction to use;
+    after: the grafting method's per-block norms, or ``None`` without grafting) and this step's
+    outer products where the variant reads them.
+    """
+
+    final: torch.Tensor | None = None
+    gradient: torch.Tensor | None = None
+    filtered: torch.Tensor | None = None
+    filtered_correction: float = 1.0
+    grafting: torch.Tensor | None = None
+    products: list[torch.Tensor] | None = None
 
 
 class Shampoo(KronOptimizer):
@@ -206,7 +226,7 @@ class Shampoo(KronOptimizer):
         ]
         self._refresh_due_decompositions(plan, stack_states, settings, after_step=False)
         directions = [
-            self._direction(state, options, *stack_work)
+            self._direction(state, options, stack_work)
             for state, options, stack_work in zip(stack_states, settings, work)
         ]
         self._refresh_due_decompositions(plan, stack_states, settings, after_step=True)
@@ -226,21 +246,34 @@ class Shampoo(KronOptimizer):
         state: dict[str, Any],
         settings: StackSettings,
         gradients: list[torch.Tensor],
-    ) -> tuple:
-        """Momentum, grafting and (for Kronecker stacks) factor statistics of one stack."""
+    ) -> StackWork:
+        """Momentum, grafting and (for Kronecker stacks) factor statistics of one stack.
+
+        For a Kronecker stack the filtered gradient is returned before its bias correction
+        (``filtered / filtered_correction`` is ``M``) and, once preconditioning runs, the
+        grafting method enters only through its per-block norms (``grafting_norms``).
+        """
         stack = plan.stacks[index]
         state_dtype = working_dtype(self.bundles[stack.members[0][0]].key.dtype)
         gradient = plan.gather(index, gradients).to(state_dtype)
         state["step"] = state.get("step", 0) + 1
-        if stack.kind == "kronecker" and variants.momentum_in_eigenbasis(settings):
-            filtered = gradient  # the momentum is filtered in the eigenbasis (variants.py)
-        else:
+        if stack.kind != "kronecker":
             filtered = filtered_gradient(state, gradient, settings)
-        if stack.kind == "diagonal":
-            return gradient, filtered, diagonal_direction(state, gradient, filtered, settings), None
-        grafted = grafting_direction(state, gradient, filtered, settings)
-        if stack.kind == "grafting":
-            return gradient, filtered, filtered if grafted is None else grafted, None
+            if stack.kind == "diagonal":
+                return StackWork(final=diagonal_direction(state, gradient, filtered, settings))
+            grafted = grafting_direction(state, gradient, filtered, settings)
+            return StackWork(final=filtered if grafted is None else grafted)
+        if variants.momentum_in_eigenbasis(settings):
+            # The momentum is filtered in the eigenbasis (variants.py).
+            filtered, filtered_correction = gradient, 1.0
+        else:
+            filtered, filtered_correction = uncorrected_filtered_gradient(state, gradient, settings)
+        if state["step"] < settings.start_preconditioning_step:
+            corrected = filtered / filtered_correction
+            grafted = grafting_direction(state, gradient, corrected, settings)
+            grafting = corrected if grafted is None else grafted
+        else:
+            grafting = grafting_norms(state, gradient, filtered, filtered_correction, settings)
         factor_gradient = gradient.to(settings.factor_dtype)
         products = update_factors_(
             state,
@@ -249,7 +282,14 @@ class Shampoo(KronOptimizer):
             settings.factor_beta,
             keep_products=variants.reads_outer_products(settings),
         )
-        return factor_gradient, filtered, grafted, [] if products is None else products
+        return StackWork(
+            None,
+            factor_gradient,
+            filtered,
+            filtered_correction,
+            grafting,
+            [] if products is None else products,
+        )
 
     def _refresh_due_decompositions(
         self,
@@ -339,24 +379,29 @@ class Shampoo(KronOptimizer):
         self,
         state: dict[str, Any],
         settings: StackSettings,
-        gradient: torch.Tensor,
-        filtered: torch.Tensor,
-        grafted: torch.Tensor | None,
-        products: list[torch.Tensor] | None,
-    ) -> torch.Tensor:
-        """The preconditioned, grafted direction of one stack."""
-        if products is None:  # an elementwise stack: its direction is already final
-            return grafted  # type: ignore[return-value]
+        work: StackWork,
+    ) -> tuple[torch.Tensor, float | torch.Tensor]:
+        """The preconditioned, grafted direction of one stack, as ``(D, s)``: the step
+        direction is ``s · D``, with ``s`` a float or per-block factors ``(B, 1, …)``; the
+        parameter update applies ``s`` (no pass over ``D`` here)."""
+        if work.final is not None:  # an elementwise stack
+            return work.final, 1.0
+        filtered = work.filtered
+        assert filtered is not None and work.products is not None and work.gradient is not None
         if state["step"] < settings.start_preconditioning_step:
-            return filtered if grafted is None else grafted
+            assert work.grafting is not None
+            return work.grafting, 1.0  # the grafting direction (or ``M``) alone
         direction = variants.correct_and_precondition(
-            state, settings, gradient, filtered.to(settings.factor_dtype), products
+            state, settings, work.gradient, filtered.to(settings.factor_dtype), work.products
         ).to(filtered.dtype)
-        return direction if grafted is None else graft(direction, grafted)
+        if work.grafting is None:  # every variant's preconditioner is linear in M
+            return direction, 1.0 / work.filtered_correction
+        return direction, graft_scales(direction, work.grafting)
 
-    def _apply_updates(self, grouped_directions: list[torch.Tensor]) -> None:
-        """Decoupled weight decay, then ``p ← p − lr · direction`` for bundles with a gradient."""
-        for bundle, direction in zip(self.bundles, grouped_directions):
+    def _apply_updates(self, grouped_directions: list[tuple[torch.Tensor, Any]]) -> None:
+        """Decoupled weight decay, then ``p ← p − lr · s · D`` for bundles with a gradient:
+        one fused pass per parameter (``add_`` with ``alpha``, or ``addcmul_`` by a 0-d ``s``)."""
+        for bundle, (direction, scale) in zip(self.bundles, grouped_directions):
             if not bundle.has_gradient():
                 continue
             group = self.param_groups[bundle.group_index]
@@ -364,7 +409,10 @@ class Shampoo(KronOptimizer):
             for param, update in zip(bundle.params, bundle.split(direction)):
                 if weight_decay and group["decoupled_weight_decay"]:
                     param.mul_(1.0 - lr * weight_decay)
-                param.add_(update.to(param.dtype), alpha=-lr)
+                if isinstance(scale, torch.Tensor):
+                    param.addcmul_(update.to(param.dtype), scale, value=-lr)
+                else:
+                    param.add_(update.to(param.dtype), alpha=-lr * scale)
 
     # --- read access for attribution -------------------------------------------------------
     def _bundle_of(self, bundle_or_param: ParameterBundle | torch.Tensor) -> int:

@@ -66,28 +66,38 @@ class StackingPlan:
         return torch.stack([blocks[b][j].reshape(stack.block_shape) for b, j in stack.members])
 
     def scatter(
-        self, stack_directions: list[torch.Tensor], shapes: list[torch.Size]
-    ) -> list[torch.Tensor]:
-        """Per-bundle grouped tensors reassembled from per-stack results."""
-        pieces: list[list[torch.Tensor | None]] = [[None] * len(s) for s in self.slots]
-        for stack, result in zip(self.stacks, stack_directions):
+        self,
+        stack_directions: list[tuple[torch.Tensor, float | torch.Tensor]],
+        shapes: list[torch.Size],
+    ) -> list[tuple[torch.Tensor, float | torch.Tensor]]:
+        """Per-bundle grouped tensors reassembled from per-stack results.
+
+        A stack's result is ``(D, s)``, meaning ``s · D`` with ``s`` a float or per-block
+        factors ``(B, 1, …)``; so is each bundle's: a bundle of one block keeps its block's
+        factor (as a 0-d tensor), the blocks of a larger bundle are scaled before they are
+        merged (the merge copies them anyway).
+        """
+        pieces: list[list[tuple[torch.Tensor, Any] | None]] = [[None] * len(s) for s in self.slots]
+        for stack, (result, scale) in zip(self.stacks, stack_directions):
             if stack.kind != "kronecker":
                 for (b, _), part in zip(stack.members, result[0].split(stack.flat_sizes)):
-                    pieces[b][0] = part
-            else:
-                for (b, j), block in zip(stack.members, result.unbind(0)):
-                    pieces[b][j] = block
-        grouped = []
+                    pieces[b][0] = (part, scale)
+                continue
+            scales = scale.reshape(-1).unbind(0) if isinstance(scale, torch.Tensor) else None
+            for position, ((b, j), block) in enumerate(zip(stack.members, result.unbind(0))):
+                pieces[b][j] = (block, scale if scales is None else scales[position])
+        grouped: list[tuple[torch.Tensor, float | torch.Tensor]] = []
         for b, parts in enumerate(pieces):
             layout = self.layouts[b]
-            if layout is None:
-                grouped.append(parts[0].reshape(shapes[b]))
-            else:
-                blocks = [
-                    part.reshape(shape)
-                    for part, shape in zip(parts, layout.block_shapes)  # type: ignore[union-attr]
-                ]
-                grouped.append(layout.merge(blocks))
+            if len(parts) == 1:
+                ((part, scale),) = parts  # type: ignore[misc]
+                grouped.append((part.reshape(shapes[b]), scale))
+                continue
+            blocks = [
+                (part if isinstance(scale, float) and scale == 1.0 else part * scale).reshape(shape)
+                for (part, scale), shape in zip(parts, layout.block_shapes)  # type: ignore[union-attr,misc]
+            ]
+            grouped.append((layout.merge(blocks), 1.0))  # type: ignore[union-attr]
         return grouped
 
 

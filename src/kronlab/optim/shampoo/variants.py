@@ -27,7 +27,11 @@ from kronlab.factors.correction import (
     update_factor_eigenvalues_,
     update_second_moment_,
 )
-from kronlab.factors.inverse import damped_inverse_root, damped_inverse_root_scales
+from kronlab.factors.inverse import (
+    damped_inverse_root,
+    damped_inverse_root_,
+    damped_inverse_root_scales,
+)
 from kronlab.factors.kronecker import (
     from_eigenbasis,
     kronecker_outer,
@@ -120,8 +124,11 @@ def install(
         exponent = settings.exponent(len(eigenvalues))
         scale = 1.0 / factor_correction(state, settings)
         roots = []
+        # Without a QR warm start the eigenvectors are a refresh's temporaries: the root is
+        # formed in their memory.
+        form_root = damped_inverse_root if config.eigenbasis == "qr" else damped_inverse_root_
         for axis, (values, vectors, good) in enumerate(zip(eigenvalues, eigenvectors, ok)):
-            root = damped_inverse_root(values, vectors, settings.epsilon, exponent, scale)
+            root = form_root(values, vectors, settings.epsilon, exponent, scale)
             if bool(good.all()):  # nothing to fall back to: skip the masking pass
                 roots.append(root)
                 continue
