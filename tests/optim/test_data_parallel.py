@@ -22,35 +22,23 @@ STEPS = 6
 BATCH = 16
 
 # Each factory gets the model the training loop calls (the DDP wrapper under DDP) and returns
-# the optimizer. Frequencies are short so refreshes happen inside the 6 steps; merge_dims=False
-# keeps the 8x8 weights two-factor blocks (merged, each would be one 64x64 factor of rank 1).
+# the optimizer. Frequencies are short so refreshes happen inside the 6 steps. The Shampoo
+# family keeps the 8x8 weights two-factor blocks (merged, each would be one 64x64 factor of
+# rank 1) and float64 factors: this gradient's G Gᵀ has condition ~1e6, so in float32 its
+# smallest eigenvalue sits at the eigh noise floor, where the summation order decides how it is
+# rounded, and inverse roots and Adam in the eigenbasis magnify that.
+SHAMPOO = dict(lr=0.01, precondition_frequency=2, merge_dims=False, factor_dtype=torch.float64)
 OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "sgd": lambda model: torch.optim.SGD(model.parameters(), lr=0.1),
-    # float64 factors (here and for pf_shampoo): this gradient's G Gᵀ has condition ~1e6, so in
-    # float32 its smallest eigenvalue sits at the eigh noise floor, where the summation order
-    # decides how it is rounded, and its inverse root magnifies that.
-    "shampoo": lambda model: Shampoo(
-        model.parameters(),
-        lr=0.01,
-        precondition_frequency=2,
-        merge_dims=False,
-        factor_dtype=torch.float64,
-    ),
-    "soap": lambda model: SOAP(model.parameters(), lr=0.01, precondition_frequency=2),
-    "kl_shampoo": lambda model: KLShampoo(
-        model.parameters(), lr=0.01, precondition_frequency=2, merge_dims=False
+    "shampoo": lambda model: Shampoo(model.parameters(), **SHAMPOO),
+    "soap": lambda model: SOAP(model.parameters(), **SHAMPOO),
+    "kl_shampoo": lambda model: KLShampoo(model.parameters(), **SHAMPOO),
+    "pf_shampoo": lambda model: Shampoo(
+        model.parameters(), preconditioner="per_factor_eigenvalue_corrected", **SHAMPOO
     ),
     "psgd_quad": lambda model: PSGD(model.parameters(), lr=0.01, method="quad"),
     "muon": lambda model: Muon(model.parameters(), lr=0.02),
     "spectron": lambda model: Spectron(model.parameters(), lr=0.01, rank=4),
-    "pf_shampoo": lambda model: Shampoo(
-        model.parameters(),
-        lr=0.01,
-        preconditioner="per_factor_eigenvalue_corrected",
-        precondition_frequency=2,
-        merge_dims=False,
-        factor_dtype=torch.float64,
-    ),
     "sirfshampoo": lambda model: SIRFShampoo(model, lr=0.05, beta2=0.1, T=2),
 }
 
