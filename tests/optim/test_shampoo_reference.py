@@ -68,6 +68,11 @@ CASES = [
     ("root_inv", True, {"frequency": 2, "eigenbasis": "qr"}),
     ("eigendecomposed", False, {"frequency": 2, "eigenbasis": "qr"}),
     ("root_inv", True, {"frequency": 2, "beta1": 0.0}),
+    # SOAP's quotient paths: the momentum's Nesterov mix, no momentum (the quotient cannot
+    # reuse the rotated gradient), and the parameter-space momentum of grafted SOAP.
+    ("eigenvalue_corrected", False, {"frequency": 2, "eigenbasis": "qr", "nesterov": True}),
+    ("eigenvalue_corrected", False, {"frequency": 2, "eigenbasis": "qr", "beta1": 0.0}),
+    ("eigenvalue_corrected", False, {"frequency": 2, "bias_correction": False, "grafting": "adam"}),
 ]
 
 
