@@ -8,7 +8,12 @@ import warnings
 import pytest
 import torch
 
-from kronlab.factors.accumulation import accumulate_, accumulate_square_, bias_correction
+from kronlab.factors.accumulation import (
+    accumulate_,
+    accumulate_gram_,
+    accumulate_square_,
+    bias_correction,
+)
 from kronlab.factors.correction import (
     transport_eigenvalues,
     transport_second_moment,
@@ -23,6 +28,28 @@ def random_psd(batch: int, size: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, size, 2 * size, generator=generator, dtype=torch.float64)
     return x @ x.transpose(-1, -2) / size
+
+
+@pytest.mark.parametrize(
+    ("size", "depth", "beta"),
+    [(1030, 256, 0.9), (600, 300, 1.0), (700, 100, 0.9), (300, 300, 0.9)],
+)
+def test_gram_update_from_its_lower_half_is_the_full_product(
+    size: int, depth: int, beta: float
+) -> None:
+    # F ← β F + w X Xᵀ: split in half twice (1030 → 515 → 257/258), once (600), not at all (a thin
+    # X, or d < 512); as a strided view of X (an unfolding along the second axis) too.
+    generator = torch.Generator().manual_seed(size)
+    rows = torch.randn(1, depth, size, generator=generator, dtype=torch.float64).mT
+    start = torch.randn(1, size, size, generator=generator, dtype=torch.float64)
+    start = start + start.mT
+    weight = 1.0 if beta == 1.0 else 0.3
+    factor = accumulate_gram_(start.clone(), rows, beta, weight)
+    expected = beta * start + weight * (rows @ rows.mT)
+    torch.testing.assert_close(factor, expected, rtol=1e-12, atol=1e-12)
+    if size >= 512 and depth >= 256:  # the upper off-diagonal block is the mirrored lower one
+        half = size // 2
+        assert torch.equal(factor[:, :half, half:], factor[:, half:, :half].mT)
 
 
 def test_accumulate_ema_and_sum() -> None:

@@ -74,3 +74,33 @@ def test_axis_outer_products():
     matrix = blocks[:, :, :, 0]
     left, right = axis_outer_products(matrix)
     assert torch.allclose(left, matrix @ matrix.mT) and torch.allclose(right, matrix.mT @ matrix)
+
+
+def test_matrix_stack_rotations_and_scale_match_the_definition():
+    # Stacks of matrices take two batched matmuls (with from_eigenbasis' scale on the GEMM);
+    # bases column-major as LAPACK returns them, or row-major; shared 2-D bases and 3-axis
+    # blocks take the mode products. All against per-block float64 definitions.
+    generator = torch.Generator().manual_seed(0)
+    blocks = torch.randn(3, 4, 5, generator=generator, dtype=torch.float64)
+    column_major = [
+        torch.linalg.qr(torch.randn(3, d, d, generator=generator, dtype=torch.float64)).Q
+        for d in (4, 5)
+    ]
+    row_major = [q.contiguous() for q in column_major]
+    assert column_major[0].mT.is_contiguous() and row_major[0].is_contiguous()
+    for left, right in (column_major, row_major):
+        rotated = to_eigenbasis(blocks, [left, right])
+        back = from_eigenbasis(blocks, [left, right], scale=-0.3)
+        for i in range(3):
+            torch.testing.assert_close(rotated[i], left[i].T @ blocks[i] @ right[i])
+            torch.testing.assert_close(back[i], -0.3 * left[i] @ blocks[i] @ right[i].T)
+    shared = [q[0] for q in column_major]
+    torch.testing.assert_close(
+        from_eigenbasis(blocks, shared, scale=2.0), 2.0 * shared[0] @ blocks @ shared[1].T
+    )
+    cube = torch.randn(1, 2, 3, 4, generator=generator, dtype=torch.float64)
+    bases = [torch.linalg.qr(torch.randn(1, d, d, dtype=torch.float64)).Q for d in (2, 3, 4)]
+    dense = torch.kron(torch.kron(bases[0][0], bases[1][0]), bases[2][0])
+    torch.testing.assert_close(
+        from_eigenbasis(cube, bases, scale=0.5).flatten(), 0.5 * dense @ cube.flatten()
+    )

@@ -71,6 +71,11 @@ CASES = [
     # The momentum's bias correction and the graft scale are applied in the update only.
     ("root_inv", False, {"frequency": 2, "nesterov": True, "grafting": "adam"}),
     ("eigenvalue_corrected", False, {"frequency": 2, "grafting": "adam"}),
+    # SOAP's quotient paths: the momentum's Nesterov mix, no momentum (the quotient cannot
+    # reuse the rotated gradient), and the parameter-space momentum of grafted SOAP.
+    ("eigenvalue_corrected", False, {"frequency": 2, "eigenbasis": "qr", "nesterov": True}),
+    ("eigenvalue_corrected", False, {"frequency": 2, "eigenbasis": "qr", "beta1": 0.0}),
+    ("eigenvalue_corrected", False, {"frequency": 2, "bias_correction": False, "grafting": "adam"}),
 ]
 
 

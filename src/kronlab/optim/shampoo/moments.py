@@ -19,30 +19,30 @@ def filtered_gradient(
 ) -> torch.Tensor:
     """``M = m̂``, ``m ← β₁ m + (1 − β₁) g``; Nesterov uses ``β₁ m + (1 − β₁) g`` after the
     update (bias-corrected by ``1 − β₁^t``); ``β₁ = 0`` is the raw gradient. ``key`` names the
-    state entry (SOAP keeps its momentum in the eigenbasis under another name)."""
+    state entry. A new tensor unless ``β₁ = 0``."""
     if settings.beta1 == 0.0:
         return gradient
     # Always a fresh tensor (callers may edit it in place), never the momentum state itself.
-    filtered, correction = uncorrected_filtered_gradient(state, gradient, settings, key)
-    return filtered / correction
+    numerator, correction = momentum_numerator(state, gradient, settings, key)
+    return numerator / correction
 
 
-def uncorrected_filtered_gradient(
+def momentum_numerator(
     state: dict[str, Any],
     gradient: torch.Tensor,
     settings: StackSettings,
     key: str = "momentum",
 ) -> tuple[torch.Tensor, float]:
-    """``(m̃, c)`` with ``filtered_gradient = m̃ / c``: the momentum (Nesterov's look-ahead) before
-    its bias correction ``c = 1 − β₁^t``. A linear preconditioner commutes with the scalar, so
-    the division can wait for the final update (one pass fewer per step; for Nesterov the
-    look-ahead is the only temporary). ``m̃`` may be the momentum state itself: read-only."""
+    """``(N, bc₁)`` with ``N / bc₁`` the filtered gradient: the momentum updated in place
+    (``state[key]`` itself: read it, never write it), its Nesterov mix, or the gradient
+    (``β₁ = 0``). For callers that fold the bias correction into a later scale instead of
+    spending a pass (and a temporary) on it (SOAP's momentum in the eigenbasis)."""
     if settings.beta1 == 0.0:
         return gradient, 1.0
     momentum = _zero_initialised(state, key, gradient)
     accumulate_(momentum, gradient, settings.beta1)
-    filtered = gradient.lerp(momentum, settings.beta1) if settings.nesterov else momentum
-    return filtered, bias_correction(settings.beta1, state["step"], settings.bias_correction)
+    numerator = gradient.lerp(momentum, settings.beta1) if settings.nesterov else momentum
+    return numerator, bias_correction(settings.beta1, state["step"], settings.bias_correction)
 
 
 def grafting_direction(
@@ -119,6 +119,23 @@ def diagonal_direction(
     accumulate_square_(second_moment, gradient, settings.beta2)
     correction = bias_correction(settings.beta2, state["step"], settings.bias_correction)
     return filtered / adam_denominator(second_moment, correction, settings.epsilon)
+
+
+def adam_quotient_(
+    out: torch.Tensor,
+    numerator: torch.Tensor,
+    second_moment: torch.Tensor,
+    correction: float,
+    epsilon: float,
+) -> float:
+    """``out ← N / (√v + ε√bc₂)`` and return ``√bc₂``, so that ``√bc₂ · out = N / (√(v/bc₂) + ε)``
+    is Adam's quotient with the bias correction left as a scale for the caller to apply where
+    it is free (a GEMM's ``alpha``). Three passes over ``out``, no temporary; ``out`` must not
+    be ``numerator``."""
+    root = math.sqrt(correction)
+    torch.sqrt(second_moment, out=out).add_(epsilon * root)
+    torch.div(numerator, out, out=out)
+    return root
 
 
 def adam_denominator(

@@ -28,7 +28,7 @@ from kronlab.optim.shampoo.moments import (
     graft_scales,
     grafting_direction,
     grafting_norms,
-    uncorrected_filtered_gradient,
+    momentum_numerator,
 )
 from kronlab.optim.shampoo.plan import StackingPlan, build_plan
 from kronlab.optim.shampoo.settings import StackSettings
@@ -267,7 +267,7 @@ class Shampoo(KronOptimizer):
             # The momentum is filtered in the eigenbasis (variants.py).
             filtered, filtered_correction = gradient, 1.0
         else:
-            filtered, filtered_correction = uncorrected_filtered_gradient(state, gradient, settings)
+            filtered, filtered_correction = momentum_numerator(state, gradient, settings)
         if state["step"] < settings.start_preconditioning_step:
             corrected = filtered / filtered_correction
             grafted = grafting_direction(state, gradient, corrected, settings)

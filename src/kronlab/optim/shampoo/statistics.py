@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from kronlab.factors.accumulation import accumulate_
+from kronlab.factors.accumulation import accumulate_, accumulate_gram_
 from kronlab.factors.kronecker import kronecker_product_apply, unfold
 
 
@@ -25,9 +25,10 @@ def update_factors_(
     for a matrix ``G R^{-1} Gᵀ / n`` and ``Gᵀ L^{-1} G / m``.
 
     ``kl_inverse_sqrts=None`` is plain Shampoo; a ``None`` entry skips that factor (identity).
-    Without ``keep_products`` the update is one ``baddbmm`` per axis (the product is scaled and
-    added by the GEMM itself: no temporary, no extra pass over ``F_i``) and ``None`` is
-    returned; with it, the ``O_i`` are formed and returned (the per-factor correction reads them).
+    Without ``keep_products`` the update is ``accumulate_gram_`` per axis (the product is scaled
+    and added by the GEMM itself, only its lower half multiplied for large factors) and
+    ``None`` is returned; with it, the ``O_i`` are formed and returned (the per-factor
+    correction reads them).
     """
     if "factors" not in state:
         state["factors"] = [
@@ -46,7 +47,5 @@ def update_factors_(
             accumulate_(factor, products[-1], beta)
         else:
             weight = 1.0 if beta == 1.0 else 1.0 - beta
-            factor.baddbmm_(
-                unfolded, unfolded.transpose(-1, -2), beta=beta, alpha=weight / other_size
-            )
+            accumulate_gram_(factor, unfolded, beta, weight / other_size)
     return products if keep_products else None

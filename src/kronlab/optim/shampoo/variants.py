@@ -45,7 +45,7 @@ from kronlab.optim.shampoo.config import (
     PerFactorEigenvalueCorrectedConfig,
     RootInverseConfig,
 )
-from kronlab.optim.shampoo.moments import adam_denominator, filtered_gradient
+from kronlab.optim.shampoo.moments import adam_quotient_, momentum_numerator
 from kronlab.optim.shampoo.settings import StackSettings
 
 State = dict[str, Any]
@@ -236,16 +236,26 @@ def correct_and_precondition(
             state["second_moment"] = torch.zeros_like(gradient)
         rotated_gradient = to_eigenbasis(gradient, eigenvectors)
         update_second_moment_(state["second_moment"], rotated_gradient, settings.beta2)
-        denominator = adam_denominator(
-            state["second_moment"], eigenvalue_correction(state, settings), settings.epsilon
-        )
         if momentum_in_eigenbasis(settings):  # ``filtered`` is the raw gradient here
-            rotated = filtered_gradient(state, rotated_gradient, settings, "eigenbasis_momentum")
+            numerator, momentum_correction = momentum_numerator(
+                state, rotated_gradient, settings, "eigenbasis_momentum"
+            )
         else:
-            rotated = to_eigenbasis(filtered, eigenvectors)
-        # In place is safe: ``rotated`` is a fresh tensor (a rotation, the bias-corrected
-        # momentum, or with β₁ = 0 this step's rotated gradient, already accumulated above).
-        return from_eigenbasis(rotated.div_(denominator), eigenvectors)
+            numerator, momentum_correction = to_eigenbasis(filtered, eigenvectors), 1.0
+        # Adam's quotient overwrites the rotated gradient (read for the last time above) unless
+        # that is the numerator itself (β₁ = 0); both bias corrections become the scale of the
+        # rotation back, which folds it into a GEMM: 6 elementwise passes, no temporaries.
+        quotient = (
+            torch.empty_like(numerator) if numerator is rotated_gradient else rotated_gradient
+        )
+        scale = adam_quotient_(
+            quotient,
+            numerator,
+            state["second_moment"],
+            eigenvalue_correction(state, settings),
+            settings.epsilon,
+        )
+        return from_eigenbasis(quotient, eigenvectors, scale / momentum_correction)
     if "eigenvalue_ema" not in state:
         state["eigenvalue_ema"] = [torch.zeros_like(product[..., 0]) for product in products]
     for ema, vectors, product in zip(state["eigenvalue_ema"], eigenvectors, products):
