@@ -173,10 +173,11 @@ def quad_dense(
     c = _per_matrix(term2).to(factor.dtype)
     gain = 1 + step * c
     if term1.matrix is not None:
-        scaled = term1.matrix * -step  # E = gain·I − k·term1
-        half = torch.baddbmm(factor * gain, scaled, factor)  # E Q
-        half = torch.baddbmm(half * gain, half, scaled)  # E Q E
-        return FactorUpdate(transpose_copy(half).add_(half).mul_(0.5), lipschitz)
+        # E = gain·I − k·term1 formed once: both products use it, with no elementwise pass
+        fit = term1.matrix * -step
+        fit.diagonal(dim1=-2, dim2=-1).add_(gain.reshape(-1, 1))
+        whole = (fit @ factor) @ fit  # E Q E
+        return FactorUpdate(transpose_copy(whole).add_(whole).mul_(0.5), lipschitz)
     root, transposed = term1.root, term1.root.transpose(-1, -2)
     projected = transposed @ factor  # W = XᵀQ
     inner = (projected @ root) @ transposed  # (W X) Xᵀ, r × d
