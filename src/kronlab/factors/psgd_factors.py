@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from kronlab.linalg._dtypes import working_dtype
+from kronlab.linalg.symmetric import symmetric_product
 
 FactorKind = Literal["dense", "diagonal", "none"]
 LIPSCHITZ_DECAY = 0.95
@@ -192,8 +193,8 @@ def quad_dense(
     gain = 1 + step * c
     if term1.matrix is not None:
         fit = term1.shifted(-step, gain)  # E, formed once: both products use it
-        whole = (fit @ factor) @ fit  # E Q E
-        return FactorUpdate(transpose_copy(whole).add_(whole).mul_(0.5), lipschitz)
+        # sym(E Q E), the second product symmetric by construction: ¾ of it, exactly symmetric
+        return FactorUpdate(symmetric_product(fit @ factor, fit, symmetrize=True), lipschitz)
     root, transposed = term1.root, term1.root.transpose(-1, -2)
     projected = transposed @ factor  # W = XᵀQ
     inner = (projected @ root) @ transposed  # (W X) Xᵀ, r × d
@@ -275,10 +276,14 @@ DENSE_UPDATES = {"quad": quad_dense, "procrustes": procrustes_dense}
 DIAGONAL_UPDATES = {"quad": quad_diagonal, "procrustes": procrustes_diagonal}
 
 
-def factor_square(factor: Tensor, kind: FactorKind) -> Tensor | None:
-    """The one-axis preconditioner ``Q²`` (``Q @ Q`` dense, ``Q ⊙ Q`` diagonal, None = I)."""
+def factor_square(factor: Tensor, kind: FactorKind, symmetric: bool = False) -> Tensor | None:
+    """The one-axis preconditioner ``Q²`` (``Q @ Q`` dense, ``Q ⊙ Q`` diagonal, None = I).
+
+    ``symmetric``: dense ``Q`` is symmetric (QUAD), so ``Q²`` is too and costs ¾ of a product
+    (``symmetric_product``).
+    """
     if kind == "dense":
-        return factor @ factor
+        return symmetric_product(factor, factor) if symmetric else factor @ factor
     if kind == "diagonal":
         return factor * factor
     return None
@@ -311,7 +316,8 @@ def whitening_terms(
     """
     if kind == "dense":
         root = preconditioned if axis == 0 else preconditioned.transpose(-1, -2)
-        return Gram(root, None if keep_root else root @ root.transpose(-1, -2))
+        formed = None if keep_root else symmetric_product(root, root.transpose(-1, -2))
+        return Gram(root, formed)
     if axis == 0:  # row sums of Pg², over the contiguous axis
         return torch.linalg.vector_norm(preconditioned, dim=2).square()
     # column sums: vector_norm over a strided axis is ~4x slower than square-then-sum on CPU

@@ -351,7 +351,8 @@ class PSGD(KronOptimizer):
         noisy = momentum
         if noise is not None:
             noisy = _fit_noise(momentum, noise, group["noise_scale"])
-        preconditioned = _precondition(noisy, factors, kinds, squares, squared)
+        symmetric = group["method"] == "quad"  # QUAD keeps dense Q symmetric: so is Q²
+        preconditioned = _precondition(noisy, factors, kinds, squares, squared, symmetric)
         lr = preconditioner_lr_schedule(group["preconditioner_lr"], steps)
         numel = rows * cols
         for side in sides:
@@ -368,12 +369,12 @@ class PSGD(KronOptimizer):
             factors[side] = self._in_dtype((key, side), stored[side], compute)
             self._stacks.store((key, name), states, name, refreshed.lipschitz)
         squares = {
-            side: factor_square(factors[side], kinds[side]) if squared[side] else None
+            side: factor_square(factors[side], kinds[side], symmetric) if squared[side] else None
             for side in sides
         }
         for side in sides:  # reused by the next step's fit while the factors stay unchanged
             self._stacks.store_derived((key, side), stored[side], squares[side])
-        directions = _precondition(momentum, factors, kinds, squares, squared)
+        directions = _precondition(momentum, factors, kinds, squares, squared, symmetric)
         return directions, _rms_clip_factors(directions, UPDATE_RMS_CLIP)
 
     def _in_dtype(self, key: tuple, stored: Tensor, dtype: torch.dtype) -> Tensor:
@@ -419,18 +420,19 @@ def _precondition(
     kinds: dict[str, FactorKind],
     squares: dict[str, Tensor | None],
     squared: dict[str, bool],
+    symmetric: bool,
 ) -> Tensor:
     """``Q_l² X Q_r²`` for a stack ``X`` of ``(B, m, n)``.
 
     ``squares`` are reused where given; missing ones are formed where ``squared`` says so,
-    else that factor is applied twice.
+    else that factor is applied twice; ``symmetric``: dense factors are symmetric (QUAD).
     """
     for axis, side in enumerate(("left", "right")):
         if kinds[side] == "none":
             continue
         square = squares.get(side)
         if square is None and squared[side]:
-            square = factor_square(factors[side], kinds[side])
+            square = factor_square(factors[side], kinds[side], symmetric)
         matrices = apply_axis(matrices, axis, kinds[side], factors[side], square)
     return matrices
 
