@@ -123,7 +123,9 @@ class PSGD(KronOptimizer):
             bundles initialised on that step (a bundle is initialised on the first step where its
             gradient is not all zero, so zero gradients cannot produce an infinite scale).
         noise_scale: std of the Gaussian noise added to ``M`` for the fit (keeps it well posed
-            when gradients vanish); 0 disables it.
+            when gradients vanish); 0 disables it. Each bundle's noise is i.i.d. and fresh every
+            step; one draw per step is shared by all bundles (views of it), which no bundle's
+            fit can tell apart from independent draws.
         dtype: dtype of the state and the preconditioner math; ``None`` = the gradient's dtype.
             On CPU, half-precision state is multiplied in float32 (``product_dtype``: CPU half
             GEMMs accumulate in float32 anyway and are ~2x slower) and the refreshed factors
