@@ -330,11 +330,9 @@ class PSGD(KronOptimizer):
             state["step"] += 1
         stored_momentum = self._stacks.stack((key, "momentum"), states, "momentum")
         compute = product_dtype(stored_momentum.dtype, stored_momentum.device)
-        # a diagonal factor is applied first and elementwise (``_precondition``), which reads
-        # the stored dtype and writes ``compute`` in one pass: no cast of its own; products
-        # need ``compute``
-        all_dense = left_kind == right_kind == "dense"
-        momentum = stored_momentum.to(compute) if all_dense else stored_momentum
+        # cast once for the fit and the output: a mixed-dtype elementwise op would make its own
+        # cast copy of the half-precision operand (TensorIterator), i.e. one cast per use
+        momentum = stored_momentum.to(compute)
         steps = torch.tensor([state["step"] for state in states], device=momentum.device)
         kinds = {"left": left_kind, "right": right_kind}
         sides = [side for side, kind in kinds.items() if kind != "none"]
@@ -430,11 +428,8 @@ def _precondition(
 
     ``squares`` are reused where given; missing ones are formed where ``squared`` says so,
     else that factor is applied twice; ``symmetric``: dense factors are symmetric (QUAD).
-    Diagonal factors go first (the two sides commute): their elementwise pass also casts a
-    half-precision ``X`` to the factors' dtype.
     """
-    order = sorted(enumerate(("left", "right")), key=lambda item: kinds[item[1]] != "diagonal")
-    for axis, side in order:
+    for axis, side in enumerate(("left", "right")):
         if kinds[side] == "none":
             continue
         square = squares.get(side)
