@@ -3,10 +3,12 @@
 Run from the worktree root (peers from the ``bench`` extra installed in the same environment)::
 
     PYTHONPATH=src python -m benchmarks.psgd [--rounds 5] [--steps 2] [--threads 1]
-        [--workloads mlp transformer]
+        [--workloads mlp transformer] [--clock wall|cpu]
 
 Every figure is a ratio of ``optimizer.step()`` times measured in this one process (median over
-rounds, every candidate timed in each round, so a shared machine's load hits all alike). Peers
+rounds, every candidate timed in each round, so a shared machine's load hits all alike;
+``--clock cpu`` times this thread's CPU time instead of wall time, which waiting for a core on
+an oversubscribed machine does not inflate). Peers
 are run with their preconditioner updated on every step (probability 1.0), which is what
 kronlab's QUAD/Procrustes do. Configurations, each compared with the fastest peer of its own
 configuration:
@@ -36,6 +38,7 @@ import argparse
 import functools
 import math
 import statistics
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -211,7 +214,10 @@ WORKLOADS = {
 }
 
 
-def run(rounds: int, steps: int, workloads: list[str]) -> list[str]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def run(rounds: int, steps: int, workloads: list[str], clock: str = "wall") -> list[str]:
     lines = []
     for key in workloads:
         workload, make_model, make_batch, loss_fn = WORKLOADS[key]
@@ -230,10 +236,12 @@ def run(rounds: int, steps: int, workloads: list[str]) -> list[str]:
                 lines.append(f"{workload}: {name} failed: {type(error).__name__}: {error}")
                 continue
             optimizers[name], model_params[name] = optimizer, list(model.named_parameters())
-            candidates[name] = functools.partial(_time_steps, model, optimizer, batch, loss_fn)
+            candidates[name] = functools.partial(
+                _time_steps, model, optimizer, batch, loss_fn, CLOCKS[clock]
+            )
         for floor, max_skew_dense in FLOORS.items():
             candidates[floor] = functools.partial(
-                _floor_seconds, floor_products(make_model(), max_skew_dense)
+                _floor_seconds, floor_products(make_model(), max_skew_dense), CLOCKS[clock]
             )
         lines.append(f"\n### {workload}\n")
         matched = [name for name in optimizers if CANDIDATES[name].configuration == DEFAULT]
@@ -265,8 +273,10 @@ def _table(seconds: dict[str, float]) -> list[str]:
     return lines
 
 
-def _floor_seconds(products: list[tuple[int, int, int]], steps: int) -> float:
-    return matmul_floor_seconds(products, repeats=steps)
+def _floor_seconds(
+    products: list[tuple[int, int, int]], clock: Callable[[], float], steps: int
+) -> float:
+    return matmul_floor_seconds(products, repeats=steps, clock=clock)
 
 
 def _time_steps(
@@ -274,9 +284,12 @@ def _time_steps(
     optimizer: torch.optim.Optimizer,
     batch: tuple[torch.Tensor, torch.Tensor],
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    clock: Callable[[], float],
     steps: int,
 ) -> float:
-    return time_optimizer_steps(model, optimizer, batch, loss_fn, steps=steps, warmup=0)
+    return time_optimizer_steps(
+        model, optimizer, batch, loss_fn, steps=steps, warmup=0, clock=clock
+    )
 
 
 def main() -> None:
@@ -285,10 +298,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument(
+        "--clock", choices=list(CLOCKS), default="wall", help="wall time or this thread's CPU time"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    lines = run(args.rounds, args.steps, args.workloads)
-    print(f"machine: {machine_description()}")
+    lines = run(args.rounds, args.steps, args.workloads, args.clock)
+    print(f"machine: {machine_description()}, clock: {args.clock}")
     print("\n".join(lines))
 
 

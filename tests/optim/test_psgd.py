@@ -19,6 +19,7 @@ from kronlab.factors.psgd_factors import (
 from kronlab.groups import LinearWeightBias, PerParameter
 from kronlab.linalg._dtypes import product_dtype
 from kronlab.optim import PSGD, available_optimizers, plan_psgd_layout
+from kronlab.optim import psgd as psgd_module
 from kronlab.tasks.digits import digits_task
 
 F64 = torch.float64
@@ -259,6 +260,44 @@ def test_same_shape_bundles_are_batched_without_changing_results():
             optimizer.step()
     for p, s in zip(params, singles):
         torch.testing.assert_close(p, s, rtol=1e-12, atol=1e-13)
+
+
+def test_fit_noise_is_fresh_standard_normal_for_every_parameter(monkeypatch):
+    """Each bundle's fit sees ``M + noise_scale · Z``, ``Z`` i.i.d. ``N(0, 1)`` and fresh every
+    step; one draw is shared by all bundles (views of it), which each bundle's fit cannot see."""
+    real_fit_noise = psgd_module._fit_noise
+    seen = []
+
+    def spy(momenta, standard_normal, scale):
+        noisy = real_fit_noise(momenta, standard_normal, scale)
+        seen.append((noisy - momenta) / scale)
+        return noisy
+
+    monkeypatch.setattr(psgd_module, "_fit_noise", spy)
+    generator = torch.Generator().manual_seed(15)
+    shapes = [(64, 48), (32, 16), (32, 16), (40,)]
+    params = [nn.Parameter(torch.randn(shape, dtype=F64, generator=generator)) for shape in shapes]
+    optimizer = PSGD(params, dtype=F64, noise_scale=1e-3)
+    history: dict[tuple, list[torch.Tensor]] = {}
+    for _ in range(4):
+        for param in params:
+            param.grad = torch.randn(param.shape, dtype=F64, generator=generator)
+        seen.clear()
+        optimizer.step()
+        assert len(seen) == 3  # one bucket per layout: the two 32x16 weights are stacked
+        for noise in seen:
+            assert noise.shape[0] == (2 if noise.shape[1:] == (32, 16) else 1)
+            history.setdefault(tuple(noise.shape[1:]), []).append(noise[0].flatten())
+    for shape, draws in history.items():
+        draws = torch.stack(draws)  # (steps, m·n) of one parameter
+        tolerance = 4 / math.sqrt(draws.numel())  # ~4 standard errors
+        assert abs(draws.mean()) < tolerance, shape
+        assert abs(draws.std() - 1) < tolerance, shape
+        within_one_sigma = (draws.abs() < 1).double().mean()
+        assert abs(within_one_sigma - 0.6827) < tolerance, shape
+        if draws.shape[1] >= 512:  # fresh each step: successive draws are uncorrelated
+            for first, second in zip(draws[:-1], draws[1:]):
+                assert abs(torch.corrcoef(torch.stack([first, second]))[0, 1]) < 0.2, shape
 
 
 # --- the fit: P·H approaches a multiple of the identity ------------------------------------

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from kronlab.linalg._dtypes import working_dtype
-from kronlab.linalg.power import power_iteration
+from kronlab.linalg.symmetric import symmetric_product
 
 FactorKind = Literal["dense", "diagonal", "none"]
 LIPSCHITZ_DECAY = 0.95
@@ -59,37 +59,44 @@ def update_lipschitz(lipschitz: Tensor, bound: Tensor) -> Tensor:
 def spectral_norm_lower_bound(matrices: Tensor) -> Tensor:
     """A lower bound of ``‖A‖₂`` for each matrix of a stack ``(B, d, d)``, in float32 or wider.
 
-    Two power iterations started from the row of largest norm (close to the top singular
-    direction of the PSD and skew matrices met here); ``|uᵀ A v|`` with unit ``u, v`` never
-    exceeds ``‖A‖₂``, and is exact for rank-one matrices.
+    Two power iterations (``v = Aᵀu/‖Aᵀu‖``, ``u = Av/‖Av‖``) started from the row of largest
+    norm (close to the top singular direction of the PSD and skew matrices met here); the
+    bound is ``‖A v‖ = uᵀ A v`` with unit ``v``, which never exceeds ``‖A‖₂`` and is exact for
+    rank-one matrices (taken from the last product: no extra pass over ``A``).
     """
     matrices = matrices.to(working_dtype(matrices.dtype))
+    transposed = matrices.transpose(-1, -2)
     rows = torch.linalg.vector_norm(matrices, dim=-1).argmax(dim=-1)
-    start = matrices[torch.arange(matrices.shape[0], device=matrices.device), rows]
-    return power_iteration(matrices, start, NORM_BOUND_ITERATIONS).sigma.abs()
+    u = _unit(matrices[torch.arange(matrices.shape[0], device=matrices.device), rows])
+    for _ in range(NORM_BOUND_ITERATIONS):
+        v = _unit(_times(transposed, u))
+        image = _times(matrices, v)
+        u = _unit(image)
+    return torch.linalg.vector_norm(image, dim=-1)
 
 
 def gram_norm_lower_bound(root: Tensor) -> Tensor:
     """``spectral_norm_lower_bound(X Xᵀ)`` for a stack ``X`` of ``(B, d, r)``, without ``X Xᵀ``.
 
     The same estimate (start from the row of ``X Xᵀ`` of largest norm, two power iterations,
-    ``|uᵀ A v|``) in ``O(d r²)``: ``‖(X Xᵀ)_i‖² = x_i (XᵀX) x_iᵀ`` picks the row, and every
+    ``‖A v‖``) in ``O(d r²)``: ``‖(X Xᵀ)_i‖² = x_i (XᵀX) x_iᵀ`` picks the row, and every
     product with ``A = X Xᵀ`` is ``X (Xᵀ u)``.
     """
     root = root.to(working_dtype(root.dtype))
     transposed = root.transpose(-1, -2)
 
     def gram_times(vectors: Tensor) -> Tensor:
-        return (root @ (transposed @ vectors.unsqueeze(-1))).squeeze(-1)
+        return _times(root, _times(transposed, vectors))
 
     squared_row_norms = ((root @ (transposed @ root)) * root).sum(dim=-1)
     rows = squared_row_norms.argmax(dim=-1)
     picked = root[torch.arange(root.shape[0], device=root.device), rows]
-    u = _unit((root @ picked.unsqueeze(-1)).squeeze(-1))  # that row of X Xᵀ
+    u = _unit(_times(root, picked))  # that row of X Xᵀ
     for _ in range(NORM_BOUND_ITERATIONS):
         v = _unit(gram_times(u))
-        u = _unit(gram_times(v))
-    return (u * gram_times(v)).sum(dim=-1).abs()
+        image = gram_times(v)
+        u = _unit(image)
+    return torch.linalg.vector_norm(image, dim=-1)
 
 
 def forms_square(size: int, width: int) -> bool:
@@ -130,6 +137,13 @@ class Gram(NamedTuple):
             return spectral_norm_lower_bound(self.matrix)
         return gram_norm_lower_bound(self.root)
 
+    def shifted(self, scale: Tensor, shift: Tensor) -> Tensor:
+        """``shift · I + scale · term1`` formed (``scale``, ``shift`` per matrix): one pass."""
+        assert self.matrix is not None, "formed term1 only"
+        result = self.matrix * scale
+        result.diagonal(dim1=-2, dim2=-1).add_(shift.reshape(-1, 1))
+        return result
+
     def add_product(self, base: Tensor, scale: Tensor, other: Tensor) -> Tensor:
         """``base + scale · (term1 @ other)`` (``scale`` per matrix), the add fused in the GEMM."""
         if self.matrix is not None:
@@ -147,6 +161,15 @@ def transpose_copy(matrices: Tensor) -> Tensor:
     for source, target in zip(matrices, result):
         target.copy_(source.t())
     return result
+
+
+def _times(matrices: Tensor, vectors: Tensor) -> Tensor:
+    """``A v`` for a stack of matrices ``(B, m, n)`` and vectors ``(B, n)``.
+
+    Formed as the row ``vᵀ Aᵀ``: on CPU a batched row-times-matrix product is 2-4x faster than
+    the matrix-times-column one (measured with one thread, d = 256 to 1024).
+    """
+    return (vectors.unsqueeze(-2) @ matrices.transpose(-1, -2)).squeeze(-2)
 
 
 def _unit(vectors: Tensor, epsilon: float = 1e-12) -> Tensor:
@@ -173,10 +196,9 @@ def quad_dense(
     c = _per_matrix(term2).to(factor.dtype)
     gain = 1 + step * c
     if term1.matrix is not None:
-        scaled = term1.matrix * -step  # E = gain·I − k·term1
-        half = torch.baddbmm(factor * gain, scaled, factor)  # E Q
-        half = torch.baddbmm(half * gain, half, scaled)  # E Q E
-        return FactorUpdate(transpose_copy(half).add_(half).mul_(0.5), lipschitz)
+        fit = term1.shifted(-step, gain)  # E, formed once: both products use it
+        # sym(E Q E), the second product symmetric by construction: ¾ of it, exactly symmetric
+        return FactorUpdate(symmetric_product(fit @ factor, fit, symmetrize=True), lipschitz)
     root, transposed = term1.root, term1.root.transpose(-1, -2)
     projected = transposed @ factor  # W = XᵀQ
     inner = (projected @ root) @ transposed  # (W X) Xᵀ, r × d
@@ -203,7 +225,10 @@ def procrustes_dense(
     lipschitz = update_lipschitz(lipschitz, term1.norm_lower_bound() + term2)
     step = _per_matrix(lr / lipschitz).to(factor.dtype)
     c = _per_matrix(term2).to(factor.dtype)
-    moved = term1.add_product(factor * (1 + step * c), -step, factor)
+    if term1.matrix is not None:
+        moved = term1.shifted(-step, 1 + step * c) @ factor
+    else:
+        moved = term1.add_product(factor * (1 + step * c), -step, factor)
     return FactorUpdate(procrustes_step(moved), lipschitz)
 
 
@@ -225,25 +250,28 @@ def procrustes_step(factor: Tensor, max_step: float = PROCRUSTES_MAX_STEP) -> Te
     ``tr(Q)`` (the orthogonal Procrustes objective) when ``tr(RQ) > 0``; ``a = max_step/‖R‖``,
     shortened to the minimizer ``−tr(RQ)/tr(R²Q)`` of the second-order model when that is
     concave. Matrices that are already symmetric are left unchanged.
+
+    ``R``'s scale ``s = max|Qᵀ − Q|`` is folded into the scalars instead of dividing ``S = Qᵀ − Q``
+    by it (no pass over ``S``): with ``α = a/s`` the step is ``Q + S(αQ + α²/2 · SQ)``,
+    ``α = max_step/‖S‖`` shortened to ``−tr(SQ)/tr(S²Q)``, and the signs of the traces are
+    those of ``tr(RQ)``, ``tr(R²Q)``.
     """
-    skew = transpose_copy(factor).sub_(factor)  # exactly antisymmetric
-    size = skew.amax(dim=(-2, -1))  # = max |R_ij|: R is antisymmetric
-    movable = size > torch.finfo(size.dtype).smallest_normal
-    skew.div_(_per_matrix(torch.where(movable, size, torch.ones_like(size))))
+    skew = transpose_copy(factor).sub_(factor)  # S, exactly antisymmetric
     skew_factor = skew @ factor
     accumulate = torch.promote_types(factor.dtype, torch.float32)
     trace1 = skew_factor.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=accumulate)
-    # tr(R·RQ) = Σ R ⊙ (RQ)ᵀ = −⟨R, RQ⟩: the step length is known before R·RQ is formed
+    # tr(S·SQ) = Σ S ⊙ (SQ)ᵀ = −⟨S, SQ⟩: the step length is known before S·SQ is formed
     trace2 = -torch.linalg.vecdot(
         skew.flatten(1).to(accumulate), skew_factor.flatten(1).to(accumulate)
     )
-    norm = spectral_norm_lower_bound(skew).clamp(min=torch.finfo(torch.float32).tiny)
-    angle = max_step / norm
+    norm = spectral_norm_lower_bound(skew)  # 0 only for S = 0 (already symmetric)
+    movable = norm > torch.finfo(norm.dtype).smallest_normal
+    angle = max_step / torch.where(movable, norm, torch.ones_like(norm))
     safe_trace2 = torch.where(trace2 < 0, trace2, -torch.ones_like(trace2))
     angle = torch.where(trace2 < 0, torch.minimum(angle, -trace1 / safe_trace2), angle)
     angle = torch.where(movable & (trace1 > 0), angle, torch.zeros_like(angle))
     angle = _per_matrix(angle).to(factor.dtype)
-    # Q + a·RQ + a²/2 · R·RQ = Q + R·(a·Q + a²/2 · RQ), the sum fused into the product
+    # Q + α·SQ + α²/2 · S·SQ = Q + S·(α·Q + α²/2 · SQ), the sum fused into the product
     rotated = (factor * angle).addcmul_(skew_factor, 0.5 * angle * angle)
     return torch.baddbmm(factor, skew, rotated)
 
@@ -252,10 +280,14 @@ DENSE_UPDATES = {"quad": quad_dense, "procrustes": procrustes_dense}
 DIAGONAL_UPDATES = {"quad": quad_diagonal, "procrustes": procrustes_diagonal}
 
 
-def factor_square(factor: Tensor, kind: FactorKind) -> Tensor | None:
-    """The one-axis preconditioner ``Q²`` (``Q @ Q`` dense, ``Q ⊙ Q`` diagonal, None = I)."""
+def factor_square(factor: Tensor, kind: FactorKind, symmetric: bool = False) -> Tensor | None:
+    """The one-axis preconditioner ``Q²`` (``Q @ Q`` dense, ``Q ⊙ Q`` diagonal, None = I).
+
+    ``symmetric``: dense ``Q`` is symmetric (QUAD), so ``Q²`` is too and costs ¾ of a product
+    (``symmetric_product``).
+    """
     if kind == "dense":
-        return factor @ factor
+        return symmetric_product(factor, factor) if symmetric else factor @ factor
     if kind == "diagonal":
         return factor * factor
     return None
@@ -288,8 +320,12 @@ def whitening_terms(
     """
     if kind == "dense":
         root = preconditioned if axis == 0 else preconditioned.transpose(-1, -2)
-        return Gram(root, None if keep_root else root @ root.transpose(-1, -2))
-    return torch.linalg.vector_norm(preconditioned, dim=2 - axis).square()
+        formed = None if keep_root else symmetric_product(root, root.transpose(-1, -2))
+        return Gram(root, formed)
+    if axis == 0:  # row sums of Pg², over the contiguous axis
+        return torch.linalg.vector_norm(preconditioned, dim=2).square()
+    # column sums: vector_norm over a strided axis is ~4x slower than square-then-sum on CPU
+    return preconditioned.square().sum(dim=1)
 
 
 def balance_scales(left: Tensor, right: Tensor, due: Tensor) -> tuple[Tensor, Tensor]:

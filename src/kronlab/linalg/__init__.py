@@ -15,6 +15,7 @@ from kronlab.linalg.roots import (
     inverse_root_from_eigh,
     matrix_inverse_root,
 )
+from kronlab.linalg.symmetric import symmetric_product
 
 __all__ = [
     "NEWTON_SCHULZ_COEFFICIENTS",
@@ -34,4 +35,5 @@ __all__ = [
     "rayleigh_quotients",
     "resolve_coefficients",
     "seed_from_identifier",
+    "symmetric_product",
 ]

@@ -53,10 +53,19 @@ class ParameterBundle:
         """Split a grouped-shape tensor into one tensor per parameter."""
         return self.rule.ungroup(grouped, self.shapes)
 
-    def add_(self, grouped_update: Tensor, alpha: float = 1.0) -> None:
-        """``p += alpha · update`` for each parameter, cast to the parameter's dtype."""
+    def add_(self, grouped_update: Tensor, alpha: float = 1.0, scale: Tensor | None = None) -> None:
+        """``p += alpha · update`` (``alpha · scale · update`` with a 0-dim tensor ``scale``)
+        for each parameter, cast to the parameter's dtype.
+
+        A tensor ``scale`` is multiplied in by the same fused pass (``addcmul_``), so a
+        per-bundle scale known only on the device (e.g. an RMS clip) needs no pass of its own
+        over the update and no host sync.
+        """
         for param, update in zip(self.params, self.split(grouped_update)):
-            param.add_(update.to(param.dtype), alpha=alpha)
+            if scale is None:
+                param.add_(update.to(param.dtype), alpha=alpha)
+            else:
+                param.addcmul_(update, scale, value=alpha)
 
 
 def identify_bundles(
