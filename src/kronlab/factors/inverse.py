@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from kronlab.linalg.symmetric import symmetric_product
+
 
 def damped_inverse_root_scales(
     eigenvalues: torch.Tensor, epsilon: float, exponent: float, scale: float = 1.0
@@ -36,9 +38,11 @@ def damped_inverse_root_(
     scale: float = 1.0,
 ) -> torch.Tensor:
     """``damped_inverse_root`` as ``X Xᵀ`` with ``X = Q diag(s^{1/2})`` formed in place in
-    ``eigenvectors`` (overwritten: for callers that keep no eigenvectors). Same single product
-    (torch has no ``syrk`` for the symmetric half), no ``d×d`` temporary, and the result is
-    positive semi-definite by construction."""
+    ``eigenvectors`` (overwritten: for callers that keep no eigenvectors). No ``d×d``
+    temporary, positive semi-definite by construction, and for stacks the product is formed
+    from its top rows and bottom-right block only (``symmetric_product``: ¾ of the work)."""
     half_scales = damped_inverse_root_scales(eigenvalues, epsilon, exponent / 2, scale)
     factor = eigenvectors.mul_(half_scales.unsqueeze(-2))
+    if factor.ndim == 3:
+        return symmetric_product(factor, factor.transpose(-1, -2))
     return factor @ factor.transpose(-1, -2)
