@@ -239,7 +239,12 @@ class Floor:
         return time.perf_counter() - started
 
 
-def run(frequency: int, periods: int, models: tuple[str, ...] = ("mlp", "transformer")) -> str:
+def run(
+    frequency: int,
+    periods: int,
+    models: tuple[str, ...] = ("mlp", "transformer"),
+    only: tuple[str, ...] = (),
+) -> str:
     """Interleaved step by step: in each step slot every candidate takes one timed step and every
     floor times its per-step products (its per-refresh products once per period), so all of
     them see the same load. A period's figure is its mean step time; reported are the median
@@ -284,6 +289,9 @@ def run(frequency: int, periods: int, models: tuple[str, ...] = ("mlp", "transfo
                 lines.append(f"{title}: {name}: {missing}")
             else:
                 entries.append((name, factory, kind, True))
+        if only:  # AdamW stays: every table's first ratio is to it
+            entries = [e for e in entries if e[0] == "AdamW" or any(s in e[0] for s in only)]
+            floors = {kind: floors[kind] for kind in {e[2] for e in entries} if kind in floors}
         candidates: list[Candidate] = []
         kinds: dict[str, tuple[str, bool]] = {}
         for name, factory, kind, is_peer in entries:
@@ -296,10 +304,10 @@ def run(frequency: int, periods: int, models: tuple[str, ...] = ("mlp", "transfo
                 )
                 traceback.print_exc()
         samples: dict[str, list[float]] = {c.name: [] for c in candidates}
-        floor_samples: dict[str, list[float]] = {kind: [] for kind in floor_kinds}
+        floor_samples: dict[str, list[float]] = {kind: [] for kind in floors}
         for _ in range(periods):
             totals = dict.fromkeys(samples, 0.0)
-            floor_totals = dict.fromkeys(floor_kinds, 0.0)
+            floor_totals = dict.fromkeys(floors, 0.0)
             for slot in range(frequency):
                 for candidate in list(candidates):
                     try:
@@ -523,6 +531,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default="mlp,transformer", help="comma-separated subset")
     parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated substrings: time only candidates whose name contains one "
+        "(AdamW always), and only their floors",
+    )
+    parser.add_argument(
         "--keep-denormals",
         action="store_true",
         help="leave subnormal floats on (by default they are flushed to zero, for every candidate)",
@@ -550,7 +564,8 @@ def main() -> None:
         print(f"machine: {machine_description()}\n")
         print(root_refresh_costs())
         return
-    print(run(args.frequency, args.periods, tuple(args.models.split(","))))
+    only = tuple(part for part in args.only.split(",") if part)
+    print(run(args.frequency, args.periods, tuple(args.models.split(",")), only))
 
 
 if __name__ == "__main__":
