@@ -370,6 +370,17 @@ def _select_heavyball_compilation(name: str) -> None:
         heavyball.utils.compile_mode = "default" if "compile on" in name else None
 
 
+def costs_in_matmuls(candidates: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds of each candidate over ``rounds`` interleaved rounds, in units of the
+    ``"matmul"`` candidate's median (one d×d product on the same stack)."""
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, function in candidates.items():
+            samples[name].append(time_callable(function, repeats=1, warmup=0))
+    unit = statistics.median(samples["matmul"])
+    return {name: statistics.median(values) / unit for name, values in samples.items()}
+
+
 def refresh_costs(sizes: tuple[int, ...] = (256, 512, 768, 1024), rounds: int = 5) -> str:
     """Per-factor cost of each way to refresh, in units of one ``d×d @ d×d`` matmul (interleaved,
     medians): what the root-inverse refresh costs by eigh and by the warm-started QR step, and
@@ -412,12 +423,7 @@ def refresh_costs(sizes: tuple[int, ...] = (256, 512, 768, 1024), rounds: int = 
             "householder": householder,
             "cholesky": cholesky_qr,
         }
-        samples: dict[str, list[float]] = {name: [] for name in candidates}
-        for _ in range(rounds):
-            for name, function in candidates.items():
-                samples[name].append(time_callable(function, repeats=1, warmup=0))
-        unit = statistics.median(samples["matmul"])
-        cost = {name: statistics.median(values) / unit for name, values in samples.items()}
+        cost = costs_in_matmuls(candidates, rounds)
         q = cholesky_qr()
         error = (q.T @ q - torch.eye(size)).abs().max().item()
         lines.append(
@@ -510,12 +516,7 @@ def root_refresh_costs(
             "rotated": rotated,
             "qr": warm_qr,
         }
-        samples: dict[str, list[float]] = {name: [] for name in candidates}
-        for _ in range(rounds):
-            for name, function in candidates.items():
-                samples[name].append(time_callable(function, repeats=1, warmup=0))
-        unit = statistics.median(samples["matmul"])
-        cost = {name: statistics.median(values) / unit for name, values in samples.items()}
+        cost = costs_in_matmuls(candidates, rounds)
         lines.append(
             f"| {size} × {batch} | {cost['before']:.1f} | {cost['kronlab']:.1f} | "
             f"{cost['eigvalsh']:.1f} | "
