@@ -77,19 +77,36 @@ class EigenvalueCorrectedConfig:
         _check_factor_beta(self.factor_beta)
 
 
+StepOrder = Literal["soap", "distributed_shampoo"]
+
+
 @dataclass(frozen=True)
 class PerFactorEigenvalueCorrectedConfig:
     """m+n eigenvalues per block: ``E_k ← β₂ E_k + (1 − β₂) diag(Q_kᵀ O_t Q_k)``, zero-initialised
-    and bias-corrected; refreshes change ``Q_k`` only (seed 000, Distributed Shampoo PR #264)."""
+    and bias-corrected; refreshes change ``Q_k`` only (seed 000, Distributed Shampoo PR #264).
+
+    ``step_order`` says when ``E_k`` and ``Q_k`` move relative to the direction:
+
+    * ``"soap"`` (default): precondition with the previous ``Q_k``, refresh after the step (a
+      basis never contains the gradient it measures); ``E_k`` starts at the first preconditioned
+      step and each entry follows its eigenvector column across a refresh.
+    * ``"distributed_shampoo"``: the pull request's order: every step from the first, update the
+      factors and ``E_k`` (measured in the current ``Q_k``), refresh ``Q_k`` from the factors
+      that include this gradient (steps ``t % precondition_frequency == 0`` after
+      ``start_preconditioning_step``, and that step itself), then precondition with the new
+      ``Q_k``; ``E_k`` keeps its index order across a refresh (``eigh``'s ascending order).
+    """
 
     exponent_override: float | None = None
     eigenbasis: Literal["eigh", "qr"] = "eigh"
     factor_beta: float | None = None
+    step_order: StepOrder = "soap"
     name: str = "per_factor_eigenvalue_corrected"
 
     def __post_init__(self) -> None:
         _check_exponent(self.exponent_override)
         check_choice("eigenbasis", self.eigenbasis, ("eigh", "qr"))
+        check_choice("step_order", self.step_order, ("soap", "distributed_shampoo"))
         _check_factor_beta(self.factor_beta)
 
 

@@ -282,6 +282,8 @@ class Shampoo(KronOptimizer):
             settings.factor_beta,
             keep_products=variants.reads_outer_products(settings),
         )
+        if products is not None:
+            variants.update_eigenvalue_ema(state, settings, factor_gradient, products)
         return StackWork(
             None,
             factor_gradient,

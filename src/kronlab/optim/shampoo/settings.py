@@ -62,14 +62,27 @@ class StackSettings:
         return 0.5 if self.kl else 1.0 / (2 * num_factors)
 
     @property
+    def distributed_shampoo_order(self) -> bool:
+        """Per-factor correction in Distributed Shampoo's order (``step_order``)."""
+        return getattr(self.preconditioner, "step_order", "soap") == "distributed_shampoo"
+
+    @property
     def refresh_after_step(self) -> bool:
         """Eigenvalue-corrected variants refresh their basis after the step (SOAP's order)."""
-        return isinstance(
-            self.preconditioner, (EigenvalueCorrectedConfig, PerFactorEigenvalueCorrectedConfig)
+        return (
+            isinstance(
+                self.preconditioner,
+                (EigenvalueCorrectedConfig, PerFactorEigenvalueCorrectedConfig),
+            )
+            and not self.distributed_shampoo_order
         )
 
     def is_refresh_step(self, step: int) -> bool:
-        """Refresh at the first preconditioned step, then every ``precondition_frequency``."""
-        if step < self.start_preconditioning_step:
+        """Refresh at the first preconditioned step, then every ``precondition_frequency``
+        (Distributed Shampoo's order: at steps divisible by the frequency after it)."""
+        start, frequency = int(self.start_preconditioning_step), self.precondition_frequency
+        if step < start:
             return False
-        return (step - int(self.start_preconditioning_step)) % self.precondition_frequency == 0
+        if self.distributed_shampoo_order:
+            return step == start or step % frequency == 0
+        return (step - start) % frequency == 0

@@ -72,8 +72,12 @@ def tracks_columns(settings: StackSettings) -> bool:
     root-inverse and eigendecomposed Shampoo keep nothing per column, which saves eigh's
     ranking product ``F Q_old`` per factor.
     """
-    return isinstance(
-        settings.preconditioner, (EigenvalueCorrectedConfig, PerFactorEigenvalueCorrectedConfig)
+    return (
+        isinstance(
+            settings.preconditioner,
+            (EigenvalueCorrectedConfig, PerFactorEigenvalueCorrectedConfig),
+        )
+        and not settings.distributed_shampoo_order
     )
 
 
@@ -159,7 +163,11 @@ def install(
             )
         else:
             state["second_moment"] = follow_columns(state["second_moment"], orders)
-    elif isinstance(config, PerFactorEigenvalueCorrectedConfig) and "eigenvectors" in state:
+    elif (
+        isinstance(config, PerFactorEigenvalueCorrectedConfig)
+        and "eigenvectors" in state
+        and not settings.distributed_shampoo_order
+    ):
         state["eigenvalue_ema"] = [
             follow_columns(ema, [order]) for ema, order in zip(state["eigenvalue_ema"], orders)
         ]
@@ -182,17 +190,29 @@ def kl_inverse_sqrts(
         return list(state["inverse_roots"])
     if isinstance(config, EigendecomposedConfig) and "eigenvalues" in state:
         scale = 1.0 / factor_correction(state, settings)
-        return [
-            damped_inverse_root(values, vectors, settings.epsilon, 0.5, scale)
-            for values, vectors in zip(state["eigenvalues"], state["eigenvectors"])
-        ]
+        return _kl_roots(state["eigenvalues"], state["eigenvectors"], settings.epsilon, scale)
     if isinstance(config, PerFactorEigenvalueCorrectedConfig) and state.get("correction_step"):
         scale = 1.0 / eigenvalue_correction(state, settings)
-        return [
-            damped_inverse_root(values, vectors, settings.epsilon, 0.5, scale)
-            for values, vectors in zip(state["eigenvalue_ema"], state["eigenvectors"])
-        ]
+        return _kl_roots(state["eigenvalue_ema"], state["eigenvectors"], settings.epsilon, scale)
     return [None] * num_factors
+
+
+def _kl_roots(
+    eigenvalues: Sequence[torch.Tensor],
+    eigenvectors: Sequence[torch.Tensor],
+    epsilon: float,
+    scale: float,
+) -> list[torch.Tensor]:
+    """``(Q diag(λ·scale + ε) Qᵀ)^{-1/2}`` per axis, the identity for blocks whose eigenvalues
+    are all zero (e.g. after an all-zero gradient): ``ε^{-1/2}`` there would multiply the next
+    outer product by ``1/ε`` and the EMA would carry it (Distributed Shampoo skips the same)."""
+    roots = []
+    for values, vectors in zip(eigenvalues, eigenvectors):
+        root = damped_inverse_root(values, vectors, epsilon, 0.5, scale)
+        unmeasured = (values == 0).all(dim=-1)[..., None, None]
+        identity = torch.eye(root.shape[-1], dtype=root.dtype, device=root.device)
+        roots.append(torch.where(unmeasured, identity, root))
+    return roots
 
 
 # --- eigenvalue correction and direction ---------------------------------------------------
@@ -222,14 +242,9 @@ def correct_and_precondition(
         return precondition_in_eigenbasis(
             filtered, state["eigenvectors"], kronecker_outer(scalings)
         )
-    if "eigenvectors" not in state:  # before the first refresh: the identity basis
-        state["eigenvectors"] = [
-            torch.eye(size, dtype=filtered.dtype, device=filtered.device).repeat(
-                len(filtered), 1, 1
-            )
-            for size in filtered.shape[1:]
-        ]
-    eigenvectors = state["eigenvectors"]
+    eigenvectors = _identity_basis_unless_refreshed(state, filtered)
+    if settings.distributed_shampoo_order:  # ``E_k`` was updated with the statistics
+        return _per_factor_direction(state, settings, filtered, eigenvectors)
     state["correction_step"] = state.get("correction_step", 0) + 1
     if isinstance(config, EigenvalueCorrectedConfig):
         if "second_moment" not in state:
@@ -256,10 +271,47 @@ def correct_and_precondition(
             settings.epsilon,
         )
         return from_eigenbasis(quotient, eigenvectors, scale / momentum_correction)
+    _accumulate_eigenvalues(state, settings, eigenvectors, products)
+    return _per_factor_direction(state, settings, filtered, eigenvectors)
+
+
+def update_eigenvalue_ema(
+    state: State, settings: StackSettings, gradient: torch.Tensor, products: Sequence[torch.Tensor]
+) -> None:
+    """Distributed Shampoo's order: ``E_k`` measured on this step's outer products in the current
+    basis (the identity before the first refresh), every step, before any refresh."""
+    if settings.distributed_shampoo_order:
+        state["correction_step"] = state.get("correction_step", 0) + 1
+        eigenvectors = _identity_basis_unless_refreshed(state, gradient)
+        _accumulate_eigenvalues(state, settings, eigenvectors, products)
+
+
+def _identity_basis_unless_refreshed(state: State, like: torch.Tensor) -> list[torch.Tensor]:
+    if "eigenvectors" not in state:  # before the first refresh: the identity basis
+        state["eigenvectors"] = [
+            torch.eye(size, dtype=like.dtype, device=like.device).repeat(len(like), 1, 1)
+            for size in like.shape[1:]
+        ]
+    return state["eigenvectors"]
+
+
+def _accumulate_eigenvalues(
+    state: State,
+    settings: StackSettings,
+    eigenvectors: Sequence[torch.Tensor],
+    products: Sequence[torch.Tensor],
+) -> None:
     if "eigenvalue_ema" not in state:
         state["eigenvalue_ema"] = [torch.zeros_like(product[..., 0]) for product in products]
     for ema, vectors, product in zip(state["eigenvalue_ema"], eigenvectors, products):
         update_factor_eigenvalues_(ema, vectors, product, settings.beta2)
+
+
+def _per_factor_direction(
+    state: State, settings: StackSettings, filtered: torch.Tensor, eigenvectors: list[torch.Tensor]
+) -> torch.Tensor:
+    """``Q[(QᵀM) ⊙ ⊗(E_k/bc + ε)^{-p}]Qᵀ``."""
+    k = filtered.ndim - 1
     scale = 1.0 / eigenvalue_correction(state, settings)
     scalings = [
         damped_inverse_root_scales(ema, settings.epsilon, settings.exponent(k), scale)
