@@ -44,7 +44,7 @@ def main() -> None:
             f"| {ours / theirs:.2f}x |"
         )
     print()
-    print("| Newton–Schulz (quintic, 5 steps) | time | matmul floor | ratio |")
+    print("| Newton–Schulz ('simple' coefficients, 5 steps) | time | matmul floor | ratio |")
     print("| --- | --- | --- | --- |")
     for m, n in ((256, 256), (512, 1024), (1024, 256)):
         matrix = torch.randn(m, n)

@@ -31,7 +31,7 @@ def reference_newton_schulz(matrix: torch.Tensor, schedule, steps: int) -> torch
 
 def reference_muon(weights, gradients, *, lr, momentum, nesterov, weight_decay, adjust, steps=5):
     """float64 Muon trajectory: EMA momentum, Nesterov, quintic NS, shape scale, decoupled wd."""
-    schedule = NEWTON_SCHULZ_COEFFICIENTS["quintic"].schedule
+    schedule = NEWTON_SCHULZ_COEFFICIENTS["simple"].schedule
     weights = [w.double().clone() for w in weights]
     buffers = [torch.zeros_like(w.reshape(w.shape[0], -1)) for w in weights]
     for step_gradients in gradients:

@@ -11,7 +11,8 @@ Coefficients = tuple[float, float, float]
 
 @dataclass(frozen=True)
 class NewtonSchulzCoefficients:
-    """Odd quintic ``p(σ) = aσ + bσ³ + cσ⁵`` per iteration; the last triple repeats.
+    """Odd quintic ``p(σ) = aσ + bσ³ + cσ⁵`` per iteration; past the end of ``schedule`` the last
+    triple repeats, or (``cycle=True``) the schedule starts over.
 
     ``band`` is the interval the singular values of the output fall in after the default number
     of steps, for inputs whose singular values (after Frobenius normalization) are ≥ 1e-3.
@@ -21,8 +22,11 @@ class NewtonSchulzCoefficients:
     schedule: tuple[Coefficients, ...]
     default_steps: int
     band: tuple[float, float]
+    cycle: bool = False
 
     def for_step(self, index: int) -> Coefficients:
+        if self.cycle:
+            return self.schedule[index % len(self.schedule)]
         return self.schedule[min(index, len(self.schedule) - 1)]
 
 
@@ -44,10 +48,27 @@ def _polar_express() -> tuple[Coefficients, ...]:
     return damped + (raw[-1],)
 
 
+# One name per coefficient set; the names are NVIDIA Emerging-Optimizers' where it has the set.
 NEWTON_SCHULZ_COEFFICIENTS: dict[str, NewtonSchulzCoefficients] = {
-    # Jordan et al., 2024 (Muon): fast but deliberately inexact, σ ends up in roughly [0.7, 1.2].
+    # Jordan et al., 2024: the single triple of Keller Jordan's Muon and of torch.optim.Muon
+    # (its default ns_coefficients); fast but deliberately inexact, σ ends up in [0.7, 1.2].
+    "simple": NewtonSchulzCoefficients(
+        "simple", ((3.4445, -4.7750, 2.0315),), default_steps=5, band=(0.68, 1.23)
+    ),
+    # Five triples tuned per iteration (You Jiacheng, 2025, used in modded-nanogpt), cycled when
+    # more steps are asked for: Emerging-Optimizers' "quintic".
     "quintic": NewtonSchulzCoefficients(
-        "quintic", ((3.4445, -4.7750, 2.0315),), default_steps=5, band=(0.68, 1.23)
+        "quintic",
+        (
+            (4.0848, -6.8946, 2.9270),
+            (3.9505, -6.3029, 2.6377),
+            (3.7418, -5.5913, 2.3037),
+            (2.8769, -3.1427, 1.2046),
+            (2.8366, -3.0525, 1.2012),
+        ),
+        default_steps=5,
+        band=(0.47, 1.15),
+        cycle=True,
     ),
     "polar_express": NewtonSchulzCoefficients(
         "polar_express", _polar_express(), default_steps=8, band=(0.9, 1.1)
@@ -85,7 +106,7 @@ def resolve_coefficients(
 def newton_schulz(
     matrix: torch.Tensor,
     steps: int | None = None,
-    coefficients: str | NewtonSchulzCoefficients | tuple[Coefficients, ...] = "quintic",
+    coefficients: str | NewtonSchulzCoefficients | tuple[Coefficients, ...] = "simple",
     *,
     epsilon: float = 1e-7,
     dtype: torch.dtype | None = None,
@@ -93,8 +114,12 @@ def newton_schulz(
     """Approximate ``U Vᵀ`` of ``G = U Σ Vᵀ`` for a matrix or stack ``(..., m, n)``.
 
     ``X = G / (‖G‖_F + ε)`` (transposed so rows ≤ columns), then per step ``A = X Xᵀ``,
-    ``X ← aX + (bA + cA²) X`` (Jordan et al., 2024, Muon). Computed in ``dtype`` (default: the
-    input dtype; bf16 is the usual fast choice on accelerators), returned in the input dtype.
+    ``X ← aX + (bA + cA²) X`` (Jordan et al., 2024, Muon). ``coefficients`` names a set of
+    ``NEWTON_SCHULZ_COEFFICIENTS``: ``"simple"`` (3.4445, −4.7750, 2.0315) every step, the set
+    of torch.optim.Muon and Keller Jordan's Muon; ``"quintic"`` five per-step triples, cycled
+    (Emerging-Optimizers' name); ``"polar_express"``; ``"cubic"``. Computed in ``dtype``
+    (default: the input dtype; bf16 is the usual fast choice on accelerators), returned in the
+    input dtype.
     """
     if matrix.ndim < 2:
         raise ValueError(f"matrix must have shape (..., m, n), got {tuple(matrix.shape)}")

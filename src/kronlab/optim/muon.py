@@ -54,7 +54,8 @@ class Muon(HybridMatrixOptimizer):
         model: lets embeddings and the output head be routed to AdamW automatically.
         lr, momentum, nesterov, weight_decay: Muon's hyperparameters for the matrices.
         ns_steps, ns_coefficients: Newton–Schulz steps and coefficient set (a name from
-            ``kronlab.linalg.NEWTON_SCHULZ_COEFFICIENTS`` or a tuple of ``(a, b, c)``).
+            ``kronlab.linalg.NEWTON_SCHULZ_COEFFICIENTS`` or a tuple of ``(a, b, c)``); the
+            default ``"simple"`` is the single triple of torch.optim.Muon and Keller Jordan's.
         ns_dtype: the dtype of the Newton–Schulz matmuls: bfloat16 (default, as the reference
             and torch; fast on accelerators and on CPUs with bf16 matmul units) or float32 etc.
             for accuracy. The update is added to the parameters from this dtype.
@@ -71,7 +72,7 @@ class Muon(HybridMatrixOptimizer):
         momentum: float = 0.95,
         nesterov: bool = True,
         ns_steps: int = 5,
-        ns_coefficients: str | tuple[tuple[float, float, float], ...] = "quintic",
+        ns_coefficients: str | tuple[tuple[float, float, float], ...] = "simple",
         weight_decay: float = 0.0,
         adjust_lr: str | None = "original",
         ns_dtype: torch.dtype = torch.bfloat16,

@@ -14,17 +14,23 @@ from kronlab.linalg.power import power_iteration
 from kronlab.optim.base import NonFinitePolicy, ParamsT
 from kronlab.optim.hybrid import HybridMatrixOptimizer, as_matrix, matrix_shape, params_by_shape
 from kronlab.optim.registry import register_optimizer
-from kronlab.optim.validation import check_range
+from kronlab.optim.validation import check_choice, check_range
 
 FACTOR_DTYPE = torch.float32
 # per-matrix state: factors and their momenta (stacked along dim 0 when a bucket is stepped)
 FACTOR_KEYS = ("factor_a", "factor_b", "momentum_a", "momentum_b", "left_vector_a", "left_vector_b")
 
 
-def spectron_rank(rows: int, columns: int, rank: int | None, rank_fraction: float | None) -> int:
-    """The factor rank of a ``rows × columns`` matrix: ``rank``, or ``round(fraction·min)`` ≥ 1."""
+WEIGHT_DECAY_METHODS = ("decoupled", "independent", "l2")
+
+
+def spectron_rank(
+    rows: int, columns: int, rank: int | None, rank_fraction: float | None, cap: bool = False
+) -> int:
+    """The factor rank of a ``rows × columns`` matrix: ``rank`` (``min(rank, rows, columns)``
+    with ``cap``), or ``round(fraction·min)`` ≥ 1."""
     if rank is not None:
-        return rank
+        return min(rank, rows, columns) if cap else rank
     return max(1, round(rank_fraction * min(rows, columns)))
 
 
@@ -47,7 +53,9 @@ class Spectron(HybridMatrixOptimizer):
     in float32: ``G_A = G B``, ``G_B = Gᵀ A``; ``A, B ← (1 − lr·wd)·A, B``;
     ``M_* ← βM_* + (1−β)G_*``; ``O_* = NS(M_*)``; ``σ_* ≈ ‖*‖₂`` (warm-started power iteration on
     the factors); ``ρ = lr/(σ_A + σ_B + 1)``; ``A ← A − ρO_A``, ``B ← B − ρO_B``;
-    ``W ← A Bᵀ`` in W's dtype. So ``‖ΔW‖₂ ≲ lr``.
+    ``W ← A Bᵀ`` in W's dtype. So ``‖ΔW‖₂ ≲ lr``. Weight decay on the factors per
+    ``weight_decay_method``: ``"decoupled"`` ``A ← (1 − lr·wd)A`` (above), ``"independent"``
+    ``A ← (1 − wd)A``, ``"l2"`` ``G_A ← G_A + wd·A`` (the names of NVIDIA Emerging-Optimizers).
 
     Memory: ``2(m+n)r + (m+n) + 2`` float32 numbers per ``m × n`` matrix (two factors, two
     momenta, two power-iteration vectors, two σ), against ``2mn`` for AdamW and ``mn`` for Muon
@@ -58,9 +66,16 @@ class Spectron(HybridMatrixOptimizer):
     Args:
         params, model: as ``Muon``; auxiliary parameters go to AdamW.
         lr: the bound on the spectral norm of each weight update.
-        rank, rank_fraction: exactly one; ``rank`` must be in ``[1, min(m, n)]`` for every matrix.
-        momentum, weight_decay, ns_steps, ns_coefficients: as in the update above.
+        rank, rank_fraction: exactly one; ``rank`` must be in ``[1, min(m, n)]`` for every matrix
+            unless ``cap_rank=True``, which uses ``min(rank, m, n)`` per matrix.
+        momentum, weight_decay, ns_steps: as in the update above.
+        ns_coefficients: a name from ``kronlab.linalg.NEWTON_SCHULZ_COEFFICIENTS`` (default
+            ``"simple"``) or a tuple of ``(a, b, c)``.
         power_iterations: warm-started power-iteration steps per optimizer step.
+        weight_decay_method: ``"decoupled"`` (default), ``"independent"`` or ``"l2"``.
+        cap_rank: cap ``rank`` at each matrix's ``min(m, n)`` instead of refusing it.
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults of the AdamW groups.
+        on_nonfinite_grad, verbose_init: as ``kronlab.optim.KronOptimizer``.
     """
 
     matrix_algorithm = "spectron"
@@ -75,8 +90,10 @@ class Spectron(HybridMatrixOptimizer):
         weight_decay: float = 0.0,
         ns_steps: int = 5,
         power_iterations: int = 1,
-        ns_coefficients: str | tuple[tuple[float, float, float], ...] = "quintic",
+        ns_coefficients: str | tuple[tuple[float, float, float], ...] = "simple",
         *,
+        weight_decay_method: str = "decoupled",
+        cap_rank: bool = False,
         model: nn.Module | None = None,
         adamw_lr: float = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
@@ -94,6 +111,8 @@ class Spectron(HybridMatrixOptimizer):
             "ns_steps": ns_steps,
             "power_iterations": power_iterations,
             "ns_coefficients": ns_coefficients,
+            "weight_decay_method": weight_decay_method,
+            "cap_rank": cap_rank,
         }
         super().__init__(
             params,
@@ -118,7 +137,8 @@ class Spectron(HybridMatrixOptimizer):
             check_range("rank_fraction", fraction, 0.0, 1.0, low_inclusive=False)
         else:
             check_range("rank", rank, 1, integer=True)
-            for param in group["params"]:
+            check_choice("cap_rank", group["cap_rank"], (True, False))
+            for param in group["params"] if not group["cap_rank"] else ():
                 rows, columns = matrix_shape(param)
                 if rank > min(rows, columns):
                     name = self._names.get(param, "a parameter")
@@ -129,16 +149,17 @@ class Spectron(HybridMatrixOptimizer):
         check_range("momentum", group["momentum"], 0.0, 1.0, high_inclusive=False)
         check_range("ns_steps", group["ns_steps"], 1, 100, integer=True)
         check_range("power_iterations", group["power_iterations"], 1, 100, integer=True)
+        check_choice("weight_decay_method", group["weight_decay_method"], WEIGHT_DECAY_METHODS)
         resolve_coefficients(group["ns_coefficients"])
 
     def describe_matrix(self, param: torch.Tensor, group: dict[str, Any]) -> str:
         rows, columns = matrix_shape(param)
-        rank = spectron_rank(rows, columns, group["rank"], group["rank_fraction"])
+        rank = _group_rank(rows, columns, group)
         return f"Spectron: factors {rows}x{rank} and {columns}x{rank}"
 
     def update_matrices(self, group: dict[str, Any], params: list[nn.Parameter]) -> None:
         for ((rows, columns), _device), bucket in params_by_shape(params).items():
-            rank = spectron_rank(rows, columns, group["rank"], group["rank_fraction"])
+            rank = _group_rank(rows, columns, group)
             fresh = [p for p in bucket if "factor_a" not in self.state[p]]
             if fresh:
                 self._initialize(fresh, rank)
@@ -193,11 +214,14 @@ def spectron_step(
 
     Returns the new factors, momenta and power-iteration vectors and the ``σ`` estimates used.
     """
-    lr, beta = group["lr"], group["momentum"]
+    lr, beta, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+    method = group.get("weight_decay_method", "decoupled")
     grad_a = grads @ b
     grad_b = grads.transpose(-1, -2) @ a
-    if group["weight_decay"] != 0:
-        decay = 1 - lr * group["weight_decay"]
+    if weight_decay != 0 and method == "l2":
+        grad_a, grad_b = grad_a + weight_decay * a, grad_b + weight_decay * b
+    elif weight_decay != 0:
+        decay = 1 - (lr * weight_decay if method == "decoupled" else weight_decay)
         a, b = a * decay, b * decay
     momentum_a = momentum_a.lerp(grad_a, 1 - beta)
     momentum_b = momentum_b.lerp(grad_b, 1 - beta)
@@ -210,6 +234,11 @@ def spectron_step(
     a = a - step_size * orthogonal_a
     b = b - step_size * orthogonal_b
     return a, b, momentum_a, momentum_b, left_a, left_b, sigma_a, sigma_b
+
+
+def _group_rank(rows: int, columns: int, group: dict[str, Any]) -> int:
+    cap = group.get("cap_rank", False)
+    return spectron_rank(rows, columns, group["rank"], group["rank_fraction"], cap)
 
 
 def _random_unit(size: int, device: torch.device) -> torch.Tensor:
