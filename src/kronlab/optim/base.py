@@ -99,12 +99,19 @@ class KronOptimizer(Optimizer):
         """One line per factor, e.g. ``'33x33 (Dense)'``, for ``verbose_init``."""
         return [f"{'x'.join(map(str, bundle.grouped_shape)) or 'scalar'} (none)"]
 
+    def describe_options(self, bundle: ParameterBundle) -> dict[str, Any]:
+        """The ``Other`` entry of ``verbose_init``: the bundle's group settings as resolved for
+        it, with ``combine_params`` the rule that claimed the bundle (not the whole tuple)."""
+        group = self.param_groups[bundle.group_index]
+        options = {k: v for k, v in group.items() if k != "params"}
+        options["combine_params"] = bundle.rule
+        return options
+
     def describe(self) -> str:
         """The ``verbose_init`` report: one entry per preconditioner bundle."""
         lines = ["Parameter groups:"]
         for index, bundle in enumerate(self.bundles):
-            group = self.param_groups[bundle.group_index]
-            other = {k: v for k, v in group.items() if k != "params"}
+            other = self.describe_options(bundle)
             lines += [
                 f"Group {index}",
                 f"- Parameter names: {list(bundle.names)}",

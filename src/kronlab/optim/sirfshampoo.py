@@ -269,6 +269,15 @@ class SIRFShampoo(KronOptimizer):
     def describe_preconditioner(self, bundle: ParameterBundle) -> list[str]:
         return [structure.describe() for structure in self._plans[bundle].structures]
 
+    def describe_options(self, bundle: ParameterBundle) -> dict[str, Any]:
+        """The group's settings with ``structures`` and ``preconditioner_dtypes`` resolved per
+        axis of this bundle (e.g. ``('dense', 'dense')``, ``(torch.float32, torch.float32)``)."""
+        options = super().describe_options(bundle)
+        dims = tuple(bundle.grouped_shape)
+        options["structures"] = _per_axis("structures", options["structures"], bundle, dims)
+        options["preconditioner_dtypes"] = self._plans[bundle].dtypes
+        return options
+
     def _count_batch_size(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
