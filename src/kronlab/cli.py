@@ -128,7 +128,9 @@ def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
         "(trained once, then cached) and 10 test queries. Under `torchrun --nproc-per-node N` "
         "the work is split across ranks.",
     )
-    parser.add_argument("stage", nargs="?", default="run", choices=(*STAGES, "run"))
+    from kronlab.compat.bergson import STAGE_ALIASES, add_bergson_flags
+
+    parser.add_argument("stage", nargs="?", default="run", choices=(*STAGES, "run", *STAGE_ALIASES))
     parser.add_argument("--run-dir", type=Path, default=Path("kronlab-attribute"))
     # Settings default to None: taken from the run directory's config.json, else the defaults.
     setting = parser.add_argument_group("settings (pinned in config.json)")
@@ -159,6 +161,14 @@ def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
     setting.add_argument("--train-store", help="use the gradient store in this directory")
     setting.add_argument("--top-k", type=int)
     setting.add_argument("--report-queries", type=int)
+    setting.add_argument(
+        "--no-bias",
+        dest="bias",
+        action="store_const",
+        const=False,
+        help="leave the tracked layers' biases out of the curvature, the store and the scores",
+    )
+    add_bergson_flags(setting)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted stage")
     parser.add_argument("--cache-dir", type=Path, help="where embedded models are cached")
     parser.add_argument("--backend", choices=("gloo", "nccl"), help="torch.distributed backend")
@@ -183,7 +193,9 @@ def _run_attribute(args: argparse.Namespace) -> int:
         AttributionRun,
         with_overrides,
     )
+    from kronlab.compat.bergson import resolve_bergson_flags
 
+    args = resolve_bergson_flags(args)
     stored = args.run_dir / CONFIG_FILE
     base = (
         AttributionConfig.from_json(json.loads(stored.read_text()))
@@ -213,6 +225,7 @@ def _run_attribute(args: argparse.Namespace) -> int:
         train_store=args.train_store,
         top_k=args.top_k,
         report_queries=args.report_queries,
+        bias=args.bias,
     )
     workers = init_workers(args.backend, args.device)
     run = AttributionRun(

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kronlab.curvature import LayerSpec, find_modules, layer_spec
+from kronlab.curvature import LayerSpec, bias_in_curvature, find_modules, layer_spec
 from kronlab.factors import kronecker_outer, precondition_in_eigenbasis
 from kronlab.optim.validation import check_choice, check_range
 
@@ -165,6 +165,11 @@ class Curvature:
 
     # -- model checks -----------------------------------------------------------------------
 
+    @property
+    def includes_bias(self) -> bool:
+        """Whether the tracked layers' biases were fitted (``fit_curvature(bias=...)``)."""
+        return bool(self.metadata.get("bias", True))
+
     def tracked_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         """The model's modules this curvature was fitted on; ``ValueError`` on any mismatch."""
         found = dict(model.named_modules())
@@ -173,7 +178,8 @@ class Curvature:
             raise ValueError(f"curvature and model mismatch: model has no module {missing}")
         modules = {}
         for name, curvature in self.modules.items():
-            spec = layer_spec(found[name])
+            with bias_in_curvature(self.includes_bias):
+                spec = layer_spec(found[name])
             if spec != curvature.spec:
                 raise ValueError(
                     f"curvature and model mismatch at {name!r}: fitted on {curvature.spec}, "

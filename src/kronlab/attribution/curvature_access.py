@@ -23,6 +23,7 @@ from kronlab.curvature import (
     KroneckerStatistics,
     LayerSpec,
     example_gradients,
+    includes_bias,
     layer_batches,
     layer_spec,
 )
@@ -71,7 +72,8 @@ def fit(
     examples = int(sum(len(batches[i][0]) for i in range(len(batches))))
     if progress is not None:
         progress.update(examples * (method == "ekfac"))
-    return Curvature(method, fitted, {"fisher": fisher, "num_examples": examples})
+    metadata = {"fisher": fisher, "num_examples": examples, "bias": includes_bias()}
+    return Curvature(method, fitted, metadata)
 
 
 def _fitting_loss(

@@ -20,8 +20,10 @@ from kronlab.attribution.curvature import Curvature, ModuleCurvature
 from kronlab.curvature import (
     KroneckerStatistics,
     LossFn,
+    bias_in_curvature,
     example_gradients,
     find_modules,
+    includes_bias,
     layer_batches,
     layer_spec,
 )
@@ -46,6 +48,7 @@ def fit_curvature(
     seed: int = 0,
     samples: int = 1,
     progress: bool = False,
+    bias: bool = True,
 ) -> Curvature:
     """Fit the curvature of ``model`` on ``data`` (an iterable of batches, read once per pass).
 
@@ -57,8 +60,15 @@ def fit_curvature(
     when the batch is a mapping that has one). Factors are stored in ``dtype``; label sampling
     uses a private generator seeded with ``seed``; ``samples`` > 1 draws that many label sets per
     example for the true Fisher (each pass reads ``data`` that many times), which lowers the
-    Monte Carlo noise of ``S`` and of EK-FAC's eigenvalues.
+    Monte Carlo noise of ``S`` and of EK-FAC's eigenvalues. ``bias=False`` leaves the tracked
+    layers' biases out of the curvature (and out of the gradients scored against it).
     """
+    if not bias:
+        with bias_in_curvature(False):
+            return fit_curvature(
+                model, data, loss_fn, method, modules, fisher, mask_fn=mask_fn, dtype=dtype,
+                seed=seed, samples=samples, progress=progress,
+            )  # fmt: skip
     check_choice("method", method, FIT_METHODS)
     check_choice("fisher", fisher, FISHER_TYPES)
     check_range("samples", samples, 1, integer=True)
@@ -69,7 +79,7 @@ def fit_curvature(
         return Curvature(
             "identity",
             {name: _identity(module, dtype) for name, module in tracked.items()},
-            {"fisher": None, "num_examples": 0},
+            {"fisher": None, "num_examples": 0, "bias": includes_bias()},
         )
     fitting_loss = _fitting_loss(loss_fn, fisher)
     masks = mask_fn or default_mask
@@ -263,5 +273,6 @@ def _metadata(fisher: str, examples: Mapping[str, int], seed: int, samples: int)
         "num_examples": max(examples.values(), default=0) // samples,
         "seed": seed,
         "samples": samples,
+        "bias": includes_bias(),
         "kronlab_version": __version__,
     }

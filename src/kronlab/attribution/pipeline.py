@@ -19,13 +19,15 @@ complete. Every stage splits its chunks across ``torch.distributed`` ranks (see
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -52,11 +54,12 @@ from kronlab.attribution.store import (
     check_settings,
     flatten_blocks,
 )
-from kronlab.curvature import find_modules, layer_spec, per_example_gradients
+from kronlab.curvature import bias_in_curvature, find_modules, layer_spec, per_example_gradients
 from kronlab.linalg.projection import PROJECTION_KINDS
 from kronlab.optim.validation import check_choice, check_range
 
 STAGES = ("build", "fit", "apply", "score")
+T = TypeVar("T")
 COMPRESSIONS = ("project", "folded", "whitened")
 # Compressions whose training store depends on the fitted curvature (fit runs before build).
 CURVATURE_STORES = ("folded", "whitened")
@@ -76,7 +79,8 @@ class AttributionConfig:
     ``L = P (F + δI)^{1/2}``: exactly the K-FAC / EK-FAC score without projection, and a sketch
     of well-conditioned vectors with it; see :mod:`kronlab.attribution.compression`).
     ``chunk_rows`` is the unit of commit (and of resume); ``batch_size`` the number of examples
-    per forward/backward pass.
+    per forward/backward pass. ``bias=False`` leaves the tracked layers' biases out of the
+    curvature, the stored gradients and the scores.
     """
 
     model: str = "digits-mlp"
@@ -99,6 +103,7 @@ class AttributionConfig:
     train_store: str | None = None
     top_k: int = 5
     report_queries: int = 4
+    bias: bool = True
 
     def __post_init__(self) -> None:
         check_range("num_queries", self.num_queries, 1, integer=True)
@@ -116,6 +121,7 @@ class AttributionConfig:
         check_range("length", self.length, 2, integer=True)
         check_range("top_k", self.top_k, 1, integer=True)
         check_range("report_queries", self.report_queries, 0, integer=True)
+        check_choice("bias", self.bias, (True, False))
         if self.compression == "folded" and self.method != "kfac":
             raise ValueError(
                 f"Invalid compression: 'folded' with method={self.method!r} (allowed: method="
@@ -141,6 +147,17 @@ class AttributionConfig:
         if data.get("modules") is not None:
             data = {**data, "modules": tuple(data["modules"])}
         return cls(**data)
+
+
+def _with_bias_setting(stage: Callable[..., T]) -> Callable[..., T]:
+    """Run a stage with the configured bias setting (``bias_in_curvature``)."""
+
+    @functools.wraps(stage)
+    def run_stage(self: AttributionRun, *args: Any, **kwargs: Any) -> T:
+        with bias_in_curvature(self.config.bias):
+            return stage(self, *args, **kwargs)
+
+    return run_stage
 
 
 def prepare_run_dir(run_dir: Path, config: AttributionConfig, workers: Workers) -> None:
@@ -329,6 +346,7 @@ class AttributionRun:
                 f"run `kronlab attribute {stage}` first (or `run`)"
             )
 
+    @_with_bias_setting
     def run(self, resume: bool = False) -> np.ndarray:
         """All stages in order, skipping those already complete; returns the scores."""
         for stage in self.stage_order():
@@ -354,6 +372,7 @@ class AttributionRun:
 
     # ---- build ------------------------------------------------------------------------------
 
+    @_with_bias_setting
     def build(self, resume: bool = False) -> GradientStore:
         """Write every training example's (projected) gradient row; ``resume`` continues a
         store that an interrupted build left incomplete."""
@@ -449,6 +468,7 @@ class AttributionRun:
 
     # ---- fit --------------------------------------------------------------------------------
 
+    @_with_bias_setting
     def fit(self) -> None:
         """Fit the K-FAC / EK-FAC curvature on the training examples and save it."""
         task = self.task
@@ -520,6 +540,7 @@ class AttributionRun:
         # Queries are few: keep them in float32 whatever the training store's dtype.
         return self.store_settings(self.task.queries, "float32", transform)
 
+    @_with_bias_setting
     def apply(self, resume: bool = False) -> GradientStore:
         """Transform the queries: ``P_S (H⁻¹ G_q) P_Aᵀ``, ``M_S G_q M_Aᵀ`` when folded,
         ``L_S (H⁻¹ G_q) L_Aᵀ`` when whitened."""
@@ -537,6 +558,7 @@ class AttributionRun:
 
     # ---- score ------------------------------------------------------------------------------
 
+    @_with_bias_setting
     def score(self) -> np.ndarray:
         """``scores[q, t] = ⟨query_q, train_t⟩`` into ``scores.npy``, then the report."""
         self._require("build", "score")

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from kronlab.attribution.curvature import Curvature
 from kronlab.attribution.fit import MaskFn, default_mask
-from kronlab.curvature import per_example_gradients
+from kronlab.curvature import bias_in_curvature, per_example_gradients
 from kronlab.optim.validation import check_choice, check_range
 
 NORMALIZATIONS = ("none", "unit", "relative")
@@ -52,7 +52,8 @@ def influence_scores(
     def flat_gradients(
         batch: Any, batch_loss: Callable[..., torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        return per_example_gradients(model, batch, batch_loss, modules, mask=masks(batch))
+        with bias_in_curvature(curvature.includes_bias):
+            return per_example_gradients(model, batch, batch_loss, modules, mask=masks(batch))
 
     def preconditioned(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return curvature.inverse_hvp(grads, damping, damping_factor=damping_factor)

@@ -8,8 +8,10 @@ example is the matrix ``G_i = Σ_t g_t a_tᵀ`` of shape ``(d_out, d_in [+1 for 
 from kronlab.curvature.hooks import LayerBatch, LossFn, layer_batches
 from kronlab.curvature.layers import (
     LayerSpec,
+    bias_in_curvature,
     find_modules,
     gradient_matrix,
+    includes_bias,
     layer_spec,
     parameters_from_matrix,
 )
@@ -22,9 +24,11 @@ __all__ = [
     "LayerSpec",
     "LossFn",
     "Projection",
+    "bias_in_curvature",
     "example_gradients",
     "find_modules",
     "gradient_matrix",
+    "includes_bias",
     "layer_batches",
     "layer_spec",
     "parameters_from_matrix",

@@ -17,6 +17,9 @@ Grosse & Martens 2016, KFC for convolutions). ``G`` always has shape ``(d_out, d
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,10 +62,30 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     )
 
 
+_INCLUDE_BIAS: ContextVar[bool] = ContextVar("kronlab_include_bias", default=True)
+
+
+@contextmanager
+def bias_in_curvature(include: bool) -> Iterator[None]:
+    """Within the block, tracked layers' biases are (default) or are not part of the curvature:
+    with ``include=False`` a layer's ``G`` is its weight gradient alone, ``a_t`` gets no
+    appended 1 and the bias is neither fitted nor scored (bergson's ``include_bias=False``)."""
+    token = _INCLUDE_BIAS.set(include)
+    try:
+        yield
+    finally:
+        _INCLUDE_BIAS.reset(token)
+
+
+def includes_bias() -> bool:
+    """Whether biases are part of the curvature here (see :func:`bias_in_curvature`)."""
+    return _INCLUDE_BIAS.get()
+
+
 def layer_spec(module: nn.Module) -> LayerSpec | None:
     """The module's :class:`LayerSpec`, or ``None`` if K-FAC cannot track it."""
     bias = getattr(module, "bias", None)
-    has_bias = isinstance(bias, torch.Tensor)
+    has_bias = isinstance(bias, torch.Tensor) and _INCLUDE_BIAS.get()
     extra = int(has_bias)
     if isinstance(module, nn.Linear):
         return LayerSpec("linear", module.out_features, module.in_features + extra, has_bias)
