@@ -29,8 +29,8 @@ def params() -> list[nn.Parameter]:
     ("options", "argument"),
     [
         ({"lr": -1.0}, "lr"),
-        ({"epsilon": -1e-8}, "epsilon"),
-        ({"epsilon": 0.0}, "epsilon"),
+        ({"eps": -1e-8}, "eps"),
+        ({"eps": 0.0}, "eps"),
         ({"betas": (1.2, 0.9)}, r"betas\[0\]"),
         ({"betas": (0.9, -0.1)}, r"betas\[1\]"),
         ({"betas": (0.9,)}, "betas"),

@@ -78,6 +78,11 @@ class QUAD(_QuadTorch):
 
 class Procrustes(_QuadTorch):
     """PSGD-Procrustes (Li et al.): ``Q ← Q − μ/L·E Q`` then a rotation back toward symmetric
-    positive definite (the ``Q^0.5 E Q^1.5`` form); arguments as ``QUAD``."""
+    positive definite (the ``Q^0.5 E Q^1.5`` form); see ``kronlab.optim.PSGD``.
+
+    Args:
+        params, lr, lr_style, momentum, weight_decay, max_size_dense, max_skew_dense,
+            preconditioner_lr, preconditioner_init_scale, noise_scale, dtype: as ``QUAD``.
+    """
 
     method = "procrustes"

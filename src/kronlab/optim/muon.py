@@ -61,6 +61,9 @@ class Muon(HybridMatrixOptimizer):
             for accuracy. The update is added to the parameters from this dtype.
         adjust_lr: "original" (default, as torch), "match_adamw_rms", "spectral" or None.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults of the AdamW groups.
+        on_nonfinite_grad: ``"skip"`` (default), ``"raise"`` or ``"ignore"`` (see
+            ``KronOptimizer``).
+        verbose_init: print each parameter's algorithm at construction.
     """
 
     matrix_algorithm = "muon"

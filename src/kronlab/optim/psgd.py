@@ -109,9 +109,11 @@ class PSGD(KronOptimizer):
     ``Pg`` and ``Q`` (``keeps_root``, ``forms_square``).
 
     Args:
-        lr: learning rate; with ``lr_style="adam"`` the step is ``lr/5 · update`` so AdamW's
-            learning rates and weight decays transfer (PSGD's update RMS ≈ 1, Adam's ≈ 0.2);
-            ``lr_style=None`` steps by ``lr · update``.
+        params: tensors or param groups; ``None`` with ``model=`` takes all of the model's.
+        lr: learning rate.
+        lr_style: ``"adam"``: the step is ``lr/5 · update`` so AdamW's learning rates and weight
+            decays transfer (PSGD's update RMS ≈ 1, Adam's ≈ 0.2); ``None`` steps by
+            ``lr · update``.
         method: ``"quad"`` or ``"procrustes"``.
         momentum: EMA coefficient of the gradient; the preconditioner is fitted to the momentum.
         weight_decay: decoupled, ``p ← p (1 − lr · weight_decay)``.
@@ -131,6 +133,11 @@ class PSGD(KronOptimizer):
             GEMMs accumulate in float32 anyway and are ~2x slower) and the refreshed factors
             are stored rounded to ``dtype``. Updates are cast back to each parameter's dtype;
             Lipschitz estimates are kept in at least float32.
+        model: lets grouping rules find layers and gives parameters their names.
+        combine_params: grouping rules (``kronlab.groups``), first match wins.
+        on_nonfinite_grad: ``"skip"`` (default), ``"raise"`` or ``"ignore"`` (see
+            ``KronOptimizer``).
+        verbose_init: print each parameter's layout at construction.
     """
 
     def __init__(

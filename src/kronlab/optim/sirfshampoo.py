@@ -146,9 +146,12 @@ class SIRFShampoo(KronOptimizer):
             its layers.
         params: parameters or param groups (default: all trainable parameters of ``model``);
             a group may set its own ``combine_params``, ``structures``, ... .
-        lr: parameter step size (β1 in the paper). beta2: factor step size, in ``[0, 1]``.
-        alpha1: parameter momentum, ``[0, 1)``. alpha2: factor (Riemannian) momentum, ``[0, 1)``.
-        lam: damping λ ≥ 0. kappa: weight decay κ ≥ 0 (added to the step before momentum).
+        lr: parameter step size (β1 in the paper).
+        beta2: factor step size, in ``[0, 1]`` (not an EMA rate as Shampoo's ``betas[1]``).
+        alpha1: parameter momentum, ``[0, 1)``.
+        alpha2: factor (Riemannian) momentum, ``[0, 1)``.
+        lam: damping λ ≥ 0.
+        kappa: weight decay κ ≥ 0 (added to the step before momentum).
         T: factor update every ``T`` steps, or a callable ``step -> bool`` on the 0-based step.
             Fixed at construction: it is not saved by ``state_dict`` (callables cannot be).
         structures: one name for every axis or a tuple with one per axis of the grouped tensor:

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
 from kronlab.factors.eigenbasis import refresh_eigenbasis
 from kronlab.groups.layout import BlockLayout
+from kronlab.groups.rules import PreconditionerGroup
 from kronlab.linalg._dtypes import working_dtype
 from kronlab.linalg.batching import concatenate_matrices
-from kronlab.optim.base import GLOBAL_STATE, KronOptimizer, ParamsT
+from kronlab.optim.base import (
+    DEFAULT_RULES,
+    GLOBAL_STATE,
+    KronOptimizer,
+    NonFinitePolicy,
+    ParamsT,
+)
 from kronlab.optim.bundles import ParameterBundle
 from kronlab.optim.shampoo import variants
 from kronlab.optim.shampoo.config import (
@@ -108,16 +117,45 @@ class Shampoo(KronOptimizer):
     | ``eigenvalue_ema``, ``correction_step``). ``kronecker_factors(param)`` returns, per block of
     the parameter's bundle, a ``KroneckerBlock`` of views into them; ``block_layout(param)`` says
     how the grouped tensor is cut into those blocks.
+
+    Args:
+        params: tensors or param groups (a group may set any argument below but ``model``);
+            ``None`` with ``model=`` takes all of the model's trainable parameters.
+        lr: learning rate.
+        betas: ``(β₁, β₂)``: the EMA rates of the gradient (0: none) and of the factors
+            (``1``: running sums, AdaGrad-style).
+        eps: damping ``ε`` added to the (bias-corrected) factors' eigenvalues.
+        preconditioner: the variant, by name or config (see above).
+        kl: KL-Shampoo statistics.
+        grafting: ``"none"``, ``"sgd"``, ``"adagrad"``, ``"rmsprop"``, ``"adam"`` or a
+            ``GraftingConfig``: rescale each block's direction to that method's norm.
+        weight_decay: ``p ← p(1 − lr·wd)`` (decoupled) or ``g ← g + wd·p`` (L2).
+        decoupled_weight_decay: which of the two.
+        nesterov: Nesterov's form of the β₁ momentum.
+        bias_correction: divide the EMAs by ``1 − β^t``.
+        precondition_frequency: steps between decompositions.
+        start_preconditioning_step: the first preconditioned step (earlier: grafting alone).
+        max_preconditioner_dim: dims larger than this are cut into blocks (``None``: never).
+        merge_dims: merge adjacent small dims while their product fits that size.
+        factor_dtype: ``torch.float32`` or ``torch.float64`` for factors and decompositions.
+        vector_preconditioner: ``"diagonal"``, ``"grafting"`` or ``"dense"`` (see above).
+        max_consecutive_failures: failed decompositions in a row before raising.
+        model: lets grouping rules find layers and gives parameters their names.
+        combine_params: grouping rules (``kronlab.groups``), first match wins.
+        on_nonfinite_grad: ``"skip"`` (default), ``"raise"`` or ``"ignore"`` (see
+            ``KronOptimizer``).
+        verbose_init: print each preconditioner group at construction.
+        epsilon: the former name of ``eps``, still accepted.
     """
 
     structural_keys = ("combine_params", "preconditioner", "grafting")
 
     def __init__(
         self,
-        params: ParamsT,
+        params: ParamsT = None,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
-        epsilon: float = 1e-12,
+        eps: float = 1e-12,
         *,
         preconditioner: object = "root_inv",
         kl: bool = False,
@@ -133,12 +171,16 @@ class Shampoo(KronOptimizer):
         factor_dtype: torch.dtype = torch.float32,
         vector_preconditioner: str = "diagonal",
         max_consecutive_failures: int = 5,
-        **base_options: Any,
+        model: nn.Module | None = None,
+        combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
+        on_nonfinite_grad: NonFinitePolicy = "skip",
+        verbose_init: bool = False,
+        epsilon: float | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, list) else betas,
-            epsilon=epsilon,
+            eps=_renamed_eps(eps, epsilon, type(self)),
             preconditioner=preconditioner,
             kl=kl,
             grafting=grafting,
@@ -155,13 +197,22 @@ class Shampoo(KronOptimizer):
             max_consecutive_failures=max_consecutive_failures,
         )
         self._plan: StackingPlan | None = None
-        super().__init__(params, defaults, **base_options)
+        super().__init__(
+            params,
+            defaults,
+            model=model,
+            combine_params=combine_params,
+            on_nonfinite_grad=on_nonfinite_grad,
+            verbose_init=verbose_init,
+        )
 
     # --- construction ---------------------------------------------------------------------
     def validate_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
         check_betas("betas", group["betas"])
-        check_range("epsilon", group["epsilon"], 0.0, low_inclusive=False)
+        if "epsilon" in group:  # a param group written with the former name
+            group["eps"] = group.pop("epsilon")
+        check_range("eps", group["eps"], 0.0, low_inclusive=False)
         check_range("weight_decay", group["weight_decay"], 0.0)
         check_range("precondition_frequency", group["precondition_frequency"], 1, integer=True)
         check_range(
@@ -504,18 +555,42 @@ def _stack_key(group: dict[str, Any], param: torch.Tensor) -> tuple:
     return (param.device, working_dtype(param.dtype), StackSettings.from_group(group))
 
 
+def _renamed_eps(eps: float, epsilon: float | None, optimizer: type) -> float:
+    """``eps``, or the value passed under its former name ``epsilon`` (not both)."""
+    if epsilon is None:
+        return eps
+    default = inspect.signature(optimizer.__init__).parameters["eps"].default
+    if eps != default:
+        raise ValueError(
+            f"Invalid epsilon: {epsilon!r} together with eps={eps!r} (allowed: one of them; "
+            "epsilon is the former name of eps)"
+        )
+    return epsilon
+
+
 class SOAP(Shampoo):
     """SOAP (Vyas et al., 2024): Adam in the eigenbasis of Shampoo's factors, refreshed by one
     warm-started QR step every ``precondition_frequency`` steps. Published defaults: lr 3e-3,
     betas (0.95, 0.95), ε 1e-8, weight decay 0.01, frequency 10, max dim 10000, no dim merging,
-    1-D parameters by Adam. ``precondition_1d=True`` gives vectors a dense factor."""
+    1-D parameters by Adam.
+
+    Args:
+        params, lr, betas, eps, weight_decay, precondition_frequency, max_preconditioner_dim,
+            merge_dims: as ``Shampoo`` (SOAP's defaults above).
+        shampoo_beta: the factors' EMA rate (``None``: ``betas[1]``).
+        precondition_1d: give parameters with one dim > 1 a dense factor (else Adam).
+        eigenbasis: ``"qr"`` (SOAP's warm-started QR step) or ``"eigh"``.
+        grafting, decoupled_weight_decay, nesterov, bias_correction, start_preconditioning_step,
+            factor_dtype, max_consecutive_failures, model, combine_params, on_nonfinite_grad,
+            verbose_init, epsilon: as ``Shampoo`` (``grafting`` defaults to ``"none"``).
+    """
 
     def __init__(
         self,
-        params: ParamsT,
+        params: ParamsT = None,
         lr: float = 3e-3,
         betas: tuple[float, float] = (0.95, 0.95),
-        epsilon: float = 1e-8,
+        eps: float = 1e-8,
         *,
         shampoo_beta: float | None = None,
         weight_decay: float = 0.01,
@@ -524,24 +599,44 @@ class SOAP(Shampoo):
         merge_dims: bool = False,
         precondition_1d: bool = False,
         eigenbasis: str = "qr",
-        **options: Any,
+        grafting: object = "none",
+        decoupled_weight_decay: bool = True,
+        nesterov: bool = False,
+        bias_correction: bool = True,
+        start_preconditioning_step: float = 1,
+        factor_dtype: torch.dtype = torch.float32,
+        max_consecutive_failures: int = 5,
+        model: nn.Module | None = None,
+        combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
+        on_nonfinite_grad: NonFinitePolicy = "skip",
+        verbose_init: bool = False,
+        epsilon: float | None = None,
     ) -> None:
-        options.setdefault("grafting", "none")
         super().__init__(
             params,
             lr,
             betas,
-            epsilon,
+            _renamed_eps(eps, epsilon, SOAP),
             preconditioner=EigenvalueCorrectedConfig(
                 eigenbasis=eigenbasis,  # type: ignore[arg-type]
                 factor_beta=shampoo_beta,
             ),
+            grafting=grafting,
             weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            nesterov=nesterov,
+            bias_correction=bias_correction,
             precondition_frequency=precondition_frequency,
+            start_preconditioning_step=start_preconditioning_step,
             max_preconditioner_dim=max_preconditioner_dim,
             merge_dims=merge_dims,
+            factor_dtype=factor_dtype,
             vector_preconditioner="dense" if precondition_1d else "diagonal",
-            **options,
+            max_consecutive_failures=max_consecutive_failures,
+            model=model,
+            combine_params=combine_params,
+            on_nonfinite_grad=on_nonfinite_grad,
+            verbose_init=verbose_init,
         )
 
 
@@ -553,29 +648,65 @@ class KLShampoo(Shampoo):
     preconditioner defaults to per-factor eigenvalue correction. The reference clamps the inverse
     square-root eigenvalues to keep early steps bounded (its direction scales like 1/σ of a
     single low-rank gradient); here Adam grafting (per-block norm matching) does that job by
-    default — pass ``grafting="none"`` for the raw KL-Shampoo step."""
+    default — pass ``grafting="none"`` for the raw KL-Shampoo step. While a factor's eigenvalues
+    are all zero (before any gradient was measured) the statistics skip its inverse.
+
+    Args:
+        params, lr, betas, eps, preconditioner, grafting, weight_decay, decoupled_weight_decay,
+            nesterov, bias_correction, precondition_frequency, start_preconditioning_step,
+            max_preconditioner_dim, merge_dims, factor_dtype, vector_preconditioner,
+            max_consecutive_failures, model, combine_params, on_nonfinite_grad, verbose_init,
+            epsilon: as ``Shampoo`` (the defaults above; ``preconditioner`` one of
+            ``"root_inv"``, ``"eigendecomposed"``, ``"per_factor_eigenvalue_corrected"``).
+    """
 
     def __init__(
         self,
-        params: ParamsT,
+        params: ParamsT = None,
         lr: float = 3e-3,
         betas: tuple[float, float] = (0.95, 0.95),
-        epsilon: float = 1e-8,
+        eps: float = 1e-8,
         *,
         preconditioner: object = "per_factor_eigenvalue_corrected",
+        grafting: object = "adam",
         weight_decay: float = 0.01,
+        decoupled_weight_decay: bool = True,
+        nesterov: bool = False,
+        bias_correction: bool = True,
         precondition_frequency: int = 10,
-        **options: Any,
+        start_preconditioning_step: float = 1,
+        max_preconditioner_dim: int | None = 1024,
+        merge_dims: bool = True,
+        factor_dtype: torch.dtype = torch.float32,
+        vector_preconditioner: str = "diagonal",
+        max_consecutive_failures: int = 5,
+        model: nn.Module | None = None,
+        combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
+        on_nonfinite_grad: NonFinitePolicy = "skip",
+        verbose_init: bool = False,
+        epsilon: float | None = None,
     ) -> None:
-        options.setdefault("grafting", "adam")
         super().__init__(
             params,
             lr,
             betas,
-            epsilon,
+            _renamed_eps(eps, epsilon, KLShampoo),
             preconditioner=preconditioner,
             kl=True,
+            grafting=grafting,
             weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            nesterov=nesterov,
+            bias_correction=bias_correction,
             precondition_frequency=precondition_frequency,
-            **options,
+            start_preconditioning_step=start_preconditioning_step,
+            max_preconditioner_dim=max_preconditioner_dim,
+            merge_dims=merge_dims,
+            factor_dtype=factor_dtype,
+            vector_preconditioner=vector_preconditioner,
+            max_consecutive_failures=max_consecutive_failures,
+            model=model,
+            combine_params=combine_params,
+            on_nonfinite_grad=on_nonfinite_grad,
+            verbose_init=verbose_init,
         )

@@ -9,7 +9,7 @@ from kronlab.optim.registry import register_optimizer
 from kronlab.optim.shampoo.optimizer import SOAP, KLShampoo, Shampoo
 
 # What the digits task wants from every plain-Shampoo entry; each entry adds its variant.
-DIGITS_DEFAULTS = {"epsilon": 1e-8, "precondition_frequency": 10, "weight_decay": 1e-2}
+DIGITS_DEFAULTS = {"eps": 1e-8, "precondition_frequency": 10, "weight_decay": 1e-2}
 
 
 def _register_shampoo(name: str, summary: str, **variant: object) -> None:

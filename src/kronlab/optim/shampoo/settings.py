@@ -36,7 +36,7 @@ class StackSettings:
         return cls(
             beta1=beta1,
             beta2=beta2,
-            epsilon=group["epsilon"],
+            epsilon=group["eps"],
             nesterov=group["nesterov"],
             bias_correction=group["bias_correction"],
             precondition_frequency=group["precondition_frequency"],
@@ -80,9 +80,9 @@ class StackSettings:
     def is_refresh_step(self, step: int) -> bool:
         """Refresh at the first preconditioned step, then every ``precondition_frequency``
         (Distributed Shampoo's order: at steps divisible by the frequency after it)."""
-        start, frequency = int(self.start_preconditioning_step), self.precondition_frequency
-        if step < start:
+        if step < self.start_preconditioning_step:  # may be inf: grafting alone
             return False
+        start, frequency = int(self.start_preconditioning_step), self.precondition_frequency
         if self.distributed_shampoo_order:
             return step == start or step % frequency == 0
         return (step - start) % frequency == 0
