@@ -43,6 +43,18 @@ def test_default_groups_show_resolved_structures_and_the_claiming_rule(capsys) -
     assert all("'combine_params': PerParameter()" in line for line in others)
 
 
+def test_seed_names_map_to_kronlab_and_are_reported_back(capsys) -> None:
+    model = _model()
+    groups = [{"params": list(model.parameters()), "alpha1": 0.5, "kappa": 0.01}]
+    optimizer = SIRFShampoo(model, params=groups, alpha1=0.8, verbose_init=True)
+    assert (optimizer.param_groups[0]["momentum"], optimizer.param_groups[0]["weight_decay"]) == (
+        0.5,
+        0.01,
+    )
+    other = _others(capsys.readouterr().out)[0]
+    assert "'alpha1': 0.5" in other and "'kappa': 0.01" in other and "momentum" not in other
+
+
 def test_linear_weight_bias_rule_and_missing_fallback(capsys) -> None:
     model = _model()
     SIRFShampoo(model, combine_params=(LinearWeightBias(), PerParameter()), verbose_init=True)

@@ -11,6 +11,7 @@ import torch
 from kronlab.compat.distributed_shampoo import DistributedShampoo
 from kronlab.compat.emerging_optimizers import Spectron as EmergingSpectron
 from kronlab.compat.quad_torch import QUAD, Procrustes
+from kronlab.compat.sirfshampoo import SIRFShampoo as SeedSIRFShampoo
 from kronlab.optim import PSGD, SOAP, KLShampoo, Muon, Shampoo, SIRFShampoo, Spectron
 
 CLASSES = [
@@ -25,6 +26,7 @@ CLASSES = [
     QUAD,
     Procrustes,
     EmergingSpectron,
+    SeedSIRFShampoo,
 ]
 
 

@@ -13,7 +13,7 @@ from kronlab.groups import FlattenEmbedding, LinearWeightBias, PerParameter, Pre
 from kronlab.optim import SIRFShampoo, available_optimizers
 from kronlab.optim.sirfshampoo import precondition, update_factors
 
-HYPER = dict(lr=0.1, beta2=0.3, alpha1=0.9, alpha2=0.5, lam=0.05, kappa=0.01)
+HYPER = dict(lr=0.1, beta2=0.3, momentum=0.9, alpha2=0.5, lam=0.05, weight_decay=0.01)
 
 
 # --- float64 reference ------------------------------------------------------------------------
@@ -120,8 +120,8 @@ def test_two_steps_match_float64_reference(shape, specs):
         factors, momenta = reference_factor_step(
             grad, factors, momenta, specs, 6, HYPER["beta2"], HYPER["alpha2"], HYPER["lam"]
         )
-        step = reference_direction(grad, factors) + HYPER["kappa"] * before
-        buffer = HYPER["alpha1"] * buffer + step
+        step = reference_direction(grad, factors) + HYPER["weight_decay"] * before
+        buffer = HYPER["momentum"] * buffer + step
         expected = before - HYPER["lr"] * buffer
         optimizer.step()
         torch.testing.assert_close(param.detach(), expected, rtol=1e-10, atol=1e-12)
@@ -165,7 +165,7 @@ def test_structured_equals_dense_when_the_structure_is_exact(spec, make_grad):
 
 def test_no_factor_learning_and_no_momentum_is_sgd():
     model = TensorModel((4, 3))
-    optimizer = SIRFShampoo(model, lr=0.1, beta2=0.0, alpha1=0.0)
+    optimizer = SIRFShampoo(model, lr=0.1, beta2=0.0, momentum=0.0)
     for _ in range(3):
         optimizer.zero_grad()
         loss_and_backward(model)
@@ -337,10 +337,10 @@ def test_half_precision_factors_match_float32(half):
     [
         (dict(lr=-1.0), "lr"),
         (dict(beta2=1.5), "beta2"),
-        (dict(alpha1=1.0), "alpha1"),
+        (dict(momentum=1.0), "momentum"),
         (dict(alpha2=-0.1), "alpha2"),
         (dict(lam=-1e-3), "lam"),
-        (dict(kappa=-1.0), "kappa"),
+        (dict(weight_decay=-1.0), "weight_decay"),
         (dict(T=0), "T"),
         (dict(T=1.5), "T"),
         (dict(structures="sparse"), "structure"),
@@ -506,7 +506,7 @@ def test_scalar_parameters_have_no_factors_and_take_momentum_steps():
             return self.scale * inputs
 
     model = Scaled()
-    optimizer = SIRFShampoo(model, lr=0.1, alpha1=0.5)
+    optimizer = SIRFShampoo(model, lr=0.1, momentum=0.5)
     assert optimizer.describe_preconditioner(optimizer.bundles[0]) == []
     buffer, expected = 0.0, 2.0
     for _ in range(3):

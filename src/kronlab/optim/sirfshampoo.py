@@ -148,10 +148,11 @@ class SIRFShampoo(KronOptimizer):
             a group may set its own ``combine_params``, ``structures``, ... .
         lr: parameter step size (β1 in the paper).
         beta2: factor step size, in ``[0, 1]`` (not an EMA rate as Shampoo's ``betas[1]``).
-        alpha1: parameter momentum, ``[0, 1)``.
+        momentum: parameter momentum ``buf ← momentum·buf + step``, ``[0, 1)`` (the paper's
+            and sirfshampoo's ``alpha1``; torch.optim's name).
         alpha2: factor (Riemannian) momentum, ``[0, 1)``.
         lam: damping λ ≥ 0.
-        kappa: weight decay κ ≥ 0 (added to the step before momentum).
+        weight_decay: κ ≥ 0, ``step ← PG + κ·p`` before momentum (sirfshampoo's ``kappa``).
         T: factor update every ``T`` steps, or a callable ``step -> bool`` on the 0-based step.
             Fixed at construction: it is not saved by ``state_dict`` (callables cannot be).
         structures: one name for every axis or a tuple with one per axis of the grouped tensor:
@@ -177,10 +178,10 @@ class SIRFShampoo(KronOptimizer):
         params: ParamsT = None,
         lr: float = 1e-3,
         beta2: float = 0.01,
-        alpha1: float = 0.9,
+        momentum: float = 0.9,
         alpha2: float = 0.5,
         lam: float = 1e-3,
-        kappa: float = 0.0,
+        weight_decay: float = 0.0,
         T: int | Callable[[int], bool] = 1,
         structures: StructureSpec = "dense",
         preconditioner_dtypes: DtypeSpec = None,
@@ -201,10 +202,10 @@ class SIRFShampoo(KronOptimizer):
         defaults = dict(
             lr=lr,
             beta2=beta2,
-            alpha1=alpha1,
+            momentum=momentum,
             alpha2=alpha2,
             lam=lam,
-            kappa=kappa,
+            weight_decay=weight_decay,
             T=T,
             structures=structures,
             preconditioner_dtypes=preconditioner_dtypes,
@@ -232,10 +233,10 @@ class SIRFShampoo(KronOptimizer):
     def validate_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
         check_range("beta2", group["beta2"], 0.0, 1.0)
-        check_range("alpha1", group["alpha1"], 0.0, 1.0, high_inclusive=False)
+        check_range("momentum", group["momentum"], 0.0, 1.0, high_inclusive=False)
         check_range("alpha2", group["alpha2"], 0.0, 1.0, high_inclusive=False)
         check_range("lam", group["lam"], 0.0)
-        check_range("kappa", group["kappa"], 0.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
         schedule = group["T"]
         if not callable(schedule):
             check_range("T", schedule, 1, integer=True)
@@ -332,13 +333,14 @@ class SIRFShampoo(KronOptimizer):
             direction = precondition(grad, state["factors"], plan.structures)
             if direction.dtype in HALF_DTYPES:
                 direction = direction.float()
-            if group["kappa"] != 0.0:
-                direction = direction.add(bundle.value().to(direction.dtype), alpha=group["kappa"])
-            if group["alpha1"] != 0.0:
+            if group["weight_decay"] != 0.0:
+                decay = group["weight_decay"]
+                direction = direction.add(bundle.value().to(direction.dtype), alpha=decay)
+            if group["momentum"] != 0.0:
                 buffer = state.get("momentum_buffer")
                 if buffer is None:
                     buffer = state["momentum_buffer"] = torch.zeros_like(direction)
-                direction = buffer.mul_(group["alpha1"]).add_(direction)
+                direction = buffer.mul_(group["momentum"]).add_(direction)
             bundle.add_(direction, alpha=-group["lr"])
 
     def _bundle_state(self, bundle: ParameterBundle, plan: FactorPlan) -> dict[str, Any]:
