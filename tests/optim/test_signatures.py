@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 
@@ -56,3 +57,45 @@ def test_torch_names_work_and_the_former_epsilon_is_kept() -> None:
     assert KLShampoo([{"params": [param], "epsilon": 1e-5}]).param_groups[0]["eps"] == 1e-5
     with pytest.raises(ValueError, match="epsilon"):
         SOAP([param], eps=1e-6, epsilon=1e-7)
+
+
+def _train(optimizer: torch.optim.Optimizer, model: torch.nn.Module, steps: int) -> None:
+    generator = torch.Generator().manual_seed(steps)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        inputs = torch.randn(16, 4, generator=generator)
+        model(inputs).square().mean().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize(
+    ("build", "former"),
+    [
+        (lambda model: SOAP(model.parameters(), precondition_frequency=2), {"eps": "epsilon"}),
+        (
+            lambda model: SIRFShampoo(model, lr=0.01, weight_decay=0.01),
+            {"momentum": "alpha1", "weight_decay": "kappa"},
+        ),
+    ],
+)
+def test_checkpoints_with_former_group_keys_resume_exactly(build, former) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    optimizer = build(model)
+    _train(optimizer, model, 3)
+    saved = copy.deepcopy(optimizer.state_dict())  # the live state moves on below
+    saved["param_groups"] = [
+        {former.get(key, key): value for key, value in group.items()}
+        for group in saved["param_groups"]
+    ]
+    weights = [p.detach().clone() for p in model.parameters()]
+    _train(optimizer, model, 2)
+    expected = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for param, weight in zip(model.parameters(), weights):
+            param.copy_(weight)
+    resumed = build(model)
+    resumed.load_state_dict(saved)
+    _train(resumed, model, 2)
+    for param, value in zip(model.parameters(), expected):
+        torch.testing.assert_close(param.detach(), value, rtol=0, atol=0)

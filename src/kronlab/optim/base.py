@@ -201,3 +201,14 @@ def _copy_to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_copy_to_device(item, device) for item in value)
     return copy.deepcopy(value)
+
+
+def with_renamed_group_keys(state_dict: dict[str, Any], renamed: dict[str, str]) -> dict[str, Any]:
+    """``state_dict`` with param-group keys saved under a former name (``renamed``: old → new)
+    given their current name, so checkpoints written before a rename still load. The input is
+    not modified."""
+    groups = [
+        {renamed.get(key, key): value for key, value in group.items()}
+        for group in state_dict["param_groups"]
+    ]
+    return {**state_dict, "param_groups": groups}

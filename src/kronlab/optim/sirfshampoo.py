@@ -41,7 +41,13 @@ from torch import Tensor, nn
 
 from kronlab.factors.structures import MatrixStructure, make_structure, unfold
 from kronlab.groups.rules import LinearWeightBias, PerParameter, PreconditionerGroup
-from kronlab.optim.base import DEFAULT_RULES, KronOptimizer, NonFinitePolicy, ParamsT
+from kronlab.optim.base import (
+    DEFAULT_RULES,
+    KronOptimizer,
+    NonFinitePolicy,
+    ParamsT,
+    with_renamed_group_keys,
+)
 from kronlab.optim.bundles import ParameterBundle
 from kronlab.optim.registry import register_optimizer
 from kronlab.optim.validation import check_range
@@ -264,6 +270,11 @@ class SIRFShampoo(KronOptimizer):
             del self.bundles[first_new:]
             self.param_groups.pop()
             raise
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # checkpoints written when momentum and weight_decay were alpha1 and kappa
+        renamed = {"alpha1": "momentum", "kappa": "weight_decay"}
+        super().load_state_dict(with_renamed_group_keys(state_dict, renamed))
 
     @property
     def pending_batch_size(self) -> int:

@@ -21,6 +21,7 @@ from kronlab.optim.base import (
     KronOptimizer,
     NonFinitePolicy,
     ParamsT,
+    with_renamed_group_keys,
 )
 from kronlab.optim.bundles import ParameterBundle
 from kronlab.optim.shampoo import variants
@@ -524,7 +525,7 @@ class Shampoo(KronOptimizer):
         return blocks
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+        super().load_state_dict(with_renamed_group_keys(state_dict, {"epsilon": "eps"}))
         self._plan = None
 
 
