@@ -54,7 +54,7 @@ def test_round_trip_per_dtype(tmp_path, dtype, tolerance):
     raw = np.fromfile(tmp_path / "s" / "gradients.bin", dtype=reopened.array.dtype)
     np.testing.assert_array_equal(raw.reshape(23, -1)[7], reopened.array[7])
     metadata = json.loads((tmp_path / "s" / "store.json").read_text())
-    assert metadata["format_version"] == 1 and metadata["num_rows"] == 23
+    assert metadata["format_version"] == 2 and metadata["num_rows"] == 23
     assert metadata["settings"]["modules"][1] == {"name": "fc2", "shape": [4, 3]}
 
 
@@ -160,7 +160,7 @@ def test_resume_after_a_crash_rewrites_only_uncommitted_chunks(tmp_path, monkeyp
         if instant == "mid-data":
             real_pwrite(fd, payload[: len(payload) // 2], offset)  # half the chunk's bytes
             raise Crash
-        if len(payload) == 1:  # the commit byte: data is already in the file
+        if len(payload) == 8:  # the commit record: data is already in the file
             raise Crash
         real_pwrite(fd, payload, offset)
 
