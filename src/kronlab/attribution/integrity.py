@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,18 @@ _READ_BLOCK = 1 << 22
 
 class IntegrityError(ValueError):
     """A file does not hold what was written to it (damaged, truncated or edited)."""
+
+
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Give an ``OSError`` raised inside (a write on a full disk, past ``ulimit -f``) the file's
+    name when the call that failed did not know it."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None and error.errno is not None:
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
 
 
 def crc32(buffer: Any) -> int:
@@ -65,7 +79,7 @@ def write_json(path: Path, data: dict, *, durable: bool = False) -> None:
     path = Path(path)
     sealed = {**data, DIGEST_KEY: _content_digest(data)}
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as handle:
+    with naming(temporary), open(temporary, "w") as handle:
         handle.write(json.dumps(sealed, indent=2, sort_keys=True))
         if durable:
             handle.flush()

@@ -55,6 +55,7 @@ from kronlab.attribution.integrity import (
     check_file_digest,
     file_digest,
     fsync_directory,
+    naming,
     read_json,
     write_json,
 )
@@ -198,7 +199,11 @@ def prepare_run_dir(run_dir: Path, config: AttributionConfig, workers: Workers) 
 def read_config(path: Path) -> AttributionConfig:
     """``config.json`` (the user may edit it: later stages check their inputs against it)."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{path} is not UTF-8 text; fix it, or delete it to start the run directory afresh"
+        ) from None
     except json.JSONDecodeError as error:
         raise ValueError(
             f"{path} is not valid JSON ({error.msg} at line {error.lineno} column "
@@ -400,24 +405,35 @@ class AttributionRun:
     def _require(self, stage: str, needed_by: str) -> None:
         if self.is_complete(stage):
             return
-        # Name the first stage that is actually missing (apply needs fit before it can run).
-        order = self.stage_order()
-        missing = [s for s in order[: order.index(stage) + 1] if not self.is_complete(s)]
-        first = missing[0]
+        first = self._first_missing(stage)
+        resume = any(map(self._is_partial, STAGES))
         raise ValueError(
             f"stage {needed_by!r} needs stage {stage!r} to be complete in {self.run_dir}; "
             f"run `{self.command(first, self._is_partial(first))}` first (or "
-            f"`{self.command('run', any(map(self._is_partial, missing)))}` for every missing "
-            "stage)"
+            f"`{self.command('run', resume)}` for every missing stage)"
         )
 
-    def _stale(self, what: str, differences: list[str], stage: str, paths: list[Path]) -> None:
+    def _first_missing(self, stage: str) -> str:
+        """The stage to run first so that ``stage`` can run (apply needs fit, score needs
+        build and apply; folded and whitened builds need fit)."""
+        prerequisites = {
+            "fit": (),
+            "build": ("fit",) if self.config.compression in CURVATURE_STORES else (),
+            "apply": ("fit",),
+            "score": ("build", "apply"),
+        }[stage]
+        for prerequisite in prerequisites:
+            if not self.is_complete(prerequisite):
+                return self._first_missing(prerequisite)
+        return stage
+
+    def _stale(self, what: str, differences: list[str], paths: list[Path]) -> None:
         if differences:
             raise StageMismatchError(
                 f"{what} was computed from other inputs than this run uses:\n"
                 + "\n".join(differences)
                 + f"\nits results would not match: delete {', '.join(map(str, paths))} and run "
-                f"`{self.command(stage)}` (or use a new --run-dir)"
+                f"`{self.command('run')}` (or use a new --run-dir)"
             )
 
     def check_complete(self, stage: str) -> None:
@@ -433,12 +449,15 @@ class AttributionRun:
     def run(self, resume: bool = False) -> np.ndarray:
         """All stages in order, skipping those already complete (after checking that they
         still match); returns the scores."""
+        ran = False
         for stage in self.stage_order():
-            if self.is_complete(stage):
+            # Scores computed before a stage ran again are stale: score once more.
+            if self.is_complete(stage) and not (stage == "score" and ran):
                 self.check_complete(stage)
                 self._log(f"{stage}: already complete, skipped")
                 continue
             getattr(self, stage)(**({"resume": resume} if stage in ("build", "apply") else {}))
+            ran = True
         return self.scores()
 
     def _log(self, message: str) -> None:
@@ -479,7 +498,7 @@ class AttributionRun:
             store.settings,
             settings,
             str(directory),
-            hint=f"delete {directory} and run `{self.command(stage)}` (or use a new --run-dir)",
+            hint=f"delete {directory} and run `{self.command('run')}` (or use a new --run-dir)",
         )
         store.durable = self.durable
         store.repair_hint = f"run `{self.command(stage, resume=True)}` to rewrite them"
@@ -597,10 +616,11 @@ class AttributionRun:
         progress.close()
         if self.workers.is_main:
             temporary = self.curvature_path.with_name(self.curvature_path.name + ".tmp")
-            curvature.save(temporary)
-            if self.durable:
-                with open(temporary, "rb+") as handle:
-                    os.fsync(handle.fileno())
+            with naming(temporary):
+                curvature.save(temporary)
+                if self.durable:
+                    with open(temporary, "rb+") as handle:
+                        os.fsync(handle.fileno())
             os.replace(temporary, self.curvature_path)
             write_json(
                 self.run_dir / FIT_FILE,
@@ -638,7 +658,6 @@ class AttributionRun:
             self._stale(
                 f"the curvature in {self.curvature_path}",
                 _differences(record["inputs"], self._fit_inputs()),
-                "fit",
                 [path],
             )
             check_file_digest(self.curvature_path, record["curvature_fingerprint"], hint=refit)
@@ -790,7 +809,6 @@ class AttributionRun:
         self._stale(
             f"the scores in {self.scores_path}",
             _differences(record.get("inputs", {}), self._score_inputs()),
-            "score",
             [path],
         )
         return record

@@ -35,6 +35,7 @@ from kronlab.attribution.integrity import (
     IntegrityError,
     crc32,
     fsync_directory,
+    naming,
     read_json,
     write_json,
 )
@@ -243,7 +244,7 @@ class GradientStore:
             (DATA_FILE, num_rows * settings.row_width * itemsize),
             (COMMIT_FILE, num_chunks * _COMMIT_RECORD.size),
         ):
-            with open(directory / name, "wb") as handle:
+            with naming(directory / name), open(directory / name, "wb") as handle:
                 handle.truncate(size)
                 if durable:
                     os.fsync(handle.fileno())
@@ -379,9 +380,10 @@ class GradientStore:
     def _write_at(self, name: str, payload: bytes, offset: int) -> None:
         descriptor = os.open(self.directory / name, os.O_WRONLY)
         try:
-            _pwrite_all(descriptor, payload, offset)
-            if self.durable:
-                os.fsync(descriptor)
+            with naming(self.directory / name):
+                _pwrite_all(descriptor, payload, offset)
+                if self.durable:
+                    os.fsync(descriptor)
         finally:
             os.close(descriptor)
 
