@@ -410,12 +410,21 @@ class GradientStore:
             self._write_at(COMMIT_FILE, bytes(_COMMIT_RECORD.size), chunk * _COMMIT_RECORD.size)
             self._verified.discard(chunk)
 
-    def _chunk_matches(self, chunk: int, records: np.ndarray) -> bool:
+    def _chunk_matches(
+        self, chunk: int, records: np.ndarray, copy: np.ndarray | None = None, first: int = 0
+    ) -> bool:
+        """Whether the chunk's bytes have their recorded CRC-32: taken on ``copy`` (rows from
+        ``first`` on, already read) when it holds the whole chunk, else on the file."""
         start, stop = self.chunk_range(chunk)
-        return crc32(self.array[start:stop]) == int(records[chunk, 1])
+        if copy is not None and first <= start and stop - first <= len(copy):
+            rows = copy[start - first : stop - first]
+        else:
+            rows = self.array[start:stop]
+        return crc32(rows) == int(records[chunk, 1])
 
-    def _verify(self, chunks: range) -> None:
-        """Check each chunk's CRC-32 the first time it is read."""
+    def _verify(self, chunks: range, copy: np.ndarray | None = None, first: int = 0) -> None:
+        """Check each chunk's CRC-32 the first time it is read (on the copy that is returned,
+        where it covers the chunk: what is checked is what the caller gets)."""
         unchecked = [chunk for chunk in chunks if chunk not in self._verified]
         if not unchecked:
             return
@@ -427,7 +436,7 @@ class GradientStore:
                 f"not written; {self.repair_hint}"
             )
         for chunk in unchecked:
-            if not self._chunk_matches(chunk, records):
+            if not self._chunk_matches(chunk, records, copy, first):
                 start, stop = self.chunk_range(chunk)
                 raise IntegrityError(
                     f"{self.directory / DATA_FILE} is damaged: chunk {chunk} (rows {start}.."
@@ -456,9 +465,10 @@ class GradientStore:
         stop = self.num_rows if stop is None else stop
         if not 0 <= start <= stop <= self.num_rows:
             raise ValueError(f"rows must satisfy 0 <= start <= stop <= {self.num_rows}")
-        if stop > start:
-            self._verify(range(start // self.chunk_rows, (stop - 1) // self.chunk_rows + 1))
         block = np.array(self.array[start:stop])  # a private copy: torch wants it writable
+        if stop > start:
+            chunks = range(start // self.chunk_rows, (stop - 1) // self.chunk_rows + 1)
+            self._verify(chunks, block, start)
         if self.settings.dtype == "bfloat16":
             return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16).float()
         return torch.from_numpy(block).float()
