@@ -305,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except KeyboardInterrupt:
-        _report(args, "interrupted")
+        retry = getattr(args, "retry_command", None)
+        _report(args, "interrupted" + (f"; `{retry}` continues where it stopped" if retry else ""))
         return 130
     except OSError as error:
         _report(args, describe_os_error(error, getattr(args, "retry_command", None)))

@@ -169,3 +169,17 @@ def test_non_finite_inputs_are_errors_not_nan_scores() -> None:
                 curvature, poisoned, _data(), model=model, loss_fn=cross_entropy_loss,
                 progress=False,
             )  # fmt: skip
+
+
+def test_load_rejects_damaged_files(tmp_path) -> None:
+    curvature = fit_curvature(tiny_mlp(), _data(), cross_entropy_loss, "kfac")
+    path = tmp_path / "curvature.safetensors"
+    curvature.save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="Invalid curvature file: .* cannot be read"):
+        Curvature.load(path)
+    curvature.modules["0"].output_eigenvalues[1] = float("nan")
+    curvature.save(path)
+    with pytest.raises(ValueError, match=r"non-finite values in \['0::output_eigenvalues'\]"):
+        Curvature.load(path)

@@ -228,17 +228,27 @@ class Curvature:
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> Curvature:
         """Read a file written by :meth:`save` (``ValueError`` on another format or version)."""
         safe_open = _safetensors().safe_open
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            raw = (handle.metadata() or {}).get(FORMAT_NAME)
-            if raw is None:
-                raise ValueError(f"Invalid curvature file: {path} has no {FORMAT_NAME} metadata")
-            header = json.loads(raw)
-            if header.get("version") != FORMAT_VERSION:
-                raise ValueError(
-                    f"Invalid curvature file version: {header.get('version')!r} "
-                    f"(allowed: {FORMAT_VERSION})"
-                )
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as handle:
+                raw = (handle.metadata() or {}).get(FORMAT_NAME)
+                if raw is None:
+                    raise ValueError(
+                        f"Invalid curvature file: {path} has no {FORMAT_NAME} metadata"
+                    )
+                header = json.loads(raw)
+                if header.get("version") != FORMAT_VERSION:
+                    raise ValueError(
+                        f"Invalid curvature file version: {header.get('version')!r} "
+                        f"(allowed: {FORMAT_VERSION})"
+                    )
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        except (OSError, ValueError):
+            raise
+        except Exception as error:  # safetensors' own error type for a damaged file
+            raise ValueError(f"Invalid curvature file: {path} cannot be read ({error})") from None
+        damaged = [key for key, tensor in tensors.items() if not all_finite([tensor])]
+        if damaged:
+            raise ValueError(f"Invalid curvature file: {path} has non-finite values in {damaged}")
         modules = {}
         for name, spec in header["modules"].items():
             parts = {
