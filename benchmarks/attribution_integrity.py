@@ -7,8 +7,8 @@ For each of ``--rounds`` rounds, in a fresh run directory: the four stages with 
 inside the checksum calls measured around them (``crc32`` at commit and on first read,
 ``file_digest`` of the curvature, the stores' metadata and the scores); then a full read of the
 store with verification against the same read without it (a raw copy of the memory map), in
-alternating order; then the build once more with ``durable=True``. Figures are medians over
-rounds; percentages are of the stage's own wall time in the same round.
+alternating order; then the build once more with ``durable=True``, timing its fsyncs. Figures
+are medians over rounds; percentages are of the stage's own wall time in the same round.
 
     PYTHONPATH=src python -m benchmarks.attribution_integrity [--rounds 5] [--projection-dim 0]
 """
@@ -16,6 +16,7 @@ rounds; percentages are of the stage's own wall time in the same round.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -82,9 +83,21 @@ def one_round(root: Path, config: AttributionConfig, cache: Path, crc: Timed, di
     durable = AttributionRun(root / "durable", config, show_progress=False, cache_dir=cache)
     durable.durable = True
     durable.task  # noqa: B018
-    start = time.perf_counter()
-    durable.build()
-    results["build-durable"] = time.perf_counter() - start
+    real_fsync, fsyncs = os.fsync, []
+
+    def timed_fsync(descriptor: int) -> None:
+        start = time.perf_counter()
+        real_fsync(descriptor)
+        fsyncs.append(time.perf_counter() - start)
+
+    os.fsync = timed_fsync
+    try:
+        start = time.perf_counter()
+        durable.build()
+        results["build-durable"] = time.perf_counter() - start
+    finally:
+        os.fsync = real_fsync
+    results["fsync"] = (len(fsyncs), sum(fsyncs))
     results["store-bytes"] = GradientStore.open(run.train_store_dir).nbytes
     return results
 
@@ -144,7 +157,13 @@ def main() -> None:
         f"({size / median(verified) / 1e6:.0f} MB/s verified)"
     )
     durable = [d / b[0] for d, b in zip(rounds["build-durable"], rounds["build"])]
-    print(f"build with --durable / without: {median(durable):.2f}x")
+    count = rounds["fsync"][0][0]
+    fsync_share = [f[1] / d for f, d in zip(rounds["fsync"], rounds["build-durable"])]
+    print(
+        f"build with --durable / without: {median(durable):.2f}x; its {count} fsyncs take "
+        f"{1e3 * median(f[1] / f[0] for f in rounds['fsync']):.2f} ms each, "
+        f"{100 * median(fsync_share):.1f} % of the durable build"
+    )
 
 
 if __name__ == "__main__":
