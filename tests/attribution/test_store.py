@@ -240,20 +240,25 @@ def test_edited_metadata_is_refused(tmp_path, edit):
         GradientStore.open(tmp_path / "s")
 
 
-def test_metadata_is_checked_against_the_file_sizes(tmp_path):
-    import kronlab.attribution.integrity as integrity
+def _reseal(directory, **changes) -> dict:
+    """Rewrite ``store.json`` with ``changes`` and a valid digest of its new content (as a
+    buggy or older writer might), so that only the other checks can catch it."""
+    from kronlab.attribution.integrity import write_json
 
-    _filled(tmp_path)
-    # Sealed with a valid digest (as an older, buggy writer might): the sizes still disagree.
-    path = tmp_path / "s" / "store.json"
+    path = directory / "store.json"
     metadata = json.loads(path.read_text())
     del metadata["content_digest"]
-    metadata["num_rows"] = 30
-    integrity.write_json(path, metadata)
+    metadata.update(changes)
+    write_json(path, metadata)
+    return metadata
+
+
+def test_metadata_is_checked_against_the_file_sizes(tmp_path):
+    _filled(tmp_path)
+    _reseal(tmp_path / "s", num_rows=30)
     with pytest.raises(IntegrityError, match="gradients.bin is damaged: store.json says it has"):
         GradientStore.open(tmp_path / "s")
-    metadata["num_rows"] = 23
-    integrity.write_json(path, metadata)
+    _reseal(tmp_path / "s", num_rows=23)
     with open(tmp_path / "s" / "committed.bin", "ab") as handle:
         handle.write(b"\0")
     with pytest.raises(IntegrityError, match="committed.bin is damaged"):
@@ -261,18 +266,12 @@ def test_metadata_is_checked_against_the_file_sizes(tmp_path):
 
 
 def test_an_older_store_format_asks_for_a_rebuild(tmp_path):
-    import kronlab.attribution.integrity as integrity
-
     _filled(tmp_path)
-    path = tmp_path / "s" / "store.json"
-    metadata = json.loads(path.read_text())
-    del metadata["content_digest"]
-    metadata["format_version"] = 1
-    integrity.write_json(path, metadata)
+    metadata = _reseal(tmp_path / "s", format_version=1)
     with pytest.raises(StoreMismatchError, match="store format 1.*build it again"):
         GradientStore.open(tmp_path / "s")
-    path.write_text(json.dumps(metadata))  # as format 1 wrote it: no digest
-    with pytest.raises(IntegrityError, match="older kronlab"):
+    (tmp_path / "s" / "store.json").write_text(json.dumps(metadata))  # format 1: no digest
+    with pytest.raises(IntegrityError, match="older kronlab.*build it again"):
         GradientStore.open(tmp_path / "s")
 
 

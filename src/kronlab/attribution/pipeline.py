@@ -343,15 +343,22 @@ class AttributionRun:
             dtype=dtype,
             transform=transform,
             model_fingerprint=self._model_fingerprint(),
-            data_fingerprint=data.fingerprint(),
+            data_fingerprint=self._data_fingerprint(data),
             extra=extra or {},
         )
 
     def _model_fingerprint(self) -> str:
-        # The model does not change during a run: hash its weights once.
+        # The model and the data do not change during a run: hash each once (every stage
+        # compares them with what the stages before it recorded).
         if getattr(self, "_cached_model_fingerprint", None) is None:
             self._cached_model_fingerprint = model_fingerprint(self.task.model)
         return self._cached_model_fingerprint
+
+    def _data_fingerprint(self, data: ExampleSet) -> str:
+        cache = self.__dict__.setdefault("_cached_data_fingerprints", {})
+        if id(data) not in cache:
+            cache[id(data)] = data.fingerprint()
+        return cache[id(data)]
 
     def _train_transform(self) -> str:
         # The damping shapes M = P (F + δI)^{-1/2}, so a store reused through --train-store
@@ -638,7 +645,7 @@ class AttributionRun:
         """Everything the fitted curvature depends on."""
         return {
             "model_fingerprint": self._model_fingerprint(),
-            "train_data_fingerprint": self.task.train.fingerprint(),
+            "train_data_fingerprint": self._data_fingerprint(self.task.train),
             "modules": list(self._modules()),
             "method": self.config.method,
             "fisher": self.config.fisher,
