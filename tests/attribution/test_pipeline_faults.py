@@ -202,6 +202,22 @@ def test_unwritable_run_dir(reference, tmp_path):
     assert_clear_error(code, stderr, "Permission denied", str(parent / "run"), "writable --run-dir")
 
 
+def test_permission_error_names_the_file_and_the_fix(reference, tmp_path, monkeypatch):
+    # The same path as above, where chmod is not enforced: the file system says EACCES.
+    run_dir = _copy(reference, tmp_path)
+    real_open = os.open
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if flags & os.O_WRONLY and str(path).endswith("gradients.bin"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    shutil.rmtree(run_dir / "queries")
+    code, stderr = cli(run_dir, reference[0], "apply")
+    assert_clear_error(code, stderr, "Permission denied", "queries/gradients.bin", "writable")
+
+
 def test_file_size_limit_is_a_clear_error(reference, tmp_path):
     # Full gradients (6.7 MB) past a 1 MB `ulimit -f`: the write fails with EFBIG; without
     # SIGXFSZ ignored the process would die of the signal without a word.
