@@ -76,11 +76,17 @@ def write_json(path: Path, data: dict, *, durable: bool = False) -> None:
     A reader sees the old file or the new one, never half of one; ``durable`` also fsyncs the
     file before the rename and the directory after it.
     """
-    path = Path(path)
     sealed = {**data, DIGEST_KEY: _content_digest(data)}
+    write_text(path, json.dumps(sealed, indent=2, sort_keys=True), durable=durable)
+
+
+def write_text(path: Path, text: str, *, durable: bool = False) -> None:
+    """Replace ``path``'s content atomically (temporary file, then rename; ``durable``: fsync
+    the file before the rename and the directory after it)."""
+    path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
     with naming(temporary), open(temporary, "w") as handle:
-        handle.write(json.dumps(sealed, indent=2, sort_keys=True))
+        handle.write(text)
         if durable:
             handle.flush()
             os.fsync(handle.fileno())

@@ -54,10 +54,10 @@ from kronlab.attribution.integrity import (
     IntegrityError,
     check_file_digest,
     file_digest,
-    fsync_directory,
     naming,
     read_json,
     write_json,
+    write_text,
 )
 from kronlab.attribution.sources import AttributionTask, ExampleSet, load_task, model_fingerprint
 from kronlab.attribution.store import (
@@ -170,7 +170,9 @@ class AttributionConfig:
         return cls(**data)
 
 
-def prepare_run_dir(run_dir: Path, config: AttributionConfig, workers: Workers) -> None:
+def prepare_run_dir(
+    run_dir: Path, config: AttributionConfig, workers: Workers, durable: bool = False
+) -> None:
     """Write ``config.json``, or check that the one there matches ``config``.
 
     Every rank checks after the barrier, so a mismatch raises on all of them (none hangs).
@@ -178,9 +180,8 @@ def prepare_run_dir(run_dir: Path, config: AttributionConfig, workers: Workers) 
     path = Path(run_dir) / CONFIG_FILE
     if workers.is_main and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(config.to_json(), indent=2, sort_keys=True))
-        os.replace(temporary, path)
+        # No digest: config.json is the user's to edit (the stages' records catch edits).
+        write_text(path, json.dumps(config.to_json(), indent=2, sort_keys=True), durable=durable)
     workers.barrier()
     stored = read_config(path)
     differences = [
@@ -261,7 +262,7 @@ class AttributionRun:
         self._task = task
         self._task_placed = False
         self._tracked_modules: dict[str, torch.nn.Module] | None = None
-        prepare_run_dir(self.run_dir, self.config, self.workers)
+        prepare_run_dir(self.run_dir, self.config, self.workers, self.durable)
 
     # ---- paths and lazily loaded inputs ---------------------------------------------------
 
@@ -778,8 +779,6 @@ class AttributionRun:
                 },
                 durable=self.durable,
             )
-            if self.durable:
-                fsync_directory(self.run_dir)
         self.workers.barrier()
         return self.scores()
 
