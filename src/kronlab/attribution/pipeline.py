@@ -509,7 +509,7 @@ class AttributionRun:
             hint=f"delete {directory} and run `{self.command('run')}` (or use a new --run-dir)",
         )
         store.durable = self.durable
-        store.repair_hint = f"run `{self.command(stage, resume=True)}` to rewrite them"
+        store.repair_command = f"`{self.command(stage, resume=True)}`"
         return store
 
     def _open_for_writing(

@@ -183,8 +183,8 @@ class GradientStore:
     """A directory with ``gradients.bin`` (``num_rows × row_width``), ``committed.bin`` and
     ``store.json``. Create with :meth:`create`, reopen with :meth:`open`.
 
-    ``durable`` (not recorded: a choice of the writer) fsyncs each chunk commit; ``repair_hint``
-    is the command named when a chunk fails its checksum.
+    ``durable`` (not recorded: a choice of the writer) fsyncs each chunk commit;
+    ``repair_command`` is named when a chunk is missing or fails its checksum.
     """
 
     def __init__(self, directory: Path, metadata: dict) -> None:
@@ -196,7 +196,7 @@ class GradientStore:
         self._array: np.memmap | None = None
         self._verified: set[int] = set()
         self.durable = False
-        self.repair_hint = "resume the stage that wrote this store (--resume) to rewrite them"
+        self.repair_command = "resuming the stage that wrote this store (--resume)"
 
     # ---- creation -------------------------------------------------------------------------
 
@@ -433,7 +433,7 @@ class GradientStore:
         if missing:
             raise ValueError(
                 f"gradient store {self.directory} is incomplete: chunks {missing[:8]} are "
-                f"not written; {self.repair_hint}"
+                f"not written; {self.repair_command} writes them"
             )
         for chunk in unchecked:
             if not self._chunk_matches(chunk, records, copy, first):
@@ -441,7 +441,7 @@ class GradientStore:
                 raise IntegrityError(
                     f"{self.directory / DATA_FILE} is damaged: chunk {chunk} (rows {start}.."
                     f"{stop - 1}) does not match the checksum recorded in {COMMIT_FILE} when it "
-                    f"was written; {self.repair_hint}"
+                    f"was written; {self.repair_command} rewrites it"
                 )
             self._verified.add(chunk)
 
