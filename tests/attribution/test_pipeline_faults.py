@@ -247,6 +247,16 @@ def test_full_disk_while_scoring_is_a_clear_error_not_sigbus(reference, tmp_path
     assert not (run_dir / "score.json").exists()  # the old scores no longer count
 
 
+def test_overflowing_scores_are_an_error_not_inf(reference, tmp_path):
+    run_dir = _copy(reference, tmp_path)
+    # Finite rows, committed with valid checksums, whose products exceed float32.
+    train, queries = (GradientStore.open(run_dir / name) for name in ("train", "queries"))
+    train.write_chunk(3, torch.full((8, train.row_width), 1e30))
+    queries.write_chunk(0, torch.full((4, queries.row_width), 1e30))
+    code, stderr = cli(run_dir, reference[0], "score")
+    assert_clear_error(code, stderr, "training rows 24..31 overflowed float32")
+
+
 def _jsonl(path: Path, records: list, bad_line: str | None = None) -> Path:
     lines = [json.dumps(record) for record in records]
     if bad_line is not None:

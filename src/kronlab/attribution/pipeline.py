@@ -70,6 +70,7 @@ from kronlab.attribution.store import (
     flatten_blocks,
 )
 from kronlab.curvature import find_modules, layer_spec, per_example_gradients
+from kronlab.linalg.finite import all_finite
 from kronlab.linalg.projection import PROJECTION_KINDS
 from kronlab.optim.validation import check_choice, check_range
 
@@ -754,7 +755,14 @@ class AttributionRun:
         for chunk in self.workers.owned(range(train.num_chunks)):
             start, stop = train.chunk_range(chunk)
             rows = train.read(start, stop).to(self.workers.device)
-            scores[:, start:stop] = (query_rows @ rows.T).cpu().numpy()
+            block = query_rows @ rows.T
+            if not all_finite([block]):
+                raise ValueError(
+                    f"scores of training rows {start}..{stop - 1} overflowed float32 (inf or "
+                    f"NaN): the gradients in {train.directory} or {queries.directory} are too "
+                    "large; rescale the loss or raise --damping"
+                )
+            scores[:, start:stop] = block.cpu().numpy()
             _advance(progress, (stop - start) * self.workers.world_size)
         progress.close()
         scores.flush()
