@@ -80,8 +80,9 @@ def one_round(root: Path, config: AttributionConfig, cache: Path, crc: Timed, di
             results[f"read-{'verified' if verified else 'raw'}-{order}"] = (
                 time.perf_counter() - start
             )
-    durable = AttributionRun(root / "durable", config, show_progress=False, cache_dir=cache)
-    durable.durable = True
+    durable = AttributionRun(
+        root / "durable", config, show_progress=False, cache_dir=cache, durable=True
+    )
     durable.task  # noqa: B018
     real_fsync, fsyncs = os.fsync, []
 
