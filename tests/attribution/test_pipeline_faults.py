@@ -146,7 +146,9 @@ def test_curvature_fitted_on_another_model_is_refused(reference, tmp_path):
     assert cli(run_dir, first, "fit", *SETTINGS)[0] == 0
     code, stderr = cli(run_dir, second, "run")
     assert_clear_error(code, stderr, "model_fingerprint", "curvature.safetensors", "fit.json")
-    assert not (run_dir / "scores.npy").exists()
+    assert "new --run-dir" in stderr
+    # Found before any work: no store was built with the other model.
+    assert not (run_dir / "train").exists() and not (run_dir / "scores.npy").exists()
 
 
 def test_edited_damping_is_refused_then_the_report_states_what_was_used(reference, tmp_path):

@@ -441,9 +441,19 @@ class AttributionRun:
             raise StageMismatchError(
                 f"{what} was computed from other inputs than this run uses:\n"
                 + "\n".join(differences)
-                + f"\nits results would not match: delete {', '.join(map(str, paths))} and run "
-                f"`{self.command('run')}` (or use a new --run-dir)"
+                + f"\n{self._redo_hint(differences, paths)}"
             )
+
+    def _redo_hint(self, differences: Sequence[str], paths: Sequence[Path]) -> str:
+        """How to fix a stale result: after another model or data every stage must run
+        again (a new run directory); after a setting, only the stale files."""
+        redo = f"delete {', '.join(map(str, paths))} and run `{self.command('run')}`"
+        if any("_fingerprint" in line and "curvature" not in line for line in differences):
+            return (
+                "the model or the data changed since: start a new --run-dir (every stage "
+                f"depends on them), or {redo}"
+            )
+        return f"{redo} (or use a new --run-dir)"
 
     def check_complete(self, stage: str) -> None:
         """Raise unless what ``stage`` recorded still matches this run's model, data, settings
@@ -458,11 +468,17 @@ class AttributionRun:
     def run(self, resume: bool = False) -> np.ndarray:
         """All stages in order, skipping those already complete (after checking that they
         still match); returns the scores."""
-        ran = False
-        for stage in self.stage_order():
-            # Scores computed before a stage ran again are stale: score once more.
-            if self.is_complete(stage) and not (stage == "score" and ran):
+        order = self.stage_order()
+        complete = {stage: self.is_complete(stage) for stage in order}
+        # Check every complete stage before any work, so that a stale one is found first; the
+        # scores only count when every stage before them is complete.
+        for stage in order:
+            if complete[stage] and (stage != "score" or all(complete.values())):
                 self.check_complete(stage)
+        ran = False
+        for stage in order:
+            # Scores computed before a stage ran again are stale: score once more.
+            if complete[stage] and not (stage == "score" and ran):
                 self._log(f"{stage}: already complete, skipped")
                 continue
             getattr(self, stage)(**({"resume": resume} if stage in ("build", "apply") else {}))
@@ -503,11 +519,9 @@ class AttributionRun:
         if settings is None:
             settings = self.train_settings() if stage == "build" else self.query_settings()
         store = GradientStore.open(directory)
+        differences = [name for name, _, _ in store.settings.mismatches(settings)]
         check_settings(
-            store.settings,
-            settings,
-            str(directory),
-            hint=f"delete {directory} and run `{self.command('run')}` (or use a new --run-dir)",
+            store.settings, settings, str(directory), hint=self._redo_hint(differences, [directory])
         )
         store.durable = self.durable
         store.repair_command = f"`{self.command(stage, resume=True)}`"
