@@ -317,8 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - the CLI's promise: one line, never a traceback
         _report(
             args,
-            f"unexpected {type(error).__name__}: {error} (this is a bug in kronlab; rerun with "
-            "--debug for the traceback)",
+            f"unexpected {type(error).__name__}: {error} (rerun with --debug for the traceback)",
         )
         return 1
 
