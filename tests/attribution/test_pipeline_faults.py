@@ -341,3 +341,22 @@ def test_kill_9_at_several_points_then_resume_gives_the_identical_result(referen
     np.testing.assert_array_equal(
         np.load(run_dir / "scores.npy"), np.load(reference[1] / "scores.npy")
     )
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "message"),
+    [
+        (RuntimeError("boom"), 1, "unexpected RuntimeError: boom (rerun with --debug"),
+        (KeyboardInterrupt(), 130, "interrupted; `kronlab attribute build --resume --run-dir"),
+    ],
+)
+def test_any_other_failure_is_one_line(tmp_path, monkeypatch, raised, status, message):
+    from kronlab.attribution.pipeline import AttributionRun
+
+    def fail(self, resume=False):
+        raise raised
+
+    monkeypatch.setattr(AttributionRun, "build", fail)
+    code, stderr = cli(tmp_path / "run", tmp_path / "cache", "build")
+    assert code == status and stderr.startswith("kronlab: error: ")
+    assert message in stderr and "Traceback" not in stderr and stderr.count("\n") == 1
