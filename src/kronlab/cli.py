@@ -3,9 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
+
+# What to do about an OSError, by errno; the command to rerun is appended when known.
+_OS_ERROR_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space (or use a --run-dir on another disk)",
+    errno.EDQUOT: "the disk quota is exhausted: free some space (or use another --run-dir)",
+    errno.EFBIG: "a file would exceed the file size limit (`ulimit -f`) or the file "
+    "system's largest file: raise the limit or use a --run-dir on another file system",
+    errno.EACCES: "no permission: use a writable --run-dir (or fix its permissions)",
+    errno.EPERM: "not permitted: use a writable --run-dir (or fix its permissions)",
+    errno.EROFS: "the file system is read-only: use a writable --run-dir",
+}
+# Errors after which the interrupted stage can continue where it stopped.
+_RESUMABLE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def describe_os_error(error: OSError, retry: str | None = None) -> str:
+    """One line for an OSError: what failed, on which file, and what to do about it."""
+    if error.strerror is None:  # raised with a message of ours (FileExistsError, ...)
+        return str(error)
+    where = f" ({error.filename})" if error.filename else ""
+    message = f"{error.strerror}{where}"
+    hint = _OS_ERROR_HINTS.get(error.errno)
+    if hint:
+        message += f"; {hint}"
+        if retry and error.errno in _RESUMABLE:
+            message += f", then `{retry}` continues where it stopped"
+    return message
 
 
 def parse_learning_rates(values: Sequence[str]) -> tuple[float | None, dict[str, float]]:
@@ -175,6 +205,12 @@ def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: per backend)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument(
+        "--durable",
+        action="store_true",
+        help="fsync every chunk commit and every file written, and their directory: what a "
+        "stage has committed then survives a power cut, not only a killed process",
+    )
+    parser.add_argument(
         "--fused-activations",
         action="store_true",
         help="run Hugging Face's unfused GELUs (gelu_new, ...) as torch's fused kernels of the "
@@ -184,24 +220,21 @@ def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_attribute(args: argparse.Namespace) -> int:
-    import json
-
     from kronlab.attribution.distributed import init_workers
     from kronlab.attribution.pipeline import (
         CONFIG_FILE,
         AttributionConfig,
         AttributionRun,
+        read_config,
         with_overrides,
     )
     from kronlab.compat.bergson import resolve_bergson_flags
 
     args = resolve_bergson_flags(args)
     stored = args.run_dir / CONFIG_FILE
-    base = (
-        AttributionConfig.from_json(json.loads(stored.read_text()))
-        if stored.exists()
-        else AttributionConfig()
-    )
+    resumable = args.stage if args.stage in ("build", "apply") else "run"
+    args.retry_command = f"kronlab attribute {resumable} --resume --run-dir {args.run_dir}"
+    base = read_config(stored) if stored.exists() else AttributionConfig()
     modules = None if args.modules is None else tuple(m.strip() for m in args.modules.split(","))
     config = with_overrides(
         base,
@@ -235,6 +268,7 @@ def _run_attribute(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress,
         cache_dir=args.cache_dir,
         fused_activations=args.fused_activations,
+        durable=args.durable,
     )
     if args.stage == "run":
         run.run(resume=args.resume)
@@ -257,9 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kronlab", description="Kronecker-factored optimizers and influence functions."
     )
     parser.add_argument("--version", action="version", version=f"kronlab {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (for a bug report)"
+    )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_compare(subparsers)
     _add_attribute(subparsers)
+    for command in subparsers.choices.values():
+        # Also accepted after the command; SUPPRESS keeps a flag given before it.
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
     return parser
 
 
@@ -269,11 +311,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 0
+    if hasattr(signal, "SIGXFSZ"):
+        # Past the file size limit a write then fails with EFBIG (reported below) instead of
+        # the signal killing the process without a word.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         return args.handler(args)
-    except (ValueError, ImportError, FileExistsError, FileNotFoundError) as error:
-        print(f"kronlab: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        retry = getattr(args, "retry_command", None)
+        _report(args, "interrupted" + (f"; `{retry}` continues where it stopped" if retry else ""))
+        return 130
+    except OSError as error:
+        _report(args, describe_os_error(error, getattr(args, "retry_command", None)))
         return 2
+    except (ValueError, TypeError, ImportError) as error:
+        _report(args, str(error))
+        return 2
+    except Exception as error:  # noqa: BLE001 - the CLI's promise: one line, never a traceback
+        _report(
+            args,
+            f"unexpected {type(error).__name__}: {error} (rerun with --debug for the traceback)",
+        )
+        return 1
+
+
+def _report(args: argparse.Namespace, message: str) -> None:
+    if getattr(args, "debug", False):
+        traceback.print_exc()
+    print(f"kronlab: error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

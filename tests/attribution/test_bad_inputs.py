@@ -113,3 +113,73 @@ def test_top_k_orders_scores() -> None:
     assert indices.tolist() == [[1, 3], [2, 0]]
     assert values.tolist() == [[3.0, 1.0], [6.0, 5.0]]
     assert top_k(scores, 1, largest=False)[1].tolist() == [[2], [3]]
+
+
+def _zero_input_feature_data(n: int = 12):
+    """Inputs whose last feature is always 0: A = mean a aᵀ has a zero eigenvalue."""
+    inputs = torch.randn(n, 4, dtype=torch.float64)
+    inputs[:, -1] = 0
+    return classification_batches(inputs, torch.randint(0, 3, (n,)), 6)
+
+
+def test_zero_damping_on_zero_eigenvalues_is_an_error_not_inf() -> None:
+    model = tiny_mlp(bias=False)
+    curvature = fit_curvature(
+        model, _zero_input_feature_data(), cross_entropy_loss, "ekfac", fisher="empirical"
+    )
+    eigenvalues = curvature.modules["0"].eigenvalues()
+    assert float(eigenvalues.min()) <= 1e-20  # the premise: a (numerically) zero eigenvalue
+    with pytest.raises(ValueError, match="Invalid damping for module '0'.*damping=0"):
+        curvature.inverse_hvp({"0": torch.randn(6, 4, dtype=torch.float64)}, damping=0.0)
+    with pytest.raises(ValueError, match="Invalid damping for module '0'"):
+        influence_scores(
+            curvature,
+            _zero_input_feature_data(),
+            _zero_input_feature_data(),
+            model=model,
+            loss_fn=cross_entropy_loss,
+            damping=0.0,
+            progress=False,
+        )
+    # A positive damping is fine, and matches (Λ + λ)⁻¹ in the eigenbasis computed here.
+    grad = torch.randn(6, 4, dtype=torch.float64)
+    module = curvature.modules["0"]
+    q_s, q_a = module.output_eigenvectors.double(), module.input_eigenvectors.double()
+    expected = q_s @ ((q_s.T @ grad @ q_a) / (eigenvalues.double() + 0.5)) @ q_a.T
+    torch.testing.assert_close(curvature.inverse_hvp({"0": grad}, damping=0.5)["0"], expected)
+
+
+def test_non_finite_inputs_are_errors_not_nan_scores() -> None:
+    model = tiny_mlp()
+    curvature = fit_curvature(model, _data(), cross_entropy_loss, "kfac", fisher="empirical")
+    for bad in (float("nan"), float("inf")):
+        grad = torch.randn(6, 5, dtype=torch.float64)
+        grad[1, 2] = bad
+        with pytest.raises(ValueError, match=r"Invalid grads\['0'\]: it has NaN or infinite"):
+            curvature.inverse_hvp({"0": grad})
+        poisoned = _data()
+        poisoned[1][0][0, 0] = bad
+        with pytest.raises(ValueError, match="Invalid train_data: batch 1 gives NaN"):
+            influence_scores(
+                curvature, _data(), poisoned, model=model, loss_fn=cross_entropy_loss,
+                progress=False,
+            )  # fmt: skip
+        with pytest.raises(ValueError, match="Invalid query_data: batch 1 gives NaN"):
+            influence_scores(
+                curvature, poisoned, _data(), model=model, loss_fn=cross_entropy_loss,
+                progress=False,
+            )  # fmt: skip
+
+
+def test_load_rejects_damaged_files(tmp_path) -> None:
+    curvature = fit_curvature(tiny_mlp(), _data(), cross_entropy_loss, "kfac")
+    path = tmp_path / "curvature.safetensors"
+    curvature.save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="Invalid curvature file: .* cannot be read"):
+        Curvature.load(path)
+    curvature.modules["0"].output_eigenvalues[1] = float("nan")
+    curvature.save(path)
+    with pytest.raises(ValueError, match=r"non-finite values in \['0::output_eigenvalues'\]"):
+        Curvature.load(path)

@@ -175,7 +175,7 @@ def test_cli_flag_reaches_the_run(tmp_path, monkeypatch):
 
     seen = []
 
-    class Stop(Exception):
+    class Stop(BaseException):  # passes through the CLI's one-line error reporting
         pass
 
     def fake_run(*args, **kwargs):

@@ -269,10 +269,10 @@ def test_cli_build_killed_mid_way_resumes_then_runs_to_the_report(tmp_path, caps
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "kronlab.cli", *_cli(run_dir, cache, "build", *settings)]
     process = subprocess.Popen(command, env=env)
-    commits = run_dir / "train" / "committed.bin"
+    metadata = run_dir / "train" / "store.json"
     deadline = time.time() + 60
     while time.time() < deadline:
-        if commits.exists() and np.fromfile(commits, np.uint8).sum() >= 3:
+        if metadata.exists() and GradientStore.open(run_dir / "train").committed().sum() >= 3:
             break
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from kronlab.attribution.integrity import IntegrityError
 from kronlab.attribution.store import (
     GradientStore,
     ModuleBlock,
@@ -54,7 +55,7 @@ def test_round_trip_per_dtype(tmp_path, dtype, tolerance):
     raw = np.fromfile(tmp_path / "s" / "gradients.bin", dtype=reopened.array.dtype)
     np.testing.assert_array_equal(raw.reshape(23, -1)[7], reopened.array[7])
     metadata = json.loads((tmp_path / "s" / "store.json").read_text())
-    assert metadata["format_version"] == 1 and metadata["num_rows"] == 23
+    assert metadata["format_version"] == 2 and metadata["num_rows"] == 23
     assert metadata["settings"]["modules"][1] == {"name": "fc2", "shape": [4, 3]}
 
 
@@ -160,7 +161,7 @@ def test_resume_after_a_crash_rewrites_only_uncommitted_chunks(tmp_path, monkeyp
         if instant == "mid-data":
             real_pwrite(fd, payload[: len(payload) // 2], offset)  # half the chunk's bytes
             raise Crash
-        if len(payload) == 1:  # the commit byte: data is already in the file
+        if len(payload) == 8:  # the commit record: data is already in the file
             raise Crash
         real_pwrite(fd, payload, offset)
 
@@ -178,3 +179,116 @@ def test_resume_after_a_crash_rewrites_only_uncommitted_chunks(tmp_path, monkeyp
         written.append(chunk)
     assert written == [3, 4, 5, 6] and resumed.is_complete
     assert torch.equal(resumed.read(), rows)
+
+
+def _filled(tmp_path, **overrides) -> tuple[GradientStore, torch.Tensor]:
+    layout = settings(**overrides)
+    rows = torch.randn(23, layout.row_width)
+    store = GradientStore.create(tmp_path / "s", layout, num_rows=23, chunk_rows=5)
+    fill(store, rows)
+    return store, rows
+
+
+def test_a_changed_byte_is_an_error_naming_the_file_and_chunk(tmp_path):
+    store, rows = _filled(tmp_path)
+    path = tmp_path / "s" / "gradients.bin"
+    data = bytearray(path.read_bytes())
+    offset = 12 * store.row_width * 4 + 3  # a byte of row 12: chunk 2 (rows 10..14)
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+    reopened = GradientStore.open(tmp_path / "s")
+    assert torch.equal(reopened.read(0, 10), rows[:10])  # untouched chunks still read
+    with pytest.raises(IntegrityError, match=r"gradients.bin is damaged: chunk 2 \(rows 10..14\)"):
+        reopened.read(8, 12)
+    # A zeroed committed chunk is as damaged as a flipped byte.
+    data[offset] ^= 0x10
+    data[: 5 * store.row_width * 4] = bytes(5 * store.row_width * 4)
+    path.write_bytes(bytes(data))
+    assert GradientStore.open(tmp_path / "s").damaged_chunks() == [0]
+
+
+def test_resume_finds_and_rewrites_damaged_chunks(tmp_path):
+    store, rows = _filled(tmp_path)
+    path = tmp_path / "s" / "gradients.bin"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # the last chunk
+    path.write_bytes(bytes(data))
+    reopened = GradientStore.open(tmp_path / "s")
+    assert reopened.damaged_chunks() == [4]
+    reopened.uncommit([4])
+    assert reopened.pending_chunks() == [4] and not reopened.is_complete
+    fill(reopened, rows)
+    assert torch.equal(GradientStore.open(tmp_path / "s").read(), rows)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m.update(num_rows=22),
+        lambda m: m["settings"].update(dtype="float16"),  # same item size as bfloat16
+        lambda m: m["settings"]["modules"][0].update(shape=[2, 8]),  # same size, other shape
+    ],
+    ids=["num_rows", "dtype", "shape"],
+)
+def test_edited_metadata_is_refused(tmp_path, edit):
+    _filled(tmp_path, dtype="bfloat16")
+    path = tmp_path / "s" / "store.json"
+    metadata = json.loads(path.read_text())
+    edit(metadata)
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(IntegrityError, match="store.json was changed after it was written"):
+        GradientStore.open(tmp_path / "s")
+
+
+def _reseal(directory, **changes) -> dict:
+    """Rewrite ``store.json`` with ``changes`` and a valid digest of its new content (as a
+    buggy or older writer might), so that only the other checks can catch it."""
+    from kronlab.attribution.integrity import write_json
+
+    path = directory / "store.json"
+    metadata = json.loads(path.read_text())
+    del metadata["content_digest"]
+    metadata.update(changes)
+    write_json(path, metadata)
+    return metadata
+
+
+def test_metadata_is_checked_against_the_file_sizes(tmp_path):
+    _filled(tmp_path)
+    _reseal(tmp_path / "s", num_rows=30)
+    with pytest.raises(IntegrityError, match="gradients.bin is damaged: store.json says it has"):
+        GradientStore.open(tmp_path / "s")
+    _reseal(tmp_path / "s", num_rows=23)
+    with open(tmp_path / "s" / "committed.bin", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(IntegrityError, match="committed.bin is damaged"):
+        GradientStore.open(tmp_path / "s")
+
+
+def test_an_older_store_format_asks_for_a_rebuild(tmp_path):
+    _filled(tmp_path)
+    metadata = _reseal(tmp_path / "s", format_version=1)
+    with pytest.raises(StoreMismatchError, match="store format 1.*build it again"):
+        GradientStore.open(tmp_path / "s")
+    (tmp_path / "s" / "store.json").write_text(json.dumps(metadata))  # format 1: no digest
+    with pytest.raises(IntegrityError, match="older kronlab.*build it again"):
+        GradientStore.open(tmp_path / "s")
+
+
+def test_durable_writes_fsync_the_data_before_its_commit_record(tmp_path, monkeypatch):
+    layout = settings()
+    store = GradientStore.create(tmp_path / "s", layout, 10, 5, durable=True)
+    events = []
+    import kronlab.attribution.store as store_module
+
+    real_pwrite = store_module._pwrite_all
+    monkeypatch.setattr(
+        store_module,
+        "_pwrite_all",
+        lambda fd, payload, offset: (
+            events.append(f"write {len(payload)}") or real_pwrite(fd, payload, offset)
+        ),
+    )
+    monkeypatch.setattr(store_module.os, "fsync", lambda fd: events.append("fsync"))
+    store.write_chunk(0, torch.ones(5, layout.row_width))
+    assert events == [f"write {5 * layout.row_width * 4}", "fsync", "write 8", "fsync"]

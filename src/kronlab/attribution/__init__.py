@@ -16,7 +16,8 @@ from kronlab.attribution.curvature import (
 )
 from kronlab.attribution.fit import cross_entropy_loss, default_mask, fit_curvature, mse_loss
 from kronlab.attribution.fused import fused_activations
-from kronlab.attribution.pipeline import AttributionConfig, AttributionRun
+from kronlab.attribution.integrity import IntegrityError
+from kronlab.attribution.pipeline import AttributionConfig, AttributionRun, StageMismatchError
 from kronlab.attribution.scores import NORMALIZATIONS, influence_scores, top_k
 from kronlab.attribution.store import GradientStore, StoreMismatchError
 from kronlab.curvature import find_modules, per_example_gradients
@@ -25,6 +26,8 @@ __all__ = [
     "AttributionConfig",
     "AttributionRun",
     "GradientStore",
+    "IntegrityError",
+    "StageMismatchError",
     "StoreMismatchError",
     "CURVATURE_METHODS",
     "FORMAT_VERSION",

@@ -11,6 +11,7 @@ same code the Shampoo family preconditions with.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import nn
 
 from kronlab.curvature import LayerSpec, bias_in_curvature, find_modules, layer_spec
 from kronlab.factors import kronecker_outer, precondition_in_eigenbasis
+from kronlab.linalg.finite import all_finite
 from kronlab.optim.validation import check_choice, check_range
 
 CURVATURE_METHODS = ("kfac", "ekfac", "diagonal", "identity", "optimizer")
@@ -105,14 +107,35 @@ class Curvature:
         """``(H + λI)⁻¹ G`` per module for gradients ``(d_out, d_in)`` or stacks ``(n, …)``.
 
         ``damping`` is an absolute ``λ``; without it ``λ = damping_factor · mean(Λ)`` per
-        module (default factor 0.1, as in Grosse et al. 2023).
+        module (default factor 0.1, as in Grosse et al. 2023). Raises ``ValueError`` instead of
+        returning inf or NaN: for a non-finite gradient, for ``Λ + λ`` not finite and positive
+        everywhere (``damping=0`` on a curvature with zero eigenvalues), or for a product that
+        overflows.
         """
         result = {}
         for name, grad in grads.items():
+            if not all_finite([grad]):
+                raise ValueError(f"Invalid grads[{name!r}]: it has NaN or infinite entries")
             module = self._module(name)
             eigenvalues = module.eigenvalues()
-            scaling = 1.0 / (eigenvalues + self.damping(name, damping, damping_factor))
-            result[name] = self._apply(module, grad, scaling)
+            damping_value = self.damping(name, damping, damping_factor)
+            denominator = eigenvalues + damping_value
+            smallest = float(denominator.min())
+            if not (math.isfinite(smallest) and smallest > 0 and all_finite([denominator])):
+                raise ValueError(
+                    f"Invalid damping for module {name!r}: λ = {damping_value!r} (damping="
+                    f"{damping!r}, damping_factor={damping_factor!r}) leaves eigenvalues + λ "
+                    f"with minimum {smallest!r}; (H + λI)⁻¹ needs every eigenvalue + λ finite "
+                    "and > 0 (allowed: damping > 0, or a damping_factor > 0 with a curvature "
+                    "whose mean eigenvalue is > 0)"
+                )
+            product = self._apply(module, grad, 1.0 / denominator)
+            if not all_finite([product]):
+                raise ValueError(
+                    f"(H + λI)⁻¹ G overflowed for module {name!r} (λ = {damping_value!r}): "
+                    "increase the damping or rescale the gradients"
+                )
+            result[name] = product
         return result
 
     def __matmul__(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -211,17 +234,27 @@ class Curvature:
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> Curvature:
         """Read a file written by :meth:`save` (``ValueError`` on another format or version)."""
         safe_open = _safetensors().safe_open
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            raw = (handle.metadata() or {}).get(FORMAT_NAME)
-            if raw is None:
-                raise ValueError(f"Invalid curvature file: {path} has no {FORMAT_NAME} metadata")
-            header = json.loads(raw)
-            if header.get("version") != FORMAT_VERSION:
-                raise ValueError(
-                    f"Invalid curvature file version: {header.get('version')!r} "
-                    f"(allowed: {FORMAT_VERSION})"
-                )
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as handle:
+                raw = (handle.metadata() or {}).get(FORMAT_NAME)
+                if raw is None:
+                    raise ValueError(
+                        f"Invalid curvature file: {path} has no {FORMAT_NAME} metadata"
+                    )
+                header = json.loads(raw)
+                if header.get("version") != FORMAT_VERSION:
+                    raise ValueError(
+                        f"Invalid curvature file version: {header.get('version')!r} "
+                        f"(allowed: {FORMAT_VERSION})"
+                    )
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        except (OSError, ValueError):
+            raise
+        except Exception as error:  # safetensors' own error type for a damaged file
+            raise ValueError(f"Invalid curvature file: {path} cannot be read ({error})") from None
+        damaged = [key for key, tensor in tensors.items() if not all_finite([tensor])]
+        if damaged:
+            raise ValueError(f"Invalid curvature file: {path} has non-finite values in {damaged}")
         modules = {}
         for name, spec in header["modules"].items():
             parts = {

@@ -15,14 +15,22 @@
 ``config.json`` pins the settings of a run directory; ``run`` performs the stages not yet
 complete. Every stage splits its chunks across ``torch.distributed`` ranks (see
 :mod:`kronlab.attribution.distributed`).
+
+Every stage records what it consumed (the model's and the data's fingerprints, the settings
+that change its numbers, the digests of the files it read) and every later stage checks that
+record against the model, data, settings and files it sees now: a curvature fitted on another
+model, queries preconditioned with another damping, or a damaged file is a clear error that
+names what differs and the command that fixes it, never a wrong score. ``report.md`` states
+the settings read from those records.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
-import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
@@ -44,6 +52,15 @@ from kronlab.attribution.compression import (
 from kronlab.attribution.curvature import Curvature
 from kronlab.attribution.distributed import Workers
 from kronlab.attribution.fused import fused_activations
+from kronlab.attribution.integrity import (
+    IntegrityError,
+    check_file_digest,
+    file_digest,
+    naming,
+    read_json,
+    write_json,
+    write_text,
+)
 from kronlab.attribution.sources import AttributionTask, ExampleSet, load_task, model_fingerprint
 from kronlab.attribution.store import (
     STORAGE_DTYPES,
@@ -55,6 +72,7 @@ from kronlab.attribution.store import (
     flatten_blocks,
 )
 from kronlab.curvature import bias_in_curvature, find_modules, layer_spec, per_example_gradients
+from kronlab.linalg.finite import all_finite
 from kronlab.linalg.projection import PROJECTION_KINDS
 from kronlab.optim.validation import check_choice, check_range
 
@@ -65,6 +83,16 @@ COMPRESSIONS = ("project", "folded", "whitened")
 CURVATURE_STORES = ("folded", "whitened")
 METHODS = ("kfac", "ekfac")
 CONFIG_FILE = "config.json"
+FIT_FILE = "fit.json"
+SCORE_FILE = "score.json"
+
+
+# File systems without fallocate support: fall back to checking the free space.
+_FALLOCATE_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+class StageMismatchError(ValueError):
+    """A stage's input was produced from another model, data or setting than this run's."""
 
 
 @dataclass(frozen=True)
@@ -160,7 +188,9 @@ def _with_bias_setting(stage: Callable[..., T]) -> Callable[..., T]:
     return run_stage
 
 
-def prepare_run_dir(run_dir: Path, config: AttributionConfig, workers: Workers) -> None:
+def prepare_run_dir(
+    run_dir: Path, config: AttributionConfig, workers: Workers, durable: bool = False
+) -> None:
     """Write ``config.json``, or check that the one there matches ``config``.
 
     Every rank checks after the barrier, so a mismatch raises on all of them (none hangs).
@@ -168,9 +198,10 @@ def prepare_run_dir(run_dir: Path, config: AttributionConfig, workers: Workers) 
     path = Path(run_dir) / CONFIG_FILE
     if workers.is_main and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(path, config.to_json())
+        # No digest: config.json is the user's to edit (the stages' records catch edits).
+        write_text(path, json.dumps(config.to_json(), indent=2, sort_keys=True), durable=durable)
     workers.barrier()
-    stored = AttributionConfig.from_json(json.loads(path.read_text()))
+    stored = read_config(path)
     differences = [
         f"  {name}: {value!r} in {path}, {getattr(config, name)!r} now"
         for name, value in asdict(stored).items()
@@ -184,14 +215,33 @@ def prepare_run_dir(run_dir: Path, config: AttributionConfig, workers: Workers) 
         )
 
 
-def _write_json(path: Path, data: dict) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(temporary, path)
+def read_config(path: Path) -> AttributionConfig:
+    """``config.json`` (the user may edit it: later stages check their inputs against it)."""
+    try:
+        data = json.loads(Path(path).read_text("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{path} is not UTF-8 text; fix it, or delete it to start the run directory afresh"
+        ) from None
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error.msg} at line {error.lineno} column "
+            f"{error.colno}); fix it, or delete it to start the run directory afresh"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object of settings")
+    try:
+        return AttributionConfig.from_json(data)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
-def _file_fingerprint(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def _differences(recorded: dict, expected: dict) -> list[str]:
+    return [
+        f"  {name}: {recorded.get(name)!r} then, {value!r} now"
+        for name, value in expected.items()
+        if recorded.get(name) != value
+    ]
 
 
 class AttributionRun:
@@ -202,6 +252,10 @@ class AttributionRun:
     other GELUs listed in :mod:`kronlab.attribution.fused`) through torch's fused kernels of the
     same function during build, fit and apply: the same model function, different rounding, a
     faster pass on CPU. The model is restored after each stage.
+
+    ``durable=True`` (not pinned either) fsyncs every chunk commit and every file a stage
+    writes, and the directories holding them: what a stage has committed then survives a power
+    cut, not only a killed process (see :mod:`kronlab.attribution.integrity`).
     """
 
     def __init__(
@@ -214,9 +268,11 @@ class AttributionRun:
         cache_dir: Path | None = None,
         task: AttributionTask | None = None,
         fused_activations: bool = False,
+        durable: bool = False,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.fused_activations = bool(fused_activations)
+        self.durable = bool(durable)
         self.config = config or AttributionConfig()
         self.workers = workers or Workers()
         self.show_progress = show_progress
@@ -224,7 +280,7 @@ class AttributionRun:
         self._task = task
         self._task_placed = False
         self._tracked_modules: dict[str, torch.nn.Module] | None = None
-        prepare_run_dir(self.run_dir, self.config, self.workers)
+        prepare_run_dir(self.run_dir, self.config, self.workers, self.durable)
 
     # ---- paths and lazily loaded inputs ---------------------------------------------------
 
@@ -291,7 +347,9 @@ class AttributionRun:
             device=self.workers.device,
         )
 
-    def store_settings(self, data: ExampleSet, dtype: str, transform: str) -> StoreSettings:
+    def store_settings(
+        self, data: ExampleSet, dtype: str, transform: str, extra: dict | None = None
+    ) -> StoreSettings:
         p = self.config.projection_dim
         blocks = tuple(
             ModuleBlock(name, (projected_side(d_out, p), projected_side(d_in, p)))
@@ -303,9 +361,23 @@ class AttributionRun:
             projection_kind=self.config.projection_kind,
             dtype=dtype,
             transform=transform,
-            model_fingerprint=model_fingerprint(self.task.model),
-            data_fingerprint=data.fingerprint(),
+            model_fingerprint=self._model_fingerprint(),
+            data_fingerprint=self._data_fingerprint(data),
+            extra=extra or {},
         )
+
+    def _model_fingerprint(self) -> str:
+        # The model and the data do not change during a run: hash each once (every stage
+        # compares them with what the stages before it recorded).
+        if getattr(self, "_cached_model_fingerprint", None) is None:
+            self._cached_model_fingerprint = model_fingerprint(self.task.model)
+        return self._cached_model_fingerprint
+
+    def _data_fingerprint(self, data: ExampleSet) -> str:
+        cache = self.__dict__.setdefault("_cached_data_fingerprints", {})
+        if id(data) not in cache:
+            cache[id(data)] = data.fingerprint()
+        return cache[id(data)]
 
     def _train_transform(self) -> str:
         # The damping shapes M = P (F + δI)^{-1/2}, so a store reused through --train-store
@@ -318,7 +390,12 @@ class AttributionRun:
         return "projection"
 
     def train_settings(self) -> StoreSettings:
-        return self.store_settings(self.task.train, self.config.dtype, self._train_transform())
+        extra = {"compression": self.config.compression}
+        if self.config.compression in CURVATURE_STORES:
+            extra["damping"] = self.config.damping
+        return self.store_settings(
+            self.task.train, self.config.dtype, self._train_transform(), extra
+        )
 
     # ---- stage status -----------------------------------------------------------------------
 
@@ -328,32 +405,102 @@ class AttributionRun:
             return ("fit", "build", "apply", "score")
         return STAGES
 
+    def _store_dir(self, stage: str) -> Path:
+        return self.train_store_dir if stage == "build" else self.query_store_dir
+
     def is_complete(self, stage: str) -> bool:
         check_choice("stage", stage, STAGES)
         if stage == "fit":
-            return (self.run_dir / "fit.json").exists()
+            return (self.run_dir / FIT_FILE).exists()
         if stage == "score":
-            return (self.run_dir / "score.json").exists()
-        directory = self.train_store_dir if stage == "build" else self.query_store_dir
-        if not (directory / "store.json").exists():
+            return (self.run_dir / SCORE_FILE).exists()
+        if not (self._store_dir(stage) / "store.json").exists():
             return False
-        return GradientStore.open(directory).is_complete
+        return GradientStore.open(self._store_dir(stage)).is_complete
+
+    def _is_partial(self, stage: str) -> bool:
+        """A build or apply that was interrupted: its store exists, some chunks are missing."""
+        return stage in ("build", "apply") and (
+            (self._store_dir(stage) / "store.json").exists() and not self.is_complete(stage)
+        )
+
+    def command(self, stage: str, resume: bool = False) -> str:
+        """The command line that performs ``stage`` in this run directory."""
+        return f"kronlab attribute {stage}{' --resume' if resume else ''} --run-dir {self.run_dir}"
 
     def _require(self, stage: str, needed_by: str) -> None:
-        if not self.is_complete(stage):
-            raise ValueError(
-                f"stage {needed_by!r} needs stage {stage!r} to be complete in {self.run_dir}; "
-                f"run `kronlab attribute {stage}` first (or `run`)"
+        if self.is_complete(stage):
+            return
+        first = self._first_missing(stage)
+        resume = any(map(self._is_partial, STAGES))
+        raise ValueError(
+            f"stage {needed_by!r} needs stage {stage!r} to be complete in {self.run_dir}; "
+            f"run `{self.command(first, self._is_partial(first))}` first (or "
+            f"`{self.command('run', resume)}` for every missing stage)"
+        )
+
+    def _first_missing(self, stage: str) -> str:
+        """The stage to run first so that ``stage`` can run (apply needs fit, score needs
+        build and apply; folded and whitened builds need fit)."""
+        prerequisites = {
+            "fit": (),
+            "build": ("fit",) if self.config.compression in CURVATURE_STORES else (),
+            "apply": ("fit",),
+            "score": ("build", "apply"),
+        }[stage]
+        for prerequisite in prerequisites:
+            if not self.is_complete(prerequisite):
+                return self._first_missing(prerequisite)
+        return stage
+
+    def _stale(self, what: str, differences: list[str], paths: list[Path]) -> None:
+        if differences:
+            raise StageMismatchError(
+                f"{what} was computed from other inputs than this run uses:\n"
+                + "\n".join(differences)
+                + f"\n{self._redo_hint(differences, paths)}"
             )
+
+    def _redo_hint(self, differences: Sequence[str], paths: Sequence[Path]) -> str:
+        """How to fix a stale result: after another model or data every stage must run
+        again (a new run directory); after a setting, only the stale files."""
+        redo = f"delete {', '.join(map(str, paths))} and run `{self.command('run')}`"
+        if any("_fingerprint" in line and "curvature" not in line for line in differences):
+            return (
+                "the model or the data changed since: start a new --run-dir (every stage "
+                f"depends on them), or {redo}"
+            )
+        return f"{redo} (or use a new --run-dir)"
+
+    def check_complete(self, stage: str) -> None:
+        """Raise unless what ``stage`` recorded still matches this run's model, data, settings
+        and files (``run`` checks each stage it skips)."""
+        if stage == "fit":
+            self._fit_record()
+        elif stage in ("build", "apply"):
+            self._open_store(stage)
+        else:
+            self._score_record()
 
     @_with_bias_setting
     def run(self, resume: bool = False) -> np.ndarray:
-        """All stages in order, skipping those already complete; returns the scores."""
-        for stage in self.stage_order():
-            if self.is_complete(stage):
+        """All stages in order, skipping those already complete (after checking that they
+        still match); returns the scores."""
+        order = self.stage_order()
+        complete = {stage: self.is_complete(stage) for stage in order}
+        # Check every complete stage before any work, so that a stale one is found first; the
+        # scores only count when every stage before them is complete.
+        for stage in order:
+            if complete[stage] and (stage != "score" or all(complete.values())):
+                self.check_complete(stage)
+        ran = False
+        for stage in order:
+            # Scores computed before a stage ran again are stale: score once more.
+            if complete[stage] and not (stage == "score" and ran):
                 self._log(f"{stage}: already complete, skipped")
                 continue
             getattr(self, stage)(**({"resume": resume} if stage in ("build", "apply") else {}))
+            ran = True
         return self.scores()
 
     def _log(self, message: str) -> None:
@@ -381,15 +528,28 @@ class AttributionRun:
             projections = self._folded()
         else:
             projections = self._projections()
-        store = self._open_for_writing(
-            self.train_store_dir, self.train_settings(), len(self.task.train), resume
-        )
+        store = self._open_for_writing("build", self.train_settings(), len(self.task.train), resume)
         self._write_rows(store, self.task.train, projections, "build", inverse=False)
         return store
 
+    def _open_store(self, stage: str, settings: StoreSettings | None = None) -> GradientStore:
+        """The store ``stage`` wrote, checked against the settings this run would write now."""
+        directory = self._store_dir(stage)
+        if settings is None:
+            settings = self.train_settings() if stage == "build" else self.query_settings()
+        store = GradientStore.open(directory)
+        differences = [name for name, _, _ in store.settings.mismatches(settings)]
+        check_settings(
+            store.settings, settings, str(directory), hint=self._redo_hint(differences, [directory])
+        )
+        store.durable = self.durable
+        store.repair_command = f"`{self.command(stage, resume=True)}`"
+        return store
+
     def _open_for_writing(
-        self, directory: Path, settings: StoreSettings, rows: int, resume: bool
+        self, stage: str, settings: StoreSettings, rows: int, resume: bool
     ) -> GradientStore:
+        directory = self._store_dir(stage)
         # All ranks look before rank 0 creates anything, so all of them agree (and all raise).
         exists = (directory / "store.json").exists()
         self.workers.barrier()
@@ -399,19 +559,28 @@ class AttributionRun:
                 state = "complete" if existing.is_complete else "partial"
                 raise FileExistsError(
                     f"{directory} already holds a {state} gradient store; pass --resume to "
-                    "continue it (or use a new --run-dir)"
+                    f"continue it (`{self.command(stage, resume=True)}`), or use a new --run-dir"
                 )
-            check_settings(existing.settings, settings, str(directory))
         elif self.workers.is_main:
-            GradientStore.create(directory, settings, rows, self.config.chunk_rows)
+            GradientStore.create(
+                directory, settings, rows, self.config.chunk_rows, durable=self.durable
+            )
         self.workers.barrier()
-        store = GradientStore.open(directory, expected=settings)
+        store = self._open_store(stage, settings)
         if store.num_rows != rows or store.chunk_rows != self.config.chunk_rows:
             raise StoreMismatchError(
                 f"gradient store {directory} has {store.num_rows} rows in chunks of "
                 f"{store.chunk_rows}; this run needs {rows} rows in chunks of "
-                f"{self.config.chunk_rows}"
+                f"{self.config.chunk_rows}: delete it and run `{self.command(stage)}`"
             )
+        if exists and self.workers.is_main:
+            # A resume re-verifies what was committed before (a power cut without --durable
+            # can leave a commit record whose data never reached the disk).
+            damaged = store.damaged_chunks()
+            if damaged:
+                self._log(f"{stage}: {len(damaged)} chunks fail their checksum, rewriting them")
+                store.uncommit(damaged)
+        self.workers.barrier()
         return store
 
     def _write_rows(
@@ -489,27 +658,65 @@ class AttributionRun:
             )
         progress.close()
         if self.workers.is_main:
-            curvature.save(self.curvature_path)
-            _write_json(
-                self.run_dir / "fit.json",
+            temporary = self.curvature_path.with_name(self.curvature_path.name + ".tmp")
+            with naming(temporary):
+                curvature.save(temporary)
+                if self.durable:
+                    with open(temporary, "rb+") as handle:
+                        os.fsync(handle.fileno())
+            os.replace(temporary, self.curvature_path)
+            write_json(
+                self.run_dir / FIT_FILE,
                 {
-                    "method": self.config.method,
-                    "model_fingerprint": model_fingerprint(task.model),
-                    "curvature_fingerprint": _file_fingerprint(self.curvature_path),
+                    "inputs": self._fit_inputs(),
+                    "curvature_fingerprint": file_digest(self.curvature_path),
                 },
+                durable=self.durable,
             )
         self.workers.barrier()
         self._cached_curvature = None
+        self._verified_fit = None
+
+    def _fit_inputs(self) -> dict:
+        """Everything the fitted curvature depends on."""
+        return {
+            "model_fingerprint": self._model_fingerprint(),
+            "train_data_fingerprint": self._data_fingerprint(self.task.train),
+            "modules": list(self._modules()),
+            "method": self.config.method,
+            "fisher": self.config.fisher,
+            "seed": self.config.seed,
+            "batch_size": self.config.batch_size,
+        }
+
+    def _fit_record(self) -> dict:
+        """``fit.json``, checked against this run's model, data and settings, with the
+        curvature file checked against its recorded digest (once per run object)."""
+        if getattr(self, "_verified_fit", None) is None:
+            path = self.run_dir / FIT_FILE
+            refit = f"delete {path} and run `{self.command('fit')}`"
+            record = read_json(path, hint=refit)
+            if not isinstance(record.get("inputs"), dict):
+                raise IntegrityError(f"{path} records no inputs (an older kronlab); {refit}")
+            self._stale(
+                f"the curvature in {self.curvature_path}",
+                _differences(record["inputs"], self._fit_inputs()),
+                [path],
+            )
+            check_file_digest(self.curvature_path, record["curvature_fingerprint"], hint=refit)
+            self._verified_fit = record
+        return self._verified_fit
 
     def _curvature(self):
         if getattr(self, "_cached_curvature", None) is None:
             self._require("fit", "apply")
+            self._fit_record()
             self._cached_curvature = Curvature.load(self.curvature_path, self.workers.device)
         return self._cached_curvature
 
     def _curvature_fingerprint(self) -> str:
         self._require("fit", "build")
-        return json.loads((self.run_dir / "fit.json").read_text())["curvature_fingerprint"]
+        return self._fit_record()["curvature_fingerprint"]
 
     def _folded(self) -> dict:
         """``M = P (F + δI)^{-1/2}`` per side, from the fitted K-FAC factors ``S`` and ``A``."""
@@ -532,13 +739,15 @@ class AttributionRun:
 
     def query_settings(self) -> StoreSettings:
         fingerprint = self._curvature_fingerprint()
+        damping = f"damping={self.config.damping!r}"
         transform = {
-            "project": f"inverse:{fingerprint}",
+            "project": f"inverse:{fingerprint}:{damping}",
             "folded": self._train_transform(),
-            "whitened": f"lifted-inverse:{fingerprint}:damping={self.config.damping!r}",
+            "whitened": f"lifted-inverse:{fingerprint}:{damping}",
         }[self.config.compression]
+        extra = {"compression": self.config.compression, "damping": self.config.damping}
         # Queries are few: keep them in float32 whatever the training store's dtype.
-        return self.store_settings(self.task.queries, "float32", transform)
+        return self.store_settings(self.task.queries, "float32", transform, extra)
 
     @_with_bias_setting
     def apply(self, resume: bool = False) -> GradientStore:
@@ -546,7 +755,7 @@ class AttributionRun:
         ``L_S (H⁻¹ G_q) L_Aᵀ`` when whitened."""
         self._require("fit", "apply")
         store = self._open_for_writing(
-            self.query_store_dir, self.query_settings(), len(self.task.queries), resume
+            "apply", self.query_settings(), len(self.task.queries), resume
         )
         if self.config.compression == "folded":
             self._write_rows(store, self.task.queries, self._folded(), "apply", inverse=False)
@@ -563,8 +772,8 @@ class AttributionRun:
         """``scores[q, t] = ⟨query_q, train_t⟩`` into ``scores.npy``, then the report."""
         self._require("build", "score")
         self._require("apply", "score")
-        train = GradientStore.open(self.train_store_dir, expected=self.train_settings())
-        queries = GradientStore.open(self.query_store_dir, expected=self.query_settings())
+        train = self._open_store("build")
+        queries = self._open_store("apply")
         # The two stores must agree on everything that shapes a row.
         check_settings(
             train.settings,
@@ -574,37 +783,119 @@ class AttributionRun:
         )
         query_rows = queries.read().to(self.workers.device)
         if self.workers.is_main:
-            np.lib.format.open_memmap(
-                self.scores_path,
-                mode="w+",
-                dtype=np.float32,
-                shape=(len(query_rows), train.num_rows),
-            ).flush()
+            (self.run_dir / SCORE_FILE).unlink(missing_ok=True)
+            _allocate_scores(self.scores_path, (len(query_rows), train.num_rows))
         self.workers.barrier()
         scores = np.load(self.scores_path, mmap_mode="r+")
         progress = self._progress(train.num_rows, "score")
         for chunk in self.workers.owned(range(train.num_chunks)):
             start, stop = train.chunk_range(chunk)
             rows = train.read(start, stop).to(self.workers.device)
-            scores[:, start:stop] = (query_rows @ rows.T).cpu().numpy()
+            block = query_rows @ rows.T
+            if not all_finite([block]):
+                raise ValueError(
+                    f"scores of training rows {start}..{stop - 1} overflowed float32 (inf or "
+                    f"NaN): the gradients in {train.directory} or {queries.directory} are too "
+                    "large; rescale the loss or raise --damping"
+                )
+            scores[:, start:stop] = block.cpu().numpy()
             _advance(progress, (stop - start) * self.workers.world_size)
         progress.close()
         scores.flush()
+        if self.durable:
+            with open(self.scores_path, "rb+") as handle:
+                os.fsync(handle.fileno())
         del scores
         self.workers.barrier()
         if self.workers.is_main:
             from kronlab.attribution.report import write_report
 
-            write_report(self.run_dir, self.config, self.task, self.scores())
-            _write_json(self.run_dir / "score.json", {"shape": [len(query_rows), train.num_rows]})
+            computed_with = self._computed_with(train, queries)
+            scores = np.load(self.scores_path, mmap_mode="r")
+            write_report(self.run_dir, computed_with, self.config, self.task, scores)
+            write_json(
+                self.run_dir / SCORE_FILE,
+                {
+                    "shape": [len(query_rows), train.num_rows],
+                    "inputs": self._score_inputs(),
+                    "computed_with": computed_with,
+                    "scores_digest": file_digest(self.scores_path),
+                },
+                durable=self.durable,
+            )
         self.workers.barrier()
         return self.scores()
 
+    def _score_inputs(self) -> dict:
+        """What the scores depend on: the two stores as they are now (their metadata digests
+        cover settings, fingerprints and sizes)."""
+        return {
+            "train_store": file_digest(self.train_store_dir / "store.json"),
+            "query_store": file_digest(self.query_store_dir / "store.json"),
+        }
+
+    def _computed_with(self, train: GradientStore, queries: GradientStore) -> dict:
+        """The settings the scores were computed with, read from the stages' records."""
+        fit = self._fit_record()["inputs"]
+        return {
+            "model_fingerprint": train.settings.model_fingerprint,
+            "train_data_fingerprint": train.settings.data_fingerprint,
+            "query_data_fingerprint": queries.settings.data_fingerprint,
+            "method": fit["method"],
+            "fisher": fit["fisher"],
+            "curvature_fingerprint": self._fit_record()["curvature_fingerprint"],
+            "damping": queries.settings.extra.get("damping"),
+            "compression": queries.settings.extra.get("compression"),
+            "projection_dim": train.settings.projection_dim,
+            "projection_kind": train.settings.projection_kind,
+            "store_dtype": train.settings.dtype,
+            "train_rows": train.num_rows,
+            "query_rows": queries.num_rows,
+        }
+
+    def _score_record(self) -> dict:
+        path = self.run_dir / SCORE_FILE
+        record = read_json(path, hint=f"run `{self.command('score')}`")
+        self._stale(
+            f"the scores in {self.scores_path}",
+            _differences(record.get("inputs", {}), self._score_inputs()),
+            [path],
+        )
+        return record
+
     def scores(self) -> np.ndarray:
-        """The ``(n_query, n_train)`` scores, memory-mapped read-only."""
-        if not self.scores_path.exists():
-            raise ValueError(f"no scores in {self.run_dir}; run the score stage first")
+        """The ``(n_query, n_train)`` scores, memory-mapped read-only (checked once against
+        the digest recorded when they were written)."""
+        if not self.is_complete("score"):
+            raise ValueError(f"no scores in {self.run_dir}; run `{self.command('score')}` first")
+        if getattr(self, "_verified_scores", None) != self.scores_path.stat().st_mtime_ns:
+            record = self._score_record()
+            check_file_digest(
+                self.scores_path,
+                record["scores_digest"],
+                hint=f"run `{self.command('score')}` to compute them again",
+            )
+            self._verified_scores = self.scores_path.stat().st_mtime_ns
         return np.load(self.scores_path, mmap_mode="r")
+
+
+def _allocate_scores(path: Path, shape: tuple[int, int]) -> None:
+    """Create ``scores.npy`` with all its blocks allocated: writing a memory map into a sparse
+    file on a full disk kills the process with SIGBUS; allocating first raises ENOSPC here."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    del array
+    size = path.stat().st_size
+    with open(path, "rb+") as handle:
+        if hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(handle.fileno(), 0, size)
+                return
+            except OSError as error:
+                if error.errno not in _FALLOCATE_UNSUPPORTED:
+                    raise OSError(error.errno, error.strerror, str(path)) from None
+        free = shutil.disk_usage(path.parent).free
+        if free < size:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 def _advance(progress: tqdm, rows: int) -> None:

@@ -20,17 +20,28 @@ def top_and_bottom(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return order[:, :k], order[:, ::-1][:, :k]
 
 
-def write_report(run_dir: Path, config, task: AttributionTask, scores: np.ndarray) -> list[Path]:
-    """Write ``report.md`` (and ``top_examples.png`` when matplotlib is there); return paths."""
+def write_report(
+    run_dir: Path, computed_with: dict, config, task: AttributionTask, scores: np.ndarray
+) -> list[Path]:
+    """Write ``report.md`` (and ``top_examples.png`` when matplotlib is there); return paths.
+
+    The settings stated are ``computed_with``: those the stages recorded when they produced
+    the curvature and the stores that were scored (``config`` gives only the names of the
+    sources and how much to show).
+    """
+    used = computed_with
     shown = min(config.report_queries, scores.shape[0])
     proponents, opponents = top_and_bottom(np.asarray(scores[:shown]), config.top_k)
     lines = [
         "# kronlab attribution report",
         "",
-        f"- model: `{config.model}`, data: `{config.data}`, queries: `{config.queries}`",
-        f"- curvature: {config.method} (damping {config.damping} × mean eigenvalue), "
-        f"compression: {config.compression}, projection_dim: {config.projection_dim} "
-        f"({config.projection_kind}), store dtype: {config.dtype}",
+        f"- model: `{config.model}` (weights {used['model_fingerprint']}), data: "
+        f"`{config.data}` ({used['train_data_fingerprint']}), queries: `{config.queries}` "
+        f"({used['query_data_fingerprint']})",
+        f"- curvature: {used['method']}, {used['fisher']} Fisher (file "
+        f"{used['curvature_fingerprint']}), damping {used['damping']} × mean eigenvalue",
+        f"- compression: {used['compression']}, projection_dim: {used['projection_dim']} "
+        f"({used['projection_kind']}), store dtype: {used['store_dtype']}",
         f"- scores: `scores.npy`, {scores.shape[0]} queries × {scores.shape[1]} training examples",
         "",
     ]

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from kronlab.attribution.curvature import Curvature
 from kronlab.attribution.fit import MaskFn, default_mask
 from kronlab.curvature import bias_in_curvature, per_example_gradients
+from kronlab.linalg.finite import all_finite
 from kronlab.optim.validation import check_choice, check_range
 
 NORMALIZATIONS = ("none", "unit", "relative")
@@ -43,6 +44,8 @@ def influence_scores(
     is the measurement on queries). ``normalize``: ``"none"``; ``"unit"`` scales both gradients
     to unit norm first (cosine-like, Xia et al. 2024); ``"relative"`` divides by the training
     example's self-influence ``√⟨G_t, H⁻¹G_t⟩`` (RelatIF, Barshan et al. 2020).
+    Never returns inf or NaN: non-finite gradients, a damping that leaves ``H + λI`` singular
+    (``damping=0`` on zero eigenvalues) and overflowing scores raise ``ValueError``.
     """
     check_choice("normalize", normalize, NORMALIZATIONS)
     modules = curvature.tracked_modules(model)
@@ -59,8 +62,14 @@ def influence_scores(
         return curvature.inverse_hvp(grads, damping, damping_factor=damping_factor)
 
     queries = []
-    for batch in tqdm(query_data, desc="queries", disable=not progress, leave=False):
+    batches = tqdm(query_data, desc="queries", disable=not progress, leave=False)
+    for index, batch in enumerate(batches):
         grads = flat_gradients(batch, query_loss_fn)
+        if not all_finite(list(grads.values())):
+            raise ValueError(
+                f"Invalid query_data: batch {index} gives NaN or infinite gradients (check its "
+                "inputs and the model's loss on it)"
+            )
         if normalize == "unit":
             grads = _unit_normalized(grads)
         queries.append(_flatten(preconditioned(grads), modules))
@@ -69,15 +78,26 @@ def influence_scores(
     preconditioned_queries = torch.cat(queries)
 
     columns = []
-    for batch in tqdm(train_data, desc="training examples", disable=not progress, leave=False):
+    batches = tqdm(train_data, desc="training examples", disable=not progress, leave=False)
+    for index, batch in enumerate(batches):
         grads = flat_gradients(batch, loss_fn)
         if normalize == "unit":
             grads = _unit_normalized(grads)
         flat = _flatten(grads, modules)
+        if not all_finite([flat]):
+            raise ValueError(
+                f"Invalid train_data: batch {index} gives NaN or infinite gradients (check its "
+                "inputs and the model's loss on it)"
+            )
         scores = preconditioned_queries @ flat.to(preconditioned_queries.dtype).T
         if normalize == "relative":
             self_influence = (_flatten(preconditioned(grads), modules) * flat).sum(-1)
             scores = scores / self_influence.clamp_min(torch.finfo(flat.dtype).tiny).sqrt()
+        if not all_finite([scores]):
+            raise ValueError(
+                f"influence scores of train_data batch {index} overflowed to inf or NaN: "
+                "increase the damping or rescale the loss"
+            )
         columns.append(scores)
     if not columns:
         raise ValueError("Invalid train_data: no batch (the iterable was empty)")

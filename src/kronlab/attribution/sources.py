@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import json
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ class ExampleSet:
     tensors: tuple[torch.Tensor, ...]
     kind: ExampleKind
     texts: list[str] | None = None
+    origins: list[str] | None = None  # where each example came from ("file.jsonl line 7")
 
     def __len__(self) -> int:
         return len(self.tensors[0])
@@ -59,7 +61,12 @@ class ExampleSet:
         if count < 1:
             raise ValueError(f"the number of examples must be >= 1, got {count}")
         texts = None if self.texts is None else self.texts[:count]
-        return ExampleSet(tuple(t[:count] for t in self.tensors), self.kind, texts)
+        origins = None if self.origins is None else self.origins[:count]
+        return ExampleSet(tuple(t[:count] for t in self.tensors), self.kind, texts, origins)
+
+    def origin(self, index: int) -> str:
+        """Where example ``index`` came from, for error messages."""
+        return self.origins[index] if self.origins is not None else f"example {index}"
 
     def fingerprint(self) -> str:
         return tensors_fingerprint(self.tensors)
@@ -202,7 +209,13 @@ def load_model(spec: str, seed: int = 0, cache_dir: Path | None = None) -> nn.Mo
         cache = Path(cache_dir or DEFAULT_CACHE) / f"{spec}-seed{seed}.pt"
         model = build(seed)
         if cache.exists():
-            model.load_state_dict(torch.load(cache, weights_only=True))
+            try:
+                model.load_state_dict(torch.load(cache, weights_only=True))
+            except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
+                raise ValueError(
+                    f"the cached model {cache} is damaged ({str(error).splitlines()[0]}): "
+                    "delete it and the next run trains it again"
+                ) from None
         else:
             model = train(seed)
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -266,20 +279,114 @@ def _text_set(texts: list[str], length: int, tokenizer_dir: Path | None) -> Exam
 
 
 def _records_to_set(
-    records: list[dict], source: str, length: int, tokenizer_dir: Path | None
+    records: list[dict],
+    source: str,
+    length: int,
+    tokenizer_dir: Path | None,
+    origins: list[str] | None = None,
 ) -> ExampleSet:
+    """Text or labelled vectors; every record is checked (its origin named) before any tensor
+    is built, so a bad line is reported as itself rather than as a torch error."""
     if not records:
         raise ValueError(f"{source} holds no examples")
-    if "text" in records[0]:
-        return _text_set([str(r["text"]) for r in records], length, tokenizer_dir)
-    if "input" in records[0] and "label" in records[0]:
+    origins = origins or [f"{source} record {i + 1}" for i in range(len(records))]
+    for record, origin in zip(records, origins):
+        if not isinstance(record, dict):
+            raise ValueError(f"{origin}: expected a JSON object, got {type(record).__name__}")
+    first = records[0]
+    if "text" in first:
+        for record, origin in zip(records, origins):
+            if "text" not in record:
+                raise ValueError(
+                    f"{origin}: keys {sorted(record)}, but {origins[0]} has a 'text' field "
+                    "(all records must have the same fields)"
+                )
+        examples = _text_set([str(r["text"]) for r in records], length, tokenizer_dir)
+        examples.origins = origins
+        return examples
+    if "input" in first and "label" in first:
+        width = None
+        for record, origin in zip(records, origins):
+            width = _check_labelled(record, origin, origins[0], width)
         inputs = torch.tensor([r["input"] for r in records], dtype=torch.float32)
         labels = torch.tensor([int(r["label"]) for r in records], dtype=torch.long)
-        return ExampleSet((inputs, labels), "vector")
+        return ExampleSet((inputs, labels), "vector", origins=origins)
     raise ValueError(
-        f"{source}: records need a 'text' field or 'input' and 'label' fields, got keys "
-        f"{sorted(records[0])}"
+        f"{origins[0]}: records need a 'text' field or 'input' and 'label' fields, got keys "
+        f"{sorted(first)}"
     )
+
+
+def _check_labelled(record: dict, origin: str, first: str, width: int | None) -> int:
+    """``ValueError`` naming ``origin`` unless the record is ``{"input": [numbers], "label":
+    int >= 0}`` with the same input width as the first record; returns that width."""
+    if "input" not in record or "label" not in record:
+        raise ValueError(
+            f"{origin}: keys {sorted(record)}, but {first} has 'input' and 'label' fields (all "
+            "records must have the same fields)"
+        )
+    values = record["input"]
+    if not isinstance(values, list) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+    ):
+        raise ValueError(f"{origin}: 'input' must be a list of numbers, got {values!r:.60}")
+    if width is not None and len(values) != width:
+        raise ValueError(
+            f"{origin}: 'input' has {len(values)} values, but {first} has {width} (all inputs "
+            "must have the same width)"
+        )
+    label = record["label"]
+    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+        raise ValueError(
+            f"{origin}: 'label' must be a class index (an integer >= 0), got {label!r}"
+        )
+    return len(values)
+
+
+def _read_jsonl(path: Path, spec: str) -> tuple[list, list[str]]:
+    """Records and their origins (``file line N``, counting every line of the file)."""
+    records, origins = [], []
+    try:
+        lines = path.read_text("utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{spec} is not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{spec} line {number}: not valid JSON ({error.msg} at column {error.colno})"
+            ) from None
+        origins.append(f"{spec} line {number}")
+    return records, origins
+
+
+def check_model_inputs(model: nn.Module, examples: ExampleSet, spec: str, model_spec: str) -> None:
+    """Labelled examples must fit the model: one forward pass on the first example (width),
+    and every label below the model's number of outputs (naming the first one that is not)."""
+    if examples.kind == "text":
+        return
+    inputs, labels = examples.tensors
+    try:
+        with torch.no_grad():
+            outputs = _logits(model(inputs[:1]))
+    except RuntimeError as error:
+        raise ValueError(
+            f"--model {model_spec!r} cannot take the inputs of {spec} (shape "
+            f"{tuple(inputs.shape[1:])}, {examples.origin(0)}): {str(error).splitlines()[0]}"
+        ) from None
+    classes = outputs.shape[-1]
+    bad = (labels < 0) | (labels >= classes)
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{examples.origin(index)}: label {int(labels[index])} is out of range for --model "
+            f"{model_spec!r}, which has {classes} outputs (allowed: 0..{classes - 1})"
+        )
 
 
 def load_examples(
@@ -307,9 +414,8 @@ def load_examples(
         )
     path = Path(spec)
     if path.suffix == ".jsonl" and path.is_file():
-        lines = path.read_text("utf-8").splitlines()
-        records = [json.loads(line) for line in lines if line.strip()]
-        return _records_to_set(records, spec, length, tokenizer_dir)
+        records, origins = _read_jsonl(path, spec)
+        return _records_to_set(records, spec, length, tokenizer_dir, origins)
     if path.is_dir():
         try:
             from datasets import load_from_disk
@@ -356,6 +462,8 @@ def load_task(
         query_set = load_examples(queries, "train", length=length, tokenizer_dir=tokenizer_dir)
     if query_set.kind != train.kind and {query_set.kind, train.kind} != {"image", "vector"}:
         raise ValueError(f"queries are {query_set.kind} examples but the data is {train.kind}")
+    check_model_inputs(network, train, data, model)
+    check_model_inputs(network, query_set, data if queries == "test" else queries, model)
     loss_fn = language_model_loss if train.kind == "text" else classification_loss
     for parameter in network.parameters():
         parameter.requires_grad_(True)

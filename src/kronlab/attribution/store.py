@@ -6,16 +6,24 @@ when ``projection_dim == 0``. This is the layout of bergson's index (Chang et al
 Influence and Fact Tracing for LLM Pretraining"; LoGra, Choe et al. 2024).
 
 Crash safety: rows are written a chunk at a time with positioned writes, and only after a
-chunk's bytes are in the file is its byte in ``committed.bin`` set. A process killed at any
+chunk's bytes are in the file is its commit record in ``committed.bin`` written: a marker and
+the CRC-32 of the chunk's bytes (8 bytes, aligned, so never torn). A process killed at any
 moment leaves every committed chunk complete; ``resume`` rewrites the others, so in the end
 every row is written exactly once into a committed chunk. Ranks own disjoint chunks, and so
 disjoint byte ranges of both files: they never need a lock.
+
+Integrity: ``store.json`` carries a digest of its own content and is checked against the sizes
+of both files when the store is opened; each chunk's CRC-32 is verified the first time the
+chunk is read, so a damaged byte is an :class:`IntegrityError` naming the file and the chunk,
+never a wrong score. ``durable=True`` fsyncs each chunk's data before its commit record and the
+record after it, so that a committed chunk also survives a power cut. ``resume`` re-verifies
+every committed chunk and rewrites those that fail their checksum.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,14 +31,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kronlab.attribution.integrity import (
+    IntegrityError,
+    crc32,
+    fsync_directory,
+    naming,
+    read_json,
+    write_json,
+)
 from kronlab.linalg.finite import all_finite
 from kronlab.linalg.projection import PROJECTION_KINDS
 
-STORE_FORMAT_VERSION = 1
+STORE_FORMAT_VERSION = 2
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 DATA_FILE = "gradients.bin"
 COMMIT_FILE = "committed.bin"
 METADATA_FILE = "store.json"
+# A commit record: marker, CRC-32 of the chunk's bytes. An unwritten record reads as zeros.
+_COMMIT_RECORD = struct.Struct("<II")
+_COMMITTED = 0x31434B4B  # "KKC1"
 
 # bfloat16 has no numpy dtype: its bits are stored as uint16 and reinterpreted on read.
 _NUMPY_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}
@@ -143,8 +162,10 @@ def check_settings(
     expected: StoreSettings,
     where: str,
     ignore: Sequence[str] = (),
+    hint: str = "rebuild it with the current settings (or point to a matching store)",
 ) -> None:
-    """Raise ``StoreMismatchError`` listing every differing field instead of scoring garbage."""
+    """Raise ``StoreMismatchError`` listing every differing field instead of scoring garbage;
+    ``hint`` says how to fix it."""
     differences = stored.mismatches(expected, ignore)
     if differences:
         lines = [
@@ -154,19 +175,17 @@ def check_settings(
         raise StoreMismatchError(
             f"gradient store {where} was written with different settings:\n"
             + "\n".join(lines)
-            + "\nrebuild it with the current settings (or point to a matching store)"
+            + f"\n{hint}"
         )
-
-
-def _atomic_write_json(path: Path, data: dict) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(temporary, path)
 
 
 class GradientStore:
     """A directory with ``gradients.bin`` (``num_rows × row_width``), ``committed.bin`` and
-    ``store.json``. Create with :meth:`create`, reopen with :meth:`open`."""
+    ``store.json``. Create with :meth:`create`, reopen with :meth:`open`.
+
+    ``durable`` (not recorded: a choice of the writer) fsyncs each chunk commit;
+    ``repair_command`` is named when a chunk is missing or fails its checksum.
+    """
 
     def __init__(self, directory: Path, metadata: dict) -> None:
         self.directory = Path(directory)
@@ -175,6 +194,9 @@ class GradientStore:
         self.chunk_rows = int(metadata["chunk_rows"])
         self._numpy_dtype = _NUMPY_DTYPES[self.settings.dtype]
         self._array: np.memmap | None = None
+        self._verified: set[int] = set()
+        self.durable = False
+        self.repair_command = "resuming the stage that wrote this store (--resume)"
 
     # ---- creation -------------------------------------------------------------------------
 
@@ -187,6 +209,7 @@ class GradientStore:
         chunk_rows: int = 256,
         *,
         resume: bool = False,
+        durable: bool = False,
     ) -> GradientStore:
         """A new empty store, or with ``resume=True`` the existing one if its settings match.
 
@@ -211,25 +234,35 @@ class GradientStore:
                     f"chunk_rows={store.chunk_rows}; resuming needs num_rows={num_rows}, "
                     f"chunk_rows={chunk_rows}"
                 )
+            store.durable = durable
             return store
         directory.mkdir(parents=True, exist_ok=True)
         itemsize = np.dtype(_NUMPY_DTYPES[settings.dtype]).itemsize
         num_chunks = -(-num_rows // chunk_rows)
         # Sparse files: the space is reserved without writing zeros.
-        with open(directory / DATA_FILE, "wb") as handle:
-            handle.truncate(num_rows * settings.row_width * itemsize)
-        with open(directory / COMMIT_FILE, "wb") as handle:
-            handle.truncate(num_chunks)
+        for name, size in (
+            (DATA_FILE, num_rows * settings.row_width * itemsize),
+            (COMMIT_FILE, num_chunks * _COMMIT_RECORD.size),
+        ):
+            with naming(directory / name), open(directory / name, "wb") as handle:
+                handle.truncate(size)
+                if durable:
+                    os.fsync(handle.fileno())
         metadata = {
             "format_version": STORE_FORMAT_VERSION,
             "settings": settings.to_json(),
             "num_rows": num_rows,
             "chunk_rows": chunk_rows,
             "row_width": settings.row_width,
+            "checksum": "crc32 per chunk",
         }
         # store.json last: its presence means the data and commit files are fully sized.
-        _atomic_write_json(metadata_path, metadata)
-        return cls(directory, metadata)
+        write_json(metadata_path, metadata, durable=durable)
+        if durable:
+            fsync_directory(directory.parent)
+        store = cls(directory, metadata)
+        store.durable = durable
+        return store
 
     @classmethod
     def open(
@@ -238,22 +271,56 @@ class GradientStore:
         expected: StoreSettings | None = None,
         ignore: Sequence[str] = (),
     ) -> GradientStore:
-        """Open a store; with ``expected``, raise ``StoreMismatchError`` on differing settings."""
+        """Open a store; with ``expected``, raise ``StoreMismatchError`` on differing settings.
+
+        ``store.json`` must be intact and agree with the sizes of the data and commit files
+        (:class:`IntegrityError` otherwise).
+        """
         directory = Path(directory)
         metadata_path = directory / METADATA_FILE
         if not metadata_path.exists():
             raise FileNotFoundError(f"no gradient store at {directory} (missing {METADATA_FILE})")
-        metadata = json.loads(metadata_path.read_text())
+        rebuild = f"remove {directory} and build it again"
+        metadata = read_json(metadata_path, hint=rebuild)
         version = metadata.get("format_version")
         if version != STORE_FORMAT_VERSION:
             raise StoreMismatchError(
-                f"gradient store {directory} has format_version={version}; this kronlab "
-                f"reads format_version={STORE_FORMAT_VERSION}"
+                f"gradient store {directory} was written in store format {version!r}; this "
+                f"kronlab reads format {STORE_FORMAT_VERSION} (per-chunk checksums): {rebuild}"
             )
-        store = cls(directory, metadata)
+        try:
+            store = cls(directory, metadata)
+        except (KeyError, TypeError, ValueError) as error:
+            raise IntegrityError(
+                f"{metadata_path} is damaged: invalid metadata ({error}); {rebuild}"
+            ) from None
+        store._check_sizes(metadata, rebuild)
         if expected is not None:
             check_settings(store.settings, expected, str(directory), ignore)
         return store
+
+    def _check_sizes(self, metadata: dict, rebuild: str) -> None:
+        """The metadata must describe the files on disk (a truncated or extended file, or an
+        edited ``num_rows`` / ``dtype`` / shape, would map rows onto the wrong bytes)."""
+        if self.num_rows < 1 or self.chunk_rows < 1 or metadata["row_width"] != self.row_width:
+            raise IntegrityError(
+                f"{self.directory / METADATA_FILE} is inconsistent: num_rows={self.num_rows}, "
+                f"chunk_rows={self.chunk_rows}, row_width={metadata['row_width']} for blocks of "
+                f"{self.row_width} values; {rebuild}"
+            )
+        for name, size in (
+            (DATA_FILE, self.nbytes),
+            (COMMIT_FILE, self.num_chunks * _COMMIT_RECORD.size),
+        ):
+            path = self.directory / name
+            actual = path.stat().st_size if path.exists() else None
+            if actual != size:
+                found = "it is missing" if actual is None else f"it has {actual}"
+                raise IntegrityError(
+                    f"{path} is damaged: {METADATA_FILE} says it has {size} bytes "
+                    f"({self.num_rows} rows × {self.row_width} {self.settings.dtype} values), "
+                    f"{found}; {rebuild}"
+                )
 
     # ---- chunks and commits ---------------------------------------------------------------
 
@@ -271,10 +338,14 @@ class GradientStore:
         start = chunk * self.chunk_rows
         return start, min(start + self.chunk_rows, self.num_rows)
 
+    def _records(self) -> np.ndarray:
+        """``(num_chunks, 2)`` uint32: marker and CRC-32 of each chunk."""
+        raw = np.fromfile(self.directory / COMMIT_FILE, dtype="<u4")
+        return raw[: 2 * self.num_chunks].reshape(-1, 2)
+
     def committed(self) -> np.ndarray:
         """Boolean per chunk: ``True`` where the chunk's rows are completely written."""
-        flags = np.fromfile(self.directory / COMMIT_FILE, dtype=np.uint8)
-        return flags[: self.num_chunks] == 1
+        return self._records()[:, 0] == _COMMITTED
 
     def pending_chunks(self, rank: int = 0, world_size: int = 1) -> list[int]:
         """Uncommitted chunks owned by ``rank`` (chunk ``k`` belongs to rank ``k mod world``)."""
@@ -299,22 +370,80 @@ class GradientStore:
             raise ValueError(f"chunk {chunk} (rows {start}..{stop - 1}) has non-finite gradients")
         payload = self._encode(rows).tobytes()
         offset = start * self.row_width * np.dtype(self._numpy_dtype).itemsize
-        data_fd = os.open(self.directory / DATA_FILE, os.O_WRONLY)
+        # Data first, then its record: a record never describes bytes not yet written (and,
+        # when durable, bytes not yet on the disk).
+        self._write_at(DATA_FILE, payload, offset)
+        record = _COMMIT_RECORD.pack(_COMMITTED, crc32(payload))
+        self._write_at(COMMIT_FILE, record, chunk * _COMMIT_RECORD.size)
+        self._verified.add(chunk)
+
+    def _write_at(self, name: str, payload: bytes, offset: int) -> None:
+        descriptor = os.open(self.directory / name, os.O_WRONLY)
         try:
-            _pwrite_all(data_fd, payload, offset)
+            with naming(self.directory / name):
+                _pwrite_all(descriptor, payload, offset)
+                if self.durable:
+                    os.fsync(descriptor)
         finally:
-            os.close(data_fd)
-        commit_fd = os.open(self.directory / COMMIT_FILE, os.O_WRONLY)
-        try:
-            _pwrite_all(commit_fd, b"\x01", chunk)
-        finally:
-            os.close(commit_fd)
+            os.close(descriptor)
 
     def _encode(self, rows: torch.Tensor) -> np.ndarray:
         converted = rows.detach().to("cpu", _TORCH_DTYPES[self.settings.dtype]).contiguous()
         if self.settings.dtype == "bfloat16":
             return converted.view(torch.int16).numpy().view(np.uint16)
         return converted.numpy()
+
+    # ---- verification ---------------------------------------------------------------------
+
+    def damaged_chunks(self) -> list[int]:
+        """Committed chunks whose bytes no longer match their CRC-32 (reads the whole store)."""
+        records = self._records()
+        return [
+            chunk
+            for chunk in range(self.num_chunks)
+            if records[chunk, 0] == _COMMITTED and not self._chunk_matches(chunk, records)
+        ]
+
+    def uncommit(self, chunks: Sequence[int]) -> None:
+        """Mark ``chunks`` as not written, so that a resumed stage writes them again."""
+        for chunk in chunks:
+            self._write_at(COMMIT_FILE, bytes(_COMMIT_RECORD.size), chunk * _COMMIT_RECORD.size)
+            self._verified.discard(chunk)
+
+    def _chunk_matches(
+        self, chunk: int, records: np.ndarray, copy: np.ndarray | None = None, first: int = 0
+    ) -> bool:
+        """Whether the chunk's bytes have their recorded CRC-32: taken on ``copy`` (rows from
+        ``first`` on, already read) when it holds the whole chunk, else on the file."""
+        start, stop = self.chunk_range(chunk)
+        if copy is not None and first <= start and stop - first <= len(copy):
+            rows = copy[start - first : stop - first]
+        else:
+            rows = self.array[start:stop]
+        return crc32(rows) == int(records[chunk, 1])
+
+    def _verify(self, chunks: range, copy: np.ndarray | None = None, first: int = 0) -> None:
+        """Check each chunk's CRC-32 the first time it is read (on the copy that is returned,
+        where it covers the chunk: what is checked is what the caller gets)."""
+        unchecked = [chunk for chunk in chunks if chunk not in self._verified]
+        if not unchecked:
+            return
+        records = self._records()
+        missing = [k for k in unchecked if records[k, 0] != _COMMITTED]
+        if missing:
+            raise ValueError(
+                f"gradient store {self.directory} is incomplete: chunks {missing[:8]} are "
+                f"not written; {self.repair_command} writes them"
+            )
+        for chunk in unchecked:
+            if not self._chunk_matches(chunk, records, copy, first):
+                start, stop = self.chunk_range(chunk)
+                raise IntegrityError(
+                    f"{self.directory / DATA_FILE} is damaged: chunk {chunk} (rows {start}.."
+                    f"{stop - 1}) does not match the checksum recorded in {COMMIT_FILE} when it "
+                    f"was written; {self.repair_command} rewrites it"
+                )
+            self._verified.add(chunk)
 
     # ---- reading --------------------------------------------------------------------------
 
@@ -332,20 +461,14 @@ class GradientStore:
 
     def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows ``start:stop`` as float32 ``(n, row_width)``; every chunk touched must be
-        committed."""
+        committed and match its checksum."""
         stop = self.num_rows if stop is None else stop
         if not 0 <= start <= stop <= self.num_rows:
             raise ValueError(f"rows must satisfy 0 <= start <= stop <= {self.num_rows}")
-        if stop > start:
-            first, last = start // self.chunk_rows, (stop - 1) // self.chunk_rows
-            done = self.committed()
-            missing = [k for k in range(first, last + 1) if not done[k]]
-            if missing:
-                raise ValueError(
-                    f"gradient store {self.directory} is incomplete: chunks {missing[:8]} are "
-                    "not written; run the build again with --resume"
-                )
         block = np.array(self.array[start:stop])  # a private copy: torch wants it writable
+        if stop > start:
+            chunks = range(start // self.chunk_rows, (stop - 1) // self.chunk_rows + 1)
+            self._verify(chunks, block, start)
         if self.settings.dtype == "bfloat16":
             return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16).float()
         return torch.from_numpy(block).float()
