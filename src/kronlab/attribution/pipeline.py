@@ -304,16 +304,20 @@ class AttributionRun:
     def task(self) -> AttributionTask:
         if self._task is None:
             config = self.config
-            self._task = load_task(
-                config.model,
-                config.data,
-                config.queries,
-                num_train=config.num_train,
-                num_queries=config.num_queries,
-                length=config.length,
-                seed=config.seed,
-                cache_dir=self.cache_dir,
-            )
+            try:
+                self._task = load_task(
+                    config.model,
+                    config.data,
+                    config.queries,
+                    num_train=config.num_train,
+                    num_queries=config.num_queries,
+                    length=config.length,
+                    seed=config.seed,
+                    cache_dir=self.cache_dir,
+                )
+            except ValueError as error:
+                # The settings may come from an edited config.json rather than the command line.
+                raise ValueError(f"{error} (settings of {self.run_dir / CONFIG_FILE})") from None
             self._task.model.to(self.workers.device)
         elif not self._task_placed:
             self._task.model.to(self.workers.device)
