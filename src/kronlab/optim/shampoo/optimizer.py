@@ -165,7 +165,11 @@ class Shampoo(KronOptimizer):
         check_range("weight_decay", group["weight_decay"], 0.0)
         check_range("precondition_frequency", group["precondition_frequency"], 1, integer=True)
         check_range(
-            "start_preconditioning_step", group["start_preconditioning_step"], 1, integer=True
+            "start_preconditioning_step",
+            group["start_preconditioning_step"],
+            1,
+            integer=True,
+            or_infinity=True,
         )
         if group["max_preconditioner_dim"] is not None:
             check_range("max_preconditioner_dim", group["max_preconditioner_dim"], 1, integer=True)
