@@ -129,6 +129,7 @@ class KronOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_dense_gradients()
         if self.on_nonfinite_grad != "ignore" and not self._gradients_are_finite():
             if self.on_nonfinite_grad == "raise":
                 raise FloatingPointError("non-finite gradient: step refused, state untouched")
@@ -149,6 +150,19 @@ class KronOptimizer(Optimizer):
 
     def bundles_with_gradients(self) -> list[ParameterBundle]:
         return [bundle for bundle in self.bundles if bundle.has_gradient()]
+
+    def _check_dense_gradients(self) -> None:
+        """Refuse sparse gradients (e.g. ``nn.Embedding(sparse=True)``) before any state moves:
+        every update here needs the dense gradient."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None and param.grad.layout != torch.strided:
+                    name = self._names.get(param, "a parameter")
+                    raise TypeError(
+                        f"Invalid gradient of {name}: layout {param.grad.layout} (allowed: dense "
+                        "torch.strided gradients; e.g. nn.Embedding(sparse=False)); step refused, "
+                        "state untouched"
+                    )
 
     def _gradients_are_finite(self) -> bool:
         # A sum per gradient, exact isfinite only if one is not finite (kronlab.linalg.finite):

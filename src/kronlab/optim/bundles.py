@@ -93,12 +93,37 @@ def identify_bundles(
                     )
                 )
     if unclaimed:
-        missing = [names[p] for p in unclaimed.values()]
-        raise ValueError(
-            f"combine_params rules {list(rules)} matched no preconditioner group for "
-            f"parameters {missing}; add a fallback rule such as PerParameter()"
-        )
+        raise ValueError(_unclaimed_message(list(unclaimed.values()), rules, model, names))
     return bundles
+
+
+def _unclaimed_message(
+    unclaimed: list[nn.Parameter],
+    rules: Sequence[PreconditionerGroup],
+    model: nn.Module | None,
+    names: dict[nn.Parameter, str],
+) -> str:
+    """Say why no rule claimed these parameters: frozen, not in the model, or no rule fits."""
+    frozen = [names[p] for p in unclaimed if not p.requires_grad]
+    if frozen:
+        return (
+            f"Invalid params: {frozen} do not require grad (frozen parameters get no "
+            "preconditioner; pass only trainable parameters, or params=None with model= to "
+            "take all trainable ones)"
+        )
+    if model is not None:
+        in_model = {id(p) for p in model.parameters()}
+        foreign = [names[p] for p in unclaimed if id(p) not in in_model]
+        if foreign:
+            return (
+                f"Invalid params: {foreign} are not parameters of model= (the grouping rules "
+                "find parameters in the model; pass that parameter's own model)"
+            )
+    missing = [names[p] for p in unclaimed]
+    return (
+        f"combine_params rules {list(rules)} matched no preconditioner group for "
+        f"parameters {missing}; add a fallback rule such as PerParameter()"
+    )
 
 
 def _candidate_sets(
