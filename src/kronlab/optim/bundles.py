@@ -129,8 +129,14 @@ def _unclaimed_message(
 def _candidate_sets(
     rule: PreconditionerGroup, params: Sequence[nn.Parameter], model: nn.Module | None
 ) -> Iterable[list[nn.Parameter]]:
+    if isinstance(rule, PerParameter):
+        if model is None:
+            return [[p] for p in params]
+        # Parameters outside the model (e.g. a param group added for another module) need no
+        # model to get a preconditioner of their own.
+        in_model = {id(p) for p in model.parameters()}
+        outside = [[p] for p in params if id(p) not in in_model and p.requires_grad]
+        return rule.identify(model) + outside
     if model is not None:
         return rule.identify(model)
-    if isinstance(rule, PerParameter):
-        return [[p] for p in params]
     raise ValueError(f"combine_params rule {rule!r} needs the model: pass model= to the optimizer")

@@ -125,13 +125,18 @@ class PSGD(KronOptimizer):
         noise_scale: std of the Gaussian noise added to ``M`` for the fit (keeps it well posed
             when gradients vanish); 0 disables it. Each bundle's noise is i.i.d. and fresh every
             step; one draw per step is shared by all bundles (views of it), which no bundle's
-            fit can tell apart from independent draws.
+            fit can tell apart from independent draws. The draws come from the optimizer's own
+            generator (``seed``), never from the global RNG.
+        seed: seed of that generator; ``None`` derives one from ``torch.initial_seed()`` (see
+            ``KronOptimizer``). Its state is saved in the state_dict.
         dtype: dtype of the state and the preconditioner math; ``None`` = the gradient's dtype.
             On CPU, half-precision state is multiplied in float32 (``product_dtype``: CPU half
             GEMMs accumulate in float32 anyway and are ~2x slower) and the refreshed factors
             are stored rounded to ``dtype``. Updates are cast back to each parameter's dtype;
             Lipschitz estimates are kept in at least float32.
     """
+
+    variant_keys = ("method",)
 
     def __init__(
         self,
@@ -152,6 +157,7 @@ class PSGD(KronOptimizer):
         combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
         on_nonfinite_grad: NonFinitePolicy = "skip",
         verbose_init: bool = False,
+        seed: int | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -173,6 +179,7 @@ class PSGD(KronOptimizer):
             combine_params=combine_params,
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
+            seed=seed,
         )
         self._stacks = StackedState()
 
@@ -302,7 +309,7 @@ class PSGD(KronOptimizer):
                 rows, cols = key[3]
                 sizes[_noise_key(key)] = max(sizes.get(_noise_key(key), 0), rows * cols)
         return {
-            (device, dtype): _standard_normal(size, dtype, device)
+            (device, dtype): _standard_normal(size, dtype, self.generator(device))
             for (device, dtype), size in sizes.items()
         }
 
@@ -445,11 +452,12 @@ def _noise_key(bucket_key: tuple) -> tuple[torch.device, torch.dtype]:
     return device, product_dtype(dtype, device)
 
 
-def _standard_normal(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``size`` draws of ``N(0, 1)`` in ``dtype`` (drawn in float32 for half types: half
-    ``normal_`` is slow)."""
+def _standard_normal(size: int, dtype: torch.dtype, generator: torch.Generator) -> Tensor:
+    """``size`` draws of ``N(0, 1)`` in ``dtype`` from ``generator`` (on its device; drawn in
+    float32 for half types: half ``normal_`` is slow)."""
     draw_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    return torch.empty(size, dtype=draw_dtype, device=device).normal_().to(dtype)
+    draws = torch.empty(size, dtype=draw_dtype, device=generator.device)
+    return draws.normal_(generator=generator).to(dtype)
 
 
 def _fit_noise(momenta: Tensor, standard_normal: Tensor, scale: float) -> Tensor:

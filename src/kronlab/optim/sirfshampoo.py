@@ -167,6 +167,8 @@ class SIRFShampoo(KronOptimizer):
     """
 
     structural_keys: ClassVar[tuple[str, ...]] = ("combine_params", "T")
+    # the factor plans are made from these at construction
+    variant_keys: ClassVar[tuple[str, ...]] = ("structures", "preconditioner_dtypes")
 
     def __init__(
         self,

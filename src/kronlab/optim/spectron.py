@@ -61,9 +61,13 @@ class Spectron(HybridMatrixOptimizer):
         rank, rank_fraction: exactly one; ``rank`` must be in ``[1, min(m, n)]`` for every matrix.
         momentum, weight_decay, ns_steps, ns_coefficients: as in the update above.
         power_iterations: warm-started power-iteration steps per optimizer step.
+        seed: seed of the optimizer's generator that draws the power-iteration start vectors
+            (``None``: derived from ``torch.initial_seed()``, see ``KronOptimizer``); never
+            the global RNG.
     """
 
     matrix_algorithm = "spectron"
+    variant_keys = ("algorithm", "rank", "rank_fraction")
 
     def __init__(
         self,
@@ -84,6 +88,7 @@ class Spectron(HybridMatrixOptimizer):
         adamw_weight_decay: float = 0.0,
         on_nonfinite_grad: NonFinitePolicy = "skip",
         verbose_init: bool = False,
+        seed: int | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -105,6 +110,7 @@ class Spectron(HybridMatrixOptimizer):
             adamw_weight_decay=adamw_weight_decay,
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
+            seed=seed,
         )
 
     def validate_matrix_group(self, group: dict[str, Any]) -> None:
@@ -174,8 +180,9 @@ class Spectron(HybridMatrixOptimizer):
             state["factor_b"] = factor_b[index].contiguous()
             state["momentum_a"] = torch.zeros_like(state["factor_a"])
             state["momentum_b"] = torch.zeros_like(state["factor_b"])
-            state["left_vector_a"] = _random_unit(rows, param.device)
-            state["left_vector_b"] = _random_unit(columns, param.device)
+            generator = self.generator(param.device)
+            state["left_vector_a"] = _random_unit(rows, generator)
+            state["left_vector_b"] = _random_unit(columns, generator)
             param.copy_((state["factor_a"] @ state["factor_b"].T).view(param.shape))
 
 
@@ -212,8 +219,8 @@ def spectron_step(
     return a, b, momentum_a, momentum_b, left_a, left_b, sigma_a, sigma_b
 
 
-def _random_unit(size: int, device: torch.device) -> torch.Tensor:
-    vector = torch.randn(size, dtype=FACTOR_DTYPE, device=device)
+def _random_unit(size: int, generator: torch.Generator) -> torch.Tensor:
+    vector = torch.randn(size, dtype=FACTOR_DTYPE, device=generator.device, generator=generator)
     return vector / vector.norm()
 
 

@@ -111,6 +111,7 @@ class Shampoo(KronOptimizer):
     """
 
     structural_keys = ("combine_params", "preconditioner", "grafting")
+    variant_keys = ("kl",)
 
     def __init__(
         self,
@@ -209,15 +210,28 @@ class Shampoo(KronOptimizer):
                 )
         return lines
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._plan = None  # the next step plans the new group's blocks (stacks of their own)
+
     def _stacking_plan(self) -> StackingPlan:
         if self._plan is None:
-            self._plan = build_plan(self.bundles, self.param_groups, _stack_key)
+            global_state = self.state[GLOBAL_STATE]
+            # Groups whose stacks already have state keep them: ``planned_groups`` says which
+            # groups were planned together (a state without it predates later groups).
+            planned = global_state.get("planned_groups")
+            if planned is None and "stacks" in global_state:
+                planned = [len(self.param_groups)]
+            self._plan = build_plan(self.bundles, self.param_groups, _stack_key, planned or ())
         return self._plan
 
     # --- the step --------------------------------------------------------------------------
     def update(self) -> None:
         plan = self._stacking_plan()
-        stack_states = self.state[GLOBAL_STATE].setdefault("stacks", [{} for _ in plan.stacks])
+        global_state = self.state[GLOBAL_STATE]
+        stack_states = global_state.setdefault("stacks", [])
+        stack_states.extend({} for _ in range(len(plan.stacks) - len(stack_states)))
+        global_state["planned_groups"] = list(plan.segments)
         gradients = [self._bundle_gradient(bundle) for bundle in self.bundles]
         settings = [
             StackSettings.from_group(self.param_groups[stack.group_index]) for stack in plan.stacks
