@@ -358,3 +358,14 @@ def test_seed_picks_the_noise_and_defaults_follow_the_global_seed():
     assert not same(run(global_seed=0), run(global_seed=1))
     with pytest.raises(ValueError, match="Invalid seed: 1.0"):
         PSGD(TwoPart().parameters(), seed=1.0)
+
+
+def test_schedules_and_hyperparameters_may_change_between_runs():
+    """Only what changes the meaning of the state is checked: SIRFShampoo's ``T`` (kept from
+    construction) and the saved hyperparameters (restored, as torch.optim does) may differ."""
+    model = Matrix(4, 3)
+    saving = SIRFShampoo(model, T=1, lr=0.01)
+    train(model, saving, 2, seed=1)
+    loading = SIRFShampoo(model, T=lambda step: step % 3 == 0, lr=0.5)
+    loading.load_state_dict(saved_and_loaded(saving))
+    assert loading.param_groups[0]["lr"] == 0.01 and callable(loading.param_groups[0]["T"])

@@ -55,9 +55,9 @@ class KronOptimizer(Optimizer):
     # Param-group entries fixed at construction and never serialized (they may be arbitrary
     # Python objects that ``torch.load(weights_only=True)`` refuses).
     structural_keys: ClassVar[tuple[str, ...]] = ("combine_params",)
-    # Saved param-group entries that name the variant (the state means something else under
-    # another value): a state_dict loads only where they agree (with ``structural_keys``).
-    variant_keys: ClassVar[tuple[str, ...]] = ()
+    # Param-group entries that name the variant: the state means something else under another
+    # value, so a state_dict loads only where they agree (``kronlab.optim.checkpoint``).
+    variant_keys: ClassVar[tuple[str, ...]] = ("combine_params",)
 
     def __init__(
         self,
@@ -112,10 +112,6 @@ class KronOptimizer(Optimizer):
 
     def validate_group(self, group: dict[str, Any]) -> None:
         """Check a param group's hyperparameters; raise ``ValueError`` on a bad one."""
-
-    @property
-    def signature_keys(self) -> tuple[str, ...]:
-        return self.structural_keys + self.variant_keys
 
     def parameter_name(self, param: torch.Tensor) -> str:
         """The model's name for ``param`` (``groupG.paramI`` without a model)."""

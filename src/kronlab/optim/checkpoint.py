@@ -36,7 +36,7 @@ def optimizer_signature(optimizer: KronOptimizer) -> dict[str, Any]:
         "param_shapes": [list(param.shape) for param in params],
         "bundles": [[index[id(param)] for param in bundle.params] for bundle in optimizer.bundles],
         "groups": [
-            {key: describe_setting(group.get(key)) for key in optimizer.signature_keys}
+            {key: describe_setting(group.get(key)) for key in optimizer.variant_keys}
             for group in optimizer.param_groups
         ],
     }

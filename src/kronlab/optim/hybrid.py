@@ -122,7 +122,7 @@ class HybridMatrixOptimizer(KronOptimizer):
     """
 
     matrix_algorithm: ClassVar[str]
-    variant_keys: ClassVar[tuple[str, ...]] = ("algorithm",)
+    variant_keys: ClassVar[tuple[str, ...]] = ("combine_params", "algorithm")
 
     def __init__(
         self,

@@ -136,7 +136,7 @@ class PSGD(KronOptimizer):
             Lipschitz estimates are kept in at least float32.
     """
 
-    variant_keys = ("method",)
+    variant_keys = ("combine_params", "method")
 
     def __init__(
         self,

@@ -67,7 +67,7 @@ class Spectron(HybridMatrixOptimizer):
     """
 
     matrix_algorithm = "spectron"
-    variant_keys = ("algorithm", "rank", "rank_fraction")
+    variant_keys = ("combine_params", "algorithm", "rank", "rank_fraction")
 
     def __init__(
         self,

@@ -111,7 +111,7 @@ class Shampoo(KronOptimizer):
     """
 
     structural_keys = ("combine_params", "preconditioner", "grafting")
-    variant_keys = ("kl",)
+    variant_keys = ("combine_params", "preconditioner", "grafting", "kl")
 
     def __init__(
         self,
