@@ -1,6 +1,6 @@
 """Properties of optimizer state over every registered optimizer, on tiny random networks.
 
-* a param group added mid-run is stepped from the next step on;
+* a param group added mid-run is stepped from the next step on, and its checkpoint resumes;
 * a state_dict round trip through ``torch.save`` / ``torch.load(weights_only=True)`` is bit-exact
   and the resumed run equals the uninterrupted one;
 * loading another optimizer's, variant's or shape's state is refused and changes nothing;
@@ -113,17 +113,28 @@ def same_parameters(a: nn.Module, b: nn.Module) -> bool:
     network=networks,
     steps_before=st.integers(1, 3),
 )
-def test_param_group_added_mid_run_is_stepped(name, network, steps_before):
+def test_param_group_added_mid_run_is_stepped_and_resumes(name, network, steps_before):
+    def with_later_head(model: Network) -> torch.optim.Optimizer:
+        return create_optimizer(name, nn.ModuleList(model.layers[:-1]))
+
     model = build(network)
     head = model.layers[-1]
-    body = nn.ModuleList(model.layers[:-1])
-    optimizer = create_optimizer(name, body)
+    optimizer = with_later_head(model)
     train(model, optimizer, steps_before, seed=1)
     optimizer.add_param_group({"params": list(head.parameters())})
     before = [p.detach().clone() for p in head.parameters()]
     train(model, optimizer, 2, seed=2)
     for old, param in zip(before, head.parameters()):
         assert not torch.equal(old, param)
+    # the checkpoint loads into an optimizer that has both groups before its first step
+    resumed_model = build(network)
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = with_later_head(resumed_model)
+    resumed.add_param_group({"params": list(resumed_model.layers[-1].parameters())})
+    resumed.load_state_dict(through_torch_save(optimizer.state_dict()))
+    train(model, optimizer, 2, seed=3)
+    train(resumed_model, resumed, 2, seed=3)
+    assert same_parameters(model, resumed_model)
 
 
 @given(name=st.sampled_from(ALL_OPTIMIZERS), network=networks, steps=st.integers(1, 4))
