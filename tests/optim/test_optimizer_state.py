@@ -2,8 +2,6 @@
 param groups added later are stepped, checkpoints load only into a matching optimizer, and the
 random stream is the optimizer's own."""
 
-import io
-
 import pytest
 import torch
 from torch import nn
@@ -13,52 +11,24 @@ from kronlab.optim import (
     PSGD,
     SOAP,
     KLShampoo,
-    KronOptimizer,
     Muon,
     Shampoo,
     SIRFShampoo,
     Spectron,
-    available_optimizers,
     create_optimizer,
 )
 
-KRON_OPTIMIZERS = [
-    name
-    for name in available_optimizers()
-    if isinstance(create_optimizer(name, nn.Linear(2, 2)), KronOptimizer)
-]
+from .state_checks import (
+    KRON_OPTIMIZERS,
+    assert_identical,
+    cloned,
+    same_parameters,
+    through_torch_save,
+)
 
 
 def snapshot(optimizer: torch.optim.Optimizer) -> dict:
-    """A deep copy of the state dict (tensors cloned), to compare before and after."""
-    return _clone(optimizer.state_dict())
-
-
-def _clone(value):
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return {key: _clone(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_clone(item) for item in value)
-    return value
-
-
-def assert_same(expected, actual, path="state_dict"):
-    """Bit-exact equality of nested state (tensors: dtype, shape and every bit)."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor) and expected.dtype == actual.dtype, path
-        assert torch.equal(expected, actual), path
-    elif isinstance(expected, dict):
-        assert isinstance(actual, dict) and expected.keys() == actual.keys(), path
-        for key in expected:
-            assert_same(expected[key], actual[key], f"{path}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert type(expected) is type(actual) and len(expected) == len(actual), path
-        for index, (a, b) in enumerate(zip(expected, actual)):
-            assert_same(a, b, f"{path}[{index}]")
-    else:
-        assert expected == actual, path
+    return cloned(optimizer.state_dict())
 
 
 class EmbeddingModel(nn.Module):
@@ -85,7 +55,7 @@ def test_sparse_gradient_is_refused_before_any_state_moves(name):
     model.embedding.weight.grad = model.embedding.weight.grad.to_sparse()
     with pytest.raises(TypeError, match=r"Invalid gradient of .*layout torch.sparse_coo"):
         optimizer.step()
-    assert_same(before, optimizer.state_dict())
+    assert_identical(before, optimizer.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
 
 
@@ -135,11 +105,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, seed: 
 
 
 def saved_and_loaded(optimizer: torch.optim.Optimizer) -> dict:
-    """The state_dict after a trip through ``torch.save`` / ``torch.load(weights_only=True)``."""
-    buffer = io.BytesIO()
-    torch.save(optimizer.state_dict(), buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
+    return through_torch_save(optimizer.state_dict())
 
 
 @pytest.mark.filterwarnings("ignore:SIRFShampoo saw no training-mode forward")
@@ -160,8 +126,7 @@ def test_param_group_added_after_the_first_step_is_stepped_and_resumes(name):
     resumed.load_state_dict(saved_and_loaded(optimizer))
     train(model, optimizer, 3, seed=3)
     train(resumed_model, resumed, 3, seed=3)
-    for expected, actual in zip(model.parameters(), resumed_model.parameters()):
-        assert torch.equal(expected, actual)
+    assert same_parameters(model, resumed_model)
 
 
 def test_shampoo_checkpoint_with_a_later_group_loads_into_one_built_with_both():
@@ -182,8 +147,7 @@ def test_shampoo_checkpoint_with_a_later_group_loads_into_one_built_with_both():
     resumed.load_state_dict(saved_and_loaded(optimizer))
     train(model, optimizer, 3, seed=3)
     train(resumed_model, resumed, 3, seed=3)
-    for expected, actual in zip(model.parameters(), resumed_model.parameters()):
-        assert torch.equal(expected, actual)
+    assert same_parameters(model, resumed_model)
 
 
 class Matrix(nn.Module):
@@ -250,7 +214,7 @@ def test_state_of_another_configuration_is_refused_and_nothing_changes(source, t
     before = snapshot(loading)
     with pytest.raises(ValueError, match=message):
         loading.load_state_dict(saved_and_loaded(saving))
-    assert_same(before, loading.state_dict())
+    assert_identical(before, loading.state_dict())
 
 
 @pytest.mark.parametrize("name", KRON_OPTIMIZERS)
@@ -265,7 +229,7 @@ def test_state_of_a_transposed_parameter_is_refused_naming_it(name):
         r"for shape \(4, 3\)",
     ):
         loading.load_state_dict(saved_and_loaded(saving))
-    assert_same(before, loading.state_dict())
+    assert_identical(before, loading.state_dict())
 
 
 def test_state_dict_without_a_signature_is_refused():
@@ -290,10 +254,10 @@ def test_loading_a_live_state_dict_shares_nothing(name):
     target.load_state_dict(source.state_dict())  # not copied: torch's state_dict is live
     loaded = snapshot(target)
     train(model, source, 2, seed=2)
-    assert_same(loaded, target.state_dict())
+    assert_identical(loaded, target.state_dict())
     kept = snapshot(source)
     train(model, target, 2, seed=3)
-    assert_same(kept, source.state_dict())
+    assert_identical(kept, source.state_dict())
 
 
 @pytest.mark.parametrize("name", KRON_OPTIMIZERS)
@@ -302,7 +266,7 @@ def test_round_trip_through_torch_save_is_bit_exact(name):
     optimizer = trained(name, model, steps=3)
     loaded = create_optimizer(name, model)
     loaded.load_state_dict(saved_and_loaded(optimizer))
-    assert_same(snapshot(optimizer), loaded.state_dict())
+    assert_identical(snapshot(optimizer), loaded.state_dict())
 
 
 def noisy_psgd(model: nn.Module, seed: int | None = None) -> PSGD:
@@ -338,8 +302,7 @@ def test_resume_is_exact_without_restoring_the_global_random_stream(build):
     resumed.load_state_dict(checkpoint)
     train(model, optimizer, 3, seed=2)
     train(resumed_model, resumed, 3, seed=2)
-    for expected, actual in zip(model.parameters(), resumed_model.parameters()):
-        assert torch.equal(expected, actual)
+    assert same_parameters(model, resumed_model)
 
 
 def test_seed_picks_the_noise_and_defaults_follow_the_global_seed():

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import io
 import warnings
 from typing import Any
 
@@ -18,14 +17,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from kronlab.optim import KronOptimizer, available_optimizers, create_optimizer
+from kronlab.optim import available_optimizers, create_optimizer
+from tests.optim.state_checks import (
+    KRON_OPTIMIZERS,
+    assert_identical,
+    cloned,
+    same_parameters,
+    through_torch_save,
+)
 
 ALL_OPTIMIZERS = available_optimizers()
-KRON_OPTIMIZERS = [
-    name
-    for name in ALL_OPTIMIZERS
-    if isinstance(create_optimizer(name, nn.Linear(2, 2)), KronOptimizer)
-]
 
 
 class Network(nn.Module):
@@ -68,44 +69,6 @@ def train(model: Network, optimizer: torch.optim.Optimizer, steps: int, seed: in
             optimizer.zero_grad()
             model(inputs).square().mean().backward()
             optimizer.step()
-
-
-def through_torch_save(state_dict: dict[str, Any]) -> dict[str, Any]:
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
-def cloned(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return {key: cloned(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(cloned(item) for item in value)
-    return value
-
-
-def assert_identical(expected: Any, actual: Any, path: str = "state_dict") -> None:
-    """Same structure, same numbers, same tensor dtypes and bits."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor), path
-        assert expected.dtype == actual.dtype and torch.equal(expected, actual), path
-    elif isinstance(expected, dict):
-        assert isinstance(actual, dict) and expected.keys() == actual.keys(), path
-        for key in expected:
-            assert_identical(expected[key], actual[key], f"{path}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert isinstance(actual, (list, tuple)) and len(expected) == len(actual), path
-        for index, (a, b) in enumerate(zip(expected, actual)):
-            assert_identical(a, b, f"{path}[{index}]")
-    else:
-        assert expected == actual, path
-
-
-def same_parameters(a: nn.Module, b: nn.Module) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
 @given(
