@@ -115,7 +115,7 @@ class KronOptimizer(Optimizer):
 
     def parameter_name(self, param: torch.Tensor) -> str:
         """The model's name for ``param`` (``groupG.paramI`` without a model)."""
-        return self._names.get(param, "a parameter")  # type: ignore[arg-type]
+        return self._names.get(param, "a parameter")
 
     def generator(self, device: torch.device | str) -> torch.Generator:
         """This optimizer's random generator on ``device`` (seeded, saved in the state_dict)."""
