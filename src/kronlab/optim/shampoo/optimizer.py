@@ -107,7 +107,9 @@ class Shampoo(KronOptimizer):
     (``variants.py``: ``inverse_roots`` | ``eigenvectors``, ``eigenvalues`` | ``second_moment``
     | ``eigenvalue_ema``, ``correction_step``). ``kronecker_factors(param)`` returns, per block of
     the parameter's bundle, a ``KroneckerBlock`` of views into them; ``block_layout(param)`` says
-    how the grouped tensor is cut into those blocks.
+    how the grouped tensor is cut into those blocks. A param group added after the first step
+    gets stacks of its own (``planned_groups`` records which groups were planned together, see
+    ``plan.py``), so the stacks that already hold state keep their members.
     """
 
     structural_keys = ("combine_params", "preconditioner", "grafting")
@@ -216,13 +218,10 @@ class Shampoo(KronOptimizer):
 
     def _stacking_plan(self) -> StackingPlan:
         if self._plan is None:
-            global_state = self.state[GLOBAL_STATE]
-            # Groups whose stacks already have state keep them: ``planned_groups`` says which
-            # groups were planned together (a state without it predates later groups).
-            planned = global_state.get("planned_groups")
-            if planned is None and "stacks" in global_state:
-                planned = [len(self.param_groups)]
-            self._plan = build_plan(self.bundles, self.param_groups, _stack_key, planned or ())
+            # Groups whose stacks already have state keep them: ``planned_groups`` (saved with
+            # the stacks) says which groups were planned together.
+            planned = self.state[GLOBAL_STATE].get("planned_groups", ())
+            self._plan = build_plan(self.bundles, self.param_groups, _stack_key, planned)
         return self._plan
 
     # --- the step --------------------------------------------------------------------------
