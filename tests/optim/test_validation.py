@@ -12,7 +12,7 @@ def test_check_range_accepts_and_rejects():
     check_range("lr", 0.0, 0.0)
     check_range("frequency", 3, 1, integer=True)
     check_range("steps", math.inf, 1, integer=True, or_infinity=True)
-    with pytest.raises(ValueError, match=r"Invalid lr: -1 \(allowed: a number, 0 <= lr\)"):
+    with pytest.raises(ValueError, match=r"Invalid lr: -1 \(allowed: a finite number, 0 <= lr\)"):
         check_range("lr", -1, 0)
     with pytest.raises(ValueError, match=r"0 < epsilon"):
         check_range("epsilon", 0.0, 0.0, low_inclusive=False)
@@ -87,4 +87,31 @@ def test_whole_number_floats_and_bools_are_refused_at_construction(build, name, 
 )
 def test_infinity_is_refused_for_integer_arguments(build, name):
     with pytest.raises(ValueError, match=rf"Invalid {name}: inf"):
+        build(_linear(), **{name: math.inf})
+
+
+def test_infinite_numbers_are_refused_unless_allowed():
+    check_range("max_skew_dense", math.inf, 0.0, or_infinity=True)
+    for bad in (math.inf, -math.inf):
+        with pytest.raises(ValueError, match=r"allowed: a finite number, 0.0 <= lr"):
+            check_range("lr", bad, 0.0)
+
+
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda m, **kw: Shampoo(m.parameters(), **kw), "lr"),
+        (lambda m, **kw: Shampoo(m.parameters(), **kw), "epsilon"),
+        (lambda m, **kw: Shampoo(m.parameters(), **kw), "weight_decay"),
+        (lambda m, **kw: PSGD(m.parameters(), **kw), "lr"),
+        (lambda m, **kw: PSGD(m.parameters(), **kw), "noise_scale"),
+        (lambda m, **kw: Muon(model=m, **kw), "adamw_eps"),
+        (lambda m, **kw: SIRFShampoo(m, **kw), "lam"),
+        (lambda m, **kw: SIRFShampoo(m, **kw), "kappa"),
+        (lambda m, **kw: Spectron(model=m, rank_fraction=0.5, **kw), "weight_decay"),
+    ],
+)
+def test_infinite_hyperparameters_are_refused_at_construction(build, name):
+    shown = "eps" if name == "adamw_eps" else name
+    with pytest.raises(ValueError, match=rf"Invalid {shown}: inf \(allowed: a finite number"):
         build(_linear(), **{name: math.inf})

@@ -190,7 +190,7 @@ class PSGD(KronOptimizer):
         check_range("momentum", group["momentum"], 0.0, 1.0, high_inclusive=False)
         check_range("weight_decay", group["weight_decay"], 0.0)
         check_range("max_size_dense", group["max_size_dense"], 1, integer=True, or_infinity=True)
-        check_range("max_skew_dense", group["max_skew_dense"], 0.0)
+        check_range("max_skew_dense", group["max_skew_dense"], 0.0, or_infinity=True)
         check_range("preconditioner_lr", group["preconditioner_lr"], 0.0, 1.0, low_inclusive=False)
         if group["preconditioner_init_scale"] is not None:
             check_range(
@@ -201,7 +201,7 @@ class PSGD(KronOptimizer):
                 low_inclusive=False,
                 high_inclusive=False,
             )
-        check_range("noise_scale", group["noise_scale"], 0.0, math.inf, high_inclusive=False)
+        check_range("noise_scale", group["noise_scale"], 0.0)
         check_choice("dtype", group["dtype"], DTYPES)
 
     def layout(self, bundle: ParameterBundle) -> PSGDLayout:

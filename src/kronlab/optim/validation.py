@@ -22,7 +22,8 @@ def check_range(
 
     ``integer=True`` asks for a real integer (``int`` or a NumPy integer, not ``bool``): a
     whole-number float such as ``4.0`` is refused here rather than crashing later in a
-    ``range()`` or a shape; ``or_infinity=True`` also lets ``math.inf`` through (e.g. "never").
+    ``range()`` or a shape. Infinities are refused (an infinite learning rate or damping only
+    fails steps later) unless ``or_infinity=True`` (e.g. "never", "no limit").
     """
     allowed = _describe_range(name, low, high, low_inclusive, high_inclusive, integer, or_infinity)
     if isinstance(value, bool):
@@ -30,7 +31,11 @@ def check_range(
     if integer:
         valid = isinstance(value, numbers.Integral) or (or_infinity and value == math.inf)
     else:
-        valid = isinstance(value, (int, float)) and not math.isnan(value)
+        valid = (
+            isinstance(value, (int, float))
+            and not math.isnan(value)
+            and (or_infinity or not math.isinf(value))
+        )
     if not valid:
         raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
     too_low = low is not None and (value < low or (not low_inclusive and value == low))
@@ -64,7 +69,9 @@ def _describe_range(
     integer: bool,
     or_infinity: bool = False,
 ) -> str:
-    kind = ("an integer or inf" if or_infinity else "an integer") if integer else "a number"
+    kind = "an integer" if integer else "a number" if or_infinity else "a finite number"
+    if integer and or_infinity:
+        kind = "an integer or inf"
     parts = []
     if low is not None:
         parts.append(f"{low} {'<=' if low_inclusive else '<'} ")
