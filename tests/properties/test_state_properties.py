@@ -140,7 +140,7 @@ def test_state_of_another_configuration_or_shape_is_refused_untouched(names, net
     try:
         target.load_state_dict(through_torch_save(source.state_dict()))
     except ValueError as error:
-        assert "Invalid state_dict" in str(error) or "parameter group" in str(error)
+        assert str(error).startswith("Invalid state_dict")
     else:
         raise AssertionError(f"{source_name} state loaded into {target_name}")
     assert_identical(before, target.state_dict())
