@@ -130,8 +130,11 @@ def test_params_or_model_required():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"lr": -1.0}, r"Invalid lr: -1.0 \(allowed: a number, 0.0 <= lr\)"),
-        ({"momentum": 1.0}, r"Invalid momentum: 1.0 \(allowed: a number, 0.0 <= momentum < 1.0\)"),
+        ({"lr": -1.0}, r"Invalid lr: -1.0 \(allowed: a finite number, 0.0 <= lr\)"),
+        (
+            {"momentum": 1.0},
+            r"Invalid momentum: 1.0 \(allowed: a finite number, 0.0 <= momentum < 1.0\)",
+        ),
         ({"on_nonfinite_grad": "panic"}, "Invalid on_nonfinite_grad"),
         ({"combine_params": ()}, "combine_params"),
     ],

@@ -231,10 +231,11 @@ def test_automatic_init_scale_and_first_momentum():
     states = []
     for init_scale in (None, scale):
         params = [nn.Parameter(torch.zeros_like(g)) for g in grads]
-        optimizer = PSGD(params, dtype=F64, noise_scale=0.5, preconditioner_init_scale=init_scale)
+        optimizer = PSGD(  # the same seed: the same noise in both runs
+            params, dtype=F64, noise_scale=0.5, preconditioner_init_scale=init_scale, seed=11
+        )
         for param, grad in zip(params, grads):
             param.grad = grad.clone()
-        torch.manual_seed(11)  # the same noise for both runs
         optimizer.step()
         states.append([optimizer.state[p] for p in params])
     for automatic, explicit in zip(*states):

@@ -1,15 +1,18 @@
 import math
 
+import numpy as np
 import pytest
+from torch import nn
 
+from kronlab.optim import PSGD, SOAP, KLShampoo, Muon, Shampoo, SIRFShampoo, Spectron
 from kronlab.optim.validation import check_betas, check_choice, check_range
 
 
 def test_check_range_accepts_and_rejects():
     check_range("lr", 0.0, 0.0)
     check_range("frequency", 3, 1, integer=True)
-    check_range("steps", math.inf, 1, integer=True)
-    with pytest.raises(ValueError, match=r"Invalid lr: -1 \(allowed: a number, 0 <= lr\)"):
+    check_range("steps", math.inf, 1, integer=True, or_infinity=True)
+    with pytest.raises(ValueError, match=r"Invalid lr: -1 \(allowed: a finite number, 0 <= lr\)"):
         check_range("lr", -1, 0)
     with pytest.raises(ValueError, match=r"0 < epsilon"):
         check_range("epsilon", 0.0, 0.0, low_inclusive=False)
@@ -31,3 +34,84 @@ def test_check_betas_and_choice():
     check_choice("grafting", "adam", ("adam", "sgd"))
     with pytest.raises(ValueError, match=r"Invalid grafting: 'lion' \(allowed: 'adam', 'sgd'\)"):
         check_choice("grafting", "lion", ("adam", "sgd"))
+
+
+def test_integer_arguments_must_be_real_integers():
+    check_range("frequency", 3, 1, integer=True)
+    check_range("frequency", np.int64(3), 1, integer=True)
+    check_range("start", math.inf, 1, integer=True, or_infinity=True)
+    for bad in (4.0, math.inf, True, 2.5):
+        with pytest.raises(ValueError, match=r"Invalid frequency: .* \(allowed: an integer, 1 <="):
+            check_range("frequency", bad, 1, integer=True)
+    with pytest.raises(ValueError, match=r"allowed: an integer or inf, 1 <= start"):
+        check_range("start", 5.0, 1, integer=True, or_infinity=True)
+
+
+def _linear() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+
+
+# Every integer hyperparameter of every optimizer: (constructor, argument).
+INTEGER_ARGUMENTS = [
+    (lambda m, **kw: Shampoo(m.parameters(), **kw), "precondition_frequency"),
+    (lambda m, **kw: Shampoo(m.parameters(), **kw), "start_preconditioning_step"),
+    (lambda m, **kw: Shampoo(m.parameters(), **kw), "max_preconditioner_dim"),
+    (lambda m, **kw: Shampoo(m.parameters(), **kw), "max_consecutive_failures"),
+    (lambda m, **kw: SOAP(m.parameters(), **kw), "precondition_frequency"),
+    (lambda m, **kw: SOAP(m.parameters(), **kw), "max_preconditioner_dim"),
+    (lambda m, **kw: KLShampoo(m.parameters(), **kw), "precondition_frequency"),
+    (lambda m, **kw: PSGD(m.parameters(), **kw), "max_size_dense"),
+    (lambda m, **kw: Muon(model=m, **kw), "ns_steps"),
+    (lambda m, **kw: Spectron(model=m, rank_fraction=0.5, **kw), "ns_steps"),
+    (lambda m, **kw: Spectron(model=m, rank_fraction=0.5, **kw), "power_iterations"),
+    (lambda m, **kw: Spectron(model=m, **kw), "rank"),
+    (lambda m, **kw: SIRFShampoo(m, **kw), "T"),
+    (lambda m, **kw: SIRFShampoo(m, **kw), "data_parallel_size"),
+]
+
+
+@pytest.mark.parametrize("build, name", INTEGER_ARGUMENTS)
+@pytest.mark.parametrize("value", [2.0, True])
+def test_whole_number_floats_and_bools_are_refused_at_construction(build, name, value):
+    with pytest.raises(ValueError, match=rf"Invalid {name}: {value!r} \(allowed: an integer"):
+        build(_linear(), **{name: value})
+
+
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        entry
+        for entry in INTEGER_ARGUMENTS
+        if entry[1] != "start_preconditioning_step" and entry[1] != "max_size_dense"
+    ],
+)
+def test_infinity_is_refused_for_integer_arguments(build, name):
+    with pytest.raises(ValueError, match=rf"Invalid {name}: inf"):
+        build(_linear(), **{name: math.inf})
+
+
+def test_infinite_numbers_are_refused_unless_allowed():
+    check_range("max_skew_dense", math.inf, 0.0, or_infinity=True)
+    for bad in (math.inf, -math.inf):
+        with pytest.raises(ValueError, match=r"allowed: a finite number, 0.0 <= lr"):
+            check_range("lr", bad, 0.0)
+
+
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda m, **kw: Shampoo(m.parameters(), **kw), "lr"),
+        (lambda m, **kw: Shampoo(m.parameters(), **kw), "eps"),
+        (lambda m, **kw: Shampoo(m.parameters(), **kw), "weight_decay"),
+        (lambda m, **kw: PSGD(m.parameters(), **kw), "lr"),
+        (lambda m, **kw: PSGD(m.parameters(), **kw), "noise_scale"),
+        (lambda m, **kw: Muon(model=m, **kw), "adamw_eps"),
+        (lambda m, **kw: SIRFShampoo(m, **kw), "lam"),
+        (lambda m, **kw: SIRFShampoo(m, **kw), "weight_decay"),
+        (lambda m, **kw: Spectron(model=m, rank_fraction=0.5, **kw), "weight_decay"),
+    ],
+)
+def test_infinite_hyperparameters_are_refused_at_construction(build, name):
+    shown = "eps" if name == "adamw_eps" else name
+    with pytest.raises(ValueError, match=rf"Invalid {shown}: inf \(allowed: a finite number"):
+        build(_linear(), **{name: math.inf})

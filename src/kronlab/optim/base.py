@@ -15,11 +15,14 @@ from torch.optim import Optimizer
 from kronlab.groups.rules import PerParameter, PreconditionerGroup, check_rules
 from kronlab.linalg.finite import all_finite
 from kronlab.optim.bundles import ParameterBundle, identify_bundles
+from kronlab.optim.checkpoint import SIGNATURE_KEY, check_signature, optimizer_signature
+from kronlab.optim.randomness import OptimizerGenerators, check_generator_state
 from kronlab.optim.validation import check_choice
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None
 NonFinitePolicy = Literal["skip", "raise", "ignore"]
 GLOBAL_STATE = "kronlab"
+GENERATORS_KEY = "generators"
 DEFAULT_RULES: tuple[PreconditionerGroup, ...] = (PerParameter(),)
 
 
@@ -38,12 +41,23 @@ class KronOptimizer(Optimizer):
       check (one host sync per step) when e.g. an AMP grad scaler already does it.
     * ``state_dict()`` / ``load_state_dict()`` round-trip exactly, also through
       ``torch.save`` / ``torch.load(weights_only=True)``; state keeps its dtype (float32 factors of
-      bf16 parameters stay float32).
+      bf16 parameters stay float32). The state_dict records the optimizer class, parameter
+      shapes, bundles and variant settings (``kronlab.optim.checkpoint``): loading the state of
+      another optimizer, variant or shape raises ``ValueError`` before anything changes. A
+      loaded state is a copy: the source optimizer and the loader share no tensor.
+    * ``seed``: the optimizer's own generators (``self.generator(device)``), for optimizers that
+      draw random numbers; ``None`` derives one from ``torch.initial_seed()`` (follows
+      ``torch.manual_seed`` without drawing from the global stream). Their states are saved in
+      the state_dict, so a resumed run is exact without restoring the global RNG, which a step
+      never touches.
     """
 
     # Param-group entries fixed at construction and never serialized (they may be arbitrary
     # Python objects that ``torch.load(weights_only=True)`` refuses).
     structural_keys: ClassVar[tuple[str, ...]] = ("combine_params",)
+    # Param-group entries that name the variant: the state means something else under another
+    # value, so a state_dict loads only where they agree (``kronlab.optim.checkpoint``).
+    variant_keys: ClassVar[tuple[str, ...]] = ("combine_params",)
 
     def __init__(
         self,
@@ -54,8 +68,12 @@ class KronOptimizer(Optimizer):
         combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
         on_nonfinite_grad: NonFinitePolicy = "skip",
         verbose_init: bool = False,
+        seed: int | None = None,
     ) -> None:
         check_choice("on_nonfinite_grad", on_nonfinite_grad, ("skip", "raise", "ignore"))
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"Invalid seed: {seed!r} (allowed: None or an integer)")
+        self._generators = OptimizerGenerators(seed)
         if params is None:
             if model is None:
                 raise ValueError("pass params, or model= to optimize all its trainable parameters")
@@ -94,6 +112,14 @@ class KronOptimizer(Optimizer):
 
     def validate_group(self, group: dict[str, Any]) -> None:
         """Check a param group's hyperparameters; raise ``ValueError`` on a bad one."""
+
+    def parameter_name(self, param: torch.Tensor) -> str:
+        """The model's name for ``param`` (``groupG.paramI`` without a model)."""
+        return self._names.get(param, "a parameter")
+
+    def generator(self, device: torch.device | str) -> torch.Generator:
+        """This optimizer's random generator on ``device`` (seeded, saved in the state_dict)."""
+        return self._generators.get(device)
 
     def describe_preconditioner(self, bundle: ParameterBundle) -> list[str]:
         """One line per factor, e.g. ``'33x33 (Dense)'``, for ``verbose_init``."""
@@ -136,6 +162,7 @@ class KronOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_dense_gradients()
         if self.on_nonfinite_grad != "ignore" and not self._gradients_are_finite():
             if self.on_nonfinite_grad == "raise":
                 raise FloatingPointError("non-finite gradient: step refused, state untouched")
@@ -157,6 +184,19 @@ class KronOptimizer(Optimizer):
     def bundles_with_gradients(self) -> list[ParameterBundle]:
         return [bundle for bundle in self.bundles if bundle.has_gradient()]
 
+    def _check_dense_gradients(self) -> None:
+        """Refuse sparse gradients (e.g. ``nn.Embedding(sparse=True)``) before any state moves:
+        every update here needs the dense gradient."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None and param.grad.layout != torch.strided:
+                    name = self.parameter_name(param)
+                    raise TypeError(
+                        f"Invalid gradient of {name}: layout {param.grad.layout} (allowed: dense "
+                        "torch.strided gradients; e.g. nn.Embedding(sparse=False)); step refused, "
+                        "state untouched"
+                    )
+
     def _gradients_are_finite(self) -> bool:
         # A sum per gradient, exact isfinite only if one is not finite (kronlab.linalg.finite):
         # several times faster on CPU than an inf-norm, and large finite values cannot cause a
@@ -171,9 +211,24 @@ class KronOptimizer(Optimizer):
         for group in state["param_groups"]:
             for key in self.structural_keys:
                 group.pop(key, None)
+        state["state"][GLOBAL_STATE] = {
+            **state["state"][GLOBAL_STATE],
+            SIGNATURE_KEY: optimizer_signature(self),
+            GENERATORS_KEY: self._generators.state_dict(),
+        }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Everything is checked before anything changes: a refused state_dict leaves the
+        # optimizer as it was.
+        saved_global = state_dict["state"].get(GLOBAL_STATE)
+        if not isinstance(saved_global, dict):
+            raise ValueError(
+                f"Invalid state_dict: no {GLOBAL_STATE!r} entry in its state (allowed: a "
+                f"state_dict saved by a kronlab {type(self).__name__})"
+            )
+        check_signature(self, saved_global.get(SIGNATURE_KEY))
+        check_generator_state(saved_global.get(GENERATORS_KEY))
         structural = [
             {key: group[key] for key in self.structural_keys if key in group}
             for group in self.param_groups
@@ -190,12 +245,21 @@ class KronOptimizer(Optimizer):
             if key in id_to_param:
                 param = id_to_param[key]
                 self.state[param] = _copy_to_device(saved, param.device)
+        # torch keeps entries that are not per-parameter as they are (shared with the caller's
+        # dict, and so with the optimizer that saved it): copy the global state too.
+        self.state[GLOBAL_STATE] = {
+            key: _copy_to_device(value, None)
+            for key, value in saved_global.items()
+            if key not in (SIGNATURE_KEY, GENERATORS_KEY)
+        }
+        self._generators.load_state_dict(saved_global[GENERATORS_KEY])
 
 
-def _copy_to_device(value: Any, device: torch.device) -> Any:
-    """A deep copy of nested state with every tensor on ``device`` in its own dtype."""
+def _copy_to_device(value: Any, device: torch.device | None) -> Any:
+    """A deep copy of nested state with every tensor on ``device`` (``None``: where it is) in
+    its own dtype."""
     if isinstance(value, torch.Tensor):
-        return value.to(device=device, copy=True)
+        return value.clone() if device is None else value.to(device=device, copy=True)
     if isinstance(value, dict):
         return {key: _copy_to_device(item, device) for key, item in value.items()}
     if isinstance(value, (list, tuple)):

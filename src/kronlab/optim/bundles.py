@@ -93,19 +93,50 @@ def identify_bundles(
                     )
                 )
     if unclaimed:
-        missing = [names[p] for p in unclaimed.values()]
-        raise ValueError(
-            f"combine_params rules {list(rules)} matched no preconditioner group for "
-            f"parameters {missing}; add a fallback rule such as PerParameter()"
-        )
+        raise ValueError(_unclaimed_message(list(unclaimed.values()), rules, model, names))
     return bundles
+
+
+def _unclaimed_message(
+    unclaimed: list[nn.Parameter],
+    rules: Sequence[PreconditionerGroup],
+    model: nn.Module | None,
+    names: dict[nn.Parameter, str],
+) -> str:
+    """Say why no rule claimed these parameters: frozen, not in the model, or no rule fits."""
+    frozen = [names[p] for p in unclaimed if not p.requires_grad]
+    if frozen:
+        return (
+            f"Invalid params: {frozen} do not require grad (frozen parameters get no "
+            "preconditioner; pass only trainable parameters, or params=None with model= to "
+            "take all trainable ones)"
+        )
+    if model is not None:
+        in_model = {id(p) for p in model.parameters()}
+        foreign = [names[p] for p in unclaimed if id(p) not in in_model]
+        if foreign:
+            return (
+                f"Invalid params: {foreign} are not parameters of model= (the grouping rules "
+                "find parameters in the model; pass that parameter's own model)"
+            )
+    missing = [names[p] for p in unclaimed]
+    return (
+        f"combine_params rules {list(rules)} matched no preconditioner group for "
+        f"parameters {missing}; add a fallback rule such as PerParameter()"
+    )
 
 
 def _candidate_sets(
     rule: PreconditionerGroup, params: Sequence[nn.Parameter], model: nn.Module | None
 ) -> Iterable[list[nn.Parameter]]:
+    if isinstance(rule, PerParameter):
+        if model is None:
+            return [[p] for p in params]
+        # Parameters outside the model (e.g. a param group added for another module) need no
+        # model to get a preconditioner of their own.
+        in_model = {id(p) for p in model.parameters()}
+        outside = [[p] for p in params if id(p) not in in_model and p.requires_grad]
+        return rule.identify(model) + outside
     if model is not None:
         return rule.identify(model)
-    if isinstance(rule, PerParameter):
-        return [[p] for p in params]
     raise ValueError(f"combine_params rule {rule!r} needs the model: pass model= to the optimizer")

@@ -122,6 +122,7 @@ class HybridMatrixOptimizer(KronOptimizer):
     """
 
     matrix_algorithm: ClassVar[str]
+    variant_keys: ClassVar[tuple[str, ...]] = ("combine_params", "algorithm")
 
     def __init__(
         self,
@@ -135,6 +136,7 @@ class HybridMatrixOptimizer(KronOptimizer):
         adamw_weight_decay: float,
         on_nonfinite_grad: NonFinitePolicy,
         verbose_init: bool,
+        seed: int | None = None,
     ) -> None:
         auxiliary_defaults = {
             "lr": adamw_lr,
@@ -142,6 +144,7 @@ class HybridMatrixOptimizer(KronOptimizer):
             "eps": adamw_eps,
             "weight_decay": adamw_weight_decay,
         }
+        self._auxiliary_defaults = auxiliary_defaults
         groups = split_param_groups(params, model, self.matrix_algorithm, auxiliary_defaults)
         if not groups:
             raise ValueError("optimizer got an empty parameter list")
@@ -152,9 +155,25 @@ class HybridMatrixOptimizer(KronOptimizer):
             model=model,
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
+            seed=seed,
         )
 
     # --- construction -------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, split by ``split_param_groups`` as at construction: a group without
+        ``algorithm`` becomes a matrix group and an AdamW group. All or nothing."""
+        count = len(self.param_groups)
+        bundle_count = len(self.bundles)
+        try:
+            for group in split_param_groups(
+                [param_group], self.model, self.matrix_algorithm, self._auxiliary_defaults
+            ):
+                super().add_param_group(group)
+        except ValueError:
+            del self.param_groups[count:]
+            del self.bundles[bundle_count:]
+            raise
+
     def validate_group(self, group: dict[str, Any]) -> None:
         check_choice("algorithm", group["algorithm"], (self.matrix_algorithm, ADAMW))
         check_range("lr", group["lr"], 0.0)

@@ -127,7 +127,10 @@ class PSGD(KronOptimizer):
         noise_scale: std of the Gaussian noise added to ``M`` for the fit (keeps it well posed
             when gradients vanish); 0 disables it. Each bundle's noise is i.i.d. and fresh every
             step; one draw per step is shared by all bundles (views of it), which no bundle's
-            fit can tell apart from independent draws.
+            fit can tell apart from independent draws. The draws come from the optimizer's own
+            generator (``seed``), never from the global RNG.
+        seed: seed of that generator; ``None`` derives one from ``torch.initial_seed()`` (see
+            ``KronOptimizer``). Its state is saved in the state_dict.
         dtype: dtype of the state and the preconditioner math; ``None`` = the gradient's dtype.
             On CPU, half-precision state is multiplied in float32 (``product_dtype``: CPU half
             GEMMs accumulate in float32 anyway and are ~2x slower) and the refreshed factors
@@ -139,6 +142,8 @@ class PSGD(KronOptimizer):
             ``KronOptimizer``).
         verbose_init: print each parameter's layout at construction.
     """
+
+    variant_keys = ("combine_params", "method")
 
     def __init__(
         self,
@@ -159,6 +164,7 @@ class PSGD(KronOptimizer):
         combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
         on_nonfinite_grad: NonFinitePolicy = "skip",
         verbose_init: bool = False,
+        seed: int | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -180,6 +186,7 @@ class PSGD(KronOptimizer):
             combine_params=combine_params,
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
+            seed=seed,
         )
         self._stacks = StackedState()
 
@@ -189,8 +196,8 @@ class PSGD(KronOptimizer):
         check_choice("lr_style", group["lr_style"], ("adam", None))
         check_range("momentum", group["momentum"], 0.0, 1.0, high_inclusive=False)
         check_range("weight_decay", group["weight_decay"], 0.0)
-        check_range("max_size_dense", group["max_size_dense"], 1, integer=True)
-        check_range("max_skew_dense", group["max_skew_dense"], 0.0)
+        check_range("max_size_dense", group["max_size_dense"], 1, integer=True, or_infinity=True)
+        check_range("max_skew_dense", group["max_skew_dense"], 0.0, or_infinity=True)
         check_range("preconditioner_lr", group["preconditioner_lr"], 0.0, 1.0, low_inclusive=False)
         if group["preconditioner_init_scale"] is not None:
             check_range(
@@ -201,7 +208,7 @@ class PSGD(KronOptimizer):
                 low_inclusive=False,
                 high_inclusive=False,
             )
-        check_range("noise_scale", group["noise_scale"], 0.0, math.inf, high_inclusive=False)
+        check_range("noise_scale", group["noise_scale"], 0.0)
         check_choice("dtype", group["dtype"], DTYPES)
 
     def layout(self, bundle: ParameterBundle) -> PSGDLayout:
@@ -309,7 +316,7 @@ class PSGD(KronOptimizer):
                 rows, cols = key[3]
                 sizes[_noise_key(key)] = max(sizes.get(_noise_key(key), 0), rows * cols)
         return {
-            (device, dtype): _standard_normal(size, dtype, device)
+            (device, dtype): _standard_normal(size, dtype, self.generator(device))
             for (device, dtype), size in sizes.items()
         }
 
@@ -452,11 +459,12 @@ def _noise_key(bucket_key: tuple) -> tuple[torch.device, torch.dtype]:
     return device, product_dtype(dtype, device)
 
 
-def _standard_normal(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``size`` draws of ``N(0, 1)`` in ``dtype`` (drawn in float32 for half types: half
-    ``normal_`` is slow)."""
+def _standard_normal(size: int, dtype: torch.dtype, generator: torch.Generator) -> Tensor:
+    """``size`` draws of ``N(0, 1)`` in ``dtype`` from ``generator`` (on its device; drawn in
+    float32 for half types: half ``normal_`` is slow)."""
     draw_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    return torch.empty(size, dtype=draw_dtype, device=device).normal_().to(dtype)
+    draws = torch.empty(size, dtype=draw_dtype, device=generator.device)
+    return draws.normal_(generator=generator).to(dtype)
 
 
 def _fit_noise(momenta: Tensor, standard_normal: Tensor, scale: float) -> Tensor:

@@ -177,6 +177,12 @@ class SIRFShampoo(KronOptimizer):
     """
 
     structural_keys: ClassVar[tuple[str, ...]] = ("combine_params", "T")
+    # the factor plans are made from these at construction; T is a schedule, free to change
+    variant_keys: ClassVar[tuple[str, ...]] = (
+        "combine_params",
+        "structures",
+        "preconditioner_dtypes",
+    )
 
     def __init__(
         self,

@@ -76,9 +76,13 @@ class Spectron(HybridMatrixOptimizer):
         cap_rank: cap ``rank`` at each matrix's ``min(m, n)`` instead of refusing it.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults of the AdamW groups.
         on_nonfinite_grad, verbose_init: as ``kronlab.optim.KronOptimizer``.
+        seed: seed of the optimizer's generator that draws the power-iteration start vectors
+            (``None``: derived from ``torch.initial_seed()``, see ``KronOptimizer``); never
+            the global RNG.
     """
 
     matrix_algorithm = "spectron"
+    variant_keys = ("combine_params", "algorithm", "rank", "rank_fraction")
 
     def __init__(
         self,
@@ -101,6 +105,7 @@ class Spectron(HybridMatrixOptimizer):
         adamw_weight_decay: float = 0.0,
         on_nonfinite_grad: NonFinitePolicy = "skip",
         verbose_init: bool = False,
+        seed: int | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -124,6 +129,7 @@ class Spectron(HybridMatrixOptimizer):
             adamw_weight_decay=adamw_weight_decay,
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
+            seed=seed,
         )
 
     def validate_matrix_group(self, group: dict[str, Any]) -> None:
@@ -195,8 +201,9 @@ class Spectron(HybridMatrixOptimizer):
             state["factor_b"] = factor_b[index].contiguous()
             state["momentum_a"] = torch.zeros_like(state["factor_a"])
             state["momentum_b"] = torch.zeros_like(state["factor_b"])
-            state["left_vector_a"] = _random_unit(rows, param.device)
-            state["left_vector_b"] = _random_unit(columns, param.device)
+            generator = self.generator(param.device)
+            state["left_vector_a"] = _random_unit(rows, generator)
+            state["left_vector_b"] = _random_unit(columns, generator)
             param.copy_((state["factor_a"] @ state["factor_b"].T).view(param.shape))
 
 
@@ -241,8 +248,8 @@ def _group_rank(rows: int, columns: int, group: dict[str, Any]) -> int:
     return spectron_rank(rows, columns, group["rank"], group["rank_fraction"], cap)
 
 
-def _random_unit(size: int, device: torch.device) -> torch.Tensor:
-    vector = torch.randn(size, dtype=FACTOR_DTYPE, device=device)
+def _random_unit(size: int, generator: torch.Generator) -> torch.Tensor:
+    vector = torch.randn(size, dtype=FACTOR_DTYPE, device=generator.device, generator=generator)
     return vector / vector.norm()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Collection
 
 
@@ -15,15 +16,27 @@ def check_range(
     low_inclusive: bool = True,
     high_inclusive: bool = True,
     integer: bool = False,
+    or_infinity: bool = False,
 ) -> None:
-    """Raise ``ValueError`` unless ``value`` is a number in ``[low, high]`` (bounds optional)."""
-    allowed = _describe_range(name, low, high, low_inclusive, high_inclusive, integer)
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if (
-        not is_number
-        or math.isnan(value)
-        or (integer and value != math.inf and value != int(value))
-    ):
+    """Raise ``ValueError`` unless ``value`` is a number in ``[low, high]`` (bounds optional).
+
+    ``integer=True`` asks for a real integer (``int`` or a NumPy integer, not ``bool``): a
+    whole-number float such as ``4.0`` is refused here rather than crashing later in a
+    ``range()`` or a shape. Infinities are refused (an infinite learning rate or damping only
+    fails steps later) unless ``or_infinity=True`` (e.g. "never", "no limit").
+    """
+    allowed = _describe_range(name, low, high, low_inclusive, high_inclusive, integer, or_infinity)
+    if isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
+    if integer:
+        valid = isinstance(value, numbers.Integral) or (or_infinity and value == math.inf)
+    else:
+        valid = (
+            isinstance(value, (int, float))
+            and not math.isnan(value)
+            and (or_infinity or not math.isinf(value))
+        )
+    if not valid:
         raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
     too_low = low is not None and (value < low or (not low_inclusive and value == low))
     too_high = high is not None and (value > high or (not high_inclusive and value == high))
@@ -54,8 +67,11 @@ def _describe_range(
     low_inclusive: bool,
     high_inclusive: bool,
     integer: bool,
+    or_infinity: bool = False,
 ) -> str:
-    kind = "an integer" if integer else "a number"
+    kind = "an integer" if integer else "a number" if or_infinity else "a finite number"
+    if integer and or_infinity:
+        kind = "an integer or inf"
     parts = []
     if low is not None:
         parts.append(f"{low} {'<=' if low_inclusive else '<'} ")

@@ -117,7 +117,10 @@ class Shampoo(KronOptimizer):
     (``variants.py``: ``inverse_roots`` | ``eigenvectors``, ``eigenvalues`` | ``second_moment``
     | ``eigenvalue_ema``, ``correction_step``). ``kronecker_factors(param)`` returns, per block of
     the parameter's bundle, a ``KroneckerBlock`` of views into them; ``block_layout(param)`` says
-    how the grouped tensor is cut into those blocks.
+    how the grouped tensor is cut into those blocks. A param group added after the first step
+    gets stacks of its own (``planned_groups`` records which groups were planned together, see
+    ``plan.py``), so the stacks that already hold state keep their members.
+
 
     Args:
         params: tensors or param groups (a group may set any argument below but ``model``);
@@ -150,6 +153,7 @@ class Shampoo(KronOptimizer):
     """
 
     structural_keys = ("combine_params", "preconditioner", "grafting")
+    variant_keys = ("combine_params", "preconditioner", "grafting", "kl")
 
     def __init__(
         self,
@@ -217,7 +221,11 @@ class Shampoo(KronOptimizer):
         check_range("weight_decay", group["weight_decay"], 0.0)
         check_range("precondition_frequency", group["precondition_frequency"], 1, integer=True)
         check_range(
-            "start_preconditioning_step", group["start_preconditioning_step"], 1, integer=True
+            "start_preconditioning_step",
+            group["start_preconditioning_step"],
+            1,
+            integer=True,
+            or_infinity=True,
         )
         if group["max_preconditioner_dim"] is not None:
             check_range("max_preconditioner_dim", group["max_preconditioner_dim"], 1, integer=True)
@@ -257,15 +265,25 @@ class Shampoo(KronOptimizer):
                 )
         return lines
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._plan = None  # the next step plans the new group's blocks (stacks of their own)
+
     def _stacking_plan(self) -> StackingPlan:
         if self._plan is None:
-            self._plan = build_plan(self.bundles, self.param_groups, _stack_key)
+            # Groups whose stacks already have state keep them: ``planned_groups`` (saved with
+            # the stacks) says which groups were planned together.
+            planned = self.state[GLOBAL_STATE].get("planned_groups", ())
+            self._plan = build_plan(self.bundles, self.param_groups, _stack_key, planned)
         return self._plan
 
     # --- the step --------------------------------------------------------------------------
     def update(self) -> None:
         plan = self._stacking_plan()
-        stack_states = self.state[GLOBAL_STATE].setdefault("stacks", [{} for _ in plan.stacks])
+        global_state = self.state[GLOBAL_STATE]
+        stack_states = global_state.setdefault("stacks", [])
+        stack_states.extend({} for _ in range(len(plan.stacks) - len(stack_states)))
+        global_state["planned_groups"] = list(plan.segments)
         gradients = [self._bundle_gradient(bundle) for bundle in self.bundles]
         settings = [
             StackSettings.from_group(self.param_groups[stack.group_index]) for stack in plan.stacks

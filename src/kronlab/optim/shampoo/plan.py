@@ -3,13 +3,18 @@
 Blocks of the same shape whose math hyperparameters agree share a stack ``(B, d_1, …, d_k)``, so
 factor updates, decompositions and preconditioning run as one batched call per stack. Parameters
 that get an elementwise treatment (vectors, scalars) are concatenated into one flat ``(1, N)``
-stack. The plan is built once, at the first step, from the bundles and their param groups.
+stack. The plan is built at the first step from the bundles and their param groups, and
+rebuilt when a param group is added later: the groups planned before keep their stacks (their
+state already exists) and the new groups get stacks of their own, appended after them. Which
+groups were planned together (``segments``) is saved with the state, so a checkpoint loads into
+an optimizer constructed with all the groups at once.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,11 +44,14 @@ class BlockStack:
 @dataclass
 class StackingPlan:
     """``layouts[b]``: bundle b's block layout (``None`` for elementwise bundles);
-    ``slots[b]``: ``(stack index, position)`` of each of its blocks."""
+    ``slots[b]``: ``(stack index, position)`` of each of its blocks; ``segments``: cumulative
+    param-group counts of the groups planned together (blocks of two segments never share a
+    stack)."""
 
     stacks: list[BlockStack]
     layouts: list[BlockLayout | None]
     slots: list[list[tuple[int, int]]]
+    segments: list[int] = field(default_factory=list)
 
     def gather(self, index: int, bundle_tensors: list[torch.Tensor | None]) -> torch.Tensor:
         """Stack ``index``'s blocks taken from per-bundle grouped tensors."""
@@ -105,6 +113,7 @@ def build_plan(
     bundles: list[ParameterBundle],
     groups: list[dict[str, Any]],
     stack_key: Callable[[dict[str, Any], torch.Tensor], tuple],
+    segments: Sequence[int] = (),
 ) -> StackingPlan:
     """Assign every block of every bundle to a stack.
 
@@ -112,7 +121,12 @@ def build_plan(
     ``vector_preconditioner`` (``"dense"`` makes it a one-factor Kronecker block). Otherwise the
     layout comes from ``plan_layout`` (size-1 dims dropped, small dims merged, large dims
     blocked). ``stack_key(group, param)`` names the hyperparameters blocks must share.
+    ``segments`` (cumulative group counts, default: all groups at once) keeps groups added after
+    the first step out of the stacks planned before them; stacks come in segment order.
     """
+    segments = list(segments)
+    if not segments or segments[-1] < len(groups):
+        segments.append(len(groups))
     stacks: list[BlockStack] = []
     index_of: dict[tuple, int] = {}
     layouts: list[BlockLayout | None] = []
@@ -124,11 +138,12 @@ def build_plan(
         kind: StackKind = "kronecker"
         if is_vector and group["vector_preconditioner"] != "dense":
             kind = group["vector_preconditioner"]
-        base_key = (kind, stack_key(group, bundle.key))
+        segment = bisect_right(segments, bundle.group_index)
+        base_key = (segment, kind, stack_key(group, bundle.key))
         if kind != "kronecker" or not drop_unit_dims(shape):
             if kind == "kronecker":  # a scalar has no factor: it gets the diagonal treatment
                 kind = "diagonal"
-                base_key = (kind, stack_key(group, bundle.key))
+                base_key = (segment, kind, stack_key(group, bundle.key))
             layouts.append(None)
             key = base_key
             if key not in index_of:
@@ -154,4 +169,4 @@ def build_plan(
     for stack in stacks:
         if stack.kind != "kronecker":
             stack.block_shape = (sum(stack.flat_sizes),)
-    return StackingPlan(stacks, layouts, slots)
+    return StackingPlan(stacks, layouts, slots, segments)

@@ -1,0 +1,73 @@
+"""The optimizer's own random streams: one seeded ``torch.Generator`` per device.
+
+Drawing from the global RNG would make a resumed run exact only if the caller also restored
+the global RNG, and would shift the caller's own stream (dropout, data order) compared with an
+optimizer that draws nothing. The generators' states travel in the ``state_dict``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def derived_seed(seed: int) -> int:
+    """A 63-bit seed mixed from ``seed`` (SplitMix64's finalizer), so that an optimizer seeded
+    from the caller's seed does not replay the caller's own first draws."""
+    mixed = (seed + 0x9E3779B97F4A7C15) % 2**64
+    mixed = ((mixed ^ (mixed >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    mixed = ((mixed ^ (mixed >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (mixed ^ (mixed >> 31)) >> 1
+
+
+class OptimizerGenerators:
+    """Generators seeded with ``seed`` (``None``: ``derived_seed(torch.initial_seed())``, which
+    follows the caller's ``torch.manual_seed`` without drawing from the global stream and without
+    replaying it), made on first use."""
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = derived_seed(torch.initial_seed()) if seed is None else seed
+        self._generators: dict[str, torch.Generator] = {}
+        self._pending: dict[str, torch.Tensor] = {}  # loaded states of devices not used yet
+
+    def get(self, device: torch.device | str) -> torch.Generator:
+        key = str(torch.device(device))
+        generator = self._generators.get(key)
+        if generator is None:
+            generator = torch.Generator(device=key)
+            generator.manual_seed(self.seed)
+            if key in self._pending:
+                generator.set_state(self._pending.pop(key))
+            self._generators[key] = generator
+        return generator
+
+    def state_dict(self) -> dict[str, Any]:
+        """The seed and each device's generator state (uint8 tensors)."""
+        states = dict(self._pending)
+        states.update({key: gen.get_state() for key, gen in self._generators.items()})
+        return {"seed": self.seed, "states": states}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s result (copied: no state shared with ``saved``)."""
+        self.seed = saved["seed"]
+        self._generators = {}
+        self._pending = {key: state.to("cpu").clone() for key, state in saved["states"].items()}
+
+
+def check_generator_state(saved: object) -> None:
+    """Raise ``ValueError`` unless ``saved`` looks like ``OptimizerGenerators.state_dict()``."""
+    valid = (
+        isinstance(saved, dict)
+        and isinstance(saved.get("seed"), int)
+        and isinstance(saved.get("states"), dict)
+        and all(
+            isinstance(key, str) and isinstance(state, torch.Tensor) and state.dtype == torch.uint8
+            for key, state in saved["states"].items()
+        )
+    )
+    if not valid:
+        raise ValueError(
+            f"Invalid state_dict: generator state {saved!r} (allowed: a seed and one uint8 "
+            "state tensor per device, as saved by a kronlab optimizer)"
+        )
