@@ -26,7 +26,7 @@ from kronlab.curvature import (
     layer_spec,
 )
 from kronlab.linalg import eigh
-from kronlab.optim.validation import check_choice, check_range
+from kronlab.optim.validation import check_choice, check_loss_fn, check_module, check_range
 
 FIT_METHODS = ("kfac", "ekfac", "diagonal", "identity")
 FISHER_TYPES = ("true", "empirical")
@@ -59,6 +59,8 @@ def fit_curvature(
     example for the true Fisher (each pass reads ``data`` that many times), which lowers the
     Monte Carlo noise of ``S`` and of EK-FAC's eigenvalues.
     """
+    check_module("model", model)
+    check_loss_fn("loss_fn", loss_fn)
     check_choice("method", method, FIT_METHODS)
     check_choice("fisher", fisher, FISHER_TYPES)
     check_range("samples", samples, 1, integer=True)

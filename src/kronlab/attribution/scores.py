@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from kronlab.attribution.curvature import Curvature
 from kronlab.attribution.fit import MaskFn, default_mask
 from kronlab.curvature import per_example_gradients
-from kronlab.optim.validation import check_choice, check_range
+from kronlab.optim.validation import check_choice, check_loss_fn, check_module, check_range
 
 NORMALIZATIONS = ("none", "unit", "relative")
 
@@ -44,6 +44,10 @@ def influence_scores(
     to unit norm first (cosine-like, Xia et al. 2024); ``"relative"`` divides by the training
     example's self-influence ``√⟨G_t, H⁻¹G_t⟩`` (RelatIF, Barshan et al. 2020).
     """
+    check_module("model", model)
+    check_loss_fn("loss_fn", loss_fn)
+    if query_loss_fn is not None:
+        check_loss_fn("query_loss_fn", query_loss_fn)
     check_choice("normalize", normalize, NORMALIZATIONS)
     modules = curvature.tracked_modules(model)
     masks = mask_fn or default_mask

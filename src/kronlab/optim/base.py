@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from kronlab.groups.rules import PerParameter, PreconditionerGroup, check_rules
 from kronlab.linalg.finite import all_finite
 from kronlab.optim.bundles import ParameterBundle, identify_bundles
-from kronlab.optim.validation import check_choice
+from kronlab.optim.validation import check_choice, check_module, check_params
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None
 NonFinitePolicy = Literal["skip", "raise", "ignore"]
@@ -56,6 +56,8 @@ class KronOptimizer(Optimizer):
         verbose_init: bool = False,
     ) -> None:
         check_choice("on_nonfinite_grad", on_nonfinite_grad, ("skip", "raise", "ignore"))
+        check_module("model", model, allow_none=True)
+        check_params(params)
         if params is None:
             if model is None:
                 raise ValueError("pass params, or model= to optimize all its trainable parameters")
