@@ -255,6 +255,14 @@ class GradientStore:
             check_settings(store.settings, expected, str(directory), ignore)
         return store
 
+    def __repr__(self) -> str:
+        settings = self.settings
+        return (
+            f"GradientStore({str(self.directory)!r}, {self.num_rows} rows x {self.row_width} "
+            f"{settings.dtype}, {len(settings.modules)} modules, projection_dim "
+            f"{settings.projection_dim}, transform {settings.transform.split(':')[0]})"
+        )
+
     # ---- chunks and commits ---------------------------------------------------------------
 
     @property
