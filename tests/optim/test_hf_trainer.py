@@ -103,4 +103,3 @@ def test_resumed_trainer_run_equals_uninterrupted_run(name: str, tmp_path: Path)
     ):
         assert not torch.equal(full, start), f"{key} did not train"
         torch.testing.assert_close(again, full, rtol=0, atol=0, msg=f"{key} differs after resume")
-
