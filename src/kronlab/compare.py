@@ -332,8 +332,22 @@ def write_json(results: list[RunResult], path: Path, config: dict) -> None:
     path.write_text(json.dumps(payload, indent=2))
 
 
+def line_styles(count: int) -> list[dict[str, object]]:
+    """A distinct (colour, dash pattern) pair per curve: 10 tab10 colours, then the same
+    colours dashed, dotted, dash-dotted, so up to 40 curves never share both."""
+    dashes = ("-", "--", ":", "-.")
+    return [
+        {"color": f"C{index % 10}", "linestyle": dashes[(index // 10) % len(dashes)]}
+        for index in range(count)
+    ]
+
+
 def plot_curves(results: list[RunResult], path: Path, title: str) -> bool:
-    """Train (smoothed) and test loss curves per optimizer; False if matplotlib is missing."""
+    """Train (smoothed) and test loss curves per optimizer; False if matplotlib is missing.
+
+    Each optimizer has its own colour and line style; the legend sits right of the axes so
+    it hides no curve however many optimizers are compared.
+    """
     try:
         import matplotlib
 
@@ -341,23 +355,33 @@ def plot_curves(results: list[RunResult], path: Path, title: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    figure, (train_axis, test_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    for r in results:
+    figure, (train_axis, test_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r, style in zip(results, line_styles(len(results))):
         curve = torch.tensor(r.train_loss_curve)
         window = max(1, len(curve) // 25)
         smoothed = curve.unfold(0, window, 1).mean(dim=1) if len(curve) >= window else curve
-        train_axis.plot(range(window, window + len(smoothed)), smoothed.tolist(), label=r.name)
+        train_axis.plot(
+            range(window, window + len(smoothed)), smoothed.tolist(), label=r.name, **style
+        )
         if r.test_loss_curve:
             steps, losses = zip(*r.test_loss_curve)
-            test_axis.plot(steps, losses, marker=".", label=r.name)
+            test_axis.plot(steps, losses, marker=".", markersize=4, label=r.name, **style)
     for axis, label in ((train_axis, "train loss (moving average)"), (test_axis, "test loss")):
         axis.set_xlabel("step")
         axis.set_ylabel(label)
         axis.set_yscale("log")
         axis.grid(alpha=0.3)
-        axis.legend()
+    handles, labels = train_axis.get_legend_handles_labels()
+    figure.legend(
+        handles,
+        labels,
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        ncol=1 if len(labels) <= 20 else 2,
+        frameon=False,
+    )
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return True
