@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from kronlab.linalg.matmul_speed import fastest_newton_schulz_dtype
 from kronlab.linalg.newton_schulz import newton_schulz, resolve_coefficients
 from kronlab.optim.base import NonFinitePolicy, ParamsT
 from kronlab.optim.hybrid import HybridMatrixOptimizer, as_matrix, matrix_shape, params_by_shape
@@ -19,7 +20,7 @@ from kronlab.optim.validation import check_choice, check_range
 # "match_adamw_rms" gives it AdamW's typical RMS 0.2 (Liu et al., 2025, "Muon is scalable for LLM
 # training"); "spectral" sets its spectral norm to √(fan_out/fan_in) (Bernstein & Newhouse, 2024).
 ADJUST_LR = ("original", "match_adamw_rms", "spectral", None)
-NS_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+NS_DTYPES = ("auto", torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _TORCH_SPELLING = {"match_rms_adamw": "match_adamw_rms"}
 
 
@@ -55,9 +56,13 @@ class Muon(HybridMatrixOptimizer):
         lr, momentum, nesterov, weight_decay: Muon's hyperparameters for the matrices.
         ns_steps, ns_coefficients: Newton–Schulz steps and coefficient set (a name from
             ``kronlab.linalg.NEWTON_SCHULZ_COEFFICIENTS`` or a tuple of ``(a, b, c)``).
-        ns_dtype: the dtype of the Newton–Schulz matmuls: bfloat16 (default, as the reference
-            and torch; fast on accelerators and on CPUs with bf16 matmul units) or float32 etc.
-            for accuracy. The update is added to the parameters from this dtype.
+        ns_dtype: the dtype of the Newton–Schulz matmuls. ``"auto"`` (default): bfloat16 on
+            accelerators; on CPU, per matrix shape, whichever of bfloat16 and float32 runs
+            faster, timed once per process (``kronlab.linalg.matmul_speed``; bf16 wins for
+            large matrices on CPUs with bf16 matrix units, float32 for small ones and on CPUs
+            without them). An explicit dtype (bfloat16 as torch, float32 etc. for accuracy, or
+            for runs bitwise reproducible across machines) is used as given. The update is
+            added to the parameters from this dtype.
         adjust_lr: "original" (default, as torch), "match_adamw_rms", "spectral" or None.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults of the AdamW groups.
     """
@@ -74,7 +79,7 @@ class Muon(HybridMatrixOptimizer):
         ns_coefficients: str | tuple[tuple[float, float, float], ...] = "quintic",
         weight_decay: float = 0.0,
         adjust_lr: str | None = "original",
-        ns_dtype: torch.dtype = torch.bfloat16,
+        ns_dtype: torch.dtype | Literal["auto"] = "auto",
         *,
         model: nn.Module | None = None,
         adamw_lr: float = 3e-4,
@@ -124,7 +129,7 @@ class Muon(HybridMatrixOptimizer):
 
     def update_matrices(self, group: dict[str, Any], params: list[nn.Parameter]) -> None:
         momentum, lr = group["momentum"], group["lr"]
-        for ((rows, columns), _device), bucket in params_by_shape(params).items():
+        for ((rows, columns), device), bucket in params_by_shape(params).items():
             grads = [as_matrix(p.grad).float() for p in bucket]
             buffers = [self._momentum_buffer(p) for p in bucket]
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
@@ -133,6 +138,8 @@ class Muon(HybridMatrixOptimizer):
             )
             # cast piecewise, then stack: one pass, and the result stays in ns_dtype
             ns_dtype = group["ns_dtype"]
+            if ns_dtype == "auto":
+                ns_dtype = fastest_newton_schulz_dtype(rows, columns, len(bucket), device)
             stacked = torch.stack([update.to(ns_dtype) for update in updates])
             orthogonal = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"])
             if group["weight_decay"] != 0:
