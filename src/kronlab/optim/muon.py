@@ -11,7 +11,13 @@ from torch import nn
 from kronlab.linalg.matmul_speed import fastest_newton_schulz_dtype
 from kronlab.linalg.newton_schulz import newton_schulz, resolve_coefficients
 from kronlab.optim.base import NonFinitePolicy, ParamsT
-from kronlab.optim.hybrid import HybridMatrixOptimizer, as_matrix, matrix_shape, params_by_shape
+from kronlab.optim.hybrid import (
+    ADAMW,
+    HybridMatrixOptimizer,
+    as_matrix,
+    matrix_shape,
+    params_by_shape,
+)
 from kronlab.optim.registry import register_optimizer
 from kronlab.optim.validation import check_choice, check_range
 
@@ -99,6 +105,7 @@ class Muon(HybridMatrixOptimizer):
             "adjust_lr": _TORCH_SPELLING.get(adjust_lr, adjust_lr),
             "ns_dtype": ns_dtype,
         }
+        self._ns_dtypes: dict[tuple[int, int, int, str], torch.dtype] = {}
         super().__init__(
             params,
             defaults,
@@ -110,6 +117,19 @@ class Muon(HybridMatrixOptimizer):
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
         )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        # Resolve "auto" here, outside any step: a compiled step then reads a fixed dtype per
+        # shape instead of tracing the one-time timing (or recompiling when it lands).
+        group = self.param_groups[-1]
+        if group["algorithm"] != ADAMW and group["ns_dtype"] == "auto":
+            for ((rows, columns), device), bucket in params_by_shape(group["params"]).items():
+                key = (rows, columns, len(bucket), str(device))
+                if key not in self._ns_dtypes:
+                    self._ns_dtypes[key] = fastest_newton_schulz_dtype(
+                        rows, columns, len(bucket), device
+                    )
 
     def validate_matrix_group(self, group: dict[str, Any]) -> None:
         check_range("momentum", group["momentum"], 0.0, 1.0, high_inclusive=False)
@@ -139,7 +159,14 @@ class Muon(HybridMatrixOptimizer):
             # cast piecewise, then stack: one pass, and the result stays in ns_dtype
             ns_dtype = group["ns_dtype"]
             if ns_dtype == "auto":
-                ns_dtype = fastest_newton_schulz_dtype(rows, columns, len(bucket), device)
+                # a bucket of the parameters that have gradients this step may be one not seen at
+                # construction (fewer members): resolve it then
+                key = (rows, columns, len(bucket), str(device))
+                if key not in self._ns_dtypes:
+                    self._ns_dtypes[key] = fastest_newton_schulz_dtype(
+                        rows, columns, len(bucket), device
+                    )
+                ns_dtype = self._ns_dtypes[key]
             stacked = torch.stack([update.to(ns_dtype) for update in updates])
             orthogonal = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"])
             if group["weight_decay"] != 0:
