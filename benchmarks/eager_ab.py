@@ -92,9 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         assert process.stdin is not None
         process.stdin.close()
         process.wait()
-    print(
-        "| optimizer (eager, default settings) | baseline ms | candidate ms | candidate / baseline |"
-    )
+    print("| optimizer (eager, defaults) | baseline ms | candidate ms | candidate / baseline |")
     print("|---|---|---|---|")
     for name, baseline in samples["baseline"].items():
         before = statistics.median(baseline)
