@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from kronlab.attribution import fit_curvature, influence_scores
-from kronlab.optim import PSGD, SOAP, Muon, Shampoo
+from kronlab.optim import PSGD, SOAP, Muon, Shampoo, SIRFShampoo
 
 
 def tiny_model() -> nn.Module:
@@ -21,6 +21,11 @@ def test_parameters_passed_as_model(optimizer: type) -> None:
     model = tiny_model()
     with pytest.raises(TypeError, match=r"Invalid model: a generator \(expected a torch.nn.Module"):
         optimizer(None, model=model.parameters())
+
+
+def test_sirfshampoo_model_must_be_a_module() -> None:
+    with pytest.raises(TypeError, match="Invalid model: a generator"):
+        SIRFShampoo(tiny_model().parameters())
 
 
 @pytest.mark.parametrize("optimizer", [SOAP, Shampoo, PSGD, Muon])
