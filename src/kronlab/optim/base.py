@@ -168,9 +168,13 @@ class KronOptimizer(Optimizer):
         value without a sync. The first step runs the synchronous check instead, so that state
         created by a step is never created from non-finite gradients. ``masked_steps`` (a 0-dim
         tensor; reading its value syncs) counts the steps undone. Not saved by ``state_dict``.
+        State that a masked step creates (a param group added after the first step) is not
+        covered: it is kept as the update made it.
         """
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        finite = finite_flag([p.grad for p in params])
+        # every parameter, with a gradient or not: a bundle's state lives under its first
+        # parameter, and a bundle updates all its parameters, whichever have gradients
+        params = [p for group in self.param_groups for p in group["params"]]
+        finite = finite_flag([p.grad for p in params if p.grad is not None])
         saved_params = [p.detach().clone() for p in params]
         saved_state = [
             (state, key, value.clone())
