@@ -24,9 +24,11 @@ import torch
 from torch import nn
 
 from benchmarks.common import (
+    benchmark_mlp,
     benchmark_transformer,
     language_model_loss,
     machine_description,
+    mlp_batch,
     transformer_batch,
 )
 from kronlab.optim import Muon, Spectron, auxiliary_parameters, optimizer_state_bytes
@@ -75,14 +77,17 @@ ADAMW_REFERENCE = "torch.optim.AdamW, whole model"
 
 def contenders() -> dict[str, Callable[[nn.Module], torch.optim.Optimizer | str]]:
     return {
-        "kronlab Muon, hidden matrices, NS bfloat16 (default)": lambda m: Muon(hidden_matrices(m)),
+        "kronlab Muon, hidden matrices, NS auto (default)": lambda m: Muon(hidden_matrices(m)),
+        "kronlab Muon, hidden matrices, NS bfloat16": lambda m: Muon(
+            hidden_matrices(m), ns_dtype=torch.bfloat16
+        ),
         "kronlab Muon, hidden matrices, NS float32": lambda m: Muon(
             hidden_matrices(m), ns_dtype=torch.float32
         ),
         MUON_REFERENCE: lambda m: torch.optim.Muon(hidden_matrices(m), lr=0.02, weight_decay=0),
         "heavyball.Muon, hidden matrices (eager)": lambda m: heavyball_muon(hidden_matrices(m)),
         ADAMW_REFERENCE: lambda m: torch.optim.AdamW(m.parameters()),
-        "kronlab Muon (NS bfloat16) + AdamW, whole model": lambda m: Muon(model=m),
+        "kronlab Muon (NS auto) + AdamW, whole model": lambda m: Muon(model=m),
         "kronlab Spectron r=0.25 + AdamW, whole model": lambda m: Spectron(
             model=m, lr=0.02, rank_fraction=0.25
         ),
@@ -92,7 +97,13 @@ def contenders() -> dict[str, Callable[[nn.Module], torch.optim.Optimizer | str]
     }
 
 
-def step_times(rounds: int) -> dict[str, float | str]:
+MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple], Callable]] = {
+    "transformer": (benchmark_transformer, transformer_batch, language_model_loss),
+    "mlp": (benchmark_mlp, mlp_batch, nn.functional.cross_entropy),
+}
+
+
+def step_times(rounds: int, model_name: str = "transformer") -> dict[str, float | str]:
     """Median seconds per optimizer step, contenders interleaved round by round.
 
     Each contender steps its own copy of the model on one fixed gradient (computed once and
@@ -100,12 +111,13 @@ def step_times(rounds: int) -> dict[str, float | str]:
     round times the optimizer steps alone; interleaving makes every contender see the same load
     on a shared machine. The first round (state creation, Spectron's SVD) is not counted.
     """
-    inputs, targets = transformer_batch()
+    make_model, make_batch, loss_fn = MODELS[model_name]
+    inputs, targets = make_batch()
     steppers: dict[str, Callable[[], object]] = {}
     preparers: dict[str, Callable[[], object]] = {}
     results: dict[str, float | str] = {}
     for name, build in contenders().items():
-        model = benchmark_transformer()
+        model = make_model()
         try:
             optimizer = build(model)
         except Exception as error:  # noqa: BLE001 - a peer failing is a result to record
@@ -113,14 +125,14 @@ def step_times(rounds: int) -> dict[str, float | str]:
         if isinstance(optimizer, str):
             results[name] = optimizer
             continue
-        language_model_loss(model(inputs), targets).backward()
+        loss_fn(model(inputs), targets).backward()
         gradients = [(p, p.grad.clone()) for p in model.parameters() if p.grad is not None]
         # some peers consume or clear .grad in step(): restore it, outside the timer
         preparers[name] = lambda gradients=gradients: [
             setattr(p, "grad", g.clone()) for p, g in gradients
         ]
         steppers[name] = optimizer.step
-    matrices = hidden_matrices(benchmark_transformer())
+    matrices = hidden_matrices(make_model())
     steppers["NS floor, float32 matmuls"] = newton_schulz_floor(matrices, torch.float32)
     steppers["NS floor, bfloat16 matmuls"] = newton_schulz_floor(matrices, torch.bfloat16)
     samples: dict[str, list[float]] = {name: [] for name in steppers}
@@ -232,13 +244,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (median taken)")
     parser.add_argument("--train-steps", type=int, default=30, help="fixed training budget")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="transformer",
+        help="model of the step-time table (the memory and loss tables use the transformer)",
+    )
+    parser.add_argument(
+        "--step-times-only", action="store_true", help="skip the memory and loss tables"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"machine: {machine_description()}")
     print(f"command: {' '.join(sys.argv)}\n")
 
-    times = step_times(args.rounds)
+    times = step_times(args.rounds, args.model)
 
     def ratio(seconds: float, key: str) -> str:
         other = times.get(key)
@@ -254,14 +275,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {name} | {seconds} | | | |")
             continue
         floor = f"NS floor, {'float32' if 'float32' in name else 'bfloat16'} matmuls"
-        # the floor is the hidden matrices' Newton–Schulz: whole-model rows have no floor ratio
-        has_floor = "hidden matrices" in name
+        # the floor is the hidden matrices' Newton–Schulz: whole-model rows have no floor ratio,
+        # nor has "auto", whose dtype differs per shape
+        has_floor = "hidden matrices" in name and "auto" not in name
         print(
             f"| {name} | {1e3 * seconds:.1f} | {ratio(seconds, MUON_REFERENCE)} | "
             f"{ratio(seconds, floor) if has_floor else ''} | "
             f"{ratio(seconds, ADAMW_REFERENCE)} |"
         )
 
+    if args.step_times_only:
+        return
     print("\n| optimizer state after one step | hidden matrices (MiB) | total (MiB) |")
     print("|---|---|---|")
     for name, matrix_bytes, total in state_memory():

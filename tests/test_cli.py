@@ -21,7 +21,7 @@ def test_compare_writes_table_json_and_png(tmp_path, capsys):
     )
     assert code == 0
     out = capsys.readouterr().out
-    assert "optimizer" in out and "vs AdamW" in out and "sgd" in out
+    assert "optimizer" in out and "time / AdamW" in out and "sgd" in out
     payload = json.loads((tmp_path / "compare.json").read_text())
     results = {r["name"]: r for r in payload["results"]}
     assert results["adamw"]["test_accuracy"] > 0.9  # the acceptance floor

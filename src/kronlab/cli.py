@@ -62,7 +62,9 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
         "compare",
         help="train a small model with several optimizers and compare them",
         description="Train the task's model from one initialization with each optimizer, then "
-        "print final train/test loss, test accuracy and step time relative to AdamW, and write "
+        "print final train/test loss, test accuracy and step time relative to AdamW (optimizers "
+        "timed in interleaved step slots; the ratio's quartiles over blocks of steps shown, "
+        "'?' when they say it is noise), and write "
         "compare.png and compare.json to --out.",
     )
     parser.add_argument(
@@ -89,7 +91,7 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_compare(args: argparse.Namespace) -> int:
     import kronlab.optim  # noqa: F401  (registers the optimizers)
-    from kronlab.compare import compare, format_table, plot_curves, write_json
+    from kronlab.compare import compare, format_table, plot_curves, timing_warning, write_json
     from kronlab.optim.registry import available_optimizers, get_optimizer
     from kronlab.tasks import load_task
 
@@ -124,6 +126,9 @@ def _run_compare(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress,
     )
     print(format_table(results))
+    warning = timing_warning(results)
+    if warning:
+        print(warning)
     args.out.mkdir(parents=True, exist_ok=True)
     config = {
         "task": args.task,

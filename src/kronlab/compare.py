@@ -7,6 +7,7 @@ import math
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,13 +16,27 @@ from tqdm.auto import tqdm
 
 from kronlab.optim.registry import create_optimizer, get_optimizer
 from kronlab.tasks.base import ClassificationTask
+from kronlab.timing import (
+    MIN_BLOCKS,
+    NOISE_LIMIT,
+    STEP_BLOCK,
+    block_size,
+    interleaved_order,
+    time_ratio,
+)
 
 REFERENCE_OPTIMIZER = "adamw"
 
 
 @dataclass
 class RunResult:
-    """One optimizer's run: curves, final metrics, timing."""
+    """One optimizer's run: curves, final metrics, timing.
+
+    ``ratio_to_adamw`` is the median over blocks of steps of this run's step time divided by
+    AdamW's over the same (interleaved) steps; ``ratio_low``/``ratio_high`` are the quartiles
+    of those per-block ratios and ``timing_noisy`` says that their spread makes the figure
+    unreliable (see :mod:`kronlab.timing`).
+    """
 
     name: str
     lr: float
@@ -32,6 +47,10 @@ class RunResult:
     test_accuracy: float = math.nan
     ms_per_step: float = math.nan
     ratio_to_adamw: float = math.nan
+    ratio_low: float = math.nan
+    ratio_high: float = math.nan
+    timed_blocks: int = 0
+    timing_noisy: bool = True
     diverged: bool = False
 
 
@@ -54,6 +73,88 @@ def batch_schedule(num_examples: int, steps: int, batch_size: int, seed: int) ->
     return order[: steps * batch_size].reshape(steps, batch_size)
 
 
+class TrainingRun:
+    """One optimizer training the task's model (weights from ``seed``), one step at a time, so
+    that several runs can take their steps in interleaved slots.
+
+    Each run keeps its own stream of the global torch RNG (PSGD's noise, Spectron's
+    power-iteration start), restored around its steps: its curve does not depend on which
+    other runs share the comparison or in which order their slots fall.
+    """
+
+    def __init__(
+        self,
+        task: ClassificationTask,
+        optimizer_name: str,
+        lr: float,
+        *,
+        steps: int,
+        batch_size: int,
+        seed: int,
+        eval_every: int,
+    ) -> None:
+        self.task = task
+        self.model = task.make_model(seed)
+        torch.manual_seed(seed)
+        self.optimizer = create_optimizer(optimizer_name, self.model, lr)
+        self.rng_state = torch.get_rng_state()
+        self.result = RunResult(name=optimizer_name, lr=lr)
+        self.schedule = batch_schedule(len(task.train_inputs), steps, batch_size, seed)
+        self.eval_every = eval_every
+        self.step_seconds: list[float] = []
+        self.finished = False
+
+    def step(self, step: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        """Train step ``step`` (from 1); the timed part is zero_grad, forward, backward, step."""
+        indices = self.schedule[step - 1]
+        inputs, targets = self.task.train_inputs[indices], self.task.train_targets[indices]
+        torch.set_rng_state(self.rng_state)
+        started = clock()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.task.loss(self.model(inputs), targets)
+        loss.backward()
+        self.optimizer.step()
+        self.step_seconds.append(clock() - started)
+        self.rng_state = torch.get_rng_state()
+        loss_value = loss.item()
+        self.result.train_loss_curve.append(loss_value)
+        if not math.isfinite(loss_value):
+            self.result.diverged = True
+            self.finished = True
+        elif step % self.eval_every == 0 or step == len(self.schedule):
+            self.result.test_loss_curve.append((step, evaluate(self.model, self.task)[0]))
+            self.finished = step == len(self.schedule)
+
+    def finish(self) -> RunResult:
+        result = self.result
+        result.ms_per_step = step_ms(self.step_seconds)
+        result.final_train_loss = result.train_loss_curve[-1]
+        if not result.diverged:
+            result.test_loss, result.test_accuracy = evaluate(self.model, self.task)
+        return result
+
+
+def run_interleaved(
+    runs: list[TrainingRun],
+    steps: int,
+    *,
+    clock: Callable[[], float] = time.perf_counter,
+    progress: tqdm | None = None,
+) -> None:
+    """Step every run through ``steps`` steps, step ``k`` of all runs in consecutive slots (in
+    :func:`kronlab.timing.interleaved_order`) before step ``k + 1`` of any."""
+    for step in range(1, steps + 1):
+        for index in interleaved_order(len(runs), step):
+            run = runs[index]
+            if run.finished:
+                continue
+            run.step(step, clock)
+            if progress is not None:
+                progress.update(1 if not run.finished else steps - step + 1)
+                loss = run.result.train_loss_curve[-1]
+                progress.set_postfix(optimizer=run.result.name, loss=f"{loss:.3f}", refresh=False)
+
+
 def train_one(
     task: ClassificationTask,
     optimizer_name: str,
@@ -66,42 +167,17 @@ def train_one(
     progress: tqdm | None = None,
 ) -> RunResult:
     """Train the task's model (weights from ``seed``) with one registered optimizer."""
-    model = task.make_model(seed)
-    # Optimizers that draw random numbers (PSGD's noise, Spectron's power-iteration start) get
-    # the same stream whichever optimizers ran before them in this comparison.
-    torch.manual_seed(seed)
-    optimizer = create_optimizer(optimizer_name, model, lr)
-    result = RunResult(name=optimizer_name, lr=lr)
-    schedule = batch_schedule(len(task.train_inputs), steps, batch_size, seed)
-    step_seconds: list[float] = []
-    for step, indices in enumerate(schedule, start=1):
-        inputs, targets = task.train_inputs[indices], task.train_targets[indices]
-        started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = task.loss(model(inputs), targets)
-        loss.backward()
-        optimizer.step()
-        step_seconds.append(time.perf_counter() - started)
-        loss_value = loss.item()
-        result.train_loss_curve.append(loss_value)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(optimizer=optimizer_name, loss=f"{loss_value:.3f}", refresh=False)
-        if not math.isfinite(loss_value):
-            result.diverged = True
-            if progress is not None:
-                progress.update(steps - step)
-            break
-        if step % eval_every == 0 or step == steps:
-            result.test_loss_curve.append((step, evaluate(model, task)[0]))
-    result.ms_per_step = step_ms(step_seconds)
-    result.final_train_loss = result.train_loss_curve[-1]
-    if not result.diverged:
-        result.test_loss, result.test_accuracy = evaluate(model, task)
-    return result
-
-
-STEP_BLOCK = 20  # steps per timing block: a multiple of the registered precondition periods
+    run = TrainingRun(
+        task,
+        optimizer_name,
+        lr,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        eval_every=eval_every,
+    )
+    run_interleaved([run], steps, progress=progress)
+    return run.finish()
 
 
 def step_ms(step_seconds: list[float], block: int = STEP_BLOCK) -> float:
@@ -137,10 +213,13 @@ def compare(
     seed: int = 0,
     learning_rates: dict[str, float] | None = None,
     show_progress: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[RunResult]:
     """Run every optimizer on ``task`` from the same initial weights and batches.
 
-    AdamW is always timed (it is the step-time reference); it is reported like the others.
+    The optimizers take their steps in interleaved slots (step ``k`` of each before step
+    ``k + 1`` of any), so all see the same machine load; AdamW is always run (it is the
+    step-time reference) and reported like the others. ``clock`` times the steps.
     """
     for name in optimizer_names:
         get_optimizer(name)  # unknown names fail before any training
@@ -152,30 +231,43 @@ def compare(
     if REFERENCE_OPTIMIZER not in names:
         names.append(REFERENCE_OPTIMIZER)
     eval_every = max(1, steps // 20)
-    results = []
+    runs = [
+        TrainingRun(
+            task,
+            name,
+            learning_rates.get(name, get_optimizer(name).default_lr),
+            steps=steps,
+            batch_size=batch_size,
+            seed=seed,
+            eval_every=eval_every,
+        )
+        for name in names
+    ]
     with tqdm(total=steps * len(names), disable=not show_progress, unit="step") as progress:
-        for name in names:
-            lr = learning_rates.get(name, get_optimizer(name).default_lr)
-            results.append(
-                train_one(
-                    task,
-                    name,
-                    lr,
-                    steps=steps,
-                    batch_size=batch_size,
-                    seed=seed,
-                    eval_every=eval_every,
-                    progress=progress,
-                )
-            )
-    reference = next(r for r in results if r.name == REFERENCE_OPTIMIZER)
-    for result in results:
-        result.ratio_to_adamw = result.ms_per_step / reference.ms_per_step
+        run_interleaved(runs, steps, clock=clock, progress=progress)
+    results = [run.finish() for run in runs]
+    reference = runs[names.index(REFERENCE_OPTIMIZER)]
+    for run, result in zip(runs, results):
+        ratio = time_ratio(run.step_seconds, reference.step_seconds, block_size(steps))
+        result.ratio_to_adamw, result.ratio_low, result.ratio_high = (
+            ratio.median,
+            ratio.low,
+            ratio.high,
+        )
+        result.timed_blocks, result.timing_noisy = ratio.blocks, ratio.noisy
     return results
 
 
 def format_table(results: list[RunResult]) -> str:
-    header = ("optimizer", "lr", "train loss", "test loss", "test acc", "ms/step", "vs AdamW")
+    header = (
+        "optimizer",
+        "lr",
+        "train loss",
+        "test loss",
+        "test acc",
+        "ms/step",
+        "time / AdamW (quartiles)",
+    )
     rows = [
         (
             r.name + (" (diverged)" if r.diverged else ""),
@@ -184,16 +276,47 @@ def format_table(results: list[RunResult]) -> str:
             f"{r.test_loss:.4f}",
             f"{100 * r.test_accuracy:.1f}%",
             f"{r.ms_per_step:.2f}",
-            f"{r.ratio_to_adamw:.2f}x",
+            format_ratio(r),
         )
         for r in results
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in [header, *rows]
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+        for row in [header, *rows]
     ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def format_ratio(result: RunResult) -> str:
+    """``'1.93x (1.85-2.02)'``, with ``' ?'`` when the spread says the figure is noise."""
+    if not math.isfinite(result.ratio_to_adamw):
+        return "n/a"
+    text = f"{result.ratio_to_adamw:.2f}x"
+    if math.isfinite(result.ratio_low):
+        text += f" ({result.ratio_low:.2f}-{result.ratio_high:.2f})"
+    return text + (" ?" if result.timing_noisy else "")
+
+
+def timing_warning(results: list[RunResult]) -> str | None:
+    """A note for the table when some time ratios are noise (``None`` when all are sound)."""
+    noisy = [r for r in results if r.timing_noisy and r.name != REFERENCE_OPTIMIZER]
+    if not noisy:
+        return None
+    if any(r.timed_blocks < MIN_BLOCKS for r in noisy):
+        reason = (
+            f"fewer than {MIN_BLOCKS} blocks of steps were timed, too few to measure the spread"
+        )
+    else:
+        reason = (
+            "their per-block ratios spread by more than "
+            f"{NOISE_LIMIT:.0%} of the median (other jobs on this machine, or too few steps)"
+        )
+    return (
+        f"warning: the time ratios marked '?' ({', '.join(r.name for r in noisy)}) are noise: "
+        f"{reason}. Rerun on an idle machine or with more --steps before reading them."
+    )
 
 
 def write_json(results: list[RunResult], path: Path, config: dict) -> None:
@@ -209,8 +332,22 @@ def write_json(results: list[RunResult], path: Path, config: dict) -> None:
     path.write_text(json.dumps(payload, indent=2))
 
 
+def line_styles(count: int) -> list[dict[str, object]]:
+    """A distinct (colour, dash pattern) pair per curve: 10 tab10 colours, then the same
+    colours dashed, dotted, dash-dotted, so up to 40 curves never share both."""
+    dashes = ("-", "--", ":", "-.")
+    return [
+        {"color": f"C{index % 10}", "linestyle": dashes[(index // 10) % len(dashes)]}
+        for index in range(count)
+    ]
+
+
 def plot_curves(results: list[RunResult], path: Path, title: str) -> bool:
-    """Train (smoothed) and test loss curves per optimizer; False if matplotlib is missing."""
+    """Train (smoothed) and test loss curves per optimizer; False if matplotlib is missing.
+
+    Each optimizer has its own colour and line style; the legend sits right of the axes so
+    it hides no curve however many optimizers are compared.
+    """
     try:
         import matplotlib
 
@@ -218,23 +355,33 @@ def plot_curves(results: list[RunResult], path: Path, title: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    figure, (train_axis, test_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    for r in results:
+    figure, (train_axis, test_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r, style in zip(results, line_styles(len(results))):
         curve = torch.tensor(r.train_loss_curve)
         window = max(1, len(curve) // 25)
         smoothed = curve.unfold(0, window, 1).mean(dim=1) if len(curve) >= window else curve
-        train_axis.plot(range(window, window + len(smoothed)), smoothed.tolist(), label=r.name)
+        train_axis.plot(
+            range(window, window + len(smoothed)), smoothed.tolist(), label=r.name, **style
+        )
         if r.test_loss_curve:
             steps, losses = zip(*r.test_loss_curve)
-            test_axis.plot(steps, losses, marker=".", label=r.name)
+            test_axis.plot(steps, losses, marker=".", markersize=4, label=r.name, **style)
     for axis, label in ((train_axis, "train loss (moving average)"), (test_axis, "test loss")):
         axis.set_xlabel("step")
         axis.set_ylabel(label)
         axis.set_yscale("log")
         axis.grid(alpha=0.3)
-        axis.legend()
+    handles, labels = train_axis.get_legend_handles_labels()
+    figure.legend(
+        handles,
+        labels,
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        ncol=1 if len(labels) <= 20 else 2,
+        frameon=False,
+    )
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return True

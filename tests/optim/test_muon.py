@@ -202,6 +202,7 @@ def test_adamw_groups_match_torch_adamw():
         ({"adjust_lr": "sqrt"}, "Invalid adjust_lr: 'sqrt'"),
         ({"ns_coefficients": "septic"}, "unknown Newton-Schulz coefficients 'septic'"),
         ({"ns_dtype": torch.int32}, "Invalid ns_dtype"),
+        ({"ns_dtype": "fast"}, "Invalid ns_dtype: 'fast' \\(allowed: 'auto', torch.float64"),
         ({"adamw_betas": (0.9, 1.0)}, r"Invalid betas\[1\]: 1.0"),
     ],
 )

@@ -357,7 +357,7 @@ def test_bad_hyperparameters_raise_at_construction(kwargs, match):
 
 
 def test_model_is_required():
-    with pytest.raises(ValueError, match="model"):
+    with pytest.raises(TypeError, match="Invalid model: a list"):
         SIRFShampoo([nn.Parameter(torch.zeros(2))])
 
 

@@ -24,6 +24,7 @@ from kronlab.curvature import LayerSpec, bias_in_curvature, find_modules, layer_
 from kronlab.factors import kronecker_outer, precondition_in_eigenbasis
 from kronlab.linalg.finite import all_finite
 from kronlab.optim.validation import check_choice, check_range
+from kronlab.summary import tensor_summary
 
 CURVATURE_METHODS = ("kfac", "ekfac", "diagonal", "identity", "optimizer")
 FORMAT_NAME = "kronlab.curvature"
@@ -65,6 +66,29 @@ class ModuleCurvature:
         )
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
+    def __repr__(self) -> str:
+        return f"ModuleCurvature({self.summary()})"
+
+    def summary(self) -> str:
+        """The layer, its eigenbases and where its eigenvalues come from, in one line."""
+        spec = self.spec
+        bias = " with bias" if spec.has_bias else ""
+        bases = " ⊗ ".join(
+            "identity" if q is None else tensor_summary(q)
+            for q in (self.output_eigenvectors, self.input_eigenvectors)
+        )
+        if self.corrected_eigenvalues is not None:
+            eigenvalues = f"corrected {tensor_summary(self.corrected_eigenvalues)}"
+        else:
+            eigenvalues = (
+                f"factor {tensor_summary(self.output_eigenvalues)} ⊗ "
+                f"{tensor_summary(self.input_eigenvalues)}"
+            )
+        return (
+            f"{spec.kind} G {spec.d_out}x{spec.d_in}{bias}; eigenbasis {bases}; "
+            f"eigenvalues {eigenvalues}"
+        )
+
 
 @dataclass
 class Curvature:
@@ -83,6 +107,23 @@ class Curvature:
         check_choice("method", self.method, CURVATURE_METHODS)
         if not self.modules:
             raise ValueError("Invalid modules: {} (allowed: at least one tracked module)")
+
+    def __repr__(self) -> str:
+        """Method, metadata and one line per module with its default damping; no tensor values.
+
+        The default damping ``DEFAULT_DAMPING_FACTOR · mean(Λ)`` is computed here (one
+        reduction per module) because it is the number a user picks ``damping=`` against.
+        """
+        metadata = ", ".join(
+            f"{key}={value!r}"
+            for key, value in self.metadata.items()
+            if isinstance(value, (str, int, float, bool)) or value is None
+        )
+        lines = [f"Curvature(method={self.method!r}, {len(self.modules)} modules, {metadata}"]
+        for name, module in self.modules.items():
+            damping = DEFAULT_DAMPING_FACTOR * float(module.eigenvalues().float().mean())
+            lines.append(f"  {name!r}: {module.summary()}; default damping {damping:.3g}")
+        return "\n".join(lines) + "\n)"
 
     # -- products ---------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from kronlab.curvature import (
     layer_spec,
 )
 from kronlab.linalg import eigh
-from kronlab.optim.validation import check_choice, check_range
+from kronlab.optim.validation import check_choice, check_loss_fn, check_module, check_range
 
 FIT_METHODS = ("kfac", "ekfac", "diagonal", "identity")
 FISHER_TYPES = ("true", "empirical")
@@ -63,6 +63,8 @@ def fit_curvature(
     Monte Carlo noise of ``S`` and of EK-FAC's eigenvalues. ``bias=False`` leaves the tracked
     layers' biases out of the curvature (and out of the gradients scored against it).
     """
+    check_module("model", model)
+    check_loss_fn("loss_fn", loss_fn)
     if not bias:
         with bias_in_curvature(False):
             return fit_curvature(

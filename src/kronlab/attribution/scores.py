@@ -19,7 +19,7 @@ from kronlab.attribution.curvature import Curvature
 from kronlab.attribution.fit import MaskFn, default_mask
 from kronlab.curvature import bias_in_curvature, per_example_gradients
 from kronlab.linalg.finite import all_finite
-from kronlab.optim.validation import check_choice, check_range
+from kronlab.optim.validation import check_choice, check_loss_fn, check_module, check_range
 
 NORMALIZATIONS = ("none", "unit", "relative")
 
@@ -47,6 +47,10 @@ def influence_scores(
     Never returns inf or NaN: non-finite gradients, a damping that leaves ``H + λI`` singular
     (``damping=0`` on zero eigenvalues) and overflowing scores raise ``ValueError``.
     """
+    check_module("model", model)
+    check_loss_fn("loss_fn", loss_fn)
+    if query_loss_fn is not None:
+        check_loss_fn("query_loss_fn", query_loss_fn)
     check_choice("normalize", normalize, NORMALIZATIONS)
     modules = curvature.tracked_modules(model)
     masks = mask_fn or default_mask

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kronlab.summary import tensor_summary
+
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 ExampleKind = Literal["image", "vector", "text"]
 DEFAULT_CACHE = Path(os.environ.get("KRONLAB_CACHE_DIR", Path.home() / ".cache" / "kronlab"))
@@ -45,6 +47,11 @@ class ExampleSet:
 
     def __len__(self) -> int:
         return len(self.tensors[0])
+
+    def __repr__(self) -> str:
+        tensors = ", ".join(tensor_summary(t) for t in self.tensors)
+        texts = "" if self.texts is None else ", with texts"
+        return f"ExampleSet({len(self)} {self.kind} examples: {tensors}{texts})"
 
     def batch(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
         return tuple(t[start:stop] for t in self.tensors)

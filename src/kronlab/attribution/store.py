@@ -321,6 +321,13 @@ class GradientStore:
                     f"({self.num_rows} rows × {self.row_width} {self.settings.dtype} values), "
                     f"{found}; {rebuild}"
                 )
+    def __repr__(self) -> str:
+        settings = self.settings
+        return (
+            f"GradientStore({str(self.directory)!r}, {self.num_rows} rows x {self.row_width} "
+            f"{settings.dtype}, {len(settings.modules)} modules, projection_dim "
+            f"{settings.projection_dim}, transform {settings.transform.split(':')[0]})"
+        )
 
     # ---- chunks and commits ---------------------------------------------------------------
 

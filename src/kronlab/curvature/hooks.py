@@ -162,7 +162,7 @@ def layer_batches(
         if spec is None:
             raise ValueError(f"Invalid modules: {name!r} is not a trackable module")
     with _Recorder(modules, _batch_size(batch, mask)) as recorder:
-        loss = loss_fn(model, batch)
+        loss = _call_loss_fn(loss_fn, model, batch)
     _check_loss(loss)
     modified = [call for call in recorder.calls if call.modified_in_place()]
     if modified:
@@ -232,6 +232,24 @@ def _compiled_hint(model: nn.Module) -> str:
         "attribution passes on the eager model (for a faster pass on CPU, "
         "fused_activations=True / --fused-activations swaps unfused activations instead)"
     )
+
+
+def _call_loss_fn(loss_fn: LossFn, model: nn.Module, batch: Any) -> object:
+    """``loss_fn(model, batch)``, a ``TypeError`` there restated with the expected signature.
+
+    A plain loss such as ``F.cross_entropy(logits, targets)`` passed by mistake fails inside
+    torch with a message about its own arguments; say what kronlab calls instead.
+    """
+    try:
+        return loss_fn(model, batch)
+    except TypeError as error:
+        name = getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
+        raise TypeError(
+            f"Invalid loss_fn: calling {name}(model, batch) raised TypeError: {error} "
+            "(expected loss_fn(model: nn.Module, batch) -> scalar tensor, the summed loss of "
+            "the batch, e.g. lambda model, batch: F.cross_entropy(model(batch[0]), batch[1], "
+            "reduction='sum'))"
+        ) from error
 
 
 def _check_loss(loss: object) -> None:

@@ -35,3 +35,16 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     if bool(torch.stack([tensor.sum().float() for tensor in tensors]).isfinite().all()):
         return True
     return bool(torch.stack([torch.isfinite(tensor).all() for tensor in tensors]).all())
+
+
+def finite_flag(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A 0-dim bool tensor: whether every entry of every tensor is finite. No host sync.
+
+    A finite sum proves its tensor finite, and a non-finite one (a NaN/Inf entry, or finite
+    entries overflowing, which only makes the flag conservative) is all a masked step needs,
+    so the sums alone decide, on the tensors' device.
+    """
+    tensors = [tensor for tensor in tensors if tensor.numel()]
+    if not tensors:
+        return torch.tensor(True)
+    return torch.stack([tensor.sum().float() for tensor in tensors]).isfinite().all()

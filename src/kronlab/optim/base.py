@@ -13,14 +13,14 @@ from torch import nn
 from torch.optim import Optimizer
 
 from kronlab.groups.rules import PerParameter, PreconditionerGroup, check_rules
-from kronlab.linalg.finite import all_finite
+from kronlab.linalg.finite import all_finite, finite_flag
 from kronlab.optim.bundles import ParameterBundle, identify_bundles
 from kronlab.optim.checkpoint import SIGNATURE_KEY, check_signature, optimizer_signature
 from kronlab.optim.randomness import OptimizerGenerators, check_generator_state
-from kronlab.optim.validation import check_choice
+from kronlab.optim.validation import check_choice, check_module, check_params
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None
-NonFinitePolicy = Literal["skip", "raise", "ignore"]
+NonFinitePolicy = Literal["skip", "raise", "ignore", "mask"]
 GLOBAL_STATE = "kronlab"
 GENERATORS_KEY = "generators"
 DEFAULT_RULES: tuple[PreconditionerGroup, ...] = (PerParameter(),)
@@ -38,7 +38,9 @@ class KronOptimizer(Optimizer):
     * ``combine_params`` (also per param group) picks the rules; see ``kronlab.groups``.
     * ``on_nonfinite_grad``: ``"skip"`` (default) leaves parameters and state untouched for a
       step whose gradients hold NaN/Inf and warns; ``"raise"`` raises; ``"ignore"`` skips the
-      check (one host sync per step) when e.g. an AMP grad scaler already does it.
+      check (one host sync per step) when e.g. an AMP grad scaler already does it; ``"mask"``
+      checks without a host sync, for ``torch.compile(optimizer.step)``: the step is computed
+      and then undone with ``torch.where`` if a gradient was not finite (see ``_masked_step``).
     * ``state_dict()`` / ``load_state_dict()`` round-trip exactly, also through
       ``torch.save`` / ``torch.load(weights_only=True)``; state keeps its dtype (float32 factors of
       bf16 parameters stay float32). The state_dict records the optimizer class, parameter
@@ -70,7 +72,9 @@ class KronOptimizer(Optimizer):
         verbose_init: bool = False,
         seed: int | None = None,
     ) -> None:
-        check_choice("on_nonfinite_grad", on_nonfinite_grad, ("skip", "raise", "ignore"))
+        check_choice("on_nonfinite_grad", on_nonfinite_grad, ("skip", "raise", "ignore", "mask"))
+        check_module("model", model, allow_none=True)
+        check_params(params)
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"Invalid seed: {seed!r} (allowed: None or an integer)")
         self._generators = OptimizerGenerators(seed)
@@ -86,6 +90,10 @@ class KronOptimizer(Optimizer):
         )
         super().__init__(params, {**defaults, "combine_params": check_rules(combine_params)})
         self.state[GLOBAL_STATE] = {"step": 0, "skipped_steps": 0}
+        first = next((p for group in self.param_groups for p in group["params"]), None)
+        self.masked_steps = torch.zeros(
+            (), dtype=torch.int64, device=first.device if first is not None else None
+        )
         if verbose_init:
             print(self.describe())
 
@@ -163,6 +171,9 @@ class KronOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_dense_gradients()
+        if self.on_nonfinite_grad == "mask" and self.global_step > 0:
+            self._masked_step()
+            return loss
         if self.on_nonfinite_grad != "ignore" and not self._gradients_are_finite():
             if self.on_nonfinite_grad == "raise":
                 raise FloatingPointError("non-finite gradient: step refused, state untouched")
@@ -180,6 +191,42 @@ class KronOptimizer(Optimizer):
     @abstractmethod
     def update(self) -> None:
         """Apply one step to every bundle with a gradient (gradients already checked finite)."""
+
+    def _masked_step(self) -> None:
+        """One step, undone on the device if any gradient is not finite: no host sync, so a
+        compiled step has no graph break there.
+
+        Parameters and every tensor of their state are copied first and restored with
+        ``torch.where(finite, new, old)`` after the update, which costs one copy of them per
+        step. Python numbers (step counters) advance either way: they cannot depend on a device
+        value without a sync. The first step runs the synchronous check instead, so that state
+        created by a step is never created from non-finite gradients. ``masked_steps`` (a 0-dim
+        tensor; reading its value syncs) counts the steps undone. Not saved by ``state_dict``.
+        State that a masked step creates (a param group added after the first step) is not
+        covered: it is kept as the update made it.
+        """
+        # every parameter, with a gradient or not: a bundle's state lives under its first
+        # parameter, and a bundle updates all its parameters, whichever have gradients
+        params = [p for group in self.param_groups for p in group["params"]]
+        finite = finite_flag([p.grad for p in params if p.grad is not None])
+        saved_params = [p.detach().clone() for p in params]
+        saved_state = [
+            (state, key, value.clone())
+            for state in (self.state.get(p) for p in params)
+            if state
+            for key, value in state.items()
+            if isinstance(value, torch.Tensor)
+        ]
+        self.state[GLOBAL_STATE]["step"] += 1
+        self.update()
+        for param, old in zip(params, saved_params):
+            param.detach().copy_(torch.where(finite, param.detach(), old))
+        for state, key, old in saved_state:
+            new = state[key]
+            if isinstance(new, torch.Tensor) and new.shape == old.shape:
+                new.copy_(torch.where(finite, new, old))
+        # in place: a compiled step mutates the tensor rather than rebinding the attribute
+        self.masked_steps.add_((~finite).to(self.masked_steps.device, torch.int64))
 
     def bundles_with_gradients(self) -> list[ParameterBundle]:
         return [bundle for bundle in self.bundles if bundle.has_gradient()]

@@ -29,6 +29,14 @@ class ParameterBundle:
         meta = [torch.empty(p.shape, device="meta") for p in self.params]
         object.__setattr__(self, "grouped_shape", self.rule.group(meta).shape)
 
+    def __repr__(self) -> str:
+        shapes = ", ".join("x".join(map(str, shape)) or "scalar" for shape in self.shapes)
+        grouped = "x".join(map(str, self.grouped_shape)) or "scalar"
+        return (
+            f"ParameterBundle({list(self.names)}, shapes [{shapes}] grouped as {grouped} by "
+            f"{self.rule!r}, param group {self.group_index})"
+        )
+
     @property
     def key(self) -> nn.Parameter:
         return self.params[0]

@@ -19,7 +19,13 @@ from torch import Tensor, nn
 
 from kronlab.optim.base import KronOptimizer, NonFinitePolicy, ParamsT
 from kronlab.optim.bundles import ParameterBundle
-from kronlab.optim.validation import check_betas, check_choice, check_range
+from kronlab.optim.validation import (
+    check_betas,
+    check_choice,
+    check_module,
+    check_params,
+    check_range,
+)
 
 ADAMW = "adamw"
 AUTO = "auto"
@@ -57,6 +63,8 @@ def split_param_groups(
     all parameters with < 2 dims when no model is given) to AdamW, which takes
     ``auxiliary_defaults`` (lr, betas, ...) for the keys the group does not set.
     """
+    check_module("model", model, allow_none=True)
+    check_params(params)
     if params is None:
         if model is None:
             raise ValueError("pass params, or model= to optimize all its trainable parameters")

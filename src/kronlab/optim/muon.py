@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from kronlab.linalg.matmul_speed import fastest_newton_schulz_dtype
 from kronlab.linalg.newton_schulz import newton_schulz, resolve_coefficients
 from kronlab.optim.base import NonFinitePolicy, ParamsT
-from kronlab.optim.hybrid import HybridMatrixOptimizer, as_matrix, matrix_shape, params_by_shape
+from kronlab.optim.hybrid import (
+    ADAMW,
+    HybridMatrixOptimizer,
+    as_matrix,
+    matrix_shape,
+    params_by_shape,
+)
 from kronlab.optim.registry import register_optimizer
 from kronlab.optim.validation import check_choice, check_range
 
@@ -19,7 +26,7 @@ from kronlab.optim.validation import check_choice, check_range
 # "match_adamw_rms" gives it AdamW's typical RMS 0.2 (Liu et al., 2025, "Muon is scalable for LLM
 # training"); "spectral" sets its spectral norm to √(fan_out/fan_in) (Bernstein & Newhouse, 2024).
 ADJUST_LR = ("original", "match_adamw_rms", "spectral", None)
-NS_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+NS_DTYPES = ("auto", torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _TORCH_SPELLING = {"match_rms_adamw": "match_adamw_rms"}
 
 
@@ -56,9 +63,13 @@ class Muon(HybridMatrixOptimizer):
         ns_steps, ns_coefficients: Newton–Schulz steps and coefficient set (a name from
             ``kronlab.linalg.NEWTON_SCHULZ_COEFFICIENTS`` or a tuple of ``(a, b, c)``); the
             default ``"simple"`` is the single triple of torch.optim.Muon and Keller Jordan's.
-        ns_dtype: the dtype of the Newton–Schulz matmuls: bfloat16 (default, as the reference
-            and torch; fast on accelerators and on CPUs with bf16 matmul units) or float32 etc.
-            for accuracy. The update is added to the parameters from this dtype.
+        ns_dtype: the dtype of the Newton–Schulz matmuls. ``"auto"`` (default): bfloat16 on
+            accelerators; on CPU, per matrix shape, whichever of bfloat16 and float32 runs
+            faster, timed once per process (``kronlab.linalg.matmul_speed``; bf16 wins for
+            large matrices on CPUs with bf16 matrix units, float32 for small ones and on CPUs
+            without them). An explicit dtype (bfloat16 as torch, float32 etc. for accuracy, or
+            for runs bitwise reproducible across machines) is used as given. The update is
+            added to the parameters from this dtype.
         adjust_lr: "original" (default, as torch), "match_adamw_rms", "spectral" or None.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults of the AdamW groups.
         on_nonfinite_grad: ``"skip"`` (default), ``"raise"`` or ``"ignore"`` (see
@@ -78,7 +89,7 @@ class Muon(HybridMatrixOptimizer):
         ns_coefficients: str | tuple[tuple[float, float, float], ...] = "simple",
         weight_decay: float = 0.0,
         adjust_lr: str | None = "original",
-        ns_dtype: torch.dtype = torch.bfloat16,
+        ns_dtype: torch.dtype | Literal["auto"] = "auto",
         *,
         model: nn.Module | None = None,
         adamw_lr: float = 3e-4,
@@ -98,6 +109,7 @@ class Muon(HybridMatrixOptimizer):
             "adjust_lr": _TORCH_SPELLING.get(adjust_lr, adjust_lr),
             "ns_dtype": ns_dtype,
         }
+        self._ns_dtypes: dict[tuple[int, int, int, str], torch.dtype] = {}
         super().__init__(
             params,
             defaults,
@@ -109,6 +121,19 @@ class Muon(HybridMatrixOptimizer):
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
         )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        # Resolve "auto" here, outside any step: a compiled step then reads a fixed dtype per
+        # shape instead of tracing the one-time timing (or recompiling when it lands).
+        group = self.param_groups[-1]
+        if group["algorithm"] != ADAMW and group["ns_dtype"] == "auto":
+            for ((rows, columns), device), bucket in params_by_shape(group["params"]).items():
+                key = (rows, columns, len(bucket), str(device))
+                if key not in self._ns_dtypes:
+                    self._ns_dtypes[key] = fastest_newton_schulz_dtype(
+                        rows, columns, len(bucket), device
+                    )
 
     def validate_matrix_group(self, group: dict[str, Any]) -> None:
         check_range("momentum", group["momentum"], 0.0, 1.0, high_inclusive=False)
@@ -128,7 +153,7 @@ class Muon(HybridMatrixOptimizer):
 
     def update_matrices(self, group: dict[str, Any], params: list[nn.Parameter]) -> None:
         momentum, lr = group["momentum"], group["lr"]
-        for ((rows, columns), _device), bucket in params_by_shape(params).items():
+        for ((rows, columns), device), bucket in params_by_shape(params).items():
             grads = [as_matrix(p.grad).float() for p in bucket]
             buffers = [self._momentum_buffer(p) for p in bucket]
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
@@ -137,6 +162,15 @@ class Muon(HybridMatrixOptimizer):
             )
             # cast piecewise, then stack: one pass, and the result stays in ns_dtype
             ns_dtype = group["ns_dtype"]
+            if ns_dtype == "auto":
+                # a bucket of the parameters that have gradients this step may be one not seen at
+                # construction (fewer members): resolve it then
+                key = (rows, columns, len(bucket), str(device))
+                if key not in self._ns_dtypes:
+                    self._ns_dtypes[key] = fastest_newton_schulz_dtype(
+                        rows, columns, len(bucket), device
+                    )
+                ns_dtype = self._ns_dtypes[key]
             stacked = torch.stack([update.to(ns_dtype) for update in updates])
             orthogonal = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"])
             if group["weight_decay"] != 0:

@@ -50,7 +50,7 @@ from kronlab.optim.base import (
 )
 from kronlab.optim.bundles import ParameterBundle
 from kronlab.optim.registry import register_optimizer
-from kronlab.optim.validation import check_range
+from kronlab.optim.validation import check_module, check_range
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 StructureSpec = str | tuple[str, ...]
@@ -203,8 +203,7 @@ class SIRFShampoo(KronOptimizer):
         data_parallel_size: int | None = None,
         on_nonfinite_grad: NonFinitePolicy = "skip",
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"Invalid model: {model!r} (allowed: a torch.nn.Module)")
+        check_module("model", model)
         if data_parallel_size is None:
             data_parallel_size = _data_parallel_world_size(model)
         check_range("data_parallel_size", data_parallel_size, 1, integer=True)

@@ -46,7 +46,13 @@ class StackedState:
         return stacked
 
     def derived(self, key: Hashable, source: Tensor) -> Tensor | None:
-        """The tensor stored by ``store_derived`` if ``source`` is the same, unmodified tensor."""
+        """The tensor stored by ``store_derived`` if ``source`` is the same, unmodified tensor.
+
+        Under ``torch.compile`` nothing is cached (a compiled step cannot read ``_version``;
+        the compiler reuses or recomputes the derived value itself).
+        """
+        if torch.compiler.is_compiling():
+            return None
         cached = self._derived.get(key)
         if cached is not None and cached[0] is source and cached[1] == source._version:
             return cached[2]
@@ -54,4 +60,6 @@ class StackedState:
 
     def store_derived(self, key: Hashable, source: Tensor, value: Tensor) -> None:
         """Remember ``value`` as computed from ``source`` in its current version."""
+        if torch.compiler.is_compiling():
+            return
         self._derived[key] = (source, source._version, value)

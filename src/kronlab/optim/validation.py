@@ -6,6 +6,8 @@ import math
 import numbers
 from collections.abc import Collection
 
+from torch import nn
+
 
 def check_range(
     name: str,
@@ -79,3 +81,40 @@ def _describe_range(
     if high is not None:
         parts.append(f" {'<=' if high_inclusive else '<'} {high}")
     return f"{kind}, {''.join(parts)}" if (low is not None or high is not None) else kind
+
+
+def check_module(name: str, value: object, *, allow_none: bool = False) -> None:
+    """Raise ``TypeError`` unless ``value`` is a ``torch.nn.Module`` (or ``None`` if allowed)."""
+    if not isinstance(value, nn.Module) and not (allow_none and value is None):
+        hint = " (pass the model itself, not model.parameters())" if _is_iterator(value) else ""
+        raise TypeError(
+            f"Invalid {name}: a {type(value).__name__} (expected a torch.nn.Module){hint}"
+        )
+
+
+def check_loss_fn(name: str, value: object) -> None:
+    """Raise ``TypeError`` unless ``value`` is callable (as ``loss_fn(model, batch)``)."""
+    if not callable(value):
+        raise TypeError(
+            f"Invalid {name}: a {type(value).__name__} (expected a callable "
+            f"{name}(model, batch) returning the summed loss as a scalar tensor)"
+        )
+
+
+def _is_iterator(value: object) -> bool:
+    return hasattr(value, "__next__") or isinstance(value, (list, tuple))
+
+
+def check_params(value: object) -> None:
+    """Raise ``TypeError`` if ``params`` is a module or tensor-less object rather than an
+    iterable of tensors or param groups (``None`` passes: the optimizer then takes ``model=``)."""
+    if isinstance(value, nn.Module):
+        raise TypeError(
+            f"Invalid params: a {type(value).__name__} module (expected an iterable of tensors "
+            "or param groups: pass model.parameters(), or params=None with model=model)"
+        )
+    if value is not None and not hasattr(value, "__iter__"):
+        raise TypeError(
+            f"Invalid params: a {type(value).__name__} (expected an iterable of tensors "
+            "or param groups, or None with model=)"
+        )
