@@ -1,5 +1,6 @@
-"""Newton–Schulz dtype choice: the faster of bfloat16 and float32 per shape on CPU (measured
-once), bfloat16 on accelerators; a stack of one matrix runs the 2-D path."""
+"""Newton–Schulz dtype choice: a fixed rule of shape and CPU features (bfloat16 for large
+matrices on bf16 matrix units, else float32), bfloat16 on accelerators; a stack of one matrix
+runs the 2-D path."""
 
 from __future__ import annotations
 
@@ -16,58 +17,25 @@ from kronlab.optim import Muon
 newton_schulz_module = importlib.import_module("kronlab.linalg.newton_schulz")
 
 
-class CostClock:
-    """A fake clock that a fake Newton–Schulz advances by a cost per dtype."""
-
-    def __init__(self, costs: dict[torch.dtype, float]) -> None:
-        self.now, self.costs, self.calls = 0.0, costs, 0
-
-    def perf_counter(self) -> float:
-        return self.now
-
-    def newton_schulz(self, matrix: torch.Tensor, steps: int) -> torch.Tensor:
-        self.calls += 1
-        self.now += self.costs[matrix.dtype]
-        return matrix
+@pytest.mark.parametrize("units", [True, False])
+def test_cpu_rule_picks_bfloat16_only_for_large_matrices_on_bf16_units(monkeypatch, units) -> None:
+    monkeypatch.setattr(matmul_speed, "cpu_has_bf16_matrix_units", lambda: units)
+    large = torch.bfloat16 if units else torch.float32
+    assert matmul_speed.newton_schulz_dtype(512, 512, "cpu") == large
+    assert matmul_speed.newton_schulz_dtype(512, 128, "cpu") == large  # 2**16 entries
+    assert matmul_speed.newton_schulz_dtype(128, 128, "cpu") == torch.float32  # 2**14 entries
+    assert matmul_speed.newton_schulz_dtype(64, 4096, "cpu") == torch.float32  # a small side
 
 
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch):
-    def install(costs: dict[torch.dtype, float]) -> CostClock:
-        fake = CostClock(costs)
-        monkeypatch.setattr(matmul_speed.time, "perf_counter", fake.perf_counter)
-        monkeypatch.setattr(newton_schulz_module, "newton_schulz", fake.newton_schulz)
-        matmul_speed._measure_on_cpu.cache_clear()
-        return fake
-
-    yield install
-    matmul_speed._measure_on_cpu.cache_clear()
-
-
-def test_cpu_choice_is_the_measured_faster_dtype_and_is_cached(clock) -> None:
-    fake = clock({torch.bfloat16: 3.0, torch.float32: 1.0})
-    assert matmul_speed.fastest_newton_schulz_dtype(10, 512, 1, "cpu") == torch.float32
-    calls = fake.calls
-    # the same shape (either orientation) is not measured again
-    assert matmul_speed.fastest_newton_schulz_dtype(512, 10, 1, "cpu") == torch.float32
-    assert fake.calls == calls
-    fake.costs = {torch.bfloat16: 1.0, torch.float32: 4.0}
-    assert matmul_speed.fastest_newton_schulz_dtype(256, 512, 2, "cpu") == torch.bfloat16
-
-
-def test_ties_go_to_bfloat16_and_accelerators_need_no_measurement(clock) -> None:
-    fake = clock({torch.bfloat16: 1.0, torch.float32: 1.0})
-    assert matmul_speed.fastest_newton_schulz_dtype(8, 8, 1, "cpu") == torch.bfloat16
-    calls = fake.calls
-    assert matmul_speed.fastest_newton_schulz_dtype(8, 8, 1, "meta") == torch.bfloat16
-    assert fake.calls == calls
+def test_accelerators_use_bfloat16() -> None:
+    assert matmul_speed.newton_schulz_dtype(8, 8, "meta") == torch.bfloat16
 
 
 def test_muon_auto_uses_the_chosen_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     import kronlab.optim.muon as muon_module
 
     monkeypatch.setattr(
-        muon_module, "fastest_newton_schulz_dtype", lambda rows, columns, batch, device: (
+        muon_module, "newton_schulz_dtype", lambda rows, columns, device: (
             torch.float32 if rows == 3 else torch.bfloat16
         )
     )  # fmt: skip

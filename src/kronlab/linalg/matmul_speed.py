@@ -1,52 +1,39 @@
-"""Pick the faster dtype for Newton–Schulz matmuls of one shape on one device, by measuring.
+"""The dtype of Newton–Schulz matmuls for one matrix shape on one device, by a fixed rule.
 
 bfloat16 GEMMs are several times faster than float32 on accelerators and on CPUs with bf16
-matrix units (AMX), but on CPUs without them, and for small matrices even with them, they are
-slower: measured with one thread on an AMX Xeon, torch 2.13, a 512x512 Newton–Schulz iteration
-ran 4x faster in bfloat16, a 64x64 one 12x slower. No rule of thumb covers both, so on CPU each
-shape is timed once per process; accelerators use bfloat16.
+matrix units (AMX), but on CPUs without them (AVX512-BF16 alone included), and for small matrices even with
+them, they are slower (the measurements behind the thresholds are in BENCHMARKS.md, "Muon").
+The rule depends only on the device's capabilities and the shape, never on a timing: the same
+machine always picks the same dtype, so runs and resumed runs are reproducible.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 
 import torch
 
-CANDIDATES = (torch.bfloat16, torch.float32)
-_REPEATS = 3
+# On a CPU with bf16 matrix units, bfloat16 wins once the smaller side reaches 128 and the
+# matrix has at least 2**15 entries (one thread: 128x128 1.2x slower, 128x512 0.8x, 192x192
+# 0.56x, 512x512 0.10x the float32 time).
+MIN_SIDE_FOR_BF16 = 128
+MIN_ENTRIES_FOR_BF16 = 2**15
 
 
-def fastest_newton_schulz_dtype(
-    rows: int, columns: int, batch: int, device: torch.device | str
-) -> torch.dtype:
-    """The dtype in which one Newton–Schulz iteration on ``batch`` matrices ``rows × columns``
-    runs fastest on ``device`` (bfloat16 off CPU; on CPU the faster of bfloat16 and float32,
-    measured once per shape and thread count and cached)."""
+def newton_schulz_dtype(rows: int, columns: int, device: torch.device | str) -> torch.dtype:
+    """bfloat16 off CPU; on CPU bfloat16 for large enough matrices when the CPU has bf16 matrix
+    units, float32 otherwise."""
     device = torch.device(device)
     if device.type != "cpu":
         return torch.bfloat16
-    small, large = sorted((rows, columns))
-    return _measure_on_cpu(small, large, batch, torch.get_num_threads())
+    large_enough = min(rows, columns) >= MIN_SIDE_FOR_BF16 and rows * columns >= (
+        MIN_ENTRIES_FOR_BF16
+    )
+    return torch.bfloat16 if large_enough and cpu_has_bf16_matrix_units() else torch.float32
 
 
 @functools.cache
-def _measure_on_cpu(rows: int, columns: int, batch: int, threads: int) -> torch.dtype:
-    # ``threads`` is part of the cache key only: the winner can change with the thread count.
-    from kronlab.linalg.newton_schulz import newton_schulz
-
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(batch, rows, columns, generator=generator)
-    seconds = {}
-    for dtype in CANDIDATES:
-        matrix = sample.to(dtype)
-        newton_schulz(matrix, steps=1)  # first call: lazy kernel and allocator set-up
-        timings = []
-        for _ in range(_REPEATS):
-            started = time.perf_counter()
-            newton_schulz(matrix, steps=1)
-            timings.append(time.perf_counter() - started)
-        seconds[dtype] = min(timings)
-    # Ties go to bfloat16, the dtype of the reference implementation.
-    return min(CANDIDATES, key=lambda dtype: (seconds[dtype], dtype != torch.bfloat16))
+def cpu_has_bf16_matrix_units() -> bool:
+    """AMX tiles, as torch's CPU feature detection reports them (AVX512-BF16 without AMX ran
+    the benchmark's bfloat16 Newton–Schulz slower than float32)."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())

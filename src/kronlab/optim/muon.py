@@ -8,11 +8,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kronlab.linalg.matmul_speed import fastest_newton_schulz_dtype
+from kronlab.linalg.matmul_speed import newton_schulz_dtype
 from kronlab.linalg.newton_schulz import newton_schulz, resolve_coefficients
 from kronlab.optim.base import NonFinitePolicy, ParamsT
 from kronlab.optim.hybrid import (
-    ADAMW,
     HybridMatrixOptimizer,
     as_matrix,
     matrix_shape,
@@ -64,12 +63,12 @@ class Muon(HybridMatrixOptimizer):
             ``kronlab.linalg.NEWTON_SCHULZ_COEFFICIENTS`` or a tuple of ``(a, b, c)``); the
             default ``"simple"`` is the single triple of torch.optim.Muon and Keller Jordan's.
         ns_dtype: the dtype of the Newton–Schulz matmuls. ``"auto"`` (default): bfloat16 on
-            accelerators; on CPU, per matrix shape, whichever of bfloat16 and float32 runs
-            faster, timed once per process (``kronlab.linalg.matmul_speed``; bf16 wins for
-            large matrices on CPUs with bf16 matrix units, float32 for small ones and on CPUs
-            without them). An explicit dtype (bfloat16 as torch, float32 etc. for accuracy, or
-            for runs bitwise reproducible across machines) is used as given. The update is
-            added to the parameters from this dtype.
+            accelerators; on CPU bfloat16 for matrices of at least 128 on each side and 2**15
+            entries when the CPU has bf16 matrix units (AMX), else float32
+            (``kronlab.linalg.matmul_speed``: a fixed rule, so a machine always picks the same
+            dtype). An explicit dtype (bfloat16 as torch, float32 etc. for accuracy, or for runs
+            bitwise identical across machines) is used as given. The update is added to the
+            parameters from this dtype.
         adjust_lr: "original" (default, as torch), "match_adamw_rms", "spectral" or None.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults of the AdamW groups.
         on_nonfinite_grad: ``"skip"`` (default), ``"raise"`` or ``"ignore"`` (see
@@ -109,7 +108,6 @@ class Muon(HybridMatrixOptimizer):
             "adjust_lr": _TORCH_SPELLING.get(adjust_lr, adjust_lr),
             "ns_dtype": ns_dtype,
         }
-        self._ns_dtypes: dict[tuple[int, int, int, str], torch.dtype] = {}
         super().__init__(
             params,
             defaults,
@@ -121,19 +119,6 @@ class Muon(HybridMatrixOptimizer):
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
         )
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        # Resolve "auto" here, outside any step: a compiled step then reads a fixed dtype per
-        # shape instead of tracing the one-time timing (or recompiling when it lands).
-        group = self.param_groups[-1]
-        if group["algorithm"] != ADAMW and group["ns_dtype"] == "auto":
-            for ((rows, columns), device), bucket in params_by_shape(group["params"]).items():
-                key = (rows, columns, len(bucket), str(device))
-                if key not in self._ns_dtypes:
-                    self._ns_dtypes[key] = fastest_newton_schulz_dtype(
-                        rows, columns, len(bucket), device
-                    )
 
     def validate_matrix_group(self, group: dict[str, Any]) -> None:
         check_range("momentum", group["momentum"], 0.0, 1.0, high_inclusive=False)
@@ -163,14 +148,7 @@ class Muon(HybridMatrixOptimizer):
             # cast piecewise, then stack: one pass, and the result stays in ns_dtype
             ns_dtype = group["ns_dtype"]
             if ns_dtype == "auto":
-                # a bucket of the parameters that have gradients this step may be one not seen at
-                # construction (fewer members): resolve it then
-                key = (rows, columns, len(bucket), str(device))
-                if key not in self._ns_dtypes:
-                    self._ns_dtypes[key] = fastest_newton_schulz_dtype(
-                        rows, columns, len(bucket), device
-                    )
-                ns_dtype = self._ns_dtypes[key]
+                ns_dtype = newton_schulz_dtype(rows, columns, device)
             stacked = torch.stack([update.to(ns_dtype) for update in updates])
             orthogonal = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"])
             if group["weight_decay"] != 0:

@@ -459,6 +459,9 @@ def _noise_key(bucket_key: tuple) -> tuple[torch.device, torch.dtype]:
     return device, product_dtype(dtype, device)
 
 
+# Dynamo cannot trace a draw from a torch.Generator: under torch.compile the draw runs eagerly
+# (one graph break), so the optimizer keeps owning its random stream (exact resume).
+@torch._dynamo.disable
 def _standard_normal(size: int, dtype: torch.dtype, generator: torch.Generator) -> Tensor:
     """``size`` draws of ``N(0, 1)`` in ``dtype`` from ``generator`` (on its device; drawn in
     float32 for half types: half ``normal_`` is slow)."""
