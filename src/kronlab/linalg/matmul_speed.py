@@ -1,8 +1,9 @@
 """The dtype of Newton–Schulz matmuls for one matrix shape on one device, by a fixed rule.
 
 bfloat16 GEMMs are several times faster than float32 on accelerators and on CPUs with bf16
-matrix units (AMX), but on CPUs without them (AVX512-BF16 alone included), and for small matrices even with
-them, they are slower (the measurements behind the thresholds are in BENCHMARKS.md, "Muon").
+matrix units (AMX), but on CPUs without them (AVX512-BF16 alone included), and for small
+matrices even with them, they are slower (the measurements behind the thresholds are in
+BENCHMARKS.md, "Muon").
 The rule depends only on the device's capabilities and the shape, never on a timing: the same
 machine always picks the same dtype, so runs and resumed runs are reproducible.
 """
