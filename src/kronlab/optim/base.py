@@ -129,19 +129,65 @@ class KronOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.on_nonfinite_grad != "ignore" and not self._gradients_are_finite():
-            if self.on_nonfinite_grad == "raise":
-                raise FloatingPointError("non-finite gradient: step refused, state untouched")
-            self.state[GLOBAL_STATE]["skipped_steps"] += 1
-            warnings.warn(
-                "non-finite gradient: step skipped, parameters and state untouched",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        if self.on_nonfinite_grad == "ignore":
+            self.state[GLOBAL_STATE]["step"] += 1
+            self.update()
             return loss
+        # The step is a transaction: it runs on a copy-protected state and is committed only
+        # if the gradients, the new parameters and the new state are all finite, which one
+        # finiteness check (one host sync) decides after the update. Otherwise everything is
+        # put back as it was, so a non-finite value born inside the step (an overflow) is
+        # treated like a non-finite gradient.
+        saved = self._snapshot()
+        gradients = self._gradients()
         self.state[GLOBAL_STATE]["step"] += 1
-        self.update()
+        try:
+            self.update()
+        except Exception:
+            if all_finite(gradients):
+                self._restore(saved)
+                raise
+            self._restore(saved)
+            self._refuse_step("non-finite gradient")
+            return loss
+        if not all_finite(gradients):
+            self._restore(saved)
+            self._refuse_step("non-finite gradient")
+        elif not all_finite(self._parameters_and_state()):
+            self._restore(saved)
+            self._refuse_step("non-finite value produced by the step (overflow)")
         return loss
+
+    def _refuse_step(self, reason: str) -> None:
+        if self.on_nonfinite_grad == "raise":
+            raise FloatingPointError(f"{reason}: step refused, state untouched")
+        self.state[GLOBAL_STATE]["skipped_steps"] += 1
+        warnings.warn(
+            f"{reason}: step skipped, parameters and state untouched", RuntimeWarning, stacklevel=3
+        )
+
+    def _gradients(self) -> list[torch.Tensor]:
+        return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+
+    def _parameters_and_state(self) -> list[torch.Tensor]:
+        tensors = [p for group in self.param_groups for p in group["params"]]
+        _collect_floating(list(self.state.values()), tensors)
+        return tensors
+
+    def _snapshot(self) -> tuple[dict[Any, Any], list[torch.Tensor]]:
+        """Copies of the state and of the parameters, for ``_restore``."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        state = {key: _copy_nested(value) for key, value in self.state.items()}
+        return state, [p.detach().clone() for p in params]
+
+    def _restore(self, saved: tuple[dict[Any, Any], list[torch.Tensor]]) -> None:
+        state, values = saved
+        skipped = self.state[GLOBAL_STATE]["skipped_steps"]
+        self.state.clear()
+        self.state.update(state)
+        self.state[GLOBAL_STATE]["skipped_steps"] = skipped
+        params = [p for group in self.param_groups for p in group["params"]]
+        torch._foreach_copy_(params, values)
 
     @abstractmethod
     def update(self) -> None:
@@ -149,14 +195,6 @@ class KronOptimizer(Optimizer):
 
     def bundles_with_gradients(self) -> list[ParameterBundle]:
         return [bundle for bundle in self.bundles if bundle.has_gradient()]
-
-    def _gradients_are_finite(self) -> bool:
-        # A sum per gradient, exact isfinite only if one is not finite (kronlab.linalg.finite):
-        # several times faster on CPU than an inf-norm, and large finite values cannot cause a
-        # false alarm.
-        return all_finite(
-            [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        )
 
     # --- checkpointing ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -194,3 +232,28 @@ def _copy_to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_copy_to_device(item, device) for item in value)
     return copy.deepcopy(value)
+
+
+def _copy_nested(value: Any) -> Any:
+    """Nested state with every tensor copied (other leaves shared: they are immutable or, like
+    a generator, not rolled back)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {key: _copy_nested(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy_nested(item) for item in value)
+    return value
+
+
+def _collect_floating(value: Any, into: list[torch.Tensor]) -> None:
+    """Append every floating tensor of nested state to ``into``."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            into.append(value)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _collect_floating(item, into)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _collect_floating(item, into)
