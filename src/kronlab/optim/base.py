@@ -80,14 +80,22 @@ class KronOptimizer(Optimizer):
             self.validate_group(group)
             for index, param in enumerate(group["params"]):
                 self._names.setdefault(param, f"group{len(self.param_groups) - 1}.param{index}")
+            for param in group["params"]:
+                if param.is_complex():
+                    raise TypeError(
+                        f"Invalid parameter {self._names[param]}: dtype {param.dtype} (allowed: "
+                        f"real floating dtypes; {type(self).__name__} does not support complex "
+                        "parameters)"
+                    )
+            # Zero-size parameters have nothing to update: no bundle, no state, never stepped.
             bundles = identify_bundles(
-                group["params"],
+                [param for param in group["params"] if param.numel() > 0],
                 group["combine_params"],
                 self.model,
                 self._names,
                 len(self.param_groups) - 1,
             )
-        except ValueError:
+        except (ValueError, TypeError):
             self.param_groups.pop()
             raise
         self.bundles.extend(bundles)
