@@ -175,7 +175,9 @@ class KronOptimizer(Optimizer):
         )
 
     def _gradients(self) -> list[torch.Tensor]:
-        return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return [
+            p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
+        ]
 
     def _parameters_and_state(self) -> list[torch.Tensor]:
         tensors = [p for group in self.param_groups for p in group["params"]]
