@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from kronlab.groups.rules import PerParameter, PreconditionerGroup, check_rules
 from kronlab.linalg.finite import all_finite
 from kronlab.optim.bundles import ParameterBundle, identify_bundles
+from kronlab.optim.transaction import StepTransaction
 from kronlab.optim.validation import check_choice
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None
@@ -68,6 +69,7 @@ class KronOptimizer(Optimizer):
         )
         super().__init__(params, {**defaults, "combine_params": check_rules(combine_params)})
         self.state[GLOBAL_STATE] = {"step": 0, "skipped_steps": 0}
+        self._transaction = StepTransaction()
         if verbose_init:
             print(self.describe())
 
@@ -141,29 +143,33 @@ class KronOptimizer(Optimizer):
             self.state[GLOBAL_STATE]["step"] += 1
             self.update()
             return loss
-        # The step is a transaction: it runs on a copy-protected state and is committed only
-        # if the gradients, the new parameters and the new state are all finite, which one
-        # finiteness check (one host sync) decides after the update. Otherwise everything is
-        # put back as it was, so a non-finite value born inside the step (an overflow) is
-        # treated like a non-finite gradient.
-        saved = self._snapshot()
-        gradients = self._gradients()
+        # The step is a transaction (kronlab.optim.transaction): it is committed only if the
+        # gradients, the new parameters and the new state are all finite, which one finiteness
+        # test (one host sync) decides after the update; otherwise everything is put back, so a
+        # non-finite value born inside the step (an overflow) is refused like a non-finite
+        # gradient.
+        params = [p for group in self.param_groups for p in group["params"]]
+        gradients = [p.grad for p in params if p.grad is not None]
+        self._transaction.begin(self.state, params)
         self.state[GLOBAL_STATE]["step"] += 1
         try:
             self.update()
         except Exception:
+            self._transaction.rollback(self.state)
             if all_finite(gradients):
-                self._restore(saved)
                 raise
-            self._restore(saved)
             self._refuse_step("non-finite gradient")
             return loss
-        if not all_finite(gradients):
-            self._restore(saved)
-            self._refuse_step("non-finite gradient")
-        elif not all_finite(self._parameters_and_state()):
-            self._restore(saved)
-            self._refuse_step("non-finite value produced by the step (overflow)")
+        gradients_finite, step_finite = self._transaction.commit_if_finite(
+            self.state, params, gradients
+        )
+        if not step_finite:
+            self._transaction.rollback(self.state)
+            self._refuse_step(
+                "non-finite value produced by the step (overflow)"
+                if gradients_finite
+                else "non-finite gradient"
+            )
         return loss
 
     def _refuse_step(self, reason: str) -> None:
@@ -174,34 +180,10 @@ class KronOptimizer(Optimizer):
             f"{reason}: step skipped, parameters and state untouched", RuntimeWarning, stacklevel=3
         )
 
-    def _gradients(self) -> list[torch.Tensor]:
-        return [
-            p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
-        ]
-
-    def _parameters_and_state(self) -> list[torch.Tensor]:
-        tensors = [p for group in self.param_groups for p in group["params"]]
-        _collect_floating(list(self.state.values()), tensors)
-        return tensors
-
-    def _snapshot(self) -> tuple[dict[Any, Any], list[torch.Tensor]]:
-        """Copies of the state and of the parameters, for ``_restore``."""
-        params = [p for group in self.param_groups for p in group["params"]]
-        state = {key: _copy_nested(value) for key, value in self.state.items()}
-        return state, [p.detach().clone() for p in params]
-
-    def _restore(self, saved: tuple[dict[Any, Any], list[torch.Tensor]]) -> None:
-        state, values = saved
-        skipped = self.state[GLOBAL_STATE]["skipped_steps"]
-        self.state.clear()
-        self.state.update(state)
-        self.state[GLOBAL_STATE]["skipped_steps"] = skipped
-        params = [p for group in self.param_groups for p in group["params"]]
-        torch._foreach_copy_(params, values)
-
     @abstractmethod
     def update(self) -> None:
-        """Apply one step to every bundle with a gradient (gradients already checked finite)."""
+        """Apply one step to every bundle with a gradient. Gradients may hold NaN/Inf (they are
+        checked with the result): ``step`` then rolls the whole update back."""
 
     def bundles_with_gradients(self) -> list[ParameterBundle]:
         return [bundle for bundle in self.bundles if bundle.has_gradient()]
@@ -242,28 +224,3 @@ def _copy_to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_copy_to_device(item, device) for item in value)
     return copy.deepcopy(value)
-
-
-def _copy_nested(value: Any) -> Any:
-    """Nested state with every tensor copied (other leaves shared: they are immutable or, like
-    a generator, not rolled back)."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return {key: _copy_nested(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_copy_nested(item) for item in value)
-    return value
-
-
-def _collect_floating(value: Any, into: list[torch.Tensor]) -> None:
-    """Append every floating tensor of nested state to ``into``."""
-    if isinstance(value, torch.Tensor):
-        if value.is_floating_point() or value.is_complex():
-            into.append(value)
-    elif isinstance(value, dict):
-        for item in value.values():
-            _collect_floating(item, into)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _collect_floating(item, into)
