@@ -34,9 +34,15 @@ class KronOptimizer(Optimizer):
     * ``model=`` lets grouping rules (``combine_params``) find layers and gives parameter names;
       ``params=None`` then means all trainable parameters of the model.
     * ``combine_params`` (also per param group) picks the rules; see ``kronlab.groups``.
-    * ``on_nonfinite_grad``: ``"skip"`` (default) leaves parameters and state untouched for a
-      step whose gradients hold NaN/Inf and warns; ``"raise"`` raises; ``"ignore"`` skips the
-      check (one host sync per step) when e.g. an AMP grad scaler already does it.
+    * ``on_nonfinite_grad``: a step either leaves finite parameters and state or is refused
+      with both untouched: when the gradients hold NaN/Inf, or when the step itself would write
+      a non-finite value (an overflow, e.g. in half-precision state). ``"skip"`` (default) then
+      warns and counts it in ``skipped_steps``; ``"raise"`` raises ``FloatingPointError``.
+      Either way the step runs as a transaction (``kronlab.optim.transaction``: the state and
+      parameters are copied into buffers kept across steps, and one finiteness test, one host
+      sync, decides after the update), which costs one copy of the state per step and its
+      memory. ``"ignore"`` runs the bare update with no check and no copy, when e.g. an AMP
+      grad scaler already does the checking.
     * ``state_dict()`` / ``load_state_dict()`` round-trip exactly, also through
       ``torch.save`` / ``torch.load(weights_only=True)``; state keeps its dtype (float32 factors of
       bf16 parameters stay float32).
