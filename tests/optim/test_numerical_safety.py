@@ -137,6 +137,24 @@ def test_overflowing_half_precision_state_skips_the_step_with_a_warning() -> Non
     assert optimizer.skipped_steps == 1 and all_finite(model, optimizer)
 
 
+def test_psgd_half_precision_state_overflow_is_refused_and_later_steps_proceed() -> None:
+    param = nn.Parameter(torch.randn(8, 6))
+    optimizer = PSGD([param], lr=1e-2, dtype=torch.float16)
+    param.grad = torch.randn(8, 6)
+    optimizer.step()
+    state = state_copy(optimizer)
+    before = param.detach().clone()
+    param.grad = torch.randn(8, 6) * 1e5  # finite in float32, beyond float16's 65504
+    with pytest.warns(RuntimeWarning, match="non-finite value produced by the step"):
+        optimizer.step()
+    assert torch.equal(param.detach(), before)
+    assert_identical(state, state_copy(optimizer))
+    for _ in range(3):
+        param.grad = torch.randn(8, 6)
+        optimizer.step()
+    assert optimizer.skipped_steps == 1 and torch.isfinite(param).all()
+
+
 def test_raise_policy_refuses_an_overflowing_step_with_state_untouched() -> None:
     model = TwoLayer()
     optimizer = SIRFShampoo(
