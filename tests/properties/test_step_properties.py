@@ -1,4 +1,5 @@
-"""Properties of one optimizer step, over every registered kronlab optimizer (hypothesis).
+"""Properties of one optimizer step, over every registered kronlab optimizer and a few
+configurations that stress the numerics (hypothesis).
 
 For any parameter shapes (0-d to 5-d, zero-size, 1x300), dtypes (float64 to float16) and
 gradients (none, NaN, zeros, 1e-30, 1e30, unit scale, jumps of scale between steps):
@@ -23,11 +24,36 @@ from hypothesis import strategies as st
 from torch import nn
 
 import kronlab.optim  # noqa: F401  (registers every optimizer)
+from kronlab.optim import PSGD, SOAP, KLShampoo, Shampoo, SIRFShampoo
 from kronlab.optim.registry import available_optimizers, create_optimizer
 
 # torch's own optimizers are registered as references; the guarantee is kronlab's.
 TORCH_BASELINES = ("adam", "adamw", "sgd")
 OPTIMIZERS = [name for name in available_optimizers() if name not in TORCH_BASELINES]
+# Configurations beyond the registered defaults that stress the numerics: half-precision state,
+# no grafting, dense 1-D factors, float64 factors.
+VARIANTS = {
+    "psgd_float16_state": lambda model: PSGD(model.parameters(), lr=1e-2, dtype=torch.float16),
+    "psgd_procrustes_float32_state": lambda model: PSGD(
+        model.parameters(), lr=1e-2, method="procrustes", dtype=torch.float32
+    ),
+    "sirfshampoo_float16_factors": lambda model: SIRFShampoo(
+        model, lr=1e-2, preconditioner_dtypes=torch.float16
+    ),
+    "kl_shampoo_no_grafting": lambda model: KLShampoo(model.parameters(), grafting="none"),
+    "soap_dense_vectors": lambda model: SOAP(
+        model.parameters(), precondition_1d=True, precondition_frequency=2
+    ),
+    "shampoo_float64_factors": lambda model: Shampoo(
+        model.parameters(), lr=1e-2, factor_dtype=torch.float64, epsilon=1e-30
+    ),
+}
+
+
+def build(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    return VARIANTS[name](model) if name in VARIANTS else create_optimizer(name, model)
+
+
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # a gradient regime: None (no gradient), "nan", or the scale of a standard normal gradient
 REGIMES = (None, "nan", 0.0, 1e-30, 1e-6, 1.0, 1e3, 1e30)
@@ -115,7 +141,7 @@ def identical(left: object, right: object) -> bool:
     return left == right
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("name", OPTIMIZERS + list(VARIANTS))
 @given(
     specs=parameters,
     steps=st.lists(regimes, min_size=1, max_size=4),
@@ -127,7 +153,7 @@ def test_step_is_finite_or_skipped_untouched(
     model = Parameters(specs, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # skipped steps warn; SIRFShampoo sees no forward pass
-        optimizer = create_optimizer(name, model)
+        optimizer = build(name, model)
         for index, step_regimes in enumerate(steps):
             set_gradients(model, step_regimes, seed + index)
             params = [p.detach().clone() for p in model.values]
