@@ -2,15 +2,17 @@
 
 ``StepTransaction`` backs the guarantee of ``KronOptimizer.step``: a step leaves finite
 parameters and state, or is skipped with both untouched. Before the update it copies every
-state tensor and parameter into buffers kept from step to step (no allocation on the hot path);
-after it, one finiteness test (``kronlab.linalg.finite.all_finite``, one host sync) covers the
-gradients and the tensors the update wrote. Tensors the step did not write (same object, same
-version counter as when last found finite, e.g. eigenvectors between refreshes) are not tested
-again. A failed test puts the copies back.
+state tensor and parameter into buffers kept from step to step, except those whose copy is
+still exact (the last step did not write them); after it, one finiteness test
+(``kronlab.linalg.finite.all_finite``, one host sync) covers the gradients and the tensors the
+update wrote. Tensors the step did not write (same object, same version counter as when last
+found finite, e.g. eigenvectors between refreshes) are not tested again. A failed test puts the
+copies back.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,25 +26,50 @@ class StepTransaction:
     """Snapshot and verification of an optimizer's state and parameters around one update."""
 
     def __init__(self) -> None:
-        self._buffers: list[Tensor] = []
-        self._verified: dict[int, tuple[Tensor, int]] = {}
-        self._saved: tuple[Any, list[Tensor], list[Tensor]] | None = None
+        # id(tensor) -> (weak reference to it, its version when copied, the copy)
+        self._copies: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+        self._verified: dict[int, tuple[weakref.ref, int]] = {}
+        self._saved: tuple[Any, list[Tensor], list[Tensor], list[Tensor]] | None = None
 
     def begin(self, state: dict[Any, Any], params: Sequence[Tensor]) -> None:
         """Copy ``state`` (nested dicts, lists, tuples of tensors and other values) and
-        ``params``."""
+        ``params``.
+
+        A tensor whose copy from an earlier step is still exact (same object, same version
+        counter: the step did not write it, e.g. eigenvectors between refreshes) is not copied
+        again; other copies reuse the buffers of tensors that are gone (no allocation on the
+        hot path when a step replaces its state with same-shaped tensors).
+        """
         tensors: list[Tensor] = []
         structure = {key: _flatten(value, tensors) for key, value in state.items()}
         tensors.extend(params)
-        if len(self._buffers) != len(tensors) or any(
-            _layout(buffer) != _layout(tensor) for buffer, tensor in zip(self._buffers, tensors)
-        ):
-            self._buffers = [
-                torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors
-            ]
-        for buffer, tensor in zip(self._buffers, tensors):
-            buffer.copy_(tensor)
-        self._saved = (structure, self._buffers[: len(tensors) - len(params)], list(params))
+        previous: dict[int, tuple[weakref.ref, int, Tensor]] = self._copies
+        copies: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+        current = {id(tensor) for tensor in tensors}
+        spare: dict[tuple, list[Tensor]] = {}
+        for key, (reference, _, copy) in previous.items():
+            if key not in current or reference() is None:
+                spare.setdefault(_layout(copy), []).append(copy)
+        for tensor in tensors:
+            entry = previous.get(id(tensor))
+            if entry is not None and entry[0]() is tensor:
+                if entry[1] == tensor._version:
+                    copies[id(tensor)] = entry
+                    continue
+                copy = entry[2]
+            else:
+                pool = spare.get(_layout(tensor))
+                copy = (
+                    pool.pop()
+                    if pool
+                    else torch.empty_like(tensor, memory_format=torch.contiguous_format)
+                )
+            copy.copy_(tensor)
+            copies[id(tensor)] = (weakref.ref(tensor), tensor._version, copy)
+        self._copies = copies
+        state_copies = [copies[id(t)][2] for t in tensors[: len(tensors) - len(params)]]
+        param_copies = [copies[id(t)][2] for t in params]
+        self._saved = (structure, state_copies, list(params), param_copies)
 
     def commit_if_finite(
         self, state: dict[Any, Any], params: Sequence[Tensor], gradients: Sequence[Tensor]
@@ -50,12 +77,12 @@ class StepTransaction:
         """``(gradients finite, new parameters and state finite)``; one host sync when both
         are. Call ``rollback`` when either is False."""
         written: list[Tensor] = []
-        current: dict[int, tuple[Tensor, int]] = {}
+        current: dict[int, tuple[weakref.ref, int]] = {}
         for tensor in _floating(state) + list(params):
             known = self._verified.get(id(tensor))
-            if known is None or known[0] is not tensor or known[1] != tensor._version:
+            if known is None or known[0]() is not tensor or known[1] != tensor._version:
                 written.append(tensor)
-            current[id(tensor)] = (tensor, tensor._version)
+            current[id(tensor)] = (weakref.ref(tensor), tensor._version)
         if all_finite(list(gradients) + written):
             self._verified = current
             return True, True
@@ -64,14 +91,14 @@ class StepTransaction:
     def rollback(self, state: dict[Any, Any]) -> None:
         """Put the copies taken by ``begin`` back (the copies become the state)."""
         assert self._saved is not None, "rollback without begin"
-        structure, copies, params = self._saved
-        stored = iter(copies)
+        structure, state_copies, params, param_copies = self._saved
+        stored = iter(state_copies)
         restored = {key: _unflatten(value, stored) for key, value in structure.items()}
         state.clear()
         state.update(restored)
-        for param, copy in zip(params, self._buffers[len(copies) :]):
+        for param, copy in zip(params, param_copies):
             param.copy_(copy)
-        self._buffers = []  # now owned by the state
+        self._copies = {}  # the copies are the state now
         self._verified = {}
         self._saved = None
 
