@@ -333,3 +333,38 @@ def test_bundle_member_without_gradient_does_not_move(make) -> None:
         optimizer.step()
     assert torch.equal(model.bias.detach(), bias)
     assert not torch.equal(model.weight.detach(), weight)
+
+
+# --- an update that raises ------------------------------------------------------------------
+class RaisesMidway(KronOptimizer):
+    """Writes its state, then raises (as a decomposition of a NaN factor may)."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__(params, {"lr": 0.1})
+
+    def update(self) -> None:
+        for bundle in self.bundles_with_gradients():
+            state = self.state[bundle.key]
+            state["momentum"] = state.get("momentum", torch.zeros_like(bundle.key)) + 1
+            bundle.key.add_(1.0)
+        raise RuntimeError("update failed")
+
+
+def test_update_that_raises_is_rolled_back_and_reraised_for_finite_gradients() -> None:
+    param = nn.Parameter(torch.zeros(3))
+    optimizer = RaisesMidway([param])
+    param.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="update failed"):
+        optimizer.step()
+    assert torch.equal(param.detach(), torch.zeros(3))
+    assert not optimizer.state[param] and optimizer.global_step == 0
+
+
+def test_update_that_raises_on_a_nan_gradient_is_a_skipped_step() -> None:
+    param = nn.Parameter(torch.zeros(3))
+    optimizer = RaisesMidway([param])
+    param.grad = torch.tensor([1.0, float("nan"), 1.0])
+    with pytest.warns(RuntimeWarning, match="non-finite gradient: step skipped"):
+        optimizer.step()
+    assert torch.equal(param.detach(), torch.zeros(3))
+    assert not optimizer.state[param] and optimizer.skipped_steps == 1

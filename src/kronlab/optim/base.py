@@ -164,6 +164,10 @@ class KronOptimizer(Optimizer):
             self._transaction.rollback(self.state)
             if all_finite(gradients):
                 raise
+            failed = True  # the update choked on the non-finite gradient: refused below
+        else:
+            failed = False
+        if failed:
             self._refuse_step("non-finite gradient")
             return loss
         gradients_finite, step_finite = self._transaction.commit_if_finite(
