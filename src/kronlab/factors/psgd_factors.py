@@ -63,8 +63,13 @@ def spectral_norm_lower_bound(matrices: Tensor) -> Tensor:
     norm (close to the top singular direction of the PSD and skew matrices met here); the
     bound is ``‖A v‖ = uᵀ A v`` with unit ``v``, which never exceeds ``‖A‖₂`` and is exact for
     rank-one matrices (taken from the last product: no extra pass over ``A``).
+
+    The iteration runs on ``A / max|A|`` (the bound scales back): squared row norms of a matrix
+    with entries above ~1e19 overflow float32, which would make the bound 0 or NaN and the
+    factor step ``μ/L`` unbounded (a PSGD factor reached 1e18 that way).
     """
     matrices = matrices.to(working_dtype(matrices.dtype))
+    matrices, scale = _normalized(matrices)
     transposed = matrices.transpose(-1, -2)
     rows = torch.linalg.vector_norm(matrices, dim=-1).argmax(dim=-1)
     u = _unit(matrices[torch.arange(matrices.shape[0], device=matrices.device), rows])
@@ -72,7 +77,7 @@ def spectral_norm_lower_bound(matrices: Tensor) -> Tensor:
         v = _unit(_times(transposed, u))
         image = _times(matrices, v)
         u = _unit(image)
-    return torch.linalg.vector_norm(image, dim=-1)
+    return torch.linalg.vector_norm(image, dim=-1) * scale
 
 
 def gram_norm_lower_bound(root: Tensor) -> Tensor:
@@ -80,9 +85,11 @@ def gram_norm_lower_bound(root: Tensor) -> Tensor:
 
     The same estimate (start from the row of ``X Xᵀ`` of largest norm, two power iterations,
     ``‖A v‖``) in ``O(d r²)``: ``‖(X Xᵀ)_i‖² = x_i (XᵀX) x_iᵀ`` picks the row, and every
-    product with ``A = X Xᵀ`` is ``X (Xᵀ u)``.
+    product with ``A = X Xᵀ`` is ``X (Xᵀ u)``. Runs on ``X / max|X|`` (see
+    ``spectral_norm_lower_bound``; here ``‖X‖⁴``-sized row norms overflow even sooner).
     """
     root = root.to(working_dtype(root.dtype))
+    root, scale = _normalized(root)
     transposed = root.transpose(-1, -2)
 
     def gram_times(vectors: Tensor) -> Tensor:
@@ -96,7 +103,7 @@ def gram_norm_lower_bound(root: Tensor) -> Tensor:
         v = _unit(gram_times(u))
         image = gram_times(v)
         u = _unit(image)
-    return torch.linalg.vector_norm(image, dim=-1)
+    return torch.linalg.vector_norm(image, dim=-1) * scale.square()
 
 
 def forms_square(size: int, width: int) -> bool:
@@ -170,6 +177,13 @@ def _times(matrices: Tensor, vectors: Tensor) -> Tensor:
     the matrix-times-column one (measured with one thread, d = 256 to 1024).
     """
     return (vectors.unsqueeze(-2) @ matrices.transpose(-1, -2)).squeeze(-2)
+
+
+def _normalized(matrices: Tensor) -> tuple[Tensor, Tensor]:
+    """``A / s`` and ``s = max|A|`` per matrix of a stack (``s = 1`` for an all-zero matrix)."""
+    scale = matrices.abs().amax(dim=(-2, -1))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return matrices / scale.reshape(-1, 1, 1), scale
 
 
 def _unit(vectors: Tensor, epsilon: float = 1e-12) -> Tensor:

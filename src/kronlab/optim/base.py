@@ -17,6 +17,7 @@ from kronlab.linalg.finite import all_finite, finite_flag
 from kronlab.optim.bundles import ParameterBundle, identify_bundles
 from kronlab.optim.checkpoint import SIGNATURE_KEY, check_signature, optimizer_signature
 from kronlab.optim.randomness import OptimizerGenerators, check_generator_state
+from kronlab.optim.transaction import StepTransaction
 from kronlab.optim.validation import check_choice, check_module, check_params
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None
@@ -36,11 +37,18 @@ class KronOptimizer(Optimizer):
     * ``model=`` lets grouping rules (``combine_params``) find layers and gives parameter names;
       ``params=None`` then means all trainable parameters of the model.
     * ``combine_params`` (also per param group) picks the rules; see ``kronlab.groups``.
-    * ``on_nonfinite_grad``: ``"skip"`` (default) leaves parameters and state untouched for a
-      step whose gradients hold NaN/Inf and warns; ``"raise"`` raises; ``"ignore"`` skips the
-      check (one host sync per step) when e.g. an AMP grad scaler already does it; ``"mask"``
-      checks without a host sync, for ``torch.compile(optimizer.step)``: the step is computed
-      and then undone with ``torch.where`` if a gradient was not finite (see ``_masked_step``).
+    * ``on_nonfinite_grad``: a step either leaves finite parameters and state or is refused
+      with both untouched: when the gradients hold NaN/Inf, or when the step itself would write
+      a non-finite value (an overflow, e.g. in half-precision state). ``"skip"`` (default) then
+      warns and counts it in ``skipped_steps``; ``"raise"`` raises ``FloatingPointError``.
+      Either way the step runs as a transaction (``kronlab.optim.transaction``: the state and
+      parameters are copied into buffers kept across steps, and one finiteness test, one host
+      sync, decides after the update), which costs one copy of the state per step and its
+      memory. ``"ignore"`` runs the bare update with no check and no copy, when e.g. an AMP
+      grad scaler already does the checking.
+      ``"mask"`` checks without a host sync, for ``torch.compile(optimizer.step)``: the step is
+      computed and then undone with ``torch.where`` if a gradient or a new value is not finite
+      (see ``_masked_step``).
     * ``state_dict()`` / ``load_state_dict()`` round-trip exactly, also through
       ``torch.save`` / ``torch.load(weights_only=True)``; state keeps its dtype (float32 factors of
       bf16 parameters stay float32). The state_dict records the optimizer class, parameter
@@ -94,6 +102,7 @@ class KronOptimizer(Optimizer):
         self.masked_steps = torch.zeros(
             (), dtype=torch.int64, device=first.device if first is not None else None
         )
+        self._transaction = StepTransaction()
         if verbose_init:
             print(self.describe())
 
@@ -106,14 +115,22 @@ class KronOptimizer(Optimizer):
             self.validate_group(group)
             for index, param in enumerate(group["params"]):
                 self._names.setdefault(param, f"group{len(self.param_groups) - 1}.param{index}")
+            for param in group["params"]:
+                if param.is_complex():
+                    raise TypeError(
+                        f"Invalid parameter {self._names[param]}: dtype {param.dtype} (allowed: "
+                        f"real floating dtypes; {type(self).__name__} does not support complex "
+                        "parameters)"
+                    )
+            # Zero-size parameters have nothing to update: no bundle, no state, never stepped.
             bundles = identify_bundles(
-                group["params"],
+                [param for param in group["params"] if param.numel() > 0],
                 group["combine_params"],
                 self.model,
                 self._names,
                 len(self.param_groups) - 1,
             )
-        except ValueError:
+        except (ValueError, TypeError):
             self.param_groups.pop()
             raise
         self.bundles.extend(bundles)
@@ -174,27 +191,59 @@ class KronOptimizer(Optimizer):
         if self.on_nonfinite_grad == "mask" and self.global_step > 0:
             self._masked_step()
             return loss
-        if self.on_nonfinite_grad != "ignore" and not self._gradients_are_finite():
-            if self.on_nonfinite_grad == "raise":
-                raise FloatingPointError("non-finite gradient: step refused, state untouched")
-            self.state[GLOBAL_STATE]["skipped_steps"] += 1
-            warnings.warn(
-                "non-finite gradient: step skipped, parameters and state untouched",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        if self.on_nonfinite_grad == "ignore":
+            self.state[GLOBAL_STATE]["step"] += 1
+            self.update()
             return loss
+        # The step is a transaction (kronlab.optim.transaction): it is committed only if the
+        # gradients, the new parameters and the new state are all finite, which one finiteness
+        # test (one host sync) decides after the update; otherwise everything is put back, so a
+        # non-finite value born inside the step (an overflow) is refused like a non-finite
+        # gradient.
+        params = [p for group in self.param_groups for p in group["params"]]
+        gradients = [p.grad for p in params if p.grad is not None]
+        self._transaction.begin(self.state, params)
         self.state[GLOBAL_STATE]["step"] += 1
-        self.update()
+        try:
+            self.update()
+        except Exception:
+            self._transaction.rollback(self.state)
+            if all_finite(gradients):
+                raise
+            failed = True  # the update choked on the non-finite gradient: refused below
+        else:
+            failed = False
+        if failed:
+            self._refuse_step("non-finite gradient")
+            return loss
+        gradients_finite, step_finite = self._transaction.commit_if_finite(
+            self.state, params, gradients
+        )
+        if not step_finite:
+            self._transaction.rollback(self.state)
+            self._refuse_step(
+                "non-finite value produced by the step (overflow)"
+                if gradients_finite
+                else "non-finite gradient"
+            )
         return loss
+
+    def _refuse_step(self, reason: str) -> None:
+        if self.on_nonfinite_grad == "raise":
+            raise FloatingPointError(f"{reason}: step refused, state untouched")
+        self.state[GLOBAL_STATE]["skipped_steps"] += 1
+        warnings.warn(
+            f"{reason}: step skipped, parameters and state untouched", RuntimeWarning, stacklevel=3
+        )
 
     @abstractmethod
     def update(self) -> None:
-        """Apply one step to every bundle with a gradient (gradients already checked finite)."""
+        """Apply one step to every bundle with a gradient. Gradients may hold NaN/Inf (they are
+        checked with the result): ``step`` then rolls the whole update back."""
 
     def _masked_step(self) -> None:
-        """One step, undone on the device if any gradient is not finite: no host sync, so a
-        compiled step has no graph break there.
+        """One step, undone on the device if any gradient or any new value of the parameters or
+        their state is not finite: no host sync, so a compiled step has no graph break there.
 
         Parameters and every tensor of their state are copied first and restored with
         ``torch.where(finite, new, old)`` after the update, which costs one copy of them per
@@ -208,7 +257,7 @@ class KronOptimizer(Optimizer):
         # every parameter, with a gradient or not: a bundle's state lives under its first
         # parameter, and a bundle updates all its parameters, whichever have gradients
         params = [p for group in self.param_groups for p in group["params"]]
-        finite = finite_flag([p.grad for p in params if p.grad is not None])
+        gradients = [p.grad for p in params if p.grad is not None]
         saved_params = [p.detach().clone() for p in params]
         saved_state = [
             (state, key, value.clone())
@@ -219,6 +268,13 @@ class KronOptimizer(Optimizer):
         ]
         self.state[GLOBAL_STATE]["step"] += 1
         self.update()
+        # as the synchronous step: the gradients and every value the step wrote must be finite
+        written = [
+            state[key]
+            for state, key, _ in saved_state
+            if isinstance(state[key], torch.Tensor) and state[key].is_floating_point()
+        ]
+        finite = finite_flag(gradients + params + written)
         for param, old in zip(params, saved_params):
             param.detach().copy_(torch.where(finite, param.detach(), old))
         for state, key, old in saved_state:

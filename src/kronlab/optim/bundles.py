@@ -63,15 +63,19 @@ class ParameterBundle:
 
     def add_(self, grouped_update: Tensor, alpha: float = 1.0, scale: Tensor | None = None) -> None:
         """``p += alpha · update`` (``alpha · scale · update`` with a 0-dim tensor ``scale``)
-        for each parameter, cast to the parameter's dtype.
+        for each parameter that has a gradient, rounded to the parameter's dtype.
 
         A tensor ``scale`` is multiplied in by the same fused pass (``addcmul_``), so a
         per-bundle scale known only on the device (e.g. an RMS clip) needs no pass of its own
         over the update and no host sync.
         """
         for param, update in zip(self.params, self.split(grouped_update)):
+            if param.grad is None:
+                continue  # a parameter without a gradient this step does not move
+            # no cast first: the op computes in the update's dtype and rounds only the result
+            # (a float16 parameter may take a large update times a small alpha)
             if scale is None:
-                param.add_(update.to(param.dtype), alpha=alpha)
+                param.add_(update, alpha=alpha)
             else:
                 param.addcmul_(update, scale, value=alpha)
 

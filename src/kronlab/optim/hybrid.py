@@ -217,7 +217,8 @@ class HybridMatrixOptimizer(KronOptimizer):
     # --- stepping -----------------------------------------------------------------------
     def update(self) -> None:
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            # zero-size parameters have nothing to update (and no matrix shape)
+            params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
             if not params:
                 continue
             if group["algorithm"] == ADAMW:

@@ -275,12 +275,14 @@ class PSGD(KronOptimizer):
             float(g.square().mean(dtype=torch.promote_types(g.dtype, torch.float32)))
             for _, g in entries
         ]
-        entries = [entry for entry, moment in zip(entries, second_moments) if moment > 0]
-        if not entries:
+        # all-zero (and zero-size: NaN mean) gradients wait; they must not set the shared scale
+        kept = [(entry, moment) for entry, moment in zip(entries, second_moments) if moment > 0]
+        if not kept:
             return
+        entries = [entry for entry, _ in kept]
         scale = group["preconditioner_init_scale"]
         if scale is None:
-            scale = (max(second_moments) + group["noise_scale"] ** 2) ** -0.25
+            scale = (max(moment for _, moment in kept) + group["noise_scale"] ** 2) ** -0.25
         for bundle, grad in entries:
             layout = self.layout(bundle)
             state = self.state[bundle.key]
@@ -413,7 +415,8 @@ class PSGD(KronOptimizer):
         """Decoupled weight decay on the stepped parameters, then the clipped, scaled update
         (the clip multiplied in by the update's own pass)."""
         lr = group["lr"]
-        params = [param for bundle in bundles for param in bundle.params]
+        # bundle members without a gradient this step do not move (no decay either)
+        params = [p for bundle in bundles for p in bundle.params if p.grad is not None]
         if group["weight_decay"] > 0 and params:
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
         alpha = -lr / ADAM_RMS_DIVISOR if group["lr_style"] == "adam" else -lr

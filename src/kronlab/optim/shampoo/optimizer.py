@@ -479,12 +479,17 @@ class Shampoo(KronOptimizer):
             group = self.param_groups[bundle.group_index]
             lr, weight_decay = group["lr"], group["weight_decay"]
             for param, update in zip(bundle.params, bundle.split(direction)):
+                if param.grad is None:
+                    continue  # a bundle member without a gradient this step does not move
                 if weight_decay and group["decoupled_weight_decay"]:
                     param.mul_(1.0 - lr * weight_decay)
+                # the update stays in its (float32 or wider) dtype: the in-place op scales it
+                # there and rounds only the sum to the parameter's dtype, so a raw direction
+                # beyond float16's range (e.g. 1.8e5 before a grafting scale of 7e-6) is fine
                 if isinstance(scale, torch.Tensor):
-                    param.addcmul_(update.to(param.dtype), scale, value=-lr)
+                    param.addcmul_(update, scale, value=-lr)
                 else:
-                    param.add_(update.to(param.dtype), alpha=-lr * scale)
+                    param.add_(update, alpha=-lr * scale)
 
     # --- read access for attribution -------------------------------------------------------
     def _bundle_of(self, bundle_or_param: ParameterBundle | torch.Tensor) -> int:

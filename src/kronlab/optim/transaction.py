@@ -1,0 +1,141 @@
+"""A step as a transaction: copy the state, update, commit only if everything new is finite.
+
+``StepTransaction`` backs the guarantee of ``KronOptimizer.step``: a step leaves finite
+parameters and state, or is skipped with both untouched. Before the update it copies every
+state tensor and parameter into buffers kept from step to step, except those whose copy is
+still exact (the last step did not write them); after it, one finiteness test
+(``kronlab.linalg.finite.all_finite``, one host sync) covers the gradients and the tensors the
+update wrote. Tensors the step did not write (same object, same version counter as when last
+found finite, e.g. eigenvectors between refreshes) are not tested again. A failed test puts the
+copies back.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kronlab.linalg.finite import all_finite
+
+
+class StepTransaction:
+    """Snapshot and verification of an optimizer's state and parameters around one update."""
+
+    def __init__(self) -> None:
+        # id(tensor) -> (weak reference to it, its version when copied, the copy)
+        self._copies: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+        self._verified: dict[int, tuple[weakref.ref, int]] = {}
+        self._saved: tuple[Any, list[Tensor], list[Tensor], list[Tensor]] | None = None
+
+    def begin(self, state: dict[Any, Any], params: Sequence[Tensor]) -> None:
+        """Copy ``state`` (nested dicts, lists, tuples of tensors and other values) and
+        ``params``.
+
+        A tensor whose copy from an earlier step is still exact (same object, same version
+        counter: the step did not write it, e.g. eigenvectors between refreshes) is not copied
+        again; other copies reuse the buffers of tensors that are gone (no allocation on the
+        hot path when a step replaces its state with same-shaped tensors).
+        """
+        tensors: list[Tensor] = []
+        structure = {key: _flatten(value, tensors) for key, value in state.items()}
+        tensors.extend(params)
+        previous: dict[int, tuple[weakref.ref, int, Tensor]] = self._copies
+        copies: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+        current = {id(tensor) for tensor in tensors}
+        spare: dict[tuple, list[Tensor]] = {}
+        for key, (reference, _, copy) in previous.items():
+            if key not in current or reference() is None:
+                spare.setdefault(_layout(copy), []).append(copy)
+        for tensor in tensors:
+            entry = previous.get(id(tensor))
+            if entry is not None and entry[0]() is tensor:
+                if entry[1] == tensor._version:
+                    copies[id(tensor)] = entry
+                    continue
+                copy = entry[2]
+            else:
+                pool = spare.get(_layout(tensor))
+                copy = (
+                    pool.pop()
+                    if pool
+                    else torch.empty_like(tensor, memory_format=torch.contiguous_format)
+                )
+            copy.copy_(tensor)
+            copies[id(tensor)] = (weakref.ref(tensor), tensor._version, copy)
+        self._copies = copies
+        state_copies = [copies[id(t)][2] for t in tensors[: len(tensors) - len(params)]]
+        param_copies = [copies[id(t)][2] for t in params]
+        self._saved = (structure, state_copies, list(params), param_copies)
+
+    def commit_if_finite(
+        self, state: dict[Any, Any], params: Sequence[Tensor], gradients: Sequence[Tensor]
+    ) -> tuple[bool, bool]:
+        """``(gradients finite, new parameters and state finite)``; one host sync when both
+        are. Call ``rollback`` when either is False."""
+        written: list[Tensor] = []
+        current: dict[int, tuple[weakref.ref, int]] = {}
+        for tensor in _floating(state) + list(params):
+            known = self._verified.get(id(tensor))
+            if known is None or known[0]() is not tensor or known[1] != tensor._version:
+                written.append(tensor)
+            current[id(tensor)] = (weakref.ref(tensor), tensor._version)
+        if all_finite(list(gradients) + written):
+            self._verified = current
+            return True, True
+        return all_finite(gradients), False
+
+    def rollback(self, state: dict[Any, Any]) -> None:
+        """Put the copies taken by ``begin`` back (the copies become the state)."""
+        assert self._saved is not None, "rollback without begin"
+        structure, state_copies, params, param_copies = self._saved
+        stored = iter(state_copies)
+        restored = {key: _unflatten(value, stored) for key, value in structure.items()}
+        state.clear()
+        state.update(restored)
+        for param, copy in zip(params, param_copies):
+            param.copy_(copy)
+        self._copies = {}  # the copies are the state now
+        self._verified = {}
+        self._saved = None
+
+
+class _Slot:
+    """A tensor's place in a flattened nested structure."""
+
+
+_SLOT = _Slot()
+
+
+def _flatten(value: Any, into: list[Tensor]) -> Any:
+    if isinstance(value, Tensor):
+        into.append(value)
+        return _SLOT
+    if isinstance(value, dict):
+        return {key: _flatten(item, into) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_flatten(item, into) for item in value)
+    return value  # immutable, or (like a generator) not rolled back
+
+
+def _unflatten(value: Any, tensors: Any) -> Any:
+    if value is _SLOT:
+        return next(tensors)
+    if isinstance(value, dict):
+        return {key: _unflatten(item, tensors) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unflatten(item, tensors) for item in value)
+    return value
+
+
+def _layout(tensor: Tensor) -> tuple:
+    return tensor.shape, tensor.dtype, tensor.device
+
+
+def _floating(value: Any) -> list[Tensor]:
+    tensors: list[Tensor] = []
+    _flatten(value, tensors)
+    return [t for t in tensors if t.is_floating_point()]
