@@ -17,7 +17,8 @@ from kronlab.attribution.curvature import (
 from kronlab.attribution.fit import cross_entropy_loss, default_mask, fit_curvature, mse_loss
 from kronlab.attribution.fused import fused_activations
 from kronlab.attribution.pipeline import AttributionConfig, AttributionRun
-from kronlab.attribution.scores import NORMALIZATIONS, influence_scores, top_k
+from kronlab.attribution.ranking import RankedScores, StreamedTopK
+from kronlab.attribution.scores import NORMALIZATIONS, influence_scores, influence_top_k, top_k
 from kronlab.attribution.store import GradientStore, StoreMismatchError
 from kronlab.curvature import find_modules, per_example_gradients
 
@@ -29,6 +30,8 @@ __all__ = [
     "CURVATURE_METHODS",
     "FORMAT_VERSION",
     "NORMALIZATIONS",
+    "RankedScores",
+    "StreamedTopK",
     "Curvature",
     "ModuleCurvature",
     "cross_entropy_loss",
@@ -37,6 +40,7 @@ __all__ = [
     "fit_curvature",
     "fused_activations",
     "influence_scores",
+    "influence_top_k",
     "mse_loss",
     "per_example_gradients",
     "top_k",

@@ -10,7 +10,8 @@
   ``compression="whitened"`` (K-FAC or EK-FAC), the store holds ``M_S G_t M_Aᵀ`` and the queries
   ``L_S (H⁻¹ G_q) L_Aᵀ`` with ``L = P (F + δI)^{+1/2}`` (folded and whitened: fit runs first).
 - **score**: ``scores[q, t] = ⟨query_q, train_t⟩`` into a memory-mapped ``scores.npy``
-  (``n_query × n_train``), then ``report.md`` and ``top_examples.png``.
+  (``n_query × n_train``; optional), each query's top-k proponents and opponents, streamed, into
+  ``top_k.npz``, then ``report.md`` and ``top_examples.png``.
 
 ``config.json`` pins the settings of a run directory; ``run`` performs the stages not yet
 complete. Every stage splits its chunks across ``torch.distributed`` ranks (see
@@ -42,6 +43,7 @@ from kronlab.attribution.compression import (
 from kronlab.attribution.curvature import Curvature
 from kronlab.attribution.distributed import Workers
 from kronlab.attribution.fused import fused_activations
+from kronlab.attribution.ranking import RankedScores, StreamedTopK
 from kronlab.attribution.sources import AttributionTask, ExampleSet, load_task, model_fingerprint
 from kronlab.attribution.store import (
     STORAGE_DTYPES,
@@ -184,7 +186,9 @@ class AttributionRun:
     the device) runs the model's known unfused activations (Hugging Face ``gelu_new`` and the
     other GELUs listed in :mod:`kronlab.attribution.fused`) through torch's fused kernels of the
     same function during build, fit and apply: the same model function, different rounding, a
-    faster pass on CPU. The model is restored after each stage.
+    faster pass on CPU. The model is restored after each stage. ``dense_scores=False`` (also
+    not pinned: it changes what is written, not any score) skips ``scores.npy``: the score stage
+    then keeps only the streamed top-k (``top_k.npz``), in ``O(n_query · top_k)`` memory.
     """
 
     def __init__(
@@ -197,8 +201,10 @@ class AttributionRun:
         cache_dir: Path | None = None,
         task: AttributionTask | None = None,
         fused_activations: bool = False,
+        dense_scores: bool = True,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.dense_scores = bool(dense_scores)
         self.fused_activations = bool(fused_activations)
         self.config = config or AttributionConfig()
         self.workers = workers or Workers()
@@ -226,6 +232,10 @@ class AttributionRun:
     @property
     def scores_path(self) -> Path:
         return self.run_dir / "scores.npy"
+
+    @property
+    def top_k_path(self) -> Path:
+        return self.run_dir / "top_k.npz"
 
     @property
     def task(self) -> AttributionTask:
@@ -329,14 +339,15 @@ class AttributionRun:
                 f"run `kronlab attribute {stage}` first (or `run`)"
             )
 
-    def run(self, resume: bool = False) -> np.ndarray:
-        """All stages in order, skipping those already complete; returns the scores."""
+    def run(self, resume: bool = False) -> np.ndarray | RankedScores:
+        """All stages in order, skipping those already complete; returns the scores (the
+        top-k with ``dense_scores=False``)."""
         for stage in self.stage_order():
             if self.is_complete(stage):
                 self._log(f"{stage}: already complete, skipped")
                 continue
             getattr(self, stage)(**({"resume": resume} if stage in ("build", "apply") else {}))
-        return self.scores()
+        return self.scores() if self.dense_scores else self.top_k()
 
     def _log(self, message: str) -> None:
         if self.show_progress and self.workers.is_main:
@@ -537,8 +548,9 @@ class AttributionRun:
 
     # ---- score ------------------------------------------------------------------------------
 
-    def score(self) -> np.ndarray:
-        """``scores[q, t] = ⟨query_q, train_t⟩`` into ``scores.npy``, then the report."""
+    def score(self) -> np.ndarray | RankedScores:
+        """``scores[q, t] = ⟨query_q, train_t⟩`` into ``scores.npy`` (unless
+        ``dense_scores=False``) and the streamed top-k into ``top_k.npz``, then the report."""
         self._require("build", "score")
         self._require("apply", "score")
         train = GradientStore.open(self.train_store_dir, expected=self.train_settings())
@@ -551,7 +563,7 @@ class AttributionRun:
             ignore=("dtype", "transform", "data_fingerprint"),
         )
         query_rows = queries.read().to(self.workers.device)
-        if self.workers.is_main:
+        if self.workers.is_main and self.dense_scores:
             np.lib.format.open_memmap(
                 self.scores_path,
                 mode="w+",
@@ -559,30 +571,61 @@ class AttributionRun:
                 shape=(len(query_rows), train.num_rows),
             ).flush()
         self.workers.barrier()
-        scores = np.load(self.scores_path, mmap_mode="r+")
+        scores = np.load(self.scores_path, mmap_mode="r+") if self.dense_scores else None
+        ranked = StreamedTopK(min(self.config.top_k, train.num_rows))
         progress = self._progress(train.num_rows, "score")
         for chunk in self.workers.owned(range(train.num_chunks)):
             start, stop = train.chunk_range(chunk)
             rows = train.read(start, stop).to(self.workers.device)
-            scores[:, start:stop] = (query_rows @ rows.T).cpu().numpy()
+            block = (query_rows @ rows.T).float()
+            if scores is not None:
+                scores[:, start:stop] = block.cpu().numpy()
+            ranked.update(block, start)
             _advance(progress, (stop - start) * self.workers.world_size)
         progress.close()
-        scores.flush()
-        del scores
-        self.workers.barrier()
+        if scores is not None:
+            scores.flush()
+            del scores
+        self._gather_top_k(ranked)
         if self.workers.is_main:
             from kronlab.attribution.report import write_report
 
-            write_report(self.run_dir, self.config, self.task, self.scores())
+            write_report(self.run_dir, self.config, self.task, self.top_k(), self.dense_scores)
             _write_json(self.run_dir / "score.json", {"shape": [len(query_rows), train.num_rows]})
         self.workers.barrier()
-        return self.scores()
+        return self.scores() if self.dense_scores else self.top_k()
+
+    def _gather_top_k(self, ranked: StreamedTopK) -> None:
+        """Every rank's top-k over its own chunks, merged by rank 0 into ``top_k.npz``."""
+        own = self.run_dir / f"top_k.rank{self.workers.rank}.npz"
+        if self.workers.distributed and not ranked.empty:  # a rank may own no chunk
+            ranked.result().save(own)
+        self.workers.barrier()
+        if self.workers.is_main:
+            if self.workers.distributed:
+                for rank in range(1, self.workers.world_size):
+                    other = self.run_dir / f"top_k.rank{rank}.npz"
+                    if other.exists():
+                        ranked.merge(RankedScores.load(other))
+                        other.unlink()
+                own.unlink(missing_ok=True)
+            ranked.result().save(self.top_k_path)
+        self.workers.barrier()
 
     def scores(self) -> np.ndarray:
         """The ``(n_query, n_train)`` scores, memory-mapped read-only."""
         if not self.scores_path.exists():
-            raise ValueError(f"no scores in {self.run_dir}; run the score stage first")
+            raise ValueError(
+                f"no scores.npy in {self.run_dir}; run the score stage first (with dense "
+                "scores; top_k() reads the streamed top-k)"
+            )
         return np.load(self.scores_path, mmap_mode="r")
+
+    def top_k(self) -> RankedScores:
+        """Each query's ``top_k`` proponents and opponents from the score stage."""
+        if not self.top_k_path.exists():
+            raise ValueError(f"no top_k.npz in {self.run_dir}; run the score stage first")
+        return RankedScores.load(self.top_k_path)
 
 
 def _advance(progress: tqdm, rows: int) -> None:

@@ -8,7 +8,7 @@ preconditioned once; training gradients are formed batch by batch and discarded,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from kronlab.attribution.curvature import Curvature
 from kronlab.attribution.fit import MaskFn, default_mask
+from kronlab.attribution.ranking import RankedScores, StreamedTopK
 from kronlab.curvature import per_example_gradients
 from kronlab.optim.validation import check_choice, check_range
 
@@ -44,6 +45,76 @@ def influence_scores(
     to unit norm first (cosine-like, Xia et al. 2024); ``"relative"`` divides by the training
     example's self-influence ``√⟨G_t, H⁻¹G_t⟩`` (RelatIF, Barshan et al. 2020).
     """
+    columns = [
+        block
+        for _, block in _score_columns(
+            curvature,
+            query_data,
+            train_data,
+            model,
+            loss_fn,
+            query_loss_fn,
+            damping,
+            damping_factor,
+            normalize,
+            mask_fn,
+            progress,
+        )
+    ]
+    return torch.cat(columns, dim=1)
+
+
+def influence_top_k(
+    curvature: Curvature,
+    query_data: Iterable[Any],
+    train_data: Iterable[Any],
+    k: int,
+    *,
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    query_loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    damping: float | None = None,
+    damping_factor: float | None = None,
+    normalize: str = "none",
+    mask_fn: MaskFn | None = None,
+    progress: bool = True,
+) -> RankedScores:
+    """Each query's ``k`` strongest proponents and opponents, the same as :func:`top_k` of
+    :func:`influence_scores` (same arguments), without the ``n_query × n_train`` matrix: each
+    batch's score columns are merged into a running top-k and dropped."""
+    check_range("k", k, 1, integer=True)
+    ranked = StreamedTopK(k)
+    for start, block in _score_columns(
+        curvature,
+        query_data,
+        train_data,
+        model,
+        loss_fn,
+        query_loss_fn,
+        damping,
+        damping_factor,
+        normalize,
+        mask_fn,
+        progress,
+    ):
+        ranked.update(block, start)
+    return ranked.result()
+
+
+def _score_columns(
+    curvature: Curvature,
+    query_data: Iterable[Any],
+    train_data: Iterable[Any],
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    query_loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
+    damping: float | None,
+    damping_factor: float | None,
+    normalize: str,
+    mask_fn: MaskFn | None,
+    progress: bool,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first train index, (n_query, batch) score block)`` per training batch."""
     check_choice("normalize", normalize, NORMALIZATIONS)
     modules = curvature.tracked_modules(model)
     masks = mask_fn or default_mask
@@ -67,7 +138,7 @@ def influence_scores(
         raise ValueError("Invalid query_data: no batch (the iterable was empty)")
     preconditioned_queries = torch.cat(queries)
 
-    columns = []
+    start = 0
     for batch in tqdm(train_data, desc="training examples", disable=not progress, leave=False):
         grads = flat_gradients(batch, loss_fn)
         if normalize == "unit":
@@ -77,10 +148,10 @@ def influence_scores(
         if normalize == "relative":
             self_influence = (_flatten(preconditioned(grads), modules) * flat).sum(-1)
             scores = scores / self_influence.clamp_min(torch.finfo(flat.dtype).tiny).sqrt()
-        columns.append(scores)
-    if not columns:
+        yield start, scores
+        start += scores.shape[1]
+    if start == 0:
         raise ValueError("Invalid train_data: no batch (the iterable was empty)")
-    return torch.cat(columns, dim=1)
 
 
 def top_k(scores: torch.Tensor, k: int, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
