@@ -4,16 +4,15 @@ Models: ``digits-mlp`` (embedded default: trained once, then loaded from the cac
 ``tiny-gpt`` (GPT-2-style, briefly trained on stdlib text, cached too), ``package.module:function``
 (a factory returning an ``nn.Module``), or a local Hugging Face model directory.
 Data: ``digits``, ``stdlib-text``, a local ``.jsonl`` (``{"text": ...}`` or ``{"input": [...],
-"label": k}`` per line) or a local HF dataset directory (``datasets.save_to_disk``); text is
-tokenized on the fly (bytes, or the HF model's tokenizer). Queries: ``test`` (the data's
-held-out split) or another data spec.
+"label": k}`` per line; streamed) or a local HF dataset directory (``datasets.save_to_disk``;
+memory-mapped); file records are encoded batch by batch (bytes, or the HF model's tokenizer).
+Queries: ``test`` (the data's held-out split) or another data spec.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -247,39 +246,76 @@ def _digits_split(split: Literal["train", "test"]) -> ExampleSet:
     return ExampleSet((task.test_inputs, task.test_targets), "image")
 
 
-def _text_set(texts: list[str], length: int, tokenizer_dir: Path | None) -> ExampleSet:
-    if tokenizer_dir is not None:
-        from transformers import AutoTokenizer
+def _text_encoder(
+    length: int, tokenizer_dir: Path | None
+) -> Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]:
+    """``texts → (tokens, mask)`` padded to ``length``: bytes, or the HF tokenizer (loaded
+    once). Each text is encoded on its own, so any slice encodes the same rows."""
+    if tokenizer_dir is None:
+        from kronlab.tasks.text import encode_bytes
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        return lambda texts: encode_bytes(texts, length)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         encoded = tokenizer(
             texts, max_length=length, truncation=True, padding="max_length", return_tensors="pt"
         )
-        tensors = (encoded["input_ids"], encoded["attention_mask"].bool())
-    else:
-        from kronlab.tasks.text import encode_bytes
+        return encoded["input_ids"], encoded["attention_mask"].bool()
 
-        tensors = encode_bytes(texts, length)
-    return ExampleSet(tensors, "text", list(texts))
+    return encode
 
 
-def _records_to_set(
-    records: list[dict], source: str, length: int, tokenizer_dir: Path | None
-) -> ExampleSet:
-    if not records:
-        raise ValueError(f"{source} holds no examples")
-    if "text" in records[0]:
-        return _text_set([str(r["text"]) for r in records], length, tokenizer_dir)
-    if "input" in records[0] and "label" in records[0]:
-        inputs = torch.tensor([r["input"] for r in records], dtype=torch.float32)
-        labels = torch.tensor([int(r["label"]) for r in records], dtype=torch.long)
-        return ExampleSet((inputs, labels), "vector")
+def _text_set(texts: list[str], length: int, tokenizer_dir: Path | None) -> ExampleSet:
+    return ExampleSet(_text_encoder(length, tokenizer_dir)(texts), "text", list(texts))
+
+
+def _record_examples(source: Any, spec: str, length: int, tokenizer_dir: Path | None) -> ExampleSet:
+    """A file's records as examples encoded batch by batch (see
+    :mod:`kronlab.attribution.records`); the first record decides text or vectors."""
+    from kronlab.attribution.records import RecordExamples
+
+    if len(source) == 0:
+        raise ValueError(f"{spec} holds no examples")
+    (first,) = source.records(0, 1)
+    if "text" in first:
+        encode_texts = _text_encoder(length, tokenizer_dir)
+        tokenizer = "bytes" if tokenizer_dir is None else _tokenizer_fingerprint(tokenizer_dir)
+
+        def encode_text(records: list[dict]) -> tuple[torch.Tensor, ...]:
+            return encode_texts([str(_field(r, "text", spec)) for r in records])
+
+        return RecordExamples(source, "text", encode_text, f"text:{length}:{tokenizer}")
+    if "input" in first and "label" in first:
+
+        def encode_vectors(records: list[dict]) -> tuple[torch.Tensor, ...]:
+            inputs = torch.tensor([_field(r, "input", spec) for r in records], dtype=torch.float32)
+            labels = [int(_field(r, "label", spec)) for r in records]
+            return inputs, torch.tensor(labels, dtype=torch.long)
+
+        return RecordExamples(source, "vector", encode_vectors, "vector")
     raise ValueError(
-        f"{source}: records need a 'text' field or 'input' and 'label' fields, got keys "
-        f"{sorted(records[0])}"
+        f"{spec}: records need a 'text' field or 'input' and 'label' fields, got keys "
+        f"{sorted(first)}"
     )
+
+
+def _field(record: dict, name: str, spec: str) -> Any:
+    if name not in record:
+        raise ValueError(f"{spec}: a record has no {name!r} field (keys {sorted(record)})")
+    return record[name]
+
+
+def _tokenizer_fingerprint(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        if (directory / name).exists():
+            digest.update(name.encode() + (directory / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def load_examples(
@@ -307,18 +343,13 @@ def load_examples(
         )
     path = Path(spec)
     if path.suffix == ".jsonl" and path.is_file():
-        lines = path.read_text("utf-8").splitlines()
-        records = [json.loads(line) for line in lines if line.strip()]
-        return _records_to_set(records, spec, length, tokenizer_dir)
+        from kronlab.attribution.records import JsonlRecords
+
+        return _record_examples(JsonlRecords(path), spec, length, tokenizer_dir)
     if path.is_dir():
-        try:
-            from datasets import load_from_disk
-        except ImportError as error:
-            raise ImportError(
-                "a Hugging Face dataset directory needs datasets: pip install 'kronlab[hf]'"
-            ) from error
-        dataset = load_from_disk(str(path))
-        return _records_to_set(list(dataset), spec, length, tokenizer_dir)
+        from kronlab.attribution.records import DatasetRecords
+
+        return _record_examples(DatasetRecords(path), spec, length, tokenizer_dir)
     raise ValueError(
         f"data {spec!r} is not 'digits', 'stdlib-text', a local .jsonl file or a local Hugging "
         "Face dataset directory"
