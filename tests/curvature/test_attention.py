@@ -256,7 +256,7 @@ def test_cross_attention_gradients_match_autograd() -> None:
         torch.testing.assert_close(hooked[name], reference[name])
 
 
-def test_fit_and_score_a_transformer_encoder_layer() -> None:
+def test_fit_and_score_a_transformer_encoder_layer(tmp_path) -> None:
     """The path that used to fail ("tracked modules were not called by loss_fn"): fit EK-FAC on
     a model with a torch encoder layer and score; scores equal a float64 solve with the fitted
     curvature applied to autograd's per-example gradients."""
@@ -271,6 +271,9 @@ def test_fit_and_score_a_transformer_encoder_layer() -> None:
     scores = influence_scores(
         curvature, data[:1], data, model=model, loss_fn=cross_entropy_loss, progress=False
     )
+    # Saved and loaded, the attention block is still recognised on the model.
+    curvature.save(tmp_path / "curvature.safetensors")
+    curvature = type(curvature).load(tmp_path / "curvature.safetensors")
     modules = curvature.tracked_modules(model)
     gradients = per_example_gradients(model, (tokens, targets), _summed_loss, modules)
     queries = {name: g[:3] for name, g in gradients.items()}
