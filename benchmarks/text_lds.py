@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import subprocess
 import tempfile
 import time
@@ -272,7 +273,8 @@ def format_table(arguments, setup: TextSetup, rows: list, retrain_seconds: float
         "",
         f"Command: `PYTHONPATH=src:. nice -n 10 python -m benchmarks.text_lds --variant "
         f"{arguments.variant}`  ",
-        f"Machine: {machine_description()}, shared with other jobs (load ~7 on 2 cores); "
+        f"Machine: {machine_description()}, shared with other jobs (1-minute load "
+        f"{os.getloadavg()[0]:.0f}); "
         f"retraining took {retrain_seconds:.0f} s. LDS: mean over {arguments.fisher_seeds} "
         "true-Fisher label seeds.",
         "",
