@@ -114,6 +114,15 @@ def test_per_example_gradients_match_autograd(
     assert all("forward" not in vars(m) for m in model.modules())
 
 
+def test_a_forward_set_on_the_instance_is_restored() -> None:
+    model = AttentionModel(True, True, False).double()
+    wrapper = model.block.forward  # e.g. a hook library's wrapper, stored on the instance
+    model.block.forward = wrapper
+    batch = _batch()
+    per_example_gradients(model, batch, sequence_loss, find_modules(model), mask=batch[2])
+    assert vars(model.block)["forward"] is wrapper
+
+
 def _reference_attention(module: nn.MultiheadAttention, packed, padding, causal):
     """Attention from the packed projections, written from the definition (batch-first)."""
     n, length, _ = packed.shape

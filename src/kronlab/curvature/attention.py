@@ -187,9 +187,19 @@ def attention_hooks(
         if own is None and id(module.out_proj) not in names:
             continue
         record = record_for(own) if own is not None else None
-        module.forward = _bound(module, record)  # instance attribute: shadows the class's
-        undo.append(lambda module=module: module.__dict__.pop("forward", None))
+        # An instance attribute shadows the class's forward; one already there (a wrapper
+        # installed by another library) is put back afterwards.
+        previous = module.__dict__.get("forward")
+        module.forward = _bound(module, record)
+        undo.append(lambda module=module, previous=previous: _restore(module, previous))
     return undo
+
+
+def _restore(module: nn.Module, previous: Callable[..., Any] | None) -> None:
+    if previous is None:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = previous
 
 
 def sequence_first_modules(model: nn.Module) -> set[int]:
