@@ -10,6 +10,7 @@ module. The text benchmark's sweep is part of ``benchmarks/text_lds.py``.
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ def main() -> None:
         seeds=arguments.seeds,
         queries=arguments.queries,
         recipe=recipe,
-        cache=Path(f"/tmp/kronlab_lds_{arguments.model}_{arguments.subsets}.pt"),
+        cache=Path(tempfile.gettempdir()) / f"kronlab_lds_{arguments.model}_{arguments.subsets}.pt",
     )
     task = digits_task(arguments.model)
     model = train(arguments.model, task.train_inputs, task.train_targets, 0, recipe)

@@ -14,7 +14,7 @@ kronfluence runs in a subprocess of its own venv (``--kronfluence-python``), tim
 (imports excluded), kronlab in this process: fit + score wall time, one torch thread. kronlab's
 rows also sweep the damping factor (``--sweep``).
 
-    PYTHONPATH=src:. python -m benchmarks.text_lds --variant linear
+    PYTHONPATH=src:. python -m benchmarks.text_lds --variant linear --kronfluence-python PY
 """
 
 from __future__ import annotations
@@ -217,7 +217,11 @@ def main() -> None:
         default=[1e-6, 1e-4, 1e-3, 1e-2, 0.03, 0.3, 1.0],
     )
     parser.add_argument("--fisher-seeds", type=int, default=2)
-    parser.add_argument("--kronfluence-python", default="/work/venv-attr/bin/python")
+    parser.add_argument(
+        "--kronfluence-python",
+        default=os.environ.get("KRONFLUENCE_PYTHON", "python"),
+        help="the Python of a venv with kronfluence (default: $KRONFLUENCE_PYTHON, else python)",
+    )
     arguments = parser.parse_args()
     torch.set_num_threads(1)
     setup = TextSetup()
