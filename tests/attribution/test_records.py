@@ -71,3 +71,16 @@ def test_dataset_directory_is_sliced_not_loaded(tmp_path, monkeypatch) -> None:
         for ours, expected in zip(examples.batch(start, stop), reference.batch(start, stop)):
             assert torch.equal(ours, expected)
     assert examples.describe(7) == reference.describe(7)
+
+
+def test_build_states_the_store_size_before_writing(tmp_path, capsys) -> None:
+    from kronlab.attribution.pipeline import AttributionConfig, AttributionRun
+
+    from .pipeline_fixtures import tiny_task
+
+    config = AttributionConfig(num_queries=2, batch_size=16, chunk_rows=16, projection_dim=4)
+    run = AttributionRun(tmp_path, config, task=tiny_task(num_train=20, num_queries=2))
+    store = run.build()
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[kronlab"))
+    assert f"build: 20 rows × {store.row_width} float32 values" in line
+    assert f"{store.nbytes / 2**20:,.1f} MiB" in line

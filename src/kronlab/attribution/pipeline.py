@@ -376,6 +376,11 @@ class AttributionRun:
         store = self._open_for_writing(
             self.train_store_dir, self.train_settings(), len(self.task.train), resume
         )
+        # The disk a build takes is fixed by the projection: say it before the first row.
+        self._log(
+            f"build: {store.num_rows} rows × {store.row_width} {store.settings.dtype} values = "
+            f"{store.nbytes / 2**20:,.1f} MiB in {self.train_store_dir}"
+        )
         self._write_rows(store, self.task.train, projections, "build", inverse=False)
         return store
 
