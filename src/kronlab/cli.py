@@ -221,6 +221,12 @@ def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
         help="run Hugging Face's unfused GELUs (gelu_new, ...) as torch's fused kernels of the "
         "same function: faster on CPU, equal up to rounding (not pinned in config.json)",
     )
+    parser.add_argument(
+        "--no-scores-file",
+        action="store_true",
+        help="score without the n_query x n_train scores.npy: keep only each query's streamed "
+        "top-k proponents and opponents (top_k.npz), in memory independent of the training set",
+    )
     parser.set_defaults(handler=_run_attribute)
 
 
@@ -274,6 +280,7 @@ def _run_attribute(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         fused_activations=args.fused_activations,
         durable=args.durable,
+        dense_scores=not args.no_scores_file,
     )
     if args.stage == "run":
         run.run(resume=args.resume)
@@ -285,7 +292,8 @@ def _run_attribute(args: argparse.Namespace) -> int:
         done = [stage for stage in run.stage_order() if run.is_complete(stage)]
         print(f"{args.run_dir}: complete stages: {', '.join(done) or 'none'}")
         if run.is_complete("score"):
-            print(f"wrote {run.scores_path}, {args.run_dir / 'report.md'}")
+            scores = run.scores_path if run.scores_path.exists() else run.top_k_path
+            print(f"wrote {scores}, {args.run_dir / 'report.md'}")
     return 0
 
 

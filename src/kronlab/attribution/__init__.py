@@ -18,7 +18,8 @@ from kronlab.attribution.fit import cross_entropy_loss, default_mask, fit_curvat
 from kronlab.attribution.fused import fused_activations
 from kronlab.attribution.integrity import IntegrityError
 from kronlab.attribution.pipeline import AttributionConfig, AttributionRun, StageMismatchError
-from kronlab.attribution.scores import NORMALIZATIONS, influence_scores, top_k
+from kronlab.attribution.ranking import RankedScores, StreamedTopK
+from kronlab.attribution.scores import NORMALIZATIONS, influence_scores, influence_top_k, top_k
 from kronlab.attribution.store import GradientStore, StoreMismatchError
 from kronlab.curvature import find_modules, per_example_gradients
 
@@ -32,6 +33,8 @@ __all__ = [
     "CURVATURE_METHODS",
     "FORMAT_VERSION",
     "NORMALIZATIONS",
+    "RankedScores",
+    "StreamedTopK",
     "Curvature",
     "ModuleCurvature",
     "cross_entropy_loss",
@@ -40,6 +43,7 @@ __all__ = [
     "fit_curvature",
     "fused_activations",
     "influence_scores",
+    "influence_top_k",
     "mse_loss",
     "per_example_gradients",
     "top_k",

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from kronlab.curvature import layer_spec
+from kronlab.curvature.layers import tracked_weight
 from kronlab.linalg import eigh
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def curvature_from_optimizer(
     fitted, unusable = {}, []
     for name, module in tracked.items():
         try:
-            blocks = exporter(module.weight)
+            blocks = exporter(tracked_weight(module))
         except ValueError:  # the optimizer does not hold this parameter
             blocks = []
         layout = _block_layout(module, blocks[0]) if len(blocks) == 1 else None
@@ -67,7 +68,7 @@ def curvature_from_optimizer(
 def _block_layout(module: nn.Module, block: Any) -> tuple[int, ...] | None:
     """The weight's shape as the optimizer grouped it (bias as an extra column for
     ``LinearWeightBias``), if the block is that shape with size-1 dims dropped."""
-    shape = tuple(module.weight.shape)
+    shape = tuple(tracked_weight(module).shape)
     candidates = [shape]
     if isinstance(module, nn.Linear) and module.bias is not None:
         candidates.append((shape[0], shape[1] + 1))

@@ -10,7 +10,8 @@
   ``compression="whitened"`` (K-FAC or EK-FAC), the store holds ``M_S G_t M_Aᵀ`` and the queries
   ``L_S (H⁻¹ G_q) L_Aᵀ`` with ``L = P (F + δI)^{+1/2}`` (folded and whitened: fit runs first).
 - **score**: ``scores[q, t] = ⟨query_q, train_t⟩`` into a memory-mapped ``scores.npy``
-  (``n_query × n_train``), then ``report.md`` and ``top_examples.png``.
+  (``n_query × n_train``; optional), each query's top-k proponents and opponents, streamed, into
+  ``top_k.npz``, then ``report.md`` and ``top_examples.png``.
 
 ``config.json`` pins the settings of a run directory; ``run`` performs the stages not yet
 complete. Every stage splits its chunks across ``torch.distributed`` ranks (see
@@ -61,6 +62,7 @@ from kronlab.attribution.integrity import (
     write_json,
     write_text,
 )
+from kronlab.attribution.ranking import RankedScores, StreamedTopK
 from kronlab.attribution.sources import AttributionTask, ExampleSet, load_task, model_fingerprint
 from kronlab.attribution.store import (
     STORAGE_DTYPES,
@@ -256,6 +258,9 @@ class AttributionRun:
     ``durable=True`` (not pinned either) fsyncs every chunk commit and every file a stage
     writes, and the directories holding them: what a stage has committed then survives a power
     cut, not only a killed process (see :mod:`kronlab.attribution.integrity`).
+    ``dense_scores=False`` (also
+    not pinned: it changes what is written, not any score) skips ``scores.npy``: the score stage
+    then keeps only the streamed top-k (``top_k.npz``), in ``O(n_query · top_k)`` memory.
     """
 
     def __init__(
@@ -269,8 +274,10 @@ class AttributionRun:
         task: AttributionTask | None = None,
         fused_activations: bool = False,
         durable: bool = False,
+        dense_scores: bool = True,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.dense_scores = bool(dense_scores)
         self.fused_activations = bool(fused_activations)
         self.durable = bool(durable)
         self.config = config or AttributionConfig()
@@ -299,6 +306,10 @@ class AttributionRun:
     @property
     def scores_path(self) -> Path:
         return self.run_dir / "scores.npy"
+
+    @property
+    def top_k_path(self) -> Path:
+        return self.run_dir / "top_k.npz"
 
     @property
     def task(self) -> AttributionTask:
@@ -487,9 +498,9 @@ class AttributionRun:
             self._score_record()
 
     @_with_bias_setting
-    def run(self, resume: bool = False) -> np.ndarray:
+    def run(self, resume: bool = False) -> np.ndarray | RankedScores:
         """All stages in order, skipping those already complete (after checking that they
-        still match); returns the scores."""
+        still match); returns the scores (the top-k with ``dense_scores=False``)."""
         order = self.stage_order()
         complete = {stage: self.is_complete(stage) for stage in order}
         # Check every complete stage before any work, so that a stale one is found first; the
@@ -505,7 +516,7 @@ class AttributionRun:
                 continue
             getattr(self, stage)(**({"resume": resume} if stage in ("build", "apply") else {}))
             ran = True
-        return self.scores()
+        return self.scores() if self.dense_scores else self.top_k()
 
     def _log(self, message: str) -> None:
         if self.show_progress and self.workers.is_main:
@@ -533,6 +544,11 @@ class AttributionRun:
         else:
             projections = self._projections()
         store = self._open_for_writing("build", self.train_settings(), len(self.task.train), resume)
+        # The disk a build takes is fixed by the projection: say it before the first row.
+        self._log(
+            f"build: {store.num_rows} rows × {store.row_width} {store.settings.dtype} values = "
+            f"{store.nbytes / 2**20:,.1f} MiB in {self.train_store_dir}"
+        )
         self._write_rows(store, self.task.train, projections, "build", inverse=False)
         return store
 
@@ -772,8 +788,9 @@ class AttributionRun:
     # ---- score ------------------------------------------------------------------------------
 
     @_with_bias_setting
-    def score(self) -> np.ndarray:
-        """``scores[q, t] = ⟨query_q, train_t⟩`` into ``scores.npy``, then the report."""
+    def score(self) -> np.ndarray | RankedScores:
+        """``scores[q, t] = ⟨query_q, train_t⟩`` into ``scores.npy`` (unless
+        ``dense_scores=False``) and the streamed top-k into ``top_k.npz``, then the report."""
         self._require("build", "score")
         self._require("apply", "score")
         train = self._open_store("build")
@@ -788,47 +805,71 @@ class AttributionRun:
         query_rows = queries.read().to(self.workers.device)
         if self.workers.is_main:
             (self.run_dir / SCORE_FILE).unlink(missing_ok=True)
-            _allocate_scores(self.scores_path, (len(query_rows), train.num_rows))
+            if self.dense_scores:
+                _allocate_scores(self.scores_path, (len(query_rows), train.num_rows))
         self.workers.barrier()
-        scores = np.load(self.scores_path, mmap_mode="r+")
+        scores = np.load(self.scores_path, mmap_mode="r+") if self.dense_scores else None
+        ranked = StreamedTopK(min(self.config.top_k, train.num_rows))
         progress = self._progress(train.num_rows, "score")
         for chunk in self.workers.owned(range(train.num_chunks)):
             start, stop = train.chunk_range(chunk)
             rows = train.read(start, stop).to(self.workers.device)
-            block = query_rows @ rows.T
+            block = (query_rows @ rows.T).float()
             if not all_finite([block]):
                 raise ValueError(
                     f"scores of training rows {start}..{stop - 1} overflowed float32 (inf or "
                     f"NaN): the gradients in {train.directory} or {queries.directory} are too "
                     "large; rescale the loss or raise --damping"
                 )
-            scores[:, start:stop] = block.cpu().numpy()
+            if scores is not None:
+                scores[:, start:stop] = block.cpu().numpy()
+            ranked.update(block, start)
             _advance(progress, (stop - start) * self.workers.world_size)
         progress.close()
-        scores.flush()
-        if self.durable:
-            with open(self.scores_path, "rb+") as handle:
-                os.fsync(handle.fileno())
-        del scores
-        self.workers.barrier()
+        if scores is not None:
+            scores.flush()
+            if self.durable:
+                with open(self.scores_path, "rb+") as handle:
+                    os.fsync(handle.fileno())
+            del scores
+        self._gather_top_k(ranked)
         if self.workers.is_main:
             from kronlab.attribution.report import write_report
 
             computed_with = self._computed_with(train, queries)
-            scores = np.load(self.scores_path, mmap_mode="r")
-            write_report(self.run_dir, computed_with, self.config, self.task, scores)
+            write_report(
+                self.run_dir, computed_with, self.config, self.task, self.top_k(), self.dense_scores
+            )
             write_json(
                 self.run_dir / SCORE_FILE,
                 {
                     "shape": [len(query_rows), train.num_rows],
                     "inputs": self._score_inputs(),
                     "computed_with": computed_with,
-                    "scores_digest": file_digest(self.scores_path),
+                    "scores_digest": file_digest(self.scores_path) if self.dense_scores else None,
+                    "top_k_digest": file_digest(self.top_k_path),
                 },
                 durable=self.durable,
             )
         self.workers.barrier()
-        return self.scores()
+        return self.scores() if self.dense_scores else self.top_k()
+
+    def _gather_top_k(self, ranked: StreamedTopK) -> None:
+        """Every rank's top-k over its own chunks, merged by rank 0 into ``top_k.npz``."""
+        own = self.run_dir / f"top_k.rank{self.workers.rank}.npz"
+        if self.workers.distributed and not ranked.empty:  # a rank may own no chunk
+            ranked.result().save(own)
+        self.workers.barrier()
+        if self.workers.is_main:
+            if self.workers.distributed:
+                for rank in range(1, self.workers.world_size):
+                    other = self.run_dir / f"top_k.rank{rank}.npz"
+                    if other.exists():
+                        ranked.merge(RankedScores.load(other))
+                        other.unlink()
+                own.unlink(missing_ok=True)
+            ranked.result().save(self.top_k_path)
+        self.workers.barrier()
 
     def _score_inputs(self) -> dict:
         """What the scores depend on: the two stores as they are now (their metadata digests
@@ -872,6 +913,11 @@ class AttributionRun:
         the digest recorded when they were written)."""
         if not self.is_complete("score"):
             raise ValueError(f"no scores in {self.run_dir}; run `{self.command('score')}` first")
+        if not self.scores_path.exists():
+            raise ValueError(
+                f"no scores.npy in {self.run_dir}: the score stage ran without dense scores "
+                "(--no-scores-file); top_k() reads the streamed top-k"
+            )
         if getattr(self, "_verified_scores", None) != self.scores_path.stat().st_mtime_ns:
             record = self._score_record()
             check_file_digest(
@@ -881,6 +927,21 @@ class AttributionRun:
             )
             self._verified_scores = self.scores_path.stat().st_mtime_ns
         return np.load(self.scores_path, mmap_mode="r")
+
+    def top_k(self) -> RankedScores:
+        """Each query's ``top_k`` proponents and opponents from the score stage (checked
+        against the digest recorded when they were written, once the stage is complete)."""
+        if not self.top_k_path.exists():
+            raise ValueError(
+                f"no top_k.npz in {self.run_dir}; run `{self.command('score')}` first"
+            )
+        if self.is_complete("score"):
+            check_file_digest(
+                self.top_k_path,
+                self._score_record()["top_k_digest"],
+                hint=f"run `{self.command('score')}` to compute them again",
+            )
+        return RankedScores.load(self.top_k_path)
 
 
 def _allocate_scores(path: Path, shape: tuple[int, int]) -> None:

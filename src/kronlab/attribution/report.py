@@ -10,18 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
+from kronlab.attribution.ranking import RankedScores
 from kronlab.attribution.sources import AttributionTask, ExampleSet
 
 
-def top_and_bottom(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the ``k`` highest (descending) and ``k`` lowest (ascending) per row."""
-    k = min(k, scores.shape[1])
-    order = np.argsort(-scores, axis=1, kind="stable")
-    return order[:, :k], order[:, ::-1][:, :k]
-
-
 def write_report(
-    run_dir: Path, computed_with: dict, config, task: AttributionTask, scores: np.ndarray
+    run_dir: Path,
+    computed_with: dict,
+    config,
+    task: AttributionTask,
+    ranked: RankedScores,
+    dense: bool = True,
 ) -> list[Path]:
     """Write ``report.md`` (and ``top_examples.png`` when matplotlib is there); return paths.
 
@@ -30,8 +29,19 @@ def write_report(
     sources and how much to show).
     """
     used = computed_with
-    shown = min(config.report_queries, scores.shape[0])
-    proponents, opponents = top_and_bottom(np.asarray(scores[:shown]), config.top_k)
+    queries = ranked.proponents.shape[0]
+    shown = min(config.report_queries, queries)
+    proponents, opponents = ranked.proponents[:shown], ranked.opponents[:shown]
+    scores = {
+        (query, int(train)): float(value)
+        for indices, values in (
+            (proponents, ranked.proponent_scores),
+            (opponents, ranked.opponent_scores),
+        )
+        for query in range(shown)
+        for train, value in zip(indices[query], values[query])
+    }
+    stored = "`scores.npy` and `top_k.npz`" if dense else "`top_k.npz` (streamed; no scores.npy)"
     lines = [
         "# kronlab attribution report",
         "",
@@ -42,7 +52,7 @@ def write_report(
         f"{used['curvature_fingerprint']}), damping {used['damping']} × mean eigenvalue",
         f"- compression: {used['compression']}, projection_dim: {used['projection_dim']} "
         f"({used['projection_kind']}), store dtype: {used['store_dtype']}",
-        f"- scores: `scores.npy`, {scores.shape[0]} queries × {scores.shape[1]} training examples",
+        f"- scores: {stored}, {queries} queries × {ranked.num_train} training examples",
         "",
     ]
     for query in range(shown):
@@ -67,7 +77,7 @@ def write_report(
 def _plot(
     path: Path,
     task: AttributionTask,
-    scores: np.ndarray,
+    scores: dict[tuple[int, int], float],
     proponents: np.ndarray,
     opponents: np.ndarray,
 ) -> bool:
@@ -88,8 +98,8 @@ def _plot(
     )
     for query in range(rows):
         cells = [(task.queries, query, "query", None)]
-        cells += [(task.train, int(t), "+", scores[query, t]) for t in proponents[query]]
-        cells += [(task.train, int(t), "−", scores[query, t]) for t in opponents[query]]
+        cells += [(task.train, int(t), "+", scores[query, int(t)]) for t in proponents[query]]
+        cells += [(task.train, int(t), "−", scores[query, int(t)]) for t in opponents[query]]
         for axis, (examples, index, tag, score) in zip(axes[query], cells):
             _draw(axis, examples, index, images)
             title = f"{tag} #{index}" if score is None else f"{tag} {score:.2g}"

@@ -8,7 +8,7 @@ preconditioned once; training gradients are formed batch by batch and discarded,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from kronlab.attribution.curvature import Curvature
 from kronlab.attribution.fit import MaskFn, default_mask
+from kronlab.attribution.ranking import RankedScores, StreamedTopK
 from kronlab.curvature import bias_in_curvature, per_example_gradients
 from kronlab.linalg.finite import all_finite
 from kronlab.optim.validation import check_choice, check_loss_fn, check_module, check_range
@@ -47,6 +48,76 @@ def influence_scores(
     Never returns inf or NaN: non-finite gradients, a damping that leaves ``H + λI`` singular
     (``damping=0`` on zero eigenvalues) and overflowing scores raise ``ValueError``.
     """
+    columns = [
+        block
+        for _, block in _score_columns(
+            curvature,
+            query_data,
+            train_data,
+            model,
+            loss_fn,
+            query_loss_fn,
+            damping,
+            damping_factor,
+            normalize,
+            mask_fn,
+            progress,
+        )
+    ]
+    return torch.cat(columns, dim=1)
+
+
+def influence_top_k(
+    curvature: Curvature,
+    query_data: Iterable[Any],
+    train_data: Iterable[Any],
+    k: int,
+    *,
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    query_loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    damping: float | None = None,
+    damping_factor: float | None = None,
+    normalize: str = "none",
+    mask_fn: MaskFn | None = None,
+    progress: bool = True,
+) -> RankedScores:
+    """Each query's ``k`` strongest proponents and opponents, the same as :func:`top_k` of
+    :func:`influence_scores` (same arguments), without the ``n_query × n_train`` matrix: each
+    batch's score columns are merged into a running top-k and dropped."""
+    check_range("k", k, 1, integer=True)
+    ranked = StreamedTopK(k)
+    for start, block in _score_columns(
+        curvature,
+        query_data,
+        train_data,
+        model,
+        loss_fn,
+        query_loss_fn,
+        damping,
+        damping_factor,
+        normalize,
+        mask_fn,
+        progress,
+    ):
+        ranked.update(block, start)
+    return ranked.result()
+
+
+def _score_columns(
+    curvature: Curvature,
+    query_data: Iterable[Any],
+    train_data: Iterable[Any],
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    query_loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
+    damping: float | None,
+    damping_factor: float | None,
+    normalize: str,
+    mask_fn: MaskFn | None,
+    progress: bool,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first train index, (n_query, batch) score block)`` per training batch."""
     check_module("model", model)
     check_loss_fn("loss_fn", loss_fn)
     if query_loss_fn is not None:
@@ -81,7 +152,7 @@ def influence_scores(
         raise ValueError("Invalid query_data: no batch (the iterable was empty)")
     preconditioned_queries = torch.cat(queries)
 
-    columns = []
+    start = 0
     batches = tqdm(train_data, desc="training examples", disable=not progress, leave=False)
     for index, batch in enumerate(batches):
         grads = flat_gradients(batch, loss_fn)
@@ -102,10 +173,10 @@ def influence_scores(
                 f"influence scores of train_data batch {index} overflowed to inf or NaN: "
                 "increase the damping or rescale the loss"
             )
-        columns.append(scores)
-    if not columns:
+        yield start, scores
+        start += scores.shape[1]
+    if start == 0:
         raise ValueError("Invalid train_data: no batch (the iterable was empty)")
-    return torch.cat(columns, dim=1)
 
 
 def top_k(scores: torch.Tensor, k: int, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,16 +4,15 @@ Models: ``digits-mlp`` (embedded default: trained once, then loaded from the cac
 ``tiny-gpt`` (GPT-2-style, briefly trained on stdlib text, cached too), ``package.module:function``
 (a factory returning an ``nn.Module``), or a local Hugging Face model directory.
 Data: ``digits``, ``stdlib-text``, a local ``.jsonl`` (``{"text": ...}`` or ``{"input": [...],
-"label": k}`` per line) or a local HF dataset directory (``datasets.save_to_disk``); text is
-tokenized on the fly (bytes, or the HF model's tokenizer). Queries: ``test`` (the data's
-held-out split) or another data spec.
+"label": k}`` per line; streamed) or a local HF dataset directory (``datasets.save_to_disk``;
+memory-mapped); file records are encoded batch by batch (bytes, or the HF model's tokenizer).
+Queries: ``test`` (the data's held-out split) or another data spec.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import os
 import pickle
 from collections.abc import Callable
@@ -267,59 +266,60 @@ def _digits_split(split: Literal["train", "test"]) -> ExampleSet:
     return ExampleSet((task.test_inputs, task.test_targets), "image")
 
 
-def _text_set(texts: list[str], length: int, tokenizer_dir: Path | None) -> ExampleSet:
-    if tokenizer_dir is not None:
-        from transformers import AutoTokenizer
+def _text_encoder(
+    length: int, tokenizer_dir: Path | None
+) -> Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]:
+    """``texts → (tokens, mask)`` padded to ``length``: bytes, or the HF tokenizer (loaded
+    once). Each text is encoded on its own, so any slice encodes the same rows."""
+    if tokenizer_dir is None:
+        from kronlab.tasks.text import encode_bytes
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        return lambda texts: encode_bytes(texts, length)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         encoded = tokenizer(
             texts, max_length=length, truncation=True, padding="max_length", return_tensors="pt"
         )
-        tensors = (encoded["input_ids"], encoded["attention_mask"].bool())
-    else:
-        from kronlab.tasks.text import encode_bytes
+        return encoded["input_ids"], encoded["attention_mask"].bool()
 
-        tensors = encode_bytes(texts, length)
-    return ExampleSet(tensors, "text", list(texts))
+    return encode
 
 
-def _records_to_set(
-    records: list[dict],
-    source: str,
-    length: int,
-    tokenizer_dir: Path | None,
-    origins: list[str] | None = None,
-) -> ExampleSet:
-    """Text or labelled vectors; every record is checked (its origin named) before any tensor
-    is built, so a bad line is reported as itself rather than as a torch error."""
-    if not records:
-        raise ValueError(f"{source} holds no examples")
-    origins = origins or [f"{source} record {i + 1}" for i in range(len(records))]
-    for record, origin in zip(records, origins):
-        if not isinstance(record, dict):
-            raise ValueError(f"{origin}: expected a JSON object, got {type(record).__name__}")
-    first = records[0]
+def _text_set(texts: list[str], length: int, tokenizer_dir: Path | None) -> ExampleSet:
+    return ExampleSet(_text_encoder(length, tokenizer_dir)(texts), "text", list(texts))
+
+
+def _record_examples(source: Any, spec: str, length: int, tokenizer_dir: Path | None) -> ExampleSet:
+    """A file's records as examples encoded batch by batch (see
+    :mod:`kronlab.attribution.records`); the first record decides text or vectors."""
+    from kronlab.attribution.records import RecordExamples
+
+    if len(source) == 0:
+        raise ValueError(f"{spec} holds no examples")
+    (first,) = source.records(0, 1)
     if "text" in first:
-        for record, origin in zip(records, origins):
-            if "text" not in record:
-                raise ValueError(
-                    f"{origin}: keys {sorted(record)}, but {origins[0]} has a 'text' field "
-                    "(all records must have the same fields)"
-                )
-        examples = _text_set([str(r["text"]) for r in records], length, tokenizer_dir)
-        examples.origins = origins
-        return examples
+        encode_texts = _text_encoder(length, tokenizer_dir)
+        tokenizer = "bytes" if tokenizer_dir is None else _tokenizer_fingerprint(tokenizer_dir)
+
+        def encode_text(records: list[dict]) -> tuple[torch.Tensor, ...]:
+            return encode_texts([str(_field(r, "text", spec)) for r in records])
+
+        return RecordExamples(source, "text", encode_text, f"text:{length}:{tokenizer}")
     if "input" in first and "label" in first:
-        width = None
-        for record, origin in zip(records, origins):
-            width = _check_labelled(record, origin, origins[0], width)
-        inputs = torch.tensor([r["input"] for r in records], dtype=torch.float32)
-        labels = torch.tensor([int(r["label"]) for r in records], dtype=torch.long)
-        return ExampleSet((inputs, labels), "vector", origins=origins)
+
+        def encode_vectors(records: list[dict]) -> tuple[torch.Tensor, ...]:
+            inputs = torch.tensor([_field(r, "input", spec) for r in records], dtype=torch.float32)
+            labels = [int(_field(r, "label", spec)) for r in records]
+            return inputs, torch.tensor(labels, dtype=torch.long)
+
+        return RecordExamples(source, "vector", encode_vectors, "vector")
     raise ValueError(
-        f"{origins[0]}: records need a 'text' field or 'input' and 'label' fields, got keys "
+        f"{spec}: records need a 'text' field or 'input' and 'label' fields, got keys "
         f"{sorted(first)}"
     )
 
@@ -350,50 +350,75 @@ def _check_labelled(record: dict, origin: str, first: str, width: int | None) ->
     return len(values)
 
 
-def _read_jsonl(path: Path, spec: str) -> tuple[list, list[str]]:
-    """Records and their origins (``file line N``, counting every line of the file)."""
-    records, origins = [], []
-    try:
-        lines = path.read_text("utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise ValueError(
-            f"{spec} is not UTF-8 text ({error.reason} at byte {error.start})"
-        ) from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"{spec} line {number}: not valid JSON ({error.msg} at column {error.colno})"
-            ) from None
-        origins.append(f"{spec} line {number}")
-    return records, origins
+def _consistent_records_check() -> Callable[[dict, str], None]:
+    """A check of one record after another: the first decides text (``{"text"}``) or labelled
+    vectors (``{"input", "label"}``); every later one must have the same fields, and labelled
+    ones numeric inputs of the first one's width and a class index."""
+    first: dict[str, Any] = {}
+
+    def check(record: dict, origin: str) -> None:
+        if not first:
+            if "text" not in record and not ("input" in record and "label" in record):
+                raise ValueError(
+                    f"{origin}: records need a 'text' field or 'input' and 'label' fields, got "
+                    f"keys {sorted(record)}"
+                )
+            first.update(origin=origin, text="text" in record, width=None)
+        if first["text"]:
+            if "text" not in record:
+                raise ValueError(
+                    f"{origin}: keys {sorted(record)}, but {first['origin']} has a 'text' field "
+                    "(all records must have the same fields)"
+                )
+        else:
+            first["width"] = _check_labelled(record, origin, first["origin"], first["width"])
+
+    return check
 
 
 def check_model_inputs(model: nn.Module, examples: ExampleSet, spec: str, model_spec: str) -> None:
     """Labelled examples must fit the model: one forward pass on the first example (width),
-    and every label below the model's number of outputs (naming the first one that is not)."""
+    and every label below the model's number of outputs (naming the first one that is not;
+    labels are read batch by batch, never the whole set at once)."""
     if examples.kind == "text":
         return
-    inputs, labels = examples.tensors
+    inputs, _ = examples.batch(0, 1)
     try:
         with torch.no_grad():
-            outputs = _logits(model(inputs[:1]))
+            outputs = _logits(model(inputs))
     except RuntimeError as error:
         raise ValueError(
             f"--model {model_spec!r} cannot take the inputs of {spec} (shape "
             f"{tuple(inputs.shape[1:])}, {examples.origin(0)}): {str(error).splitlines()[0]}"
         ) from None
     classes = outputs.shape[-1]
-    bad = (labels < 0) | (labels >= classes)
-    if bool(bad.any()):
-        index = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"{examples.origin(index)}: label {int(labels[index])} is out of range for --model "
-            f"{model_spec!r}, which has {classes} outputs (allowed: 0..{classes - 1})"
-        )
+    for start in range(0, len(examples), _LABEL_CHECK_ROWS):
+        _, labels = examples.batch(start, start + _LABEL_CHECK_ROWS)
+        bad = (labels < 0) | (labels >= classes)
+        if bool(bad.any()):
+            index = start + int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"{examples.origin(index)}: label {int(labels[index - start])} is out of range "
+                f"for --model {model_spec!r}, which has {classes} outputs (allowed: "
+                f"0..{classes - 1})"
+            )
+
+
+_LABEL_CHECK_ROWS = 4096
+
+
+def _field(record: dict, name: str, spec: str) -> Any:
+    if name not in record:
+        raise ValueError(f"{spec}: a record has no {name!r} field (keys {sorted(record)})")
+    return record[name]
+
+
+def _tokenizer_fingerprint(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        if (directory / name).exists():
+            digest.update(name.encode() + (directory / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def load_examples(
@@ -421,17 +446,14 @@ def load_examples(
         )
     path = Path(spec)
     if path.suffix == ".jsonl" and path.is_file():
-        records, origins = _read_jsonl(path, spec)
-        return _records_to_set(records, spec, length, tokenizer_dir, origins)
+        from kronlab.attribution.records import JsonlRecords
+
+        records = JsonlRecords(path, check=_consistent_records_check())
+        return _record_examples(records, spec, length, tokenizer_dir)
     if path.is_dir():
-        try:
-            from datasets import load_from_disk
-        except ImportError as error:
-            raise ImportError(
-                "a Hugging Face dataset directory needs datasets: pip install 'kronlab[hf]'"
-            ) from error
-        dataset = load_from_disk(str(path))
-        return _records_to_set(list(dataset), spec, length, tokenizer_dir)
+        from kronlab.attribution.records import DatasetRecords
+
+        return _record_examples(DatasetRecords(path), spec, length, tokenizer_dir)
     raise ValueError(
         f"data {spec!r} is not 'digits', 'stdlib-text', a local .jsonl file or a local Hugging "
         "Face dataset directory"

@@ -17,6 +17,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kronlab.curvature.attention import (
+    attention_hooks,
+    packed_in_projection,
+    sequence_first_modules,
+)
 from kronlab.curvature.layers import LayerSpec, layer_spec
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -94,23 +99,50 @@ class _Recorder:
     the copy while the recorded output stays the one whose gradient is wanted.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        batch_size: int | None = None,
+        model: nn.Module | None = None,
+    ) -> None:
         self.modules = modules
         self.batch_size = batch_size
+        self.model = model
         self.calls: list[_Call] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._undo: list[Callable[[], None]] = []
+        self._sequence_first: set[int] = set()
 
     def __enter__(self) -> _Recorder:
         for name, module in self.modules.items():
+            if packed_in_projection(module):
+                continue  # recorded from inside its forward (attention_hooks below)
             self._handles.append(
                 module.register_forward_hook(self._hook_for(name), with_kwargs=True)
             )
+        # Attention computes its projections inside one fused call: run it through a forward
+        # that shows them, for every attention module with a tracked projection.
+        searched = self.model if self.model is not None else nn.ModuleList(self.modules.values())
+        self._undo = attention_hooks(searched, self.modules, self._record_for)
+        self._sequence_first = sequence_first_modules(searched)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for undo in self._undo:
+            undo()
+        self._undo.clear()
+
+    def _record_for(self, name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        hook, module = self._hook_for(name), self.modules[name]
+
+        def record(inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+            replaced = hook(module, (inputs,), {}, output)
+            return output if replaced is None else replaced
+
+        return record
 
     def _hook_for(self, name: str) -> Callable[..., None]:
         def hook(
@@ -123,6 +155,12 @@ class _Recorder:
                 raise ValueError(f"module {name!r} was called without an input tensor")
             copy = module in _RECORD_THROUGH_COPIES
             inputs = inputs.detach().clone() if copy else inputs.detach()
+            # Inside a sequence-first transformer layer a module sees (tokens, examples, ·):
+            # record example-first views and hand their transpose on, so the recorded output
+            # is the one downstream uses.
+            sequence_first = id(module) in self._sequence_first and inputs.ndim == output.ndim == 3
+            if sequence_first:
+                inputs, output = inputs.transpose(0, 1), output.transpose(0, 1)
             n = self.batch_size
             broadcast = n is not None and n > 1 and inputs.shape[:1] == output.shape[:1] == (1,)
             if broadcast:
@@ -135,9 +173,10 @@ class _Recorder:
             self.calls.append(
                 _Call(name, module, inputs, output, (inputs._version, output._version))
             )
+            forward_output = output.transpose(0, 1) if sequence_first else output
             if copy:
-                return output.clone()
-            return output if broadcast else None
+                return forward_output.clone()
+            return forward_output if broadcast or sequence_first else None
 
         return hook
 
@@ -161,7 +200,7 @@ def layer_batches(
     for name, spec in specs.items():
         if spec is None:
             raise ValueError(f"Invalid modules: {name!r} is not a trackable module")
-    with _Recorder(modules, _batch_size(batch, mask)) as recorder:
+    with _Recorder(modules, _batch_size(batch, mask), model) as recorder:
         loss = _call_loss_fn(loss_fn, model, batch)
     _check_loss(loss)
     modified = [call for call in recorder.calls if call.modified_in_place()]

@@ -12,6 +12,9 @@ Grosse & Martens 2016, KFC for convolutions). ``G`` always has shape ``(d_out, d
   patch; weight ``(out, C, kh, kw)`` is ``G[:, :C·kh·kw]`` reshaped.
 - ``nn.Embedding``: ``a_t`` is the one-hot token, so the activation factor is diagonal; weight
   ``(vocab, dim)`` is ``Gᵀ``.
+- ``nn.MultiheadAttention`` (packed ``in_proj_weight``): the module stands for its
+  in-projection, one ``(3E, E [+1])`` block laid out as ``in_proj_weight`` (``in_proj_bias``);
+  its ``out_proj`` is an ``nn.Linear`` of its own (see :mod:`kronlab.curvature.attention`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-LayerKind = Literal["linear", "conv1d", "conv2d", "embedding"]
+from kronlab.curvature.attention import packed_in_projection
+
+LayerKind = Literal["linear", "conv1d", "conv2d", "embedding", "attention"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,10 @@ def layer_spec(module: nn.Module) -> LayerSpec | None:
             return None
         patch = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
         return LayerSpec("conv2d", module.out_channels, patch + extra, has_bias)
+    if packed_in_projection(module):
+        has_bias = module.in_proj_bias is not None
+        width = module.embed_dim
+        return LayerSpec("attention", 3 * width, width + int(has_bias), has_bias)
     if isinstance(module, nn.Embedding):
         if module.scale_grad_by_freq or module.max_norm is not None:
             return None
@@ -116,7 +125,8 @@ def find_modules(
     if not trackable:
         raise ValueError(
             "Invalid model: no trackable module (nn.Linear, HF Conv1D, nn.Conv2d with groups=1 "
-            "and zero padding, nn.Embedding without max_norm/scale_grad_by_freq)"
+            "and zero padding, nn.Embedding without max_norm/scale_grad_by_freq, "
+            "nn.MultiheadAttention)"
         )
     if patterns is None:
         return trackable
@@ -137,12 +147,19 @@ def find_modules(
     return {name: module for name, module in trackable.items() if name in selected}
 
 
+def tracked_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a tracked module's block belongs to (attention: ``in_proj_weight``)."""
+    if packed_in_projection(module):
+        return module.in_proj_weight
+    return module.weight
+
+
 def gradient_matrix(
     module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``(d_out, d_in [+1])`` matrix from weight- (and bias-) shaped tensors, e.g. ``.grad``."""
     spec = _spec_or_raise(module)
-    if spec.kind == "linear":
+    if spec.kind in ("linear", "attention"):
         matrix = weight
     elif spec.kind == "conv1d":
         matrix = weight.transpose(0, 1)
