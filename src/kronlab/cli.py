@@ -150,7 +150,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
-    from kronlab.attribution.pipeline import COMPRESSIONS, METHODS, STAGES
+    from kronlab.attribution.pipeline import COMPRESSIONS, DEFAULT_MAX_STORE_GB, METHODS, STAGES
     from kronlab.attribution.store import STORAGE_DTYPES
     from kronlab.linalg.projection import PROJECTION_KINDS
 
@@ -214,6 +214,13 @@ def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="fsync every chunk commit and every file written, and their directory: what a "
         "stage has committed then survives a power cut, not only a killed process",
+    )
+    parser.add_argument(
+        "--max-store-gb",
+        type=float,
+        default=DEFAULT_MAX_STORE_GB,
+        help="refuse a gradient store larger than this many GB before writing it (default "
+        "%(default)s; --projection-dim bounds the size)",
     )
     parser.add_argument(
         "--fused-activations",
@@ -280,6 +287,7 @@ def _run_attribute(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         fused_activations=args.fused_activations,
         durable=args.durable,
+        max_store_gb=args.max_store_gb,
         dense_scores=not args.no_scores_file,
     )
     if args.stage == "run":

@@ -360,3 +360,18 @@ def test_any_other_failure_is_one_line(tmp_path, monkeypatch, raised, status, me
     code, stderr = cli(tmp_path / "run", tmp_path / "cache", "build")
     assert code == status and stderr.startswith("kronlab: error: ")
     assert message in stderr and "Traceback" not in stderr and stderr.count("\n") == 1
+
+
+def test_store_above_the_size_limit_is_refused_before_writing(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    # full digits gradients: 1438 rows x 18,058 float32 values = 0.10 GB
+    code, stderr = cli(run_dir, reference[0], "build", "--max-store-gb", "0.05")
+    assert_clear_error(code, stderr, "above --max-store-gb 0.05", "--projection-dim")
+    assert not (run_dir / "train").exists()
+    projected = tmp_path / "projected"
+    code, stderr = cli(
+        projected, reference[0], "build", "--max-store-gb", "0.05", "--projection-dim", "8"
+    )
+    assert code == 0, stderr
+    code, stderr = cli(projected, reference[0], "build", "--max-store-gb", "0", "--resume")
+    assert_clear_error(code, stderr, "max_store_gb")

@@ -85,6 +85,9 @@ COMPRESSIONS = ("project", "folded", "whitened")
 CURVATURE_STORES = ("folded", "whitened")
 METHODS = ("kfac", "ekfac")
 CONFIG_FILE = "config.json"
+# Refuse a gradient store above this many GB unless asked: full per-example gradients of even a
+# small model take gigabytes for a few thousand examples.
+DEFAULT_MAX_STORE_GB = 2.0
 FIT_FILE = "fit.json"
 SCORE_FILE = "score.json"
 
@@ -258,6 +261,9 @@ class AttributionRun:
     ``durable=True`` (not pinned either) fsyncs every chunk commit and every file a stage
     writes, and the directories holding them: what a stage has committed then survives a power
     cut, not only a killed process (see :mod:`kronlab.attribution.integrity`).
+    ``max_store_gb`` (not pinned) refuses, before anything is written, a gradient store larger
+    than that many GB (10⁹ bytes): full per-example gradients of a model are often far larger
+    than expected, and ``--projection-dim`` bounds them; ``None`` sets no limit.
     ``dense_scores=False`` (also
     not pinned: it changes what is written, not any score) skips ``scores.npy``: the score stage
     then keeps only the streamed top-k (``top_k.npz``), in ``O(n_query · top_k)`` memory.
@@ -275,7 +281,11 @@ class AttributionRun:
         fused_activations: bool = False,
         durable: bool = False,
         dense_scores: bool = True,
+        max_store_gb: float | None = DEFAULT_MAX_STORE_GB,
     ) -> None:
+        if max_store_gb is not None:
+            check_range("max_store_gb", max_store_gb, 0.0, low_inclusive=False)
+        self.max_store_gb = max_store_gb
         self.run_dir = Path(run_dir)
         self.dense_scores = bool(dense_scores)
         self.fused_activations = bool(fused_activations)
@@ -581,7 +591,9 @@ class AttributionRun:
                     f"{directory} already holds a {state} gradient store; pass --resume to "
                     f"continue it (`{self.command(stage, resume=True)}`), or use a new --run-dir"
                 )
-        elif self.workers.is_main:
+        else:
+            self._check_store_size(stage, settings, rows)
+        if not exists and self.workers.is_main:
             GradientStore.create(
                 directory, settings, rows, self.config.chunk_rows, durable=self.durable
             )
@@ -602,6 +614,20 @@ class AttributionRun:
                 store.uncommit(damaged)
         self.workers.barrier()
         return store
+
+    def _check_store_size(self, stage: str, settings: StoreSettings, rows: int) -> None:
+        """Refuse a store above ``max_store_gb`` before anything is written (every rank, so
+        that all raise)."""
+        size = rows * settings.row_width * torch.finfo(getattr(torch, settings.dtype)).bits // 8
+        if self.max_store_gb is None or size <= self.max_store_gb * 1e9:
+            return
+        raise ValueError(
+            f"the {stage} stage would write a gradient store of {size / 1e9:,.1f} GB "
+            f"({rows} rows × {settings.row_width} {settings.dtype} values) in "
+            f"{self._store_dir(stage)}, above --max-store-gb {self.max_store_gb:g}; store "
+            "projected gradients (--projection-dim P, e.g. 64, with --compression whitened) or "
+            "raise --max-store-gb"
+        )
 
     def _write_rows(
         self,
