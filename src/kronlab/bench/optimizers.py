@@ -6,7 +6,8 @@ decay replace the library's own). Peers need the ``bench`` extra; a peer whose p
 missing is skipped with a message naming the package. Peers that only handle some parameter
 kinds (``torch.optim.Muon``: matrices; SINGD: linear and conv layers) get AdamW for the rest,
 with the same split as kronlab's Muon (``kronlab.optim.auxiliary_parameters``) where it applies.
-heavyball runs with ``compile_step=False``: compiling its steps on CPU takes minutes per model.
+heavyball runs uncompiled (``heavyball.utils.compile_mode = None``): compiling its steps on CPU
+takes minutes per model, longer than the runs.
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ def _matrices(model: nn.Module) -> list[nn.Parameter]:
 def _heavyball(name: str) -> Callable[[nn.Module, float], Any]:
     def factory(model: nn.Module, lr: float) -> Any:
         import heavyball
+        import heavyball.utils
 
+        heavyball.utils.compile_mode = None
         if name == "Muon":  # Muon for the matrices, AdamW for the rest, as kronlab's
             matrices = _matrices(model)
             return _with_adamw(model, heavyball.Muon(matrices, lr=lr, compile_step=False), matrices)
