@@ -8,7 +8,7 @@ import torch
 
 from kronlab.bench import optimizers, protocol, run_convergence, runner
 from kronlab.bench.optimizers import OptimizerSpec
-from kronlab.bench.report import first_crossing
+from kronlab.bench.report import first_crossing, last_fifth_drop
 from kronlab.bench.schedule import FINAL_FRACTION, WEIGHT_DECAY, Schedule, lr_factor
 from kronlab.cli import main
 
@@ -149,3 +149,13 @@ def test_cli_rejects_bad_arguments_before_training(tmp_path, capsys):
     assert main(["bench", "convergence", "--optimizers", "adamz", "--out", str(tmp_path)]) == 2
     assert "unknown optimizer 'adamz'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_last_fifth_drop_reads_the_mean_curve_from_four_fifths_on():
+    runs = [
+        runner.RunRecord(settings={}, eval_steps=[0, 40, 80, 100], val_loss=[4.0, 3.0, 2.0, 1.5]),
+        runner.RunRecord(settings={}, eval_steps=[0, 40, 80, 100], val_loss=[4.0, 3.0, 2.2, 1.7]),
+    ]
+    for run in runs:
+        run.seconds = [0.0, 1.0, 2.0, 3.0]
+    assert last_fifth_drop(runs) == pytest.approx((2.1 - 1.6) / 2.1)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kronlab.bench.optimizers import REFERENCE, optimizer_names, resolve
 from kronlab.bench.protocol import OptimizerResult, run_task
-from kronlab.bench.report import format_table, plot, summarize, write_summary
+from kronlab.bench.report import format_table, last_fifth_drop, plot, summarize, write_summary
 from kronlab.bench.tasks import TASK_NAMES, load_convergence_task
 
 
@@ -69,6 +69,9 @@ def run_convergence(
         else:
             report(f"matplotlib is not installed: skipped {task}.png (pip install 'kronlab[plot]')")
         report(f"\n{task} — {load_convergence_task(task).description}\n{table}")
+        reference = next(r for r in results if r.name == REFERENCE)
+        drop = last_fifth_drop(reference.runs)
+        report(f"AdamW's validation loss fell {100 * drop:.1f}% over the last fifth of the run")
         report("wrote " + ", ".join(str(path) for path in written))
         everything[task] = results
     return everything

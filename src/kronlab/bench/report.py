@@ -63,6 +63,17 @@ def first_crossing(
     return None
 
 
+def last_fifth_drop(runs: list[RunRecord]) -> float:
+    """Relative fall of the mean validation loss over the last fifth of the steps: the budget
+    should leave AdamW still improving (> 2%), so that optimizers differ there, not at rest."""
+    curve = mean_curve(runs)
+    if curve is None:
+        return math.nan
+    steps, losses, _ = curve
+    start = min(range(len(steps)), key=lambda i: abs(steps[i] - 0.8 * steps[-1]))
+    return (losses[start] - losses[-1]) / losses[start]
+
+
 def summarize(results: list[OptimizerResult]) -> list[Row]:
     reference = next((r for r in results if r.name == REFERENCE), None)
     reference_curve = mean_curve(reference.runs) if reference else None
@@ -120,8 +131,10 @@ def format_table(rows: list[Row]) -> str:
 
 
 def write_summary(path: Path, task: str, rows: list[Row], results: list[OptimizerResult]) -> None:
+    reference = next((r for r in results if r.name == REFERENCE), None)
     payload = {
         "task": task,
+        "adamw_last_fifth_drop": last_fifth_drop(reference.runs) if reference else None,
         "rows": [asdict(row) for row in rows],
         "grids": {r.name: {f"{lr:g}": loss for lr, loss in r.grid.items()} for r in results},
     }
