@@ -69,9 +69,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("kronlab-bench"))
     parser.add_argument("--peer", action="store_true", help="add sirfshampoo's own release")
+    parser.add_argument(
+        "--only", help="comma-separated variant labels to run, in this order (default: all)"
+    )
     args = parser.parse_args()
+    labels = args.only.split(",") if args.only else list(VARIANTS)
+    unknown = sorted(set(labels) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; available: {list(VARIANTS)}")
     rows = [("adamw (lr 3e-3)", run(kronlab_spec("adamw"), args.steps, args.out))]
-    for label, settings in VARIANTS.items():
+    for label in labels:
+        settings = VARIANTS[label]
         name = "sirf-" + label.replace(" ", "").replace("/", "div").replace("*", "x")
         rows.append((f"sirfshampoo {label}", run(sirf_spec(name, settings), args.steps, args.out)))
     if args.peer:

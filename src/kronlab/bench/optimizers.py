@@ -4,7 +4,7 @@ A peer is another library's implementation of one of kronlab's algorithms, built
 library's own defaults (only ``lr`` is swept, as for kronlab; the shared schedule and weight
 decay replace the library's own). Peers need the ``bench`` extra; a peer whose package is
 missing is skipped with a message naming the package. Peers that only handle some parameter
-kinds (``torch.optim.Muon``: matrices; SINGD: linear and conv layers) get AdamW for the rest,
+kinds (``torch.optim.Muon``: 2-D matrices; SINGD: linear and conv layers) get AdamW for the rest,
 with the same split as kronlab's Muon (``kronlab.optim.auxiliary_parameters``) where it applies.
 heavyball runs uncompiled (``heavyball.utils.compile_mode = None``): compiling its steps on CPU
 takes minutes per model, longer than the runs.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -69,8 +70,15 @@ def _split(model: nn.Module, primary: Iterable[nn.Parameter]) -> list[nn.Paramet
     return [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
 
 
-def _with_adamw(model: nn.Module, primary: Any, handled: Iterable[nn.Parameter]) -> Any:
+def _with_adamw(
+    model: nn.Module, build: Callable[[list[nn.Parameter]], Any], handled: list[nn.Parameter]
+) -> Any:
+    """``build(handled)`` plus AdamW for the other parameters (only AdamW when none is handled:
+    e.g. ``torch.optim.Muon`` on a conv net whose one matrix is the output head)."""
     rest = _split(model, handled)
+    if not handled:
+        return torch.optim.AdamW(rest, lr=AUXILIARY_ADAMW_LR)
+    primary = build(handled)
     if not rest:
         return primary
     return CombinedOptimizer(primary, torch.optim.AdamW(rest, lr=AUXILIARY_ADAMW_LR))
@@ -91,7 +99,8 @@ def _heavyball(name: str) -> Callable[[nn.Module, float], Any]:
         heavyball.utils.compile_mode = None
         if name == "Muon":  # Muon for the matrices, AdamW for the rest, as kronlab's
             matrices = _matrices(model)
-            return _with_adamw(model, heavyball.Muon(matrices, lr=lr, compile_step=False), matrices)
+            build = partial(heavyball.Muon, lr=lr, compile_step=False)
+            return _with_adamw(model, build, matrices)
         return getattr(heavyball, name)(model.parameters(), lr=lr, compile_step=False)
 
     return factory
@@ -108,7 +117,7 @@ def _pytorch_optimizer(name: str) -> Callable[[nn.Module, float], Any]:
 
 def _torch_muon(model: nn.Module, lr: float) -> Any:
     matrices = [p for p in _matrices(model) if p.ndim == 2]  # torch's Muon takes 2-D only
-    return _with_adamw(model, torch.optim.Muon(matrices, lr=lr), matrices)
+    return _with_adamw(model, partial(torch.optim.Muon, lr=lr), matrices)
 
 
 def _sirfshampoo(model: nn.Module, lr: float) -> Any:
@@ -122,8 +131,8 @@ def _singd(model: nn.Module, lr: float) -> Any:
 
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     handled = [p for layer in layers for p in layer.parameters()]
-    primary = SINGD(model, params=handled, lr=lr, warn_unsupported=False)
-    return _with_adamw(model, primary, handled)
+    build = partial(SINGD, model, lr=lr, warn_unsupported=False)
+    return _with_adamw(model, lambda params: build(params=params), handled)
 
 
 PEERS = (
