@@ -36,7 +36,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lam 1": {"lam": 1.0},
     "T 10": {"T": 10},
     "class defaults": PAPER,
-    "beta2 0.5, lr*3": {"beta2": 0.5, "lr": REGISTRY["lr"] * 3},
+    "beta2 0.5 lr*3": {"beta2": 0.5, "lr": REGISTRY["lr"] * 3},
 }
 
 
