@@ -307,6 +307,7 @@ def _run_attribute(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from kronlab import __version__
+    from kronlab.bench.cli import add_bench_parser
 
     parser = argparse.ArgumentParser(
         prog="kronlab", description="Kronecker-factored optimizers and influence functions."
@@ -318,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_compare(subparsers)
     _add_attribute(subparsers)
+    add_bench_parser(subparsers)
     for command in subparsers.choices.values():
         # Also accepted after the command; SUPPRESS keeps a flag given before it.
         command.add_argument(

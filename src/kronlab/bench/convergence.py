@@ -1,0 +1,77 @@
+"""``kronlab bench convergence``: which optimizer reaches AdamW's loss sooner, in steps and time.
+
+For each task: the protocol of :mod:`kronlab.bench.protocol` for each optimizer, then
+``<out>/<task>/table.md``, ``<task>.png``, ``summary.json`` and one JSON per run under
+``<out>/<task>/runs/`` (the cache: rerunning skips finished runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from kronlab.bench.optimizers import REFERENCE, optimizer_names, resolve
+from kronlab.bench.protocol import OptimizerResult, run_task
+from kronlab.bench.report import format_table, last_fifth_drop, plot, summarize, write_summary
+from kronlab.bench.tasks import TASK_NAMES, load_convergence_task
+
+
+def run_convergence(
+    tasks: Sequence[str] = TASK_NAMES,
+    optimizers: str = "kronlab",
+    *,
+    out: Path = Path("kronlab-bench"),
+    seeds: int = 3,
+    quick: bool = False,
+    steps: int | None = None,
+    jobs: int = 1,
+    show_progress: bool = True,
+    report: Callable[[str], None] = print,
+) -> dict[str, list[OptimizerResult]]:
+    """Run the benchmark; returns each task's results and writes its outputs under ``out``.
+
+    ``optimizers``: see :func:`kronlab.bench.optimizers.optimizer_names`; AdamW is always added
+    (it is the reference). Peers whose package is missing are skipped with a message. ``quick``:
+    one seed, each optimizer's default lr, the tasks' short budgets. ``steps`` overrides every
+    task's budget.
+    """
+    for task in tasks:
+        if task not in TASK_NAMES:
+            raise ValueError(f"unknown task {task!r}; available: {', '.join(TASK_NAMES)}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    names = optimizer_names(optimizers)
+    if REFERENCE not in names:
+        names.insert(0, REFERENCE)
+    specs = [resolve(name) for name in names]  # unknown names fail before any training
+    for spec in specs:
+        if not spec.available():
+            report(f"skipping {spec.name}: needs the {spec.package!r} package "
+                   "(pip install 'kronlab[bench]')")  # fmt: skip
+    specs = [spec for spec in specs if spec.available()]
+    seeds = 1 if quick else seeds
+    everything = {}
+    for task in tasks:
+        results = run_task(task, specs, out, seeds=seeds, quick=quick, steps=steps, jobs=jobs,
+                           show_progress=show_progress, report=report)  # fmt: skip
+        rows = summarize(results)
+        directory = out / task
+        directory.mkdir(parents=True, exist_ok=True)
+        table = format_table(rows)
+        (directory / "table.md").write_text(table + "\n")
+        write_summary(directory / "summary.json", task, rows, results)
+        budget = results[0].runs[0].settings["steps"]
+        profile = "quick" if quick else f"{seeds} seeds"
+        title = f"{task}: {budget} steps, {profile}"
+        written = [directory / "table.md", directory / "summary.json"]
+        if plot(directory / f"{task}.png", title, results):
+            written.append(directory / f"{task}.png")
+        else:
+            report(f"matplotlib is not installed: skipped {task}.png (pip install 'kronlab[plot]')")
+        report(f"\n{task} — {load_convergence_task(task).description}\n{table}")
+        reference = next(r for r in results if r.name == REFERENCE)
+        drop = last_fifth_drop(reference.runs)
+        report(f"AdamW's validation loss fell {100 * drop:.1f}% over the last fifth of the run")
+        report("wrote " + ", ".join(str(path) for path in written))
+        everything[task] = results
+    return everything
