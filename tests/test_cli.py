@@ -2,6 +2,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from kronlab.cli import main, parse_learning_rates
 
@@ -161,3 +162,28 @@ def test_step_time_keeps_amortized_refreshes_and_drops_slow_blocks():
     steps = [0.010 if step % 10 == 9 else 0.001 for step in range(200)]
     steps[:60] = [20 * seconds for seconds in steps[:60]]
     assert step_ms(steps) == pytest.approx(1.9)
+
+
+def test_attribute_help_shows_defaults_and_the_jsonl_forms(capsys):
+    with pytest.raises(SystemExit):
+        main(["attribute", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: ekfac)" in text and "(default: 0.1)" in text
+    assert '{"text": "..."}' in text and '{"input": [numbers], "label": class index}' in text
+
+
+def test_attribute_rerun_says_nothing_was_written(tmp_path, capsys):
+    from kronlab.tasks.digits import digits_mlp
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    torch.save(digits_mlp(0).state_dict(), cache / "digits-mlp-seed0.pt")
+    arguments = ["attribute", "--run-dir", str(tmp_path / "run"), "--cache-dir", str(cache)]
+    arguments += ["--num-train", "64", "--projection-dim", "4", "--no-progress"]
+    assert main(arguments) == 0
+    first = capsys.readouterr().out
+    assert "report.md" in first.splitlines()[-1] and "top_k.npz" in first
+    assert main(arguments) == 0
+    assert "nothing to do" in capsys.readouterr().out.splitlines()[-1]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "the first 4 of 10 queries" in report

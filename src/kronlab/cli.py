@@ -149,6 +149,25 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_setting_defaults(group: argparse._ArgumentGroup) -> None:
+    """Append each setting's default (``AttributionConfig``'s) to its help: the parser's own
+    defaults are None so that a run directory's ``config.json`` can fill them in."""
+    from dataclasses import fields
+
+    from kronlab.attribution.pipeline import AttributionConfig
+
+    defaults = AttributionConfig()
+    known = {field.name for field in fields(AttributionConfig)}
+    for action in group._group_actions:
+        if action.dest in known:
+            value = getattr(defaults, action.dest)
+            shown = {"modules": "all trackable modules", "bias": "biases included"}.get(
+                action.dest, value
+            )
+            text = (action.help or "").replace("%", "%%")
+            action.help = f"{text} (default: {shown})".lstrip()
+
+
 def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
     from kronlab.attribution.pipeline import COMPRESSIONS, DEFAULT_MAX_STORE_GB, METHODS, STAGES
     from kronlab.attribution.store import STORAGE_DTYPES
@@ -172,7 +191,12 @@ def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
     setting.add_argument(
         "--model", help="digits-mlp | tiny-gpt | package.module:function | HF model directory"
     )
-    setting.add_argument("--data", help="digits | stdlib-text | file.jsonl | HF dataset directory")
+    setting.add_argument(
+        "--data",
+        help='digits | stdlib-text | file.jsonl | HF dataset directory; a JSONL file (or dataset) '
+        'holds one record per line, all of one form: {"text": "..."} (tokenized with the model '
+        "directory's tokenizer, else as bytes) or {\"input\": [numbers], \"label\": class index}",
+    )
     setting.add_argument("--queries", help="test (the data's held-out split) or a data spec")
     setting.add_argument("--num-queries", type=int)
     setting.add_argument("--num-train", type=int, help="use the first N training examples")
@@ -203,6 +227,7 @@ def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
         const=False,
         help="leave the tracked layers' biases out of the curvature, the store and the scores",
     )
+    _show_setting_defaults(setting)
     add_bergson_flags(setting)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted stage")
     parser.add_argument("--cache-dir", type=Path, help="where embedded models are cached")
@@ -290,6 +315,13 @@ def _run_attribute(args: argparse.Namespace) -> int:
         max_store_gb=args.max_store_gb,
         dense_scores=not args.no_scores_file,
     )
+    results = [
+        run.scores_path,
+        run.top_k_path,
+        args.run_dir / "report.md",
+        args.run_dir / "top_examples.png",
+    ]
+    before = {path: _modified(path) for path in results}
     if args.stage == "run":
         run.run(resume=args.resume)
     elif args.stage in ("build", "apply"):
@@ -299,10 +331,20 @@ def _run_attribute(args: argparse.Namespace) -> int:
     if workers.is_main:
         done = [stage for stage in run.stage_order() if run.is_complete(stage)]
         print(f"{args.run_dir}: complete stages: {', '.join(done) or 'none'}")
-        if run.is_complete("score"):
-            scores = run.scores_path if run.scores_path.exists() else run.top_k_path
-            print(f"wrote {scores}, {args.run_dir / 'report.md'}")
+        written = [str(path) for path in results if _modified(path) not in (None, before[path])]
+        if written:
+            print(f"wrote {', '.join(written)}")
+        elif run.is_complete("score"):
+            print(f"nothing to do: the results are already in {args.run_dir / 'report.md'}")
     return 0
+
+
+def _modified(path: Path) -> int | None:
+    """The file's modification time in ns, or None when there is no such file."""
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:

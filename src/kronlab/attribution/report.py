@@ -6,6 +6,7 @@ loss (Koh & Liang 2017); an opponent has the most negative score.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,11 @@ def write_report(
         f"- scores: {stored}, {queries} queries × {ranked.num_train} training examples",
         "",
     ]
+    if shown < queries:
+        lines[-1:-1] = [
+            f"- shown below: the first {shown} of {queries} queries (`--report-queries`); "
+            "`top_k.npz` holds every query's proponents and opponents"
+        ]
     for query in range(shown):
         lines.append(f"## Query {query}: {task.queries.describe(query)}")
         lines.append("")
@@ -70,6 +76,14 @@ def write_report(
     if shown and _plot(run_dir / "top_examples.png", task, scores, proponents, opponents):
         written.append(run_dir / "top_examples.png")
         lines.append("![top proponents and opponents](top_examples.png)")
+    elif shown:
+        lines.append("(top_examples.png not drawn: matplotlib is not installed; pip install "
+                     "'kronlab[plot]')")  # fmt: skip
+        warnings.warn(
+            "matplotlib is not installed: top_examples.png not drawn (pip install 'kronlab[plot]')",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     return written
 
