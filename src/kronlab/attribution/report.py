@@ -67,9 +67,11 @@ def write_report(
         lines.append("| rank | proponent | score | opponent | score |")
         lines.append("| ---: | --- | ---: | --- | ---: |")
         for rank, (plus, minus) in enumerate(zip(proponents[query], opponents[query]), 1):
+            # By sign: a proponent has a positive score, an opponent a negative one; where a
+            # query has fewer of one kind than --top-k, the cell stays empty.
             lines.append(
-                f"| {rank} | #{plus} {task.train.describe(plus)} | {scores[query, plus]:.4g} "
-                f"| #{minus} {task.train.describe(minus)} | {scores[query, minus]:.4g} |"
+                f"| {rank} | {_cell(task, plus, scores[query, plus], 1)} "
+                f"| {_cell(task, minus, scores[query, minus], -1)} |"
             )
         lines.append("")
     written = [run_dir / "report.md"]
@@ -86,6 +88,13 @@ def write_report(
         )
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     return written
+
+
+def _cell(task: AttributionTask, index: int, score: float, sign: int) -> str:
+    """``#index description | score`` when the score has the column's sign, else empty."""
+    if score * sign <= 0:
+        return "— | —"
+    return f"#{index} {task.train.describe(index)} | {score:.4g}"
 
 
 def _plot(
@@ -116,8 +125,9 @@ def _plot(
         cells += [(task.train, int(t), "−", scores[query, int(t)]) for t in opponents[query]]
         for axis, (examples, index, tag, score) in zip(axes[query], cells):
             _draw(axis, examples, index, images)
-            title = f"{tag} #{index}" if score is None else f"{tag} {score:.2g}"
-            axis.set_title(title, fontsize=7, color="green" if tag == "+" else "black")
+            title = f"{tag} #{index}" if score is None else f"#{index}: {score:+.2g}"
+            color = "black" if score is None else "green" if score > 0 else "firebrick"
+            axis.set_title(title, fontsize=7, color=color)
     figure.suptitle("query | top proponents (+) | top opponents (−)", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
