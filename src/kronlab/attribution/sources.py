@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import os
 import pickle
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -482,6 +483,13 @@ def load_task(
     """Model, loss and examples for the pipeline; the loss follows the kind of data."""
     network = load_model(model, seed=seed, cache_dir=cache_dir)
     tokenizer_dir = Path(model) if _has_tokenizer(Path(model)) else None
+    if tokenizer_dir is None and Path(model).is_dir():
+        warnings.warn(
+            f"--model {model!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): text is "
+            "encoded as bytes, which only fits a model trained on bytes",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     train = load_examples(data, "train", length=length, tokenizer_dir=tokenizer_dir, seed=seed)
     if queries == "test":
         query_set = load_examples(
