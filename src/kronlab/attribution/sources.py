@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import os
 import pickle
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -224,6 +225,11 @@ def load_model(spec: str, seed: int = 0, cache_dir: Path | None = None) -> nn.Mo
                     "delete it and the next run trains it again"
                 ) from None
         else:
+            print(
+                f"training the embedded {spec} (seed {seed}) once; it is cached in {cache} "
+                "(--cache-dir or KRONLAB_CACHE_DIR to choose where)",
+                file=sys.stderr,
+            )
             model = train(seed)
             cache.parent.mkdir(parents=True, exist_ok=True)
             temporary = cache.with_suffix(".tmp")
