@@ -49,3 +49,6 @@ def test_opponents_and_proponents_are_named_by_the_sign_of_their_score(tmp_path)
     assert "| 2 | #1 label 1 | 2 | — | — |" in query_0
     assert "| 1 | — | — | #4 label 4 | -7 |" in query_1
     assert "the first 2 of 2" not in report  # every query is shown
+    # the model's class for each query (an identity on zero inputs predicts class 0)
+    assert "## Query 0: label 0, predicted 0 (right)" in report
+    assert "## Query 1: label 1, predicted 0 (wrong)" in report

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from kronlab.attribution.ranking import RankedScores
 from kronlab.attribution.sources import AttributionTask, ExampleSet
@@ -62,7 +63,7 @@ def write_report(
             "`top_k.npz` holds every query's proponents and opponents"
         ]
     for query in range(shown):
-        lines.append(f"## Query {query}: {task.queries.describe(query)}")
+        lines.append(f"## Query {query}: {task.queries.describe(query)}{_prediction(task, query)}")
         lines.append("")
         lines.append("| rank | proponent | score | opponent | score |")
         lines.append("| ---: | --- | ---: | --- | ---: |")
@@ -88,6 +89,20 @@ def write_report(
         )
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     return written
+
+
+def _prediction(task: AttributionTask, query: int) -> str:
+    """``, predicted 3 (right)`` for a labelled query (the model's arg-max class), else ``""``."""
+    if task.queries.kind == "text":
+        return ""
+    inputs, labels = task.queries.batch(query, query + 1)
+    parameter = next(task.model.parameters(), None)
+    device = parameter.device if parameter is not None else inputs.device
+    with torch.no_grad():
+        output = task.model(inputs.to(device))
+    logits = getattr(output, "logits", output)
+    predicted = int(logits.argmax(-1).reshape(-1)[0])
+    return f", predicted {predicted} ({'right' if predicted == int(labels[0]) else 'wrong'})"
 
 
 def _cell(task: AttributionTask, index: int, score: float, sign: int) -> str:
