@@ -119,10 +119,19 @@ def reference_trajectory(
 
     if variant in ("eigenvalue_corrected", "per_factor"):  # the identity basis until a refresh
         cache["left_vectors"], cache["right_vectors"] = identity_m, identity_n
+    # SOAP proper (eigenvalue-corrected, no grafting): step 1 only measures the factors; the
+    # moments start at step 2, in the basis refreshed after step 1.
+    measure_first = variant == "eigenvalue_corrected" and grafting == "none"
     for step, gradient in enumerate(gradients, start=1):
+        if measure_first and step == 1:
+            left = ema(left, gradient @ gradient.T)
+            right = ema(right, gradient.T @ gradient)
+            refresh(bias(beta2, step))
+            trajectory.append(weight.clone())
+            continue
         momentum = beta1 * momentum + (1 - beta1) * gradient
         filtered = (beta1 * momentum + (1 - beta1) * gradient) if nesterov else momentum
-        filtered = filtered / bias(beta1, step)
+        filtered = filtered / bias(beta1, step - 1 if measure_first else step)
         factor_bias = bias(beta2, step)
 
         # KL-Shampoo: the other factor's (stale) inverse in this step's statistics.

@@ -133,14 +133,14 @@ def test_identity_multiple_factors_give_gradient_over_its_scale(variant: str) ->
     torch.testing.assert_close(after, -lr * gradient / (scale**2 + epsilon) ** 0.5)
 
 
-def test_eigenvalue_corrected_first_step_is_sign_like_in_the_eigenbasis() -> None:
-    # Step 1: E = G̃² after bias correction, so the direction is Q[G̃/(|G̃| + ε)]Qᵀ; with the
-    # identity-multiple gradient above G̃ = c·QᵀHQ and the direction is H·c/(c + ε) entrywise
-    # only where |G̃| is uniform; compare against that formula computed here.
+def test_eigenvalue_corrected_first_update_is_sign_like_in_the_eigenbasis() -> None:
+    # Step 1 only measures; step 2 (same gradient): E = G̃² after bias correction, so the
+    # direction is Q[G̃/(|G̃| + ε)]Qᵀ, and a diagonal G has the identity as eigenbasis (up to
+    # order and signs): the direction is G/(|G| + ε) entrywise.
     gradient = torch.diag(torch.tensor([3.0, -2.0, 0.5], dtype=torch.float64))
-    (after,) = run_optimizer(
+    first, after = run_optimizer(
         torch.zeros(3, 3, dtype=torch.float64),
-        [gradient],
+        [gradient, gradient],
         lr=1.0,
         betas=(0.0, 0.9),
         epsilon=0.25,
@@ -149,7 +149,34 @@ def test_eigenvalue_corrected_first_step_is_sign_like_in_the_eigenbasis() -> Non
     )
     expected = -gradient / (gradient.abs() + 0.25)
     expected[gradient == 0] = 0.0
+    torch.testing.assert_close(first, torch.zeros(3, 3, dtype=torch.float64))
     torch.testing.assert_close(after, expected)
+
+
+def test_soap_first_step_measures_and_second_uses_its_eigenbasis() -> None:
+    # SOAP (Vyas et al., 2024): step 1 accumulates the factors and installs their eigenbasis
+    # without moving the parameters; step 2 is Adam started from scratch in that basis:
+    # M = g₂, v = (Qₗᵀ g₂ Qᵣ)², direction Qₗ[(Qₗᵀ g₂ Qᵣ) / (|Qₗᵀ g₂ Qᵣ| + ε)]Qᵣᵀ. Any Adam step
+    # at step 1 (or moments measured in the identity basis) changes both steps.
+    generator = torch.Generator().manual_seed(5)
+    first_gradient, second_gradient = torch.randn(2, 4, 4, generator=generator, dtype=torch.float64)
+    weight = torch.randn(4, 4, generator=generator, dtype=torch.float64)
+    lr, epsilon = 0.1, 1e-3
+    after_first, after_second = run_optimizer(
+        weight,
+        [first_gradient, second_gradient],
+        lr=lr,
+        betas=(0.95, 0.95),
+        epsilon=epsilon,
+        preconditioner="eigenvalue_corrected",
+        grafting="none",
+    )
+    torch.testing.assert_close(after_first, weight, rtol=0, atol=0)
+    left = torch.linalg.eigh(first_gradient @ first_gradient.T).eigenvectors
+    right = torch.linalg.eigh(first_gradient.T @ first_gradient).eigenvectors
+    rotated = left.T @ second_gradient @ right
+    direction = left @ (rotated / (rotated.abs() + epsilon)) @ right.T
+    torch.testing.assert_close(after_second, weight - lr * direction, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("variant", ["root_inv", "eigendecomposed", "per_factor"])

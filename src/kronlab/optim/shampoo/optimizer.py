@@ -101,8 +101,10 @@ class Shampoo(KronOptimizer):
     size → eigenvalue correction and direction → grafting (per-block norm matching) → weight
     decay → update. Before ``start_preconditioning_step`` the grafting direction is used alone.
     The eigenvalue-corrected variants decompose after the direction instead (SOAP's order: the
-    basis never contains the gradient it measures; their first step uses the identity basis,
-    i.e. is Adam's); the others decompose before it (Distributed Shampoo's order).
+    basis never contains the gradient it measures; before the first refresh they use the
+    identity basis, except SOAP's own path (no grafting, preconditioned from step 1), whose first
+    step only measures the factors and does not move the parameters, as in SOAP); the others
+    decompose before it (Distributed Shampoo's order).
 
     Parameters with at most one dim > 1 get ``vector_preconditioner``: ``"diagonal"`` (Adam with
     this optimizer's β₂, ε), ``"grafting"`` (the grafting direction), or ``"dense"`` (a one-factor

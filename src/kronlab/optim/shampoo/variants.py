@@ -242,6 +242,12 @@ def correct_and_precondition(
         return precondition_in_eigenbasis(
             filtered, state["eigenvectors"], kronecker_outer(scalings)
         )
+    if "eigenvectors" not in state and momentum_in_eigenbasis(settings):
+        # SOAP's first step: no basis has been measured yet, so it only feeds the factors (the
+        # refresh after it installs their eigenbasis) and starts no moment. An Adam step in the
+        # identity basis here would leave a second moment measured in the wrong basis for the
+        # first eigenbasis steps.
+        return torch.zeros_like(gradient)
     eigenvectors = _identity_basis_unless_refreshed(state, filtered)
     if settings.distributed_shampoo_order:  # ``E_k`` was updated with the statistics
         return _per_factor_direction(state, settings, filtered, eigenvectors)
@@ -252,8 +258,16 @@ def correct_and_precondition(
         rotated_gradient = to_eigenbasis(gradient, eigenvectors)
         update_second_moment_(state["second_moment"], rotated_gradient, settings.beta2)
         if momentum_in_eigenbasis(settings):  # ``filtered`` is the raw gradient here
-            numerator, momentum_correction = momentum_numerator(
+            numerator, _ = momentum_numerator(
                 state, rotated_gradient, settings, "eigenbasis_momentum"
+            )
+            # the moment started with the second moment (not at the measuring first step)
+            momentum_correction = (
+                1.0
+                if settings.beta1 == 0.0
+                else bias_correction(
+                    settings.beta1, state["correction_step"], settings.bias_correction
+                )
             )
         else:
             numerator, momentum_correction = to_eigenbasis(filtered, eigenvectors), 1.0
