@@ -27,28 +27,3 @@ class ClassificationTask:
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(logits, targets)
-
-
-def _digits() -> ClassificationTask:
-    from kronlab.tasks.digits import digits_task
-
-    return digits_task()
-
-
-def _digits_cnn() -> ClassificationTask:
-    from kronlab.tasks.digits import digits_task
-
-    return digits_task(model="cnn")
-
-
-_TASKS: dict[str, Callable[[], ClassificationTask]] = {"digits": _digits, "digits-cnn": _digits_cnn}
-
-
-def available_tasks() -> list[str]:
-    return sorted(_TASKS)
-
-
-def load_task(name: str) -> ClassificationTask:
-    if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; available: {', '.join(available_tasks())}")
-    return _TASKS[name]()
