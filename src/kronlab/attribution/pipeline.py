@@ -34,7 +34,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,13 +44,13 @@ from tqdm.auto import tqdm
 
 from kronlab.attribution import curvature_access
 from kronlab.attribution.compression import (
-    COMPRESSION_STRATEGIES,
     CompressionStrategy,
     compression_strategy,
     module_projections,
     project_blocks,
     projected_side,
 )
+from kronlab.attribution.config import AttributionConfig
 from kronlab.attribution.curvature import Curvature
 from kronlab.attribution.distributed import Workers
 from kronlab.attribution.fused import fused_activations
@@ -66,7 +66,6 @@ from kronlab.attribution.integrity import (
 from kronlab.attribution.ranking import RankedScores, StreamedTopK
 from kronlab.attribution.sources import AttributionTask, ExampleSet, load_task, model_fingerprint
 from kronlab.attribution.store import (
-    STORAGE_DTYPES,
     GradientStore,
     ModuleBlock,
     StoreMismatchError,
@@ -76,13 +75,10 @@ from kronlab.attribution.store import (
 )
 from kronlab.curvature import bias_in_curvature, find_modules, layer_spec, per_example_gradients
 from kronlab.linalg.finite import all_finite
-from kronlab.linalg.projection import PROJECTION_KINDS
 from kronlab.optim.validation import check_choice, check_range
 
 STAGES = ("build", "fit", "apply", "score")
 T = TypeVar("T")
-COMPRESSIONS = tuple(COMPRESSION_STRATEGIES)
-METHODS = ("kfac", "ekfac")
 CONFIG_FILE = "config.json"
 # Refuse a gradient store above this many GB unless asked: full per-example gradients of even a
 # small model take gigabytes for a few thousand examples.
@@ -97,81 +93,6 @@ _FALLOCATE_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 class StageMismatchError(ValueError):
     """A stage's input was produced from another model, data or setting than this run's."""
-
-
-@dataclass(frozen=True)
-class AttributionConfig:
-    """Everything that determines a run's results (saved as ``config.json``).
-
-    ``damping`` is a factor of the mean curvature eigenvalue. ``projection_dim=0`` stores full
-    gradients; ``projection_kind`` is one of :data:`kronlab.linalg.projection.PROJECTION_KINDS`.
-    ``compression``: ``"project"`` (store ``P_S G_t P_Aᵀ``, queries ``P_S (H⁻¹G_q) P_Aᵀ``),
-    ``"folded"`` (K-FAC only: ``M = P (F + δI)^{-1/2}`` on both sides, per-factor damping) or
-    ``"whitened"`` (store ``M_S G_t M_Aᵀ``, queries ``L_S (H⁻¹G_q) L_Aᵀ`` with
-    ``L = P (F + δI)^{1/2}``: exactly the K-FAC / EK-FAC score without projection, and a sketch
-    of well-conditioned vectors with it; see :mod:`kronlab.attribution.compression`).
-    ``chunk_rows`` is the unit of commit (and of resume); ``batch_size`` the number of examples
-    per forward/backward pass. ``bias=False`` leaves the tracked layers' biases out of the
-    curvature, the stored gradients and the scores.
-    """
-
-    model: str = "digits-mlp"
-    data: str = "digits"
-    queries: str = "test"
-    num_queries: int = 10
-    num_train: int | None = None
-    modules: tuple[str, ...] | None = None
-    method: str = "ekfac"
-    fisher: str = "true"
-    damping: float = 0.1
-    projection_dim: int = 0
-    projection_kind: str = "orthogonal"
-    compression: str = "project"
-    dtype: str = "float32"
-    batch_size: int = 64
-    chunk_rows: int = 256
-    length: int = 64
-    seed: int = 0
-    train_store: str | None = None
-    top_k: int = 5
-    report_queries: int = 4
-    bias: bool = True
-
-    def __post_init__(self) -> None:
-        check_range("num_queries", self.num_queries, 1, integer=True)
-        if self.num_train is not None:
-            check_range("num_train", self.num_train, 1, integer=True)
-        check_choice("method", self.method, METHODS)
-        check_choice("fisher", self.fisher, ("empirical", "true"))
-        check_range("damping", self.damping, 0.0, low_inclusive=False)
-        check_range("projection_dim", self.projection_dim, 0, integer=True)
-        check_choice("projection_kind", self.projection_kind, PROJECTION_KINDS)
-        check_choice("compression", self.compression, COMPRESSIONS)
-        check_choice("dtype", self.dtype, STORAGE_DTYPES)
-        check_range("batch_size", self.batch_size, 1, integer=True)
-        check_range("chunk_rows", self.chunk_rows, 1, integer=True)
-        check_range("length", self.length, 2, integer=True)
-        check_range("top_k", self.top_k, 1, integer=True)
-        check_range("report_queries", self.report_queries, 0, integer=True)
-        check_choice("bias", self.bias, (True, False))
-        compression_strategy(self.compression).check_method(self.method)
-        if self.modules is not None and not isinstance(self.modules, tuple):
-            object.__setattr__(self, "modules", tuple(self.modules))
-
-    def to_json(self) -> dict:
-        data = asdict(self)
-        data["modules"] = None if self.modules is None else list(self.modules)
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict) -> AttributionConfig:
-        known = {field.name for field in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"config.json has unknown settings {unknown}")
-        if data.get("modules") is not None:
-            data = {**data, "modules": tuple(data["modules"])}
-        return cls(**data)
 
 
 def _with_bias_setting(stage: Callable[..., T]) -> Callable[..., T]:

@@ -1,7 +1,6 @@
 """Gradient compression for the attribution store: random projections and the modes that use
 them (``project``, ``folded``, ``whitened``), each a :class:`CompressionStrategy`."""
 
-from kronlab.attribution.compression import folded, project, whitened  # noqa: F401 (registers)
 from kronlab.attribution.compression.base import (
     COMPRESSION_STRATEGIES,
     CompressionStrategy,
@@ -15,6 +14,13 @@ from kronlab.attribution.compression.projection import (
     project_blocks,
     projected_side,
 )
+
+# Registration: one import per mode, in the order the command line lists them.
+# isort: off
+from kronlab.attribution.compression import project  # noqa: F401
+from kronlab.attribution.compression import folded  # noqa: F401
+from kronlab.attribution.compression import whitened  # noqa: F401
+# isort: on
 
 __all__ = [
     "COMPRESSION_STRATEGIES",
