@@ -4,7 +4,6 @@ attribution."""
 from kronlab.factors.damping import DAMPING_KINDS, Damping
 from kronlab.factors.eigenbasis import KroneckerEigenbasis
 from kronlab.factors.kronecker import (
-    axis_outer_products,
     from_eigenbasis,
     kronecker_outer,
     kronecker_product_apply,
@@ -33,7 +32,6 @@ __all__ = [
     "MatrixStructure",
     "TriangularStructure",
     "make_structure",
-    "axis_outer_products",
     "from_eigenbasis",
     "kronecker_outer",
     "kronecker_product_apply",
