@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -16,21 +16,21 @@ from kronlab.linalg.projection import PROJECTION_KINDS
 from kronlab.optim.validation import check_choice, check_range
 
 METHODS = ("kfac", "ekfac")
-COMPRESSIONS = tuple(COMPRESSION_STRATEGIES)
 
 
 @dataclass(frozen=True)
 class Setting:
     """What a setting accepts and how the command line spells it.
 
-    ``low`` (with ``integer`` / ``low_inclusive``) and ``choices`` validate the value;
+    ``low`` (with ``integer`` / ``low_inclusive``) and ``choices`` (any container, e.g. a
+    registry) validate the value;
     ``parse`` turns the flag's text into it (default: ``int`` for integers, the default's type
     for numbers, else text); ``flag`` + ``const`` make a switch that stores ``const``;
     ``shown_default`` replaces the default in the help.
     """
 
     help: str = ""
-    choices: tuple[Any, ...] | None = None
+    choices: Collection[Any] | None = None
     low: float | None = None
     integer: bool = False
     low_inclusive: bool = True
@@ -106,7 +106,7 @@ class AttributionConfig:
         "project",
         "project: P (H⁻¹G_q) vs P G_t; folded (K-FAC only): P (F+δ)^(-1/2) on both; "
         "whitened: P (F+δ)^(1/2) H⁻¹G_q vs P (F+δ)^(-1/2) G_t, best with --projection-dim",
-        choices=COMPRESSIONS,
+        choices=COMPRESSION_STRATEGIES,  # the live registry: a mode registered later counts
     )
     dtype: str = setting("float32", "storage dtype of the store", choices=STORAGE_DTYPES)
     batch_size: int = setting(64, low=1, integer=True)
