@@ -78,7 +78,19 @@ def factor_eigenvalue_powers(
             f"Invalid damping kind: {damping.kind!r} for a factor-wise power "
             f"(allowed: {', '.join(map(repr, FACTORWISE_KINDS))})"
         )
+    values = clamped_scaled(eigenvalues, scale)
+    return shifted_power(values, damping.shift(values, 1), exponent)
+
+
+def clamped_scaled(eigenvalues: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``s · max(λ, 0)``: a factor's spectrum without negative round-off, scaled."""
     values = eigenvalues.clamp_min(0.0)
-    if scale != 1.0:
-        values = values * scale
-    return (values + damping.shift(values, 1)).pow(exponent)
+    return values * scale if scale != 1.0 else values
+
+
+def shifted_power(
+    values: torch.Tensor, shift: torch.Tensor | float, exponent: float
+) -> torch.Tensor:
+    """``(λ + δ)^exponent``: the damped power once ``δ`` is known (the optimizers' hot path
+    calls it with their ``ε`` directly, skipping the rule object)."""
+    return (values + shift).pow(exponent)

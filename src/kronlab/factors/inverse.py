@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kronlab.factors.damping import Damping, factor_eigenvalue_powers
+from kronlab.factors.damping import clamped_scaled, shifted_power
 from kronlab.factors.eigenbasis import eigenbasis_matrix
 from kronlab.linalg.symmetric import symmetric_product
 
@@ -19,8 +19,7 @@ def damped_inverse_root_scales(
     eigenvalues: torch.Tensor, epsilon: float, exponent: float, scale: float = 1.0
 ) -> torch.Tensor:
     """``(scale · λ + ε)^{-exponent}``, with negative round-off eigenvalues clamped to 0."""
-    damping = Damping("per_factor_absolute", epsilon)
-    return factor_eigenvalue_powers(eigenvalues, -exponent, damping, scale)
+    return shifted_power(clamped_scaled(eigenvalues, scale), epsilon, -exponent)
 
 
 def damped_inverse_root(
