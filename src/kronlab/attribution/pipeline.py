@@ -42,7 +42,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kronlab.attribution import curvature_access
 from kronlab.attribution.compression import (
     CompressionStrategy,
     compression_strategy,
@@ -52,6 +51,7 @@ from kronlab.attribution.compression import (
 )
 from kronlab.attribution.config import AttributionConfig
 from kronlab.attribution.curvature import Curvature
+from kronlab.attribution.curvature_access import fit as fit_distributed
 from kronlab.attribution.distributed import Workers
 from kronlab.attribution.fused import fused_activations
 from kronlab.attribution.integrity import (
@@ -602,7 +602,7 @@ class AttributionRun:
         progress = self._progress(passes * len(task.train), f"fit ({self.config.method})")
         batches = TrainingBatches(task.train, self.config.batch_size, self.workers.device, progress)
         with self._model_execution():
-            curvature = curvature_access.fit(
+            curvature = fit_distributed(
                 task.model,
                 batches,
                 task.loss_fn,
