@@ -94,6 +94,13 @@ def test_stacked_eigenbasis_applies_each_block_its_own_factors():
         torch.testing.assert_close(result[i], expected)
     assert basis.eigenvalue_tensor().shape == (4, 3, 2)
     torch.testing.assert_close(basis.eigenvalue_tensor()[2], torch.outer(lv[2], rv[2]))
+    # Relative damping is relative to each block's own mean eigenvalue.
+    relative = basis.damped_inverse(blocks, Damping("relative_to_mean", 0.5))
+    for i in range(4):
+        hessian = torch.kron(left[i], right[i])
+        delta = 0.5 * torch.linalg.eigvalsh(hessian).mean()
+        dense = torch.linalg.inv(hessian + delta * torch.eye(6, dtype=torch.float64))
+        torch.testing.assert_close(relative[i], (dense @ blocks[i].flatten()).reshape(3, 2))
 
 
 def test_corrected_eigenvalues_and_identity_axis():
