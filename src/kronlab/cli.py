@@ -149,29 +149,37 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_setting_defaults(group: argparse._ArgumentGroup) -> None:
-    """Append each setting's default (``AttributionConfig``'s) to its help: the parser's own
+def _add_settings(group: argparse._ArgumentGroup) -> None:
+    """One flag per ``AttributionConfig`` field, generated from the field's ``Setting``: its
+    help with the config's default appended, its choices and its parser. The flags' own
     defaults are None so that a run directory's ``config.json`` can fill them in."""
     from dataclasses import fields
 
-    from kronlab.attribution.pipeline import AttributionConfig
+    from kronlab.attribution.config import AttributionConfig, setting_of
 
-    defaults = AttributionConfig()
-    known = {field.name for field in fields(AttributionConfig)}
-    for action in group._group_actions:
-        if action.dest in known:
-            value = getattr(defaults, action.dest)
-            shown = {"modules": "all trackable modules", "bias": "biases included"}.get(
-                action.dest, value
-            )
-            text = (action.help or "").replace("%", "%%")
-            action.help = f"{text} (default: {shown})".lstrip()
+    for config_field in fields(AttributionConfig):
+        declared = setting_of(config_field)
+        default = config_field.default
+        shown = default if declared.shown_default is None else declared.shown_default
+        text = f"{declared.help} (default: {shown})".lstrip().replace("%", "%%")
+        flag = declared.flag or "--" + config_field.name.replace("_", "-")
+        if declared.const is not None:
+            group.add_argument(
+                flag, dest=config_field.name, action="store_const", const=declared.const,
+                help=text,
+            )  # fmt: skip
+            continue
+        parse = declared.parse
+        if parse is None and (declared.integer or type(default) in (int, float)):
+            parse = int if declared.integer or type(default) is int else float
+        group.add_argument(
+            flag, dest=config_field.name, type=parse, choices=declared.choices, help=text
+        )
 
 
 def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
-    from kronlab.attribution.pipeline import COMPRESSIONS, DEFAULT_MAX_STORE_GB, METHODS, STAGES
-    from kronlab.attribution.store import STORAGE_DTYPES
-    from kronlab.linalg.projection import PROJECTION_KINDS
+    from kronlab.attribution.pipeline import DEFAULT_MAX_STORE_GB, STAGES
+    from kronlab.compat.bergson import STAGE_ALIASES, add_bergson_flags
 
     parser = subparsers.add_parser(
         "attribute",
@@ -182,52 +190,11 @@ def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
         "(trained once, then cached) and 10 test queries. Under `torchrun --nproc-per-node N` "
         "the work is split across ranks.",
     )
-    from kronlab.compat.bergson import STAGE_ALIASES, add_bergson_flags
-
     parser.add_argument("stage", nargs="?", default="run", choices=(*STAGES, "run", *STAGE_ALIASES))
     parser.add_argument("--run-dir", type=Path, default=Path("kronlab-attribute"))
     # Settings default to None: taken from the run directory's config.json, else the defaults.
     setting = parser.add_argument_group("settings (pinned in config.json)")
-    setting.add_argument(
-        "--model", help="digits-mlp | tiny-gpt | package.module:function | HF model directory"
-    )
-    setting.add_argument(
-        "--data",
-        help='digits | stdlib-text | file.jsonl | HF dataset directory; a JSONL file (or dataset) '
-        'holds one record per line, all of one form: {"text": "..."} (tokenized with the model '
-        "directory's tokenizer, else as bytes) or {\"input\": [numbers], \"label\": class index}",
-    )
-    setting.add_argument("--queries", help="test (the data's held-out split) or a data spec")
-    setting.add_argument("--num-queries", type=int)
-    setting.add_argument("--num-train", type=int, help="use the first N training examples")
-    setting.add_argument("--modules", help="comma-separated module names or glob patterns")
-    setting.add_argument("--method", choices=METHODS)
-    setting.add_argument("--fisher", choices=("empirical", "true"))
-    setting.add_argument("--damping", type=float, help="factor of the mean eigenvalue")
-    setting.add_argument("--projection-dim", type=int, help="0 stores full gradients")
-    setting.add_argument("--projection-kind", choices=PROJECTION_KINDS)
-    setting.add_argument(
-        "--compression",
-        choices=COMPRESSIONS,
-        help="project: P (H⁻¹G_q) vs P G_t; folded (K-FAC only): P (F+δ)^(-1/2) on both; "
-        "whitened: P (F+δ)^(1/2) H⁻¹G_q vs P (F+δ)^(-1/2) G_t, best with --projection-dim",
-    )
-    setting.add_argument("--dtype", choices=STORAGE_DTYPES, help="storage dtype of the store")
-    setting.add_argument("--batch-size", type=int)
-    setting.add_argument("--chunk-rows", type=int, help="rows per committed chunk")
-    setting.add_argument("--length", type=int, help="tokens per text sequence")
-    setting.add_argument("--seed", type=int)
-    setting.add_argument("--train-store", help="use the gradient store in this directory")
-    setting.add_argument("--top-k", type=int)
-    setting.add_argument("--report-queries", type=int)
-    setting.add_argument(
-        "--no-bias",
-        dest="bias",
-        action="store_const",
-        const=False,
-        help="leave the tracked layers' biases out of the curvature, the store and the scores",
-    )
-    _show_setting_defaults(setting)
+    _add_settings(setting)
     add_bergson_flags(setting)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted stage")
     parser.add_argument("--cache-dir", type=Path, help="where embedded models are cached")
@@ -263,6 +230,8 @@ def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_attribute(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from kronlab.attribution.distributed import init_workers
     from kronlab.attribution.pipeline import (
         CONFIG_FILE,
@@ -278,31 +247,10 @@ def _run_attribute(args: argparse.Namespace) -> int:
     resumable = args.stage if args.stage in ("build", "apply") else "run"
     args.retry_command = f"kronlab attribute {resumable} --resume --run-dir {args.run_dir}"
     base = read_config(stored) if stored.exists() else AttributionConfig()
-    modules = None if args.modules is None else tuple(m.strip() for m in args.modules.split(","))
-    config = with_overrides(
-        base,
-        model=args.model,
-        data=args.data,
-        queries=args.queries,
-        num_queries=args.num_queries,
-        num_train=args.num_train,
-        modules=modules,
-        method=args.method,
-        fisher=args.fisher,
-        damping=args.damping,
-        projection_dim=args.projection_dim,
-        projection_kind=args.projection_kind,
-        compression=args.compression,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        chunk_rows=args.chunk_rows,
-        length=args.length,
-        seed=args.seed,
-        train_store=args.train_store,
-        top_k=args.top_k,
-        report_queries=args.report_queries,
-        bias=args.bias,
-    )
+    settings = {
+        config_field.name: getattr(args, config_field.name) for config_field in fields(base)
+    }
+    config = with_overrides(base, **settings)
     workers = init_workers(args.backend, args.device)
     run = AttributionRun(
         args.run_dir,

@@ -1,7 +1,6 @@
 import torch
 
 from kronlab.factors import (
-    axis_outer_products,
     from_eigenbasis,
     kronecker_outer,
     kronecker_product_apply,
@@ -9,6 +8,7 @@ from kronlab.factors import (
     precondition_in_eigenbasis,
     to_eigenbasis,
 )
+from kronlab.factors.kronecker import unfold
 
 
 def test_matrix_block_product_is_left_and_right_multiplication():
@@ -65,14 +65,19 @@ def test_kronecker_outer_three_vectors():
     assert torch.allclose(result, expected)
 
 
-def test_axis_outer_products():
+def _axis_outer_products(blocks):
+    """``G_(i) G_(i)ᵀ`` per axis, from the mode-``i`` unfoldings."""
+    return [unfold(blocks, axis) @ unfold(blocks, axis).mT for axis in range(blocks.ndim - 1)]
+
+
+def test_unfoldings_give_the_axis_outer_products():
     blocks = torch.randn(2, 3, 4, 5, dtype=torch.float64)
-    products = axis_outer_products(blocks)
+    products = _axis_outer_products(blocks)
     assert torch.allclose(products[0], torch.einsum("bijk,bljk->bil", blocks, blocks))
     assert torch.allclose(products[1], torch.einsum("bijk,bilk->bjl", blocks, blocks))
     assert torch.allclose(products[2], torch.einsum("bijk,bijl->bkl", blocks, blocks))
     matrix = blocks[:, :, :, 0]
-    left, right = axis_outer_products(matrix)
+    left, right = _axis_outer_products(matrix)
     assert torch.allclose(left, matrix @ matrix.mT) and torch.allclose(right, matrix.mT @ matrix)
 
 

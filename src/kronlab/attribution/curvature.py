@@ -4,8 +4,8 @@ Per tracked module the curvature is diagonal in a Kronecker eigenbasis:
 ``H ≈ (Q_S ⊗ Q_A) diag(vec Λ) (Q_S ⊗ Q_A)ᵀ`` and ``H⁻¹G = Q_S [(Q_Sᵀ G Q_A) / (Λ + λ)] Q_Aᵀ``.
 K-FAC: ``Λ = λ_S λ_Aᵀ`` (Martens & Grosse 2015); EK-FAC: ``Λ_ij = mean_i (Q_Sᵀ G_i Q_A)_ij²``
 (George et al. 2018; Grosse et al. 2023); diagonal: ``Q = I``, ``Λ = mean_i G_i²``; identity:
-``Q = I``, ``Λ = 1``. The products are :func:`kronlab.factors.precondition_in_eigenbasis`, the
-same code the Shampoo family preconditions with.
+``Q = I``, ``Λ = 1``. Each module holds a :class:`kronlab.factors.KroneckerEigenbasis`, the
+type the Shampoo family preconditions with, and damps by a :class:`kronlab.factors.Damping` rule.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from kronlab.attribution.optimizer_curvature import optimizer_eigenbases
 from kronlab.curvature import LayerSpec, bias_in_curvature, find_modules, layer_spec
-from kronlab.factors import kronecker_outer, precondition_in_eigenbasis
+from kronlab.factors import Damping, KroneckerEigenbasis
 from kronlab.linalg.finite import all_finite
 from kronlab.optim.validation import check_choice, check_range
 from kronlab.summary import tensor_summary
@@ -32,29 +33,71 @@ FORMAT_VERSION = 1
 DEFAULT_DAMPING_FACTOR = 0.1
 
 
-@dataclass
 class ModuleCurvature:
-    """One module's curvature: eigenvectors per side (``None`` = identity) and eigenvalues.
+    """One module's curvature: its layer and a :class:`KroneckerEigenbasis` over ``(d_out, d_in)``.
 
+    The keyword tensors build the eigenbasis: eigenvectors per side (``None`` = identity);
     ``output_eigenvalues`` ``(d_out,)`` / ``input_eigenvalues`` ``(d_in,)`` are the factor
     spectra (K-FAC); ``corrected_eigenvalues`` ``(d_out, d_in)``, when present, replaces their
-    outer product (EK-FAC, diagonal, identity, SOAP).
+    outer product (EK-FAC, diagonal, identity, SOAP). Or pass ``eigenbasis=`` directly.
     """
 
-    spec: LayerSpec
-    output_eigenvectors: torch.Tensor | None = None
-    input_eigenvectors: torch.Tensor | None = None
-    output_eigenvalues: torch.Tensor | None = None
-    input_eigenvalues: torch.Tensor | None = None
-    corrected_eigenvalues: torch.Tensor | None = None
+    def __init__(
+        self,
+        spec: LayerSpec,
+        output_eigenvectors: torch.Tensor | None = None,
+        input_eigenvectors: torch.Tensor | None = None,
+        output_eigenvalues: torch.Tensor | None = None,
+        input_eigenvalues: torch.Tensor | None = None,
+        corrected_eigenvalues: torch.Tensor | None = None,
+        *,
+        eigenbasis: KroneckerEigenbasis | None = None,
+    ) -> None:
+        if eigenbasis is None:
+            spectra = None
+            if output_eigenvalues is not None or input_eigenvalues is not None:
+                if output_eigenvalues is None or input_eigenvalues is None:
+                    raise ValueError(
+                        "Invalid module curvature: factor eigenvalues for one side only "
+                        "(allowed: output_eigenvalues and input_eigenvalues together)"
+                    )
+                spectra = (output_eigenvalues, input_eigenvalues)
+            eigenbasis = KroneckerEigenbasis(
+                (output_eigenvectors, input_eigenvectors), spectra, corrected_eigenvalues
+            )
+        self.spec = spec
+        self.eigenbasis = eigenbasis
+
+    @property
+    def output_eigenvectors(self) -> torch.Tensor | None:
+        return self.eigenbasis.eigenvectors[0]
+
+    @property
+    def input_eigenvectors(self) -> torch.Tensor | None:
+        return self.eigenbasis.eigenvectors[1]
+
+    @property
+    def output_eigenvalues(self) -> torch.Tensor | None:
+        spectra = self.eigenbasis.eigenvalues
+        return None if spectra is None else spectra[0]
+
+    @property
+    def input_eigenvalues(self) -> torch.Tensor | None:
+        spectra = self.eigenbasis.eigenvalues
+        return None if spectra is None else spectra[1]
+
+    @property
+    def corrected_eigenvalues(self) -> torch.Tensor | None:
+        return self.eigenbasis.corrected
+
+    @corrected_eigenvalues.setter
+    def corrected_eigenvalues(self, corrected: torch.Tensor | None) -> None:
+        # EK-FAC measures Λ in the K-FAC eigenbasis after it is fitted.
+        self.eigenbasis = self.eigenbasis.with_corrected(corrected)
 
     def eigenvalues(self) -> torch.Tensor:
         """``Λ`` of shape ``(d_out, d_in)``."""
-        if self.corrected_eigenvalues is not None:
-            return self.corrected_eigenvalues
-        if self.output_eigenvalues is None or self.input_eigenvalues is None:
-            raise ValueError("module curvature has neither corrected nor factor eigenvalues")
-        return kronecker_outer([self.output_eigenvalues[None], self.input_eigenvalues[None]])[0]
+        return self.eigenbasis.eigenvalue_tensor()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         names = (
@@ -131,12 +174,8 @@ class Curvature:
         self, name: str, damping: float | None = None, damping_factor: float | None = None
     ) -> float:
         """Absolute ``damping`` if given, else ``damping_factor · mean(Λ)`` (default 0.1)."""
-        if damping is not None:
-            check_range("damping", damping, 0.0)
-            return float(damping)
-        factor = DEFAULT_DAMPING_FACTOR if damping_factor is None else damping_factor
-        check_range("damping_factor", factor, 0.0)
-        return factor * float(self._module(name).eigenvalues().mean())
+        rule = damping_rule(damping, damping_factor)
+        return float(rule.shift(self._module(name).eigenvalues(), 2))
 
     def inverse_hvp(
         self,
@@ -153,16 +192,16 @@ class Curvature:
         everywhere (``damping=0`` on a curvature with zero eigenvalues), or for a product that
         overflows.
         """
+        rule = damping_rule(damping, damping_factor)
         result = {}
         for name, grad in grads.items():
             if not all_finite([grad]):
                 raise ValueError(f"Invalid grads[{name!r}]: it has NaN or infinite entries")
             module = self._module(name)
-            eigenvalues = module.eigenvalues()
-            damping_value = self.damping(name, damping, damping_factor)
-            denominator = eigenvalues + damping_value
+            denominator = module.eigenbasis.damped_eigenvalues(rule)
             smallest = float(denominator.min())
             if not (math.isfinite(smallest) and smallest > 0 and all_finite([denominator])):
+                damping_value = self.damping(name, damping, damping_factor)
                 raise ValueError(
                     f"Invalid damping for module {name!r}: λ = {damping_value!r} (damping="
                     f"{damping!r}, damping_factor={damping_factor!r}) leaves eigenvalues + λ "
@@ -170,8 +209,9 @@ class Curvature:
                     "and > 0 (allowed: damping > 0, or a damping_factor > 0 with a curvature "
                     "whose mean eigenvalue is > 0)"
                 )
-            product = self._apply(module, grad, 1.0 / denominator)
+            product = self._apply(module, grad, denominator.reciprocal())
             if not all_finite([product]):
+                damping_value = self.damping(name, damping, damping_factor)
                 raise ValueError(
                     f"(H + λI)⁻¹ G overflowed for module {name!r} (λ = {damping_value!r}): "
                     "increase the damping or rescale the gradients"
@@ -196,15 +236,9 @@ class Curvature:
                 f"{spec.d_in}) for this {spec.kind} module)"
             )
         dtype = torch.promote_types(grad.dtype, scaling.dtype)
-        blocks = grad.reshape(-1, spec.d_out, spec.d_in).to(dtype)
-        eigenvectors = [
-            None if q is None else q.to(device=grad.device, dtype=dtype)
-            for q in (module.output_eigenvectors, module.input_eigenvectors)
-        ]
-        product = precondition_in_eigenbasis(
-            blocks, eigenvectors, scaling.to(device=grad.device, dtype=dtype)
-        )
-        return product.reshape(grad.shape).to(grad.dtype)
+        basis = module.eigenbasis.to(device=grad.device, dtype=dtype)
+        product = basis.apply(grad.to(dtype), scaling.to(device=grad.device, dtype=dtype))
+        return product.to(grad.dtype)
 
     def _module(self, name: str) -> ModuleCurvature:
         if name not in self.modules:
@@ -219,10 +253,7 @@ class Curvature:
     ) -> Curvature:
         """A copy with every tensor on ``device`` / in ``dtype`` (so products need no moves)."""
         modules = {
-            name: ModuleCurvature(
-                module.spec,
-                **{kind: t.to(device=device, dtype=dtype) for kind, t in module.tensors().items()},
-            )
+            name: ModuleCurvature(module.spec, eigenbasis=module.eigenbasis.to(device, dtype))
             for name, module in self.modules.items()
         }
         return Curvature(self.method, modules, dict(self.metadata))
@@ -312,13 +343,26 @@ class Curvature:
     def from_optimizer(
         cls, optimizer: Any, model: nn.Module, modules: str | list[str] | None = None
     ) -> Curvature:
-        """Curvature from a trained Shampoo/SOAP optimizer's own Kronecker factors.
+        """Curvature from a trained Shampoo/SOAP optimizer's own Kronecker factors: a
+        conversion of its eigenbases, see :mod:`kronlab.attribution.optimizer_curvature`."""
+        tracked = find_modules(model, modules)
+        eigenbases = optimizer_eigenbases(optimizer, tracked)
+        fitted = {
+            name: ModuleCurvature(layer_spec(tracked[name]), eigenbasis=eigenbasis)
+            for name, eigenbasis in eigenbases.items()
+        }
+        return cls("optimizer", fitted, {"optimizer": type(optimizer).__name__})
 
-        See :func:`kronlab.attribution.optimizer_curvature.curvature_from_optimizer`.
-        """
-        from kronlab.attribution.optimizer_curvature import curvature_from_optimizer
 
-        return curvature_from_optimizer(cls, optimizer, model, find_modules(model, modules))
+def damping_rule(damping: float | None = None, damping_factor: float | None = None) -> Damping:
+    """The rule of ``inverse_hvp``'s arguments: absolute ``damping`` if given, else
+    ``damping_factor · mean(Λ)`` (default :data:`DEFAULT_DAMPING_FACTOR`)."""
+    if damping is not None:
+        check_range("damping", damping, 0.0)
+        return Damping("absolute", float(damping))
+    factor = DEFAULT_DAMPING_FACTOR if damping_factor is None else damping_factor
+    check_range("damping_factor", factor, 0.0)
+    return Damping("relative_to_mean", float(factor))
 
 
 def _safetensors() -> Any:

@@ -19,26 +19,21 @@ is their Kronecker product), ``(in, out)`` for Conv1D, ``(vocab, dim)`` for embe
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from kronlab.curvature import layer_spec
 from kronlab.curvature.layers import tracked_weight
-from kronlab.linalg import eigh
-
-if TYPE_CHECKING:
-    from kronlab.attribution.curvature import Curvature, ModuleCurvature
+from kronlab.factors import KroneckerEigenbasis
+from kronlab.linalg import eigh, rayleigh_quotients
 
 
-def curvature_from_optimizer(
-    curvature_class: type[Curvature],
-    optimizer: Any,
-    model: nn.Module,
-    tracked: dict[str, nn.Module],
-) -> Curvature:
-    """A :class:`Curvature` (method ``"optimizer"``) for the ``tracked`` modules."""
+def optimizer_eigenbases(
+    optimizer: Any, tracked: dict[str, nn.Module]
+) -> dict[str, KroneckerEigenbasis]:
+    """Each ``tracked`` module's ``(output, input)`` eigenbasis, converted from the optimizer's."""
     exporter = getattr(optimizer, "kronecker_factors", None)
     if not callable(exporter):
         raise ValueError(
@@ -55,14 +50,14 @@ def curvature_from_optimizer(
         if layout is None:
             unusable.append(name)
             continue
-        fitted[name] = _module_curvature(name, module, blocks[0], layout)
+        fitted[name] = _module_eigenbasis(name, module, blocks[0], layout)
     if unusable:
         raise ValueError(
             f"the optimizer has no single Kronecker block in the weight's own dims for modules "
             f"{unusable} (not optimized, not stepped yet, blocked, dims merged: use "
             "merge_dims=False, or vector-preconditioned); pass modules= to select those it has"
         )
-    return curvature_class("optimizer", fitted, {"optimizer": type(optimizer).__name__})
+    return fitted
 
 
 def _block_layout(module: nn.Module, block: Any) -> tuple[int, ...] | None:
@@ -79,13 +74,11 @@ def _block_layout(module: nn.Module, block: Any) -> tuple[int, ...] | None:
     return None
 
 
-def _module_curvature(
+def _module_eigenbasis(
     name: str, module: nn.Module, block: Any, grouped_shape: tuple[int, ...]
-) -> ModuleCurvature:
+) -> KroneckerEigenbasis:
     """Map the block's per-dim factors onto K-FAC's (output, input) sides: the input side of a
     convolution ``(out, C, kh, kw)`` is ``Q_C ⊗ Q_kh ⊗ Q_kw`` (the unfold order)."""
-    from kronlab.attribution.curvature import ModuleCurvature
-
     spec = layer_spec(module)
     assert spec is not None
     vectors, values = _eigen_pairs(name, block)
@@ -111,13 +104,10 @@ def _module_curvature(
     values = [output_values.to(output_vectors.dtype), input_values.to(input_vectors.dtype)]
     if input_vectors.shape[-1] != spec.d_in:  # the optimizer preconditioned the weight alone
         vectors, values, corrected = _append_bias_direction(vectors, values, corrected)
-    return ModuleCurvature(
-        spec,
-        output_eigenvectors=vectors[0].contiguous(),
-        input_eigenvectors=vectors[1].contiguous(),
-        output_eigenvalues=values[0].clamp_min(0),
-        input_eigenvalues=values[1].clamp_min(0),
-        corrected_eigenvalues=corrected,
+    return KroneckerEigenbasis(
+        (vectors[0].contiguous(), vectors[1].contiguous()),
+        (values[0].clamp_min(0), values[1].clamp_min(0)),
+        corrected,
     )
 
 
@@ -132,7 +122,7 @@ def _eigen_pairs(name: str, block: Any) -> tuple[list[torch.Tensor], list[torch.
     vectors = [q.detach() for q in block.eigenvectors]
     # Rayleigh quotients diag(Qᵀ F Q): exact eigenvalues for a fresh basis, and the factors'
     # spectrum in the optimizer's (possibly stale) basis otherwise.
-    values = [torch.einsum("ji,jk,ki->i", q, f.to(q.dtype), q) for q, f in zip(vectors, factors)]
+    values = [rayleigh_quotients(f.to(q.dtype), q) for q, f in zip(vectors, factors)]
     return vectors, values
 
 

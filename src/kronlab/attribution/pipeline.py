@@ -34,7 +34,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,15 +42,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kronlab.attribution import curvature_access
 from kronlab.attribution.compression import (
-    folded_projections,
-    lifted_projections,
+    CompressionStrategy,
+    compression_strategy,
     module_projections,
     project_blocks,
     projected_side,
 )
+from kronlab.attribution.config import AttributionConfig
 from kronlab.attribution.curvature import Curvature
+from kronlab.attribution.curvature_access import fit as fit_distributed
 from kronlab.attribution.distributed import Workers
 from kronlab.attribution.fused import fused_activations
 from kronlab.attribution.integrity import (
@@ -65,7 +66,6 @@ from kronlab.attribution.integrity import (
 from kronlab.attribution.ranking import RankedScores, StreamedTopK
 from kronlab.attribution.sources import AttributionTask, ExampleSet, load_task, model_fingerprint
 from kronlab.attribution.store import (
-    STORAGE_DTYPES,
     GradientStore,
     ModuleBlock,
     StoreMismatchError,
@@ -75,15 +75,10 @@ from kronlab.attribution.store import (
 )
 from kronlab.curvature import bias_in_curvature, find_modules, layer_spec, per_example_gradients
 from kronlab.linalg.finite import all_finite
-from kronlab.linalg.projection import PROJECTION_KINDS
 from kronlab.optim.validation import check_choice, check_range
 
 STAGES = ("build", "fit", "apply", "score")
 T = TypeVar("T")
-COMPRESSIONS = ("project", "folded", "whitened")
-# Compressions whose training store depends on the fitted curvature (fit runs before build).
-CURVATURE_STORES = ("folded", "whitened")
-METHODS = ("kfac", "ekfac")
 CONFIG_FILE = "config.json"
 # Refuse a gradient store above this many GB unless asked: full per-example gradients of even a
 # small model take gigabytes for a few thousand examples.
@@ -98,88 +93,6 @@ _FALLOCATE_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 class StageMismatchError(ValueError):
     """A stage's input was produced from another model, data or setting than this run's."""
-
-
-@dataclass(frozen=True)
-class AttributionConfig:
-    """Everything that determines a run's results (saved as ``config.json``).
-
-    ``damping`` is a factor of the mean curvature eigenvalue. ``projection_dim=0`` stores full
-    gradients; ``projection_kind`` is one of :data:`kronlab.linalg.projection.PROJECTION_KINDS`.
-    ``compression``: ``"project"`` (store ``P_S G_t P_Aᵀ``, queries ``P_S (H⁻¹G_q) P_Aᵀ``),
-    ``"folded"`` (K-FAC only: ``M = P (F + δI)^{-1/2}`` on both sides, per-factor damping) or
-    ``"whitened"`` (store ``M_S G_t M_Aᵀ``, queries ``L_S (H⁻¹G_q) L_Aᵀ`` with
-    ``L = P (F + δI)^{1/2}``: exactly the K-FAC / EK-FAC score without projection, and a sketch
-    of well-conditioned vectors with it; see :mod:`kronlab.attribution.compression`).
-    ``chunk_rows`` is the unit of commit (and of resume); ``batch_size`` the number of examples
-    per forward/backward pass. ``bias=False`` leaves the tracked layers' biases out of the
-    curvature, the stored gradients and the scores.
-    """
-
-    model: str = "digits-mlp"
-    data: str = "digits"
-    queries: str = "test"
-    num_queries: int = 10
-    num_train: int | None = None
-    modules: tuple[str, ...] | None = None
-    method: str = "ekfac"
-    fisher: str = "true"
-    damping: float = 0.1
-    projection_dim: int = 0
-    projection_kind: str = "orthogonal"
-    compression: str = "project"
-    dtype: str = "float32"
-    batch_size: int = 64
-    chunk_rows: int = 256
-    length: int = 64
-    seed: int = 0
-    train_store: str | None = None
-    top_k: int = 5
-    report_queries: int = 4
-    bias: bool = True
-
-    def __post_init__(self) -> None:
-        check_range("num_queries", self.num_queries, 1, integer=True)
-        if self.num_train is not None:
-            check_range("num_train", self.num_train, 1, integer=True)
-        check_choice("method", self.method, METHODS)
-        check_choice("fisher", self.fisher, ("empirical", "true"))
-        check_range("damping", self.damping, 0.0, low_inclusive=False)
-        check_range("projection_dim", self.projection_dim, 0, integer=True)
-        check_choice("projection_kind", self.projection_kind, PROJECTION_KINDS)
-        check_choice("compression", self.compression, COMPRESSIONS)
-        check_choice("dtype", self.dtype, STORAGE_DTYPES)
-        check_range("batch_size", self.batch_size, 1, integer=True)
-        check_range("chunk_rows", self.chunk_rows, 1, integer=True)
-        check_range("length", self.length, 2, integer=True)
-        check_range("top_k", self.top_k, 1, integer=True)
-        check_range("report_queries", self.report_queries, 0, integer=True)
-        check_choice("bias", self.bias, (True, False))
-        if self.compression == "folded" and self.method != "kfac":
-            raise ValueError(
-                f"Invalid compression: 'folded' with method={self.method!r} (allowed: method="
-                "'kfac'). Folding the projection into H^(-1/2) needs a Kronecker-factored "
-                "inverse root; EK-FAC's per-entry eigenvalue correction has none. Use "
-                "compression='whitened' (K-FAC-whitened store, EK-FAC applied to the queries) "
-                "or compression='project' (inverse curvature first, projection last) for EK-FAC."
-            )
-        if self.modules is not None and not isinstance(self.modules, tuple):
-            object.__setattr__(self, "modules", tuple(self.modules))
-
-    def to_json(self) -> dict:
-        data = asdict(self)
-        data["modules"] = None if self.modules is None else list(self.modules)
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict) -> AttributionConfig:
-        known = {field.name for field in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"config.json has unknown settings {unknown}")
-        if data.get("modules") is not None:
-            data = {**data, "modules": tuple(data["modules"])}
-        return cls(**data)
 
 
 def _with_bias_setting(stage: Callable[..., T]) -> Callable[..., T]:
@@ -404,29 +317,26 @@ class AttributionRun:
             cache[id(data)] = data.fingerprint()
         return cache[id(data)]
 
-    def _train_transform(self) -> str:
-        # The damping shapes M = P (F + δI)^{-1/2}, so a store reused through --train-store
-        # must have been built with the same one.
-        if self.config.compression in CURVATURE_STORES:
-            return (
-                f"{self.config.compression}:{self._curvature_fingerprint()}"
-                f":damping={self.config.damping!r}"
-            )
-        return "projection"
+    @property
+    def compression(self) -> CompressionStrategy:
+        """The configured compression mode (its maps, and whether build needs fit)."""
+        return compression_strategy(self.config.compression)
 
     def train_settings(self) -> StoreSettings:
-        extra = {"compression": self.config.compression}
-        if self.config.compression in CURVATURE_STORES:
+        compression = self.compression
+        extra: dict[str, Any] = {"compression": compression.name}
+        fingerprint = None
+        if compression.store_needs_curvature:
             extra["damping"] = self.config.damping
-        return self.store_settings(
-            self.task.train, self.config.dtype, self._train_transform(), extra
-        )
+            fingerprint = self._curvature_fingerprint()
+        transform = compression.store_transform(fingerprint, self.config.damping)
+        return self.store_settings(self.task.train, self.config.dtype, transform, extra)
 
     # ---- stage status -----------------------------------------------------------------------
 
     def stage_order(self) -> tuple[str, ...]:
         """Folded and whitened stores need the curvature before they can be built."""
-        if self.config.compression in CURVATURE_STORES:
+        if self.compression.store_needs_curvature:
             return ("fit", "build", "apply", "score")
         return STAGES
 
@@ -469,7 +379,7 @@ class AttributionRun:
         build and apply; folded and whitened builds need fit)."""
         prerequisites = {
             "fit": (),
-            "build": ("fit",) if self.config.compression in CURVATURE_STORES else (),
+            "build": ("fit",) if self.compression.store_needs_curvature else (),
             "apply": ("fit",),
             "score": ("build", "apply"),
         }[stage]
@@ -548,18 +458,19 @@ class AttributionRun:
     def build(self, resume: bool = False) -> GradientStore:
         """Write every training example's (projected) gradient row; ``resume`` continues a
         store that an interrupted build left incomplete."""
-        if self.config.compression in CURVATURE_STORES:
+        compression = self.compression
+        curvature = None
+        if compression.store_needs_curvature:
             self._require("fit", "build")
-            projections = self._folded()
-        else:
-            projections = self._projections()
+            curvature = self._curvature()
+        maps = compression.store_maps(self._projections(), curvature, self.config.damping)
         store = self._open_for_writing("build", self.train_settings(), len(self.task.train), resume)
         # The disk a build takes is fixed by the projection: say it before the first row.
         self._log(
             f"build: {store.num_rows} rows × {store.row_width} {store.settings.dtype} values = "
             f"{store.nbytes / 2**20:,.1f} MiB in {self.train_store_dir}"
         )
-        self._write_rows(store, self.task.train, projections, "build", inverse=False)
+        self._write_rows(store, self.task.train, maps, "build", inverse=False)
         return store
 
     def _open_store(self, stage: str, settings: StoreSettings | None = None) -> GradientStore:
@@ -691,7 +602,7 @@ class AttributionRun:
         progress = self._progress(passes * len(task.train), f"fit ({self.config.method})")
         batches = TrainingBatches(task.train, self.config.batch_size, self.workers.device, progress)
         with self._model_execution():
-            curvature = curvature_access.fit(
+            curvature = fit_distributed(
                 task.model,
                 batches,
                 task.loss_fn,
@@ -764,33 +675,12 @@ class AttributionRun:
         self._require("fit", "build")
         return self._fit_record()["curvature_fingerprint"]
 
-    def _folded(self) -> dict:
-        """``M = P (F + δI)^{-1/2}`` per side, from the fitted K-FAC factors ``S`` and ``A``."""
-        curvature = self._curvature()
-        if self.config.compression == "folded" and curvature.method != "kfac":
-            raise ValueError(
-                "compression='folded' needs a K-FAC curvature; this run's curvature is "
-                f"{curvature.method!r} (EK-FAC has no Kronecker-factored inverse root — use "
-                "compression='whitened' or compression='project')"
-            )
-        eigendecompositions = curvature_access.factor_eigendecompositions(curvature)
-        return folded_projections(eigendecompositions, self._projections(), self.config.damping)
-
-    def _lifted(self) -> dict:
-        """The whitened store's query maps ``L = P (F + δI)^{+1/2}`` per side."""
-        eigendecompositions = curvature_access.factor_eigendecompositions(self._curvature())
-        return lifted_projections(eigendecompositions, self._projections(), self.config.damping)
-
     # ---- apply ------------------------------------------------------------------------------
 
     def query_settings(self) -> StoreSettings:
-        fingerprint = self._curvature_fingerprint()
-        damping = f"damping={self.config.damping!r}"
-        transform = {
-            "project": f"inverse:{fingerprint}:{damping}",
-            "folded": self._train_transform(),
-            "whitened": f"lifted-inverse:{fingerprint}:{damping}",
-        }[self.config.compression]
+        transform = self.compression.query_transform(
+            self._curvature_fingerprint(), self.config.damping
+        )
         extra = {"compression": self.config.compression, "damping": self.config.damping}
         # Queries are few: keep them in float32 whatever the training store's dtype.
         return self.store_settings(self.task.queries, "float32", transform, extra)
@@ -803,12 +693,9 @@ class AttributionRun:
         store = self._open_for_writing(
             "apply", self.query_settings(), len(self.task.queries), resume
         )
-        if self.config.compression == "folded":
-            self._write_rows(store, self.task.queries, self._folded(), "apply", inverse=False)
-        elif self.config.compression == "whitened":
-            self._write_rows(store, self.task.queries, self._lifted(), "apply", inverse=True)
-        else:
-            self._write_rows(store, self.task.queries, self._projections(), "apply", inverse=True)
+        compression = self.compression
+        maps = compression.query_maps(self._projections(), self._curvature(), self.config.damping)
+        self._write_rows(store, self.task.queries, maps, "apply", compression.query_inverse)
         return store
 
     # ---- score ------------------------------------------------------------------------------
@@ -958,9 +845,7 @@ class AttributionRun:
         """Each query's ``top_k`` proponents and opponents from the score stage (checked
         against the digest recorded when they were written, once the stage is complete)."""
         if not self.top_k_path.exists():
-            raise ValueError(
-                f"no top_k.npz in {self.run_dir}; run `{self.command('score')}` first"
-            )
+            raise ValueError(f"no top_k.npz in {self.run_dir}; run `{self.command('score')}` first")
         if self.is_complete("score"):
             check_file_digest(
                 self.top_k_path,

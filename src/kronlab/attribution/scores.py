@@ -9,7 +9,7 @@ preconditioned once; training gradients are formed batch by batch and discarded,
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import nn
@@ -22,22 +22,30 @@ from kronlab.curvature import bias_in_curvature, per_example_gradients
 from kronlab.linalg.finite import all_finite
 from kronlab.optim.validation import check_choice, check_loss_fn, check_module, check_range
 
+if TYPE_CHECKING:  # Python 3.10's typing has neither (annotations stay unevaluated)
+    from typing_extensions import Required, Unpack
+
 NORMALIZATIONS = ("none", "unit", "relative")
+
+
+class ScoreOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`influence_scores` and :func:`influence_top_k`."""
+
+    model: Required[nn.Module]
+    loss_fn: Required[Callable[[nn.Module, Any], torch.Tensor]]
+    query_loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None
+    damping: float | None
+    damping_factor: float | None
+    normalize: str
+    mask_fn: MaskFn | None
+    progress: bool
 
 
 def influence_scores(
     curvature: Curvature,
     query_data: Iterable[Any],
     train_data: Iterable[Any],
-    *,
-    model: nn.Module,
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-    query_loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-    damping: float | None = None,
-    damping_factor: float | None = None,
-    normalize: str = "none",
-    mask_fn: MaskFn | None = None,
-    progress: bool = True,
+    **options: Unpack[ScoreOptions],
 ) -> torch.Tensor:
     """``(n_query, n_train)`` influence scores; ``data`` are iterables of batches.
 
@@ -45,26 +53,12 @@ def influence_scores(
     is the measurement on queries). ``normalize``: ``"none"``; ``"unit"`` scales both gradients
     to unit norm first (cosine-like, Xia et al. 2024); ``"relative"`` divides by the training
     example's self-influence ``√⟨G_t, H⁻¹G_t⟩`` (RelatIF, Barshan et al. 2020).
+    ``damping`` / ``damping_factor`` as in :meth:`Curvature.inverse_hvp`.
     Never returns inf or NaN: non-finite gradients, a damping that leaves ``H + λI`` singular
     (``damping=0`` on zero eigenvalues) and overflowing scores raise ``ValueError``.
     """
-    columns = [
-        block
-        for _, block in _score_columns(
-            curvature,
-            query_data,
-            train_data,
-            model,
-            loss_fn,
-            query_loss_fn,
-            damping,
-            damping_factor,
-            normalize,
-            mask_fn,
-            progress,
-        )
-    ]
-    return torch.cat(columns, dim=1)
+    columns = _score_columns(curvature, query_data, train_data, **options)
+    return torch.cat([block for _, block in columns], dim=1)
 
 
 def influence_top_k(
@@ -72,34 +66,14 @@ def influence_top_k(
     query_data: Iterable[Any],
     train_data: Iterable[Any],
     k: int,
-    *,
-    model: nn.Module,
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-    query_loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-    damping: float | None = None,
-    damping_factor: float | None = None,
-    normalize: str = "none",
-    mask_fn: MaskFn | None = None,
-    progress: bool = True,
+    **options: Unpack[ScoreOptions],
 ) -> RankedScores:
     """Each query's ``k`` strongest proponents and opponents, the same as :func:`top_k` of
     :func:`influence_scores` (same arguments), without the ``n_query × n_train`` matrix: each
     batch's score columns are merged into a running top-k and dropped."""
     check_range("k", k, 1, integer=True)
     ranked = StreamedTopK(k)
-    for start, block in _score_columns(
-        curvature,
-        query_data,
-        train_data,
-        model,
-        loss_fn,
-        query_loss_fn,
-        damping,
-        damping_factor,
-        normalize,
-        mask_fn,
-        progress,
-    ):
+    for start, block in _score_columns(curvature, query_data, train_data, **options):
         ranked.update(block, start)
     return ranked.result()
 
@@ -108,14 +82,15 @@ def _score_columns(
     curvature: Curvature,
     query_data: Iterable[Any],
     train_data: Iterable[Any],
+    *,
     model: nn.Module,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-    query_loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
-    damping: float | None,
-    damping_factor: float | None,
-    normalize: str,
-    mask_fn: MaskFn | None,
-    progress: bool,
+    query_loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    damping: float | None = None,
+    damping_factor: float | None = None,
+    normalize: str = "none",
+    mask_fn: MaskFn | None = None,
+    progress: bool = True,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """``(first train index, (n_query, batch) score block)`` per training batch."""
     check_module("model", model)

@@ -321,6 +321,7 @@ class GradientStore:
                     f"({self.num_rows} rows × {self.row_width} {self.settings.dtype} values), "
                     f"{found}; {rebuild}"
                 )
+
     def __repr__(self) -> str:
         settings = self.settings
         return (

@@ -1,8 +1,9 @@
 """Kronecker factors: statistics, eigenbases and preconditioning shared by optimizers and
 attribution."""
 
+from kronlab.factors.damping import DAMPING_KINDS, Damping
+from kronlab.factors.eigenbasis import KroneckerEigenbasis
 from kronlab.factors.kronecker import (
-    axis_outer_products,
     from_eigenbasis,
     kronecker_outer,
     kronecker_product_apply,
@@ -21,6 +22,9 @@ from kronlab.factors.structures import (
 )
 
 __all__ = [
+    "DAMPING_KINDS",
+    "Damping",
+    "KroneckerEigenbasis",
     "STRUCTURE_NAMES",
     "BlockDiagonalStructure",
     "DenseStructure",
@@ -28,7 +32,6 @@ __all__ = [
     "MatrixStructure",
     "TriangularStructure",
     "make_structure",
-    "axis_outer_products",
     "from_eigenbasis",
     "kronecker_outer",
     "kronecker_product_apply",

@@ -25,10 +25,9 @@ def accumulate_square_(state: torch.Tensor, sample: torch.Tensor, beta: float) -
 
 
 # A symmetric ``X Xᵀ`` is split only where the saved quarter of the multiply-adds outweighs the
-# smaller GEMMs and the mirror copy (one CPU thread, against the single GEMM: 0.76–0.98x for
-# d = 512–1024 with k = 256–1024, 0.93x over the benchmark MLP's factor updates; blocks below
-# 256 lose); with a thin ``X`` (k = 64–128: 1.1–1.4x) the update is bound by the traffic over
-# ``F``, which splitting does not reduce.
+# smaller GEMMs and the mirror copy (smaller blocks lose); with a thin ``X`` the update is bound
+# by the traffic over ``F``, which splitting does not reduce (step times: BENCHMARKS.md,
+# "Shampoo family and SOAP").
 _MIN_GRAM_BLOCK = 256
 _MIN_GRAM_DEPTH = 256
 

@@ -28,14 +28,6 @@ def basis_overlap(new_eigenvectors: torch.Tensor, old_eigenvectors: torch.Tensor
     return (new_eigenvectors.transpose(-1, -2) @ old_eigenvectors).square()
 
 
-def transport_eigenvalues(
-    eigenvalues: torch.Tensor, new_eigenvectors: torch.Tensor, old_eigenvectors: torch.Tensor
-) -> torch.Tensor:
-    """Per-factor eigenvalues ``(B, d)`` re-expressed in a refreshed basis: ``P E``."""
-    overlap = basis_overlap(new_eigenvectors, old_eigenvectors)
-    return (overlap @ eigenvalues.unsqueeze(-1)).squeeze(-1)
-
-
 def transport_second_moment(
     second_moment: torch.Tensor,
     new_eigenvectors: Sequence[torch.Tensor],

@@ -76,8 +76,8 @@ def _is_matrix_sandwich(blocks: torch.Tensor, eigenvectors: Sequence[torch.Tenso
     rotation is ``Qᵀ G Q`` by two batched matmuls (shared 2-D bases keep the mode products,
     which fold the stack into one GEMM). Bases are column-major (as LAPACK returns them), gradients
     row-major: ``Q_Lᵀ G`` then ``· Q_R`` (and ``Q_L X`` then ``· Q_Rᵀ``) keeps each GEMM's
-    operands in the layouts it is fastest on, 5–10% faster than the mode products at 256–512,
-    2–3x for a 10×512 block, whose mode products run fully transposed."""
+    operands in the layouts it is fastest on, where the mode products of a thin block run fully
+    transposed (step times: BENCHMARKS.md, "Shampoo family and SOAP")."""
     return (
         blocks.ndim == 3
         and len(eigenvectors) == 2
@@ -100,12 +100,13 @@ def precondition_in_eigenbasis(
 
 
 def kronecker_outer(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Outer product of per-axis vectors ``(B, d_i)`` → ``(B, d_1, …, d_k)``: the eigenvalues of
-    ``⊗ A_i`` from the eigenvalues of each ``A_i``."""
+    """Outer product of per-axis vectors ``(..., d_i)`` → ``(..., d_1, …, d_k)`` (same leading
+    dims): the eigenvalues of ``⊗ A_i`` from the eigenvalues of each ``A_i``."""
     result = vectors[0]
     for vector in vectors[1:]:
+        lead = vector.shape[:-1]
         result = result.unsqueeze(-1) * vector.reshape(
-            vector.shape[0], *([1] * (result.ndim - 1)), -1
+            *lead, *([1] * (result.ndim - len(lead))), vector.shape[-1]
         )
     return result
 
@@ -115,15 +116,3 @@ def unfold(blocks: torch.Tensor, axis: int) -> torch.Tensor:
     no copy, for matrix blocks)."""
     moved = blocks.movedim(axis + 1, 1)
     return moved.reshape(blocks.shape[0], blocks.shape[axis + 1], -1)
-
-
-def axis_outer_products(blocks: torch.Tensor) -> list[torch.Tensor]:
-    """``[G_(i) G_(i)ᵀ for each axis i]`` where ``G_(i)`` is the mode-``i`` unfolding.
-
-    For a matrix block ``G`` these are Shampoo's statistics ``G Gᵀ`` and ``Gᵀ G``.
-    """
-    products = []
-    for axis in range(blocks.ndim - 1):
-        unfolded = unfold(blocks, axis)
-        products.append(unfolded @ unfolded.transpose(-1, -2))
-    return products

@@ -10,11 +10,6 @@ from kronlab.linalg.newton_schulz import (
 from kronlab.linalg.power import SpectralNormEstimate, power_iteration
 from kronlab.linalg.projection import PROJECTION_KINDS, random_projection, seed_from_identifier
 from kronlab.linalg.qr import EigenbasisRefresh, qr_eigenbasis_refresh, rayleigh_quotients
-from kronlab.linalg.roots import (
-    coupled_newton_inverse_root,
-    inverse_root_from_eigh,
-    matrix_inverse_root,
-)
 from kronlab.linalg.symmetric import symmetric_product
 
 __all__ = [
@@ -24,10 +19,7 @@ __all__ = [
     "Eigendecomposition",
     "NewtonSchulzCoefficients",
     "SpectralNormEstimate",
-    "coupled_newton_inverse_root",
     "eigh",
-    "inverse_root_from_eigh",
-    "matrix_inverse_root",
     "newton_schulz",
     "power_iteration",
     "qr_eigenbasis_refresh",

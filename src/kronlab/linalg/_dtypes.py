@@ -26,9 +26,10 @@ def product_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype to multiply matrices of ``dtype`` in on ``device``.
 
     Half types on CPU are multiplied in float32: CPU half-precision GEMMs accumulate in float32
-    and round the result, yet run about 2x slower than float32 GEMMs (measured with one thread
-    on AVX-512 BF16 hardware, torch 2.13), so computing in float32 and rounding when storing is
-    faster and at least as accurate. Accelerators keep ``dtype`` (their half GEMMs are fast).
+    and round the result, yet run slower than float32 GEMMs on CPUs without bf16 matrix units
+    (BENCHMARKS.md, "Newton–Schulz dtype chosen per shape and device"), so computing in float32
+    and rounding when storing is faster and at least as accurate. Accelerators keep ``dtype``
+    (their half GEMMs are fast).
     """
     if dtype in HALF_DTYPES and device.type == "cpu":
         return torch.float32

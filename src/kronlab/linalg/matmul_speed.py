@@ -15,8 +15,8 @@ import functools
 import torch
 
 # On a CPU with bf16 matrix units, bfloat16 wins once the smaller side reaches 128 and the
-# matrix has at least 2**15 entries (one thread: 128x128 1.2x slower, 128x512 0.8x, 192x192
-# 0.56x, 512x512 0.10x the float32 time).
+# matrix has at least 2**15 entries (BENCHMARKS.md, "Newton–Schulz dtype chosen per shape and
+# device").
 MIN_SIDE_FOR_BF16 = 128
 MIN_ENTRIES_FOR_BF16 = 2**15
 

@@ -130,8 +130,8 @@ def newton_schulz(
     compute_dtype = dtype or matrix.dtype
     x = matrix.to(compute_dtype)
     if x.ndim > 2 and x.shape[:-2].numel() == 1:
-        # A stack of one: CPU 2-D addmm beats batched baddbmm here (1.1-1.5x measured for
-        # 256-512 sized bfloat16 matrices), and the reference implementation is 2-D.
+        # A stack of one: CPU 2-D addmm beats batched baddbmm here (BENCHMARKS.md, "Newton–
+        # Schulz dtype chosen per shape and device"), and the reference implementation is 2-D.
         single = newton_schulz(x.reshape(x.shape[-2:]), steps, resolved, epsilon=epsilon)
         return single.reshape(matrix.shape).to(matrix.dtype)
     transposed = x.shape[-2] > x.shape[-1]

@@ -131,8 +131,8 @@ def qr_eigenbasis_refresh(
 
 def _column_major(basis: torch.Tensor) -> torch.Tensor:
     # Keep bases column-major (what LAPACK returns): ``Qᵀ`` is then contiguous, so the
-    # quotients pair two row-major operands (a transposed elementwise pairing is ~10x slower at
-    # d = 1024). One transposing copy, only for a row-major warm start.
+    # quotients pair two row-major operands (a transposed elementwise pairing is far slower at
+    # large d). One transposing copy, only for a row-major warm start.
     return basis if basis.mT.is_contiguous() else basis.mT.contiguous().mT
 
 
