@@ -13,7 +13,7 @@ the script re-projects the ``p = 0`` rows in-process with other identifiers (che
 reproduce the pipeline's scores for the pipeline's own identifiers), for each Fisher seed (the
 true-Fisher label draws), and reports the ratio's median and range over all of them.
 
-    PYTHONPATH=src:. python -m benchmarks.attribution_lds [--write benchmarks/results/issue-8.md]
+    PYTHONPATH=src:. python -m benchmarks.attribution_lds [--write attribution.md]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main() -> None:
         seeds=2,
         queries=arguments.queries,
         recipe=recipe,
-        cache=Path("/tmp/kronlab_lds_mlp.pt"),
+        cache=Path(tempfile.gettempdir()) / "kronlab_lds_mlp.pt",
     )
     data = digits_task("mlp")
     model = train("mlp", data.train_inputs, data.train_targets, 0, recipe)

@@ -36,8 +36,8 @@ Each workload runs in its own subprocess (``--child``). Times exclude imports an
 "peak MB" is the rise of the process's peak RSS during the timed stage (``VmHWM``, reset first;
 the largest over rounds).
 
-    PYTHONPATH=src /work/main/.venv/bin/python -m benchmarks.attribution_throughput \
-        [--rounds 11] [--write benchmarks/results/issue-8.md]
+    PYTHONPATH=src python -m benchmarks.attribution_throughput \
+        [--rounds 11] [--write attribution.md]
 
 ``--breakdown BATCHES`` instead splits kronlab's GPT-2 build time per batch of 32 (process CPU
 time, the variants interleaved batch by batch, medians): the model alone, kronlab's

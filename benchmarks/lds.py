@@ -10,12 +10,13 @@ eigenvalue). Wall time is fit + score, single torch thread, in this process (kro
 subprocess in its own venv, timed inside it, imports excluded), averaged over the seeds of the
 true-Fisher label draws (``--fisher-seeds``), whose Monte Carlo noise moves LDS by ~0.01-0.02.
 
-    PYTHONPATH=src python -m benchmarks.lds --model mlp [--write benchmarks/results/issue-7.md]
+    PYTHONPATH=src python -m benchmarks.lds --model mlp [--write lds.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import tempfile
 import time
@@ -32,7 +33,8 @@ from benchmarks.lds_training import TrainingRecipe, retrain_subsets, train
 from kronlab.attribution import Curvature, cross_entropy_loss, fit_curvature, influence_scores
 from kronlab.tasks.digits import digits_task
 
-KRONFLUENCE_PYTHON = "/work/venvs/issue7/bin/python"
+# The Python of a venv with kronfluence installed (kept out of the project's environment).
+KRONFLUENCE_PYTHON = os.environ.get("KRONFLUENCE_PYTHON", "python")
 DAMPING_FACTOR = 0.1
 
 
@@ -95,7 +97,7 @@ def kronlab_method(method: str, samples: int = 1) -> Callable[..., ScoresByDampi
 def optimizer_method(
     model, train_data, query_data, factors: list[float], seed: int
 ) -> ScoresByDamping:
-    """SOAP's own factors: one lr=0 epoch of SOAP at the trained weights (needs issue 3)."""
+    """SOAP's own factors: one lr=0 epoch of SOAP at the trained weights."""
     from kronlab.groups.rules import LinearWeightBias, PerParameter
     from kronlab.optim import SOAP
 
@@ -229,7 +231,7 @@ def main() -> None:
         seeds=arguments.seeds,
         queries=arguments.queries,
         recipe=recipe,
-        cache=Path(f"/tmp/kronlab_lds_{arguments.model}.pt"),
+        cache=Path(tempfile.gettempdir()) / f"kronlab_lds_{arguments.model}.pt",
     )
     task = digits_task(arguments.model)
     model = train(arguments.model, task.train_inputs, task.train_targets, 0, recipe)

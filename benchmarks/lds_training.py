@@ -8,6 +8,7 @@ depend on the attribution method.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +115,7 @@ if __name__ == "__main__":
     parser.add_argument("--cache", type=Path, default=None)
     arguments = parser.parse_args()
     torch.set_num_threads(1)
-    cache = arguments.cache or Path(f"/tmp/kronlab_lds_{arguments.model}.pt")
+    cache = arguments.cache or Path(tempfile.gettempdir()) / f"kronlab_lds_{arguments.model}.pt"
     retrain_subsets(
         arguments.model,
         subsets=arguments.subsets,

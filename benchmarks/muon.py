@@ -2,7 +2,7 @@
 
 Run from the worktree root (the peer ``heavyball`` lives in its own venv)::
 
-    PYTHONPATH=src /work/venvs/issue5/bin/python -m benchmarks.muon
+    PYTHONPATH=src python -m benchmarks.muon   # python of a venv with heavyball
 
 Step times (4-layer d_model-256 transformer of ``benchmarks.common``) are ratios measured in this
 one process. The Muon-only comparison steps the 16 hidden matrices alone, as torch.optim.Muon

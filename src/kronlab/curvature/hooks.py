@@ -227,7 +227,7 @@ def layer_batches(
     # Gradients with respect to the outputs only: the engine runs just the nodes on paths to
     # them, and each node forms only the input gradients those paths need, so no parameter
     # gradient (weight matmul, LayerNorm, tied embedding) is computed. Freezing the parameters
-    # for the pass was measured as no gain (issue 8: 1.00x build time, same saved tensors).
+    # for the pass was measured as no gain (1.00x build time, same saved tensors).
     output_gradients = torch.autograd.grad(
         loss, [call.output for call in recorder.calls], allow_unused=True
     )
