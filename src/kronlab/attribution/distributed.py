@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,13 +67,6 @@ class Workers:
         dist.broadcast(staged, src=source)
         tensor.copy_(staged.to(tensor.device))
         return tensor
-
-    def broadcast_object(self, value: Any, source: int = 0) -> Any:
-        if not self.distributed:
-            return value
-        holder = [value]
-        dist.broadcast_object_list(holder, src=source)
-        return holder[0]
 
     def _communication_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
