@@ -15,14 +15,9 @@ from weakref import WeakSet
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from kronlab.curvature.attention import (
-    attention_hooks,
-    packed_in_projection,
-    sequence_first_modules,
-)
-from kronlab.curvature.layers import LayerSpec, layer_spec
+from kronlab.curvature.attention import attention_hooks, sequence_first_modules
+from kronlab.curvature.layers import LayerSpec, layer_adapter, layer_spec
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -59,15 +54,7 @@ class LayerBatch:
     def activations(self) -> torch.Tensor:
         """``(n, T, d_in [+1])`` with the bias 1 appended and masked tokens zeroed (embeddings:
         the token indices)."""
-        if self.spec.kind == "embedding":
-            return self.inputs
-        activations = self.inputs
-        if self.spec.has_bias:
-            ones = activations.new_ones(*activations.shape[:2], 1)
-            activations = torch.cat([activations, ones], dim=-1)
-        if self.token_mask is not None:
-            activations = activations * self.token_mask.to(activations.dtype).unsqueeze(-1)
-        return activations
+        return self.spec.adapter.activations(self)
 
 
 @dataclass
@@ -115,7 +102,7 @@ class _Recorder:
 
     def __enter__(self) -> _Recorder:
         for name, module in self.modules.items():
-            if packed_in_projection(module):
+            if not layer_adapter(module).hooked:
                 continue  # recorded from inside its forward (attention_hooks below)
             self._handles.append(
                 module.register_forward_hook(self._hook_for(name), with_kwargs=True)
@@ -239,8 +226,11 @@ def layer_batches(
     for call, output_gradient in zip(recorder.calls, output_gradients):
         spec = specs[call.name]
         assert spec is not None
-        inputs = _token_inputs(call.module, spec, call.inputs)
-        gradients = _token_gradients(spec, output_gradient.detach(), inputs.shape[0])
+        adapter = spec.adapter
+        inputs = adapter.token_inputs(call.module, call.inputs)
+        gradients = adapter.token_gradients(
+            call.module, output_gradient.detach(), inputs.shape[0], spec.d_out
+        )
         yield _apply_mask(call, spec, inputs, gradients, mask)
 
 
@@ -302,31 +292,6 @@ def _check_loss(loss: object) -> None:
         raise ValueError("Invalid loss_fn result: the loss does not require grad")
 
 
-def _token_inputs(module: nn.Module, spec: LayerSpec, inputs: torch.Tensor) -> torch.Tensor:
-    """``(n, T, d_in)`` token inputs (conv2d: unfolded patches; embeddings: ``(n, T)`` ids)."""
-    if inputs.ndim < 2 and spec.kind != "embedding":
-        raise ValueError(f"expected batched input to a {spec.kind} module, got {inputs.shape}")
-    n = inputs.shape[0]
-    if spec.kind == "embedding":
-        return inputs.reshape(n, -1)
-    if spec.kind == "conv2d":
-        patches = F.unfold(
-            inputs,
-            module.kernel_size,
-            dilation=module.dilation,
-            padding=module.padding,
-            stride=module.stride,
-        )
-        return patches.transpose(1, 2)
-    return inputs.reshape(n, -1, inputs.shape[-1])
-
-
-def _token_gradients(spec: LayerSpec, output_gradient: torch.Tensor, n: int) -> torch.Tensor:
-    if spec.kind == "conv2d":
-        return output_gradient.flatten(2).transpose(1, 2)
-    return output_gradient.reshape(n, -1, spec.d_out)
-
-
 def _apply_mask(
     call: _Call,
     spec: LayerSpec,
@@ -342,12 +307,7 @@ def _apply_mask(
                 f"(examples, tokens) = {tuple(inputs.shape[:2])})"
             )
         token_mask = mask.to(device=gradients.device).bool()
-    if spec.kind == "embedding":
-        padding_idx = call.module.padding_idx
-        if padding_idx is not None:
-            # torch never updates the padding row, so its gradient is zero by definition.
-            real = inputs != padding_idx
-            token_mask = real if token_mask is None else token_mask & real
+    token_mask = spec.adapter.token_mask(call.module, inputs, token_mask)
     if token_mask is not None:
         # Zero output gradients suffice: every product with g_t vanishes on masked tokens.
         gradients = gradients * token_mask.to(gradients.dtype).unsqueeze(-1)

@@ -39,7 +39,7 @@ class KroneckerStatistics:
                 self.example_counts[name] += layer.num_examples
                 seen.add(name)
             self.token_counts[name] += layer.num_tokens
-            self._add(self.activation_sums, name, _activation_outer_sum(layer))
+            self._add(self.activation_sums, name, layer.spec.adapter.activation_outer_sum(layer))
             gradients = layer.gradients.reshape(-1, layer.spec.d_out).double()
             self._add(self.gradient_sums, name, gradients.transpose(0, 1) @ gradients)
 
@@ -65,14 +65,3 @@ class KroneckerStatistics:
     @staticmethod
     def _add(store: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
         store[name] = value if name not in store else store[name] + value
-
-
-def _activation_outer_sum(layer: LayerBatch) -> torch.Tensor:
-    if layer.spec.diagonal_activation:
-        tokens = layer.activations.reshape(-1)
-        weights = None
-        if layer.token_mask is not None:
-            weights = layer.token_mask.reshape(-1).double()
-        return torch.bincount(tokens, weights=weights, minlength=layer.spec.d_in).double()
-    activations = layer.activations.reshape(-1, layer.spec.d_in).double()
-    return activations.transpose(0, 1) @ activations
