@@ -12,9 +12,26 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
+
+
+@runtime_checkable
+class Reducer(Protocol):
+    """How a curvature fit combines the processes that share its data: sums over ranks and a
+    broadcast from one rank. :class:`Workers` is one (a single process: both are no-ops)."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def broadcast_tensor(self, tensor: torch.Tensor, source: int) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
