@@ -92,6 +92,14 @@ CASES: dict[str, dict[str, Callable[[], Case]]] = {
             torch.randn(5, 2, 5, 5, dtype=torch.float64),
         ),
     },
+    "torch_conv1d": {
+        "bias": lambda: _holding(
+            nn.Conv1d(2, 3, 3, padding=1, stride=2), torch.randn(5, 2, 7, dtype=torch.float64)
+        ),
+        "no-bias": lambda: _holding(
+            nn.Conv1d(2, 3, 2, dilation=2, bias=False), torch.randn(5, 2, 7, dtype=torch.float64)
+        ),
+    },
     "embedding": {
         "plain": lambda: _holding(nn.Embedding(7, 3), torch.randint(0, 7, (5, 4))),
         "padding-idx": lambda: _holding(

@@ -8,7 +8,7 @@ type is a :class:`LayerAdapter` subclass with ``kind="name"`` in its own file, i
 # isort: off
 # Importing an adapter's file registers it; modules are matched in this order.
 from kronlab.curvature.layers import linear, hf_conv1d, conv2d, embedding  # noqa: F401
-from kronlab.curvature.layers import packed_attention  # noqa: F401
+from kronlab.curvature.layers import packed_attention, torch_conv1d  # noqa: F401
 
 # isort: on
 from kronlab.curvature.layers.base import LayerAdapter, LayerSpec, registered_adapters
