@@ -135,7 +135,9 @@ def test_optimizer_without_factors_or_with_missing_modules() -> None:
 
 @pytest.mark.parametrize("variant", ["root_inv", "soap"])
 @pytest.mark.parametrize("layer", ["conv2d", "conv1d"])
-def test_convolution_input_side_is_the_kronecker_product_of_its_dims(variant: str, layer: str) -> None:
+def test_convolution_input_side_is_the_kronecker_product_of_its_dims(
+    variant: str, layer: str
+) -> None:
     # Both weights are one block (3, 2, 2): (out, C=1 dropped, kh, kw) and (out, C, k).
     conv = (
         nn.Conv2d(1, 3, (2, 2), bias=False) if layer == "conv2d" else nn.Conv1d(2, 3, 2, bias=False)

@@ -1,9 +1,10 @@
 """Model hooks for K-FAC statistics and per-example gradients of tracked modules.
 
 Tracked modules are those a registered :class:`LayerAdapter` handles (``nn.Linear``, HF
-``Conv1D``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``, ``nn.MultiheadAttention``'s packed in-projection;
-one file each in :mod:`kronlab.curvature.layers`), with or without bias. The gradient of one
-example is the matrix ``G_i = Σ_t g_t a_tᵀ`` of shape ``(d_out, d_in [+1 for the bias])``.
+``Conv1D``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``, ``nn.MultiheadAttention``'s packed
+in-projection; one file each in :mod:`kronlab.curvature.layers`), with or without bias. The
+gradient of one example is the matrix ``G_i = Σ_t g_t a_tᵀ`` of shape ``(d_out, d_in [+1 for
+the bias])``.
 """
 
 from kronlab.curvature.hooks import LayerBatch, LossFn, layer_batches
