@@ -157,6 +157,8 @@ class _Recorder:
                 # gets each example's own gradient instead; the inputs are the same per example.
                 inputs = inputs.expand(n, *inputs.shape[1:])
                 output = output.expand(n, *output.shape[1:])
+            elif n is not None and (inputs.ndim == 0 or inputs.shape[0] != n):
+                raise ValueError(_not_example_first(name, inputs, n))
             self.calls.append(
                 _Call(name, module, inputs, output, (inputs._version, output._version))
             )
@@ -166,6 +168,16 @@ class _Recorder:
             return forward_output if broadcast or sequence_first else None
 
         return hook
+
+
+def _not_example_first(name: str, inputs: torch.Tensor, n: int) -> str:
+    return (
+        f"Invalid model for per-example gradients: tracked module {name!r} got an input of shape "
+        f"{tuple(inputs.shape)}, whose first dim is not the batch's {n} examples (allowed: "
+        "(examples, ...) inputs; a (tokens, examples, ...) layout or a reshape that merges "
+        "examples and tokens would mix examples' gradients). Feed the module example-first "
+        "(e.g. batch_first=True) or leave it out with modules="
+    )
 
 
 def layer_batches(
