@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from kronlab.attribution import fit_curvature
-from kronlab.attribution.distributed import init_workers
+from kronlab.attribution.distributed import Workers
 
 from ..curvature.curvature_models import TinySequenceModel
+from .gloo import run_on_ranks
 
 VOCAB = 7
 
@@ -69,17 +68,9 @@ def _fit(name: str, reducer=None):
     )
 
 
-def _worker(rank: int, world_size: int, init_file: str, directory) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
-    )
-    try:
-        workers = init_workers()
-        results = {name: _fit(name, workers) for name in OPTIONS}
-        torch.save(results, directory / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _fit_every_option(workers: Workers, directory) -> None:
+    results = {name: _fit(name, workers) for name in OPTIONS}
+    torch.save(results, directory / f"rank{workers.rank}.pt")
 
 
 def _products(curvature, probes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -93,7 +84,7 @@ def _products(curvature, probes: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 @pytest.fixture(scope="module")
 def two_rank_fits(tmp_path_factory):
     directory = tmp_path_factory.mktemp("distributed_fit")
-    mp.spawn(_worker, args=(2, str(directory / "init"), directory), nprocs=2, join=True)
+    run_on_ranks(_fit_every_option, 2, directory, directory)
     return [torch.load(directory / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
 
 

@@ -8,9 +8,8 @@ the bias])``.
 """
 
 from kronlab.curvature.hooks import LayerBatch, LossFn, layer_batches
-from kronlab.curvature.layers import (
-    LayerAdapter,
-    LayerSpec,
+from kronlab.curvature.layers.base import LayerAdapter, LayerSpec, registered_adapters
+from kronlab.curvature.layers.registry import (
     bias_in_curvature,
     find_modules,
     gradient_matrix,
@@ -18,7 +17,7 @@ from kronlab.curvature.layers import (
     layer_adapter,
     layer_spec,
     parameters_from_matrix,
-    registered_adapters,
+    tracked_weight,
 )
 from kronlab.curvature.per_example import Projection, example_gradients, per_example_gradients
 from kronlab.curvature.statistics import KroneckerStatistics
@@ -41,4 +40,5 @@ __all__ = [
     "parameters_from_matrix",
     "per_example_gradients",
     "registered_adapters",
+    "tracked_weight",
 ]

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from kronlab.curvature.attention import attention_hooks, sequence_first_modules
-from kronlab.curvature.layers import LayerSpec, layer_adapter, layer_spec
+from kronlab.curvature.layers.base import LayerSpec
+from kronlab.curvature.layers.registry import layer_adapter, layer_spec
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 

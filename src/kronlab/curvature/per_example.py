@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kronlab.curvature.hooks import LayerBatch, LossFn, layer_batches
-from kronlab.curvature.layers import LayerSpec
+from kronlab.curvature.layers.base import LayerSpec
 
 Projection = tuple[torch.Tensor | None, torch.Tensor | None]
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from kronlab.curvature.hooks import LayerBatch
-from kronlab.curvature.layers import LayerSpec
+from kronlab.curvature.layers.base import LayerSpec
 
 SumOverRanks = Callable[[torch.Tensor], torch.Tensor]
 

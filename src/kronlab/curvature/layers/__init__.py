@@ -2,7 +2,8 @@
 
 Every tracked module computes ``s_t = W a_t (+ b)`` per token ``t``; its weight gradient for one
 example is ``G = Σ_t g_t a_tᵀ`` of shape ``(d_out, d_in [+1])`` (see :mod:`.base`). A new layer
-type is a :class:`LayerAdapter` subclass with ``kind="name"`` in its own file, imported below.
+type is a :class:`~.base.LayerAdapter` subclass with ``kind="name"`` in its own file, imported
+below; :mod:`.registry` finds the modules they handle.
 """
 
 # isort: off
@@ -11,28 +12,3 @@ from kronlab.curvature.layers import linear, hf_conv1d, conv2d, embedding  # noq
 from kronlab.curvature.layers import packed_attention, torch_conv1d  # noqa: F401
 
 # isort: on
-from kronlab.curvature.layers.base import LayerAdapter, LayerSpec, registered_adapters
-from kronlab.curvature.layers.registry import (
-    bias_in_curvature,
-    find_modules,
-    gradient_matrix,
-    includes_bias,
-    layer_adapter,
-    layer_spec,
-    parameters_from_matrix,
-    tracked_weight,
-)
-
-__all__ = [
-    "LayerAdapter",
-    "LayerSpec",
-    "bias_in_curvature",
-    "find_modules",
-    "gradient_matrix",
-    "includes_bias",
-    "layer_adapter",
-    "layer_spec",
-    "parameters_from_matrix",
-    "registered_adapters",
-    "tracked_weight",
-]
