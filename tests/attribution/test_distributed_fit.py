@@ -112,3 +112,11 @@ def test_two_ranks_fit_what_one_process_fits(two_rank_fits, option: str) -> None
         torch.testing.assert_close(
             first.modules[name].eigenvalues(), module.eigenvalues(), rtol=1e-9, atol=1e-12
         )
+
+
+def test_a_reducer_that_is_not_one_is_refused_before_any_work() -> None:
+    def loss_never_called(model, batch, sample=False):
+        raise AssertionError("the fit read data")
+
+    with pytest.raises(TypeError, match="Invalid reducer: str"):
+        fit_curvature(_model(), _data(), loss_never_called, reducer="gloo")
