@@ -16,8 +16,8 @@ from weakref import WeakSet
 import torch
 from torch import nn
 
-from kronlab.curvature.attention import attention_hooks, sequence_first_modules
-from kronlab.curvature.layers.base import LayerSpec
+from kronlab.curvature.attention import sequence_first_modules
+from kronlab.curvature.layers.base import LayerSpec, registered_adapters
 from kronlab.curvature.layers.registry import layer_adapter, layer_spec
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -104,14 +104,18 @@ class _Recorder:
     def __enter__(self) -> _Recorder:
         for name, module in self.modules.items():
             if not layer_adapter(module).hooked:
-                continue  # recorded from inside its forward (attention_hooks below)
+                continue  # recorded from inside another forward (rerouted below)
             self._handles.append(
                 module.register_forward_hook(self._hook_for(name), with_kwargs=True)
             )
-        # Attention computes its projections inside one fused call: run it through a forward
-        # that shows them, for every attention module with a tracked projection.
+        # Layers applied inside a fused call (attention's projections) are made visible by
+        # their adapters, which run the modules around them through a forward that shows them.
         searched = self.model if self.model is not None else nn.ModuleList(self.modules.values())
-        self._undo = attention_hooks(searched, self.modules, self._record_for)
+        self._undo = [
+            undo
+            for adapter in registered_adapters()
+            for undo in adapter.reroute(searched, self.modules, self._record_for)
+        ]
         self._sequence_first = sequence_first_modules(searched)
         return self
 

@@ -13,6 +13,7 @@ optimizers that precondition the weight in its own dims). Defining a subclass wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -21,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 if TYPE_CHECKING:
+    from kronlab.curvature.attention import Record
     from kronlab.curvature.hooks import LayerBatch
 
 # Registered adapters by kind, in registration order (the order modules are matched in).
@@ -95,6 +97,18 @@ class LayerAdapter:
     def trackable(self, module: nn.Module) -> bool:
         """Whether this configuration of a matched module can be tracked."""
         return True
+
+    def reroute(
+        self,
+        model: nn.Module,
+        tracked: dict[str, nn.Module],
+        record_for: Callable[[str], Record],
+    ) -> list[Callable[[], None]]:
+        """Make the calls no forward hook sees visible while the hooks record: patch the
+        modules of ``model`` that apply a ``tracked`` layer inside a fused call so they hand
+        its ``(inputs, outputs)`` to ``record_for(name)``; returns the callables that undo it.
+        Hooked layers need none."""
+        return []
 
     def weight(self, module: nn.Module) -> torch.Tensor:
         """The parameter the block belongs to."""

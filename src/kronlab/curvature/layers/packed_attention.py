@@ -5,10 +5,12 @@ sees it; :mod:`kronlab.curvature.attention` records it from a forward with visib
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from kronlab.curvature.attention import packed_in_projection
+from kronlab.curvature.attention import Record, attention_hooks, packed_in_projection
 from kronlab.curvature.layers.base import LayerAdapter, LayerSpec
 
 
@@ -16,10 +18,20 @@ class PackedAttentionAdapter(LayerAdapter, kind="attention"):
     """A linear layer over the query (and key, value) tokens with weight ``in_proj_weight``."""
 
     description = "nn.MultiheadAttention"
-    hooked = False  # recorded from inside the module's forward, see attention_hooks
+    hooked = False  # recorded from inside the module's forward, see reroute
 
     def matches(self, module: nn.Module) -> bool:
         return packed_in_projection(module)
+
+    def reroute(
+        self,
+        model: nn.Module,
+        tracked: dict[str, nn.Module],
+        record_for: Callable[[str], Record],
+    ) -> list[Callable[[], None]]:
+        """Every attention module whose in-projection or ``out_proj`` is tracked runs through
+        :func:`~kronlab.curvature.attention.attention_forward`, which shows both."""
+        return attention_hooks(model, tracked, record_for)
 
     def weight(self, module: nn.Module) -> torch.Tensor:
         return module.in_proj_weight
