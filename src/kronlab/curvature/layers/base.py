@@ -86,6 +86,8 @@ class LayerAdapter:
         if kind in _ADAPTERS:
             raise ValueError(f"Invalid layer kind: {kind!r} is already registered")
         cls.kind = kind
+        if not hasattr(cls, "description"):
+            cls.description = kind
         _ADAPTERS[kind] = cls()
 
     # -- which modules, and their shapes --------------------------------------------------------
