@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from kronlab.curvature import layer_spec, tracked_weight
+from kronlab.curvature import layer_spec
+from kronlab.curvature.layers import tracked_weight
 from kronlab.linalg import eigh
 
 if TYPE_CHECKING:

@@ -12,3 +12,7 @@ from kronlab.curvature.layers import linear, hf_conv1d, conv2d, embedding  # noq
 from kronlab.curvature.layers import packed_attention, torch_conv1d  # noqa: F401
 
 # isort: on
+from kronlab.curvature.layers.base import LayerAdapter, LayerSpec
+from kronlab.curvature.layers.registry import layer_spec, tracked_weight
+
+__all__ = ["LayerAdapter", "LayerSpec", "layer_spec", "tracked_weight"]

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from kronlab.curvature.attention import Record
     from kronlab.curvature.hooks import LayerBatch
 
+    RecordFor = Callable[[str], Record]  # a tracked module's name → where its calls go
+    Undo = Callable[[], None]
+
 # Registered adapters by kind, in registration order (the order modules are matched in).
 _ADAPTERS: dict[str, LayerAdapter] = {}
 
@@ -101,11 +104,8 @@ class LayerAdapter:
         return True
 
     def reroute(
-        self,
-        model: nn.Module,
-        tracked: dict[str, nn.Module],
-        record_for: Callable[[str], Record],
-    ) -> list[Callable[[], None]]:
+        self, model: nn.Module, tracked: dict[str, nn.Module], record_for: RecordFor
+    ) -> list[Undo]:
         """Make the calls no forward hook sees visible while the hooks record: patch the
         modules of ``model`` that apply a ``tracked`` layer inside a fused call so they hand
         its ``(inputs, outputs)`` to ``record_for(name)``; returns the callables that undo it.

@@ -5,13 +5,16 @@ sees it; :mod:`kronlab.curvature.attention` records it from a forward with visib
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from kronlab.curvature.attention import Record, attention_hooks, packed_in_projection
+from kronlab.curvature.attention import attention_hooks, packed_in_projection
 from kronlab.curvature.layers.base import LayerAdapter, LayerSpec
+
+if TYPE_CHECKING:
+    from kronlab.curvature.layers.base import RecordFor, Undo
 
 
 class PackedAttentionAdapter(LayerAdapter, kind="attention"):
@@ -24,11 +27,8 @@ class PackedAttentionAdapter(LayerAdapter, kind="attention"):
         return packed_in_projection(module)
 
     def reroute(
-        self,
-        model: nn.Module,
-        tracked: dict[str, nn.Module],
-        record_for: Callable[[str], Record],
-    ) -> list[Callable[[], None]]:
+        self, model: nn.Module, tracked: dict[str, nn.Module], record_for: RecordFor
+    ) -> list[Undo]:
         """Every attention module whose in-projection or ``out_proj`` is tracked runs through
         :func:`~kronlab.curvature.attention.attention_forward`, which shows both."""
         return attention_hooks(model, tracked, record_for)
