@@ -1,15 +1,13 @@
 """Two gloo processes on the CPU produce the same store and scores as one process."""
 
 import numpy as np
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from kronlab.attribution.curvature import Curvature
-from kronlab.attribution.distributed import Workers, init_workers
+from kronlab.attribution.distributed import Workers
 from kronlab.attribution.pipeline import AttributionConfig, AttributionRun
 from kronlab.attribution.store import GradientStore
 
+from .gloo import run_on_ranks
 from .pipeline_fixtures import tiny_task
 
 # Two settings in one spawn: EK-FAC with projection last, and K-FAC with the folded root
@@ -21,7 +19,7 @@ SETTINGS = {
 COMMON = dict(num_queries=6, batch_size=8, chunk_rows=8, fisher="empirical", damping=0.3)
 
 
-def _run(directory, workers: Workers) -> None:
+def _run(workers: Workers, directory) -> None:
     for name, settings in SETTINGS.items():
         config = AttributionConfig(**COMMON, **settings)
         run = AttributionRun(
@@ -30,22 +28,9 @@ def _run(directory, workers: Workers) -> None:
         run.run()
 
 
-def _worker(rank: int, world_size: int, init_file: str, directory) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
-    )
-    try:
-        workers = init_workers()
-        assert (workers.rank, workers.world_size) == (rank, world_size)
-        _run(directory, workers)
-    finally:
-        dist.destroy_process_group()
-
-
 def test_two_processes_write_the_same_store_and_scores_as_one(tmp_path):
-    _run(tmp_path / "one", Workers())
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), tmp_path / "two"), nprocs=2, join=True)
+    _run(Workers(), tmp_path / "one")
+    run_on_ranks(_run, 2, tmp_path, tmp_path / "two")
     for name in SETTINGS:
         one, two = tmp_path / "one" / name, tmp_path / "two" / name
         single = GradientStore.open(one / "train")

@@ -134,11 +134,18 @@ def test_optimizer_without_factors_or_with_missing_modules() -> None:
 
 
 @pytest.mark.parametrize("variant", ["root_inv", "soap"])
-def test_conv2d_input_side_is_the_kronecker_product_of_its_dims(variant: str) -> None:
-    model = nn.Sequential(nn.Conv2d(1, 3, (2, 2), bias=False)).double()  # block (3, 2, 2)
+@pytest.mark.parametrize("layer", ["conv2d", "conv1d"])
+def test_convolution_input_side_is_the_kronecker_product_of_its_dims(
+    variant: str, layer: str
+) -> None:
+    # Both weights are one block (3, 2, 2): (out, C=1 dropped, kh, kw) and (out, C, k).
+    conv = (
+        nn.Conv2d(1, 3, (2, 2), bias=False) if layer == "conv2d" else nn.Conv1d(2, 3, 2, bias=False)
+    )
+    model = nn.Sequential(conv).double()
     optimizer = FakeShampoo([(model[0].weight,)], variant)
     for _ in range(4):
-        optimizer.accumulate([torch.randn(3, 1, 2, 2, dtype=torch.float64)])
+        optimizer.accumulate([torch.randn(model[0].weight.shape, dtype=torch.float64)])
     curvature = Curvature.from_optimizer(optimizer, model)
     out_factor, height_factor, width_factor = optimizer.statistics[0]
     grad = torch.randn(3, 4, dtype=torch.float64)

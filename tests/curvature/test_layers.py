@@ -76,3 +76,24 @@ def test_bad_loss_mask_and_projection() -> None:
         per_example_gradients(
             model, inputs, lambda net, x: net(x).sum(), modules, projections={"x": (None, None)}
         )
+
+
+class _SequenceFirst(nn.Module):
+    """A custom model that feeds its Linear (tokens, examples, width)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x.transpose(0, 1)).transpose(0, 1)
+
+
+def test_a_module_fed_tokens_first_is_refused() -> None:
+    model = _SequenceFirst()
+    inputs = torch.randn(4, 5, 3)  # (examples, tokens, width)
+    with pytest.raises(ValueError, match=r"'proj' got an input of shape \(5, 4, 3\).* 4 examples"):
+        per_example_gradients(model, inputs, lambda net, x: net(x).sum(), find_modules(model))
+    merged = nn.Sequential(nn.Flatten(0, 1), nn.Linear(3, 2))  # examples and tokens merged
+    with pytest.raises(ValueError, match=r"'1' got an input of shape \(20, 3\)"):
+        per_example_gradients(merged, inputs, lambda net, x: net(x).sum(), find_modules(merged))

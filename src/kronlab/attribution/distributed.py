@@ -12,10 +12,26 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
+
+
+@runtime_checkable
+class Reducer(Protocol):
+    """How a curvature fit combines the processes that share its data: sums over ranks and a
+    broadcast from one rank. :class:`Workers` is one (a single process: both are no-ops)."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def broadcast_tensor(self, tensor: torch.Tensor, source: int) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -68,13 +84,6 @@ class Workers:
         dist.broadcast(staged, src=source)
         tensor.copy_(staged.to(tensor.device))
         return tensor
-
-    def broadcast_object(self, value: Any, source: int = 0) -> Any:
-        if not self.distributed:
-            return value
-        holder = [value]
-        dist.broadcast_object_list(holder, src=source)
-        return holder[0]
 
     def _communication_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")

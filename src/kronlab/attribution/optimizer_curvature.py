@@ -63,11 +63,9 @@ def optimizer_eigenbases(
 def _block_layout(module: nn.Module, block: Any) -> tuple[int, ...] | None:
     """The weight's shape as the optimizer grouped it (bias as an extra column for
     ``LinearWeightBias``), if the block is that shape with size-1 dims dropped."""
-    shape = tuple(tracked_weight(module).shape)
-    candidates = [shape]
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        candidates.append((shape[0], shape[1] + 1))
-    for candidate in candidates:
+    spec = layer_spec(module)
+    assert spec is not None
+    for candidate in spec.adapter.grouped_shapes(module):
         kept = tuple(size for size in candidate if size != 1)
         if kept and tuple(block.block_shape) == kept and len(block.factors) == len(kept):
             return candidate
@@ -88,7 +86,7 @@ def _module_eigenbasis(
     pairs = iter(zip(vectors, values))
     per_dim = [next(pairs) if size != 1 else unit for size in grouped_shape]
     # Conv1D and embedding weights are stored (in, out): their row factor is the input side.
-    output_axis = 1 if spec.kind in ("conv1d", "embedding") else 0
+    output_axis = spec.adapter.output_axis
     input_axes = [axis for axis in range(len(grouped_shape)) if axis != output_axis]
     output_vectors, output_values = per_dim[output_axis]
     input_vectors, input_values = per_dim[input_axes[0]]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -480,11 +480,6 @@ class GradientStore:
         if self.settings.dtype == "bfloat16":
             return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16).float()
         return torch.from_numpy(block).float()
-
-    def iter_rows(self, batch_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(start, rows)`` over the whole store in batches of ``batch_rows``."""
-        for start in range(0, self.num_rows, batch_rows):
-            yield start, self.read(start, min(start + batch_rows, self.num_rows))
 
     def module_blocks(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split rows ``(n, row_width)`` into ``{name: (n, r, c)}`` blocks (views)."""

@@ -15,14 +15,10 @@ from weakref import WeakSet
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from kronlab.curvature.attention import (
-    attention_hooks,
-    packed_in_projection,
-    sequence_first_modules,
-)
-from kronlab.curvature.layers import LayerSpec, layer_spec
+from kronlab.curvature.attention import sequence_first_modules
+from kronlab.curvature.layers.base import LayerSpec, registered_adapters
+from kronlab.curvature.layers.registry import layer_adapter, layer_spec
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -59,15 +55,7 @@ class LayerBatch:
     def activations(self) -> torch.Tensor:
         """``(n, T, d_in [+1])`` with the bias 1 appended and masked tokens zeroed (embeddings:
         the token indices)."""
-        if self.spec.kind == "embedding":
-            return self.inputs
-        activations = self.inputs
-        if self.spec.has_bias:
-            ones = activations.new_ones(*activations.shape[:2], 1)
-            activations = torch.cat([activations, ones], dim=-1)
-        if self.token_mask is not None:
-            activations = activations * self.token_mask.to(activations.dtype).unsqueeze(-1)
-        return activations
+        return self.spec.adapter.activations(self)
 
 
 @dataclass
@@ -115,15 +103,19 @@ class _Recorder:
 
     def __enter__(self) -> _Recorder:
         for name, module in self.modules.items():
-            if packed_in_projection(module):
-                continue  # recorded from inside its forward (attention_hooks below)
+            if not layer_adapter(module).hooked:
+                continue  # recorded from inside another forward (rerouted below)
             self._handles.append(
                 module.register_forward_hook(self._hook_for(name), with_kwargs=True)
             )
-        # Attention computes its projections inside one fused call: run it through a forward
-        # that shows them, for every attention module with a tracked projection.
+        # Layers applied inside a fused call (attention's projections) are made visible by
+        # their adapters, which run the modules around them through a forward that shows them.
         searched = self.model if self.model is not None else nn.ModuleList(self.modules.values())
-        self._undo = attention_hooks(searched, self.modules, self._record_for)
+        self._undo = [
+            undo
+            for adapter in registered_adapters()
+            for undo in adapter.reroute(searched, self.modules, self._record_for)
+        ]
         self._sequence_first = sequence_first_modules(searched)
         return self
 
@@ -170,6 +162,8 @@ class _Recorder:
                 # gets each example's own gradient instead; the inputs are the same per example.
                 inputs = inputs.expand(n, *inputs.shape[1:])
                 output = output.expand(n, *output.shape[1:])
+            elif n is not None and (inputs.ndim == 0 or inputs.shape[0] != n):
+                raise ValueError(_not_example_first(name, inputs, n))
             self.calls.append(
                 _Call(name, module, inputs, output, (inputs._version, output._version))
             )
@@ -179,6 +173,16 @@ class _Recorder:
             return forward_output if broadcast or sequence_first else None
 
         return hook
+
+
+def _not_example_first(name: str, inputs: torch.Tensor, n: int) -> str:
+    return (
+        f"Invalid model for per-example gradients: tracked module {name!r} got an input of shape "
+        f"{tuple(inputs.shape)}, whose first dim is not the batch's {n} examples (allowed: "
+        "(examples, ...) inputs; a (tokens, examples, ...) layout or a reshape that merges "
+        "examples and tokens would mix examples' gradients). Feed the module example-first "
+        "(e.g. batch_first=True) or leave it out with modules="
+    )
 
 
 def layer_batches(
@@ -239,8 +243,11 @@ def layer_batches(
     for call, output_gradient in zip(recorder.calls, output_gradients):
         spec = specs[call.name]
         assert spec is not None
-        inputs = _token_inputs(call.module, spec, call.inputs)
-        gradients = _token_gradients(spec, output_gradient.detach(), inputs.shape[0])
+        adapter = spec.adapter
+        inputs = adapter.token_inputs(call.module, call.inputs)
+        gradients = adapter.token_gradients(
+            call.module, output_gradient.detach(), inputs.shape[0], spec.d_out
+        )
         yield _apply_mask(call, spec, inputs, gradients, mask)
 
 
@@ -302,31 +309,6 @@ def _check_loss(loss: object) -> None:
         raise ValueError("Invalid loss_fn result: the loss does not require grad")
 
 
-def _token_inputs(module: nn.Module, spec: LayerSpec, inputs: torch.Tensor) -> torch.Tensor:
-    """``(n, T, d_in)`` token inputs (conv2d: unfolded patches; embeddings: ``(n, T)`` ids)."""
-    if inputs.ndim < 2 and spec.kind != "embedding":
-        raise ValueError(f"expected batched input to a {spec.kind} module, got {inputs.shape}")
-    n = inputs.shape[0]
-    if spec.kind == "embedding":
-        return inputs.reshape(n, -1)
-    if spec.kind == "conv2d":
-        patches = F.unfold(
-            inputs,
-            module.kernel_size,
-            dilation=module.dilation,
-            padding=module.padding,
-            stride=module.stride,
-        )
-        return patches.transpose(1, 2)
-    return inputs.reshape(n, -1, inputs.shape[-1])
-
-
-def _token_gradients(spec: LayerSpec, output_gradient: torch.Tensor, n: int) -> torch.Tensor:
-    if spec.kind == "conv2d":
-        return output_gradient.flatten(2).transpose(1, 2)
-    return output_gradient.reshape(n, -1, spec.d_out)
-
-
 def _apply_mask(
     call: _Call,
     spec: LayerSpec,
@@ -342,12 +324,7 @@ def _apply_mask(
                 f"(examples, tokens) = {tuple(inputs.shape[:2])})"
             )
         token_mask = mask.to(device=gradients.device).bool()
-    if spec.kind == "embedding":
-        padding_idx = call.module.padding_idx
-        if padding_idx is not None:
-            # torch never updates the padding row, so its gradient is zero by definition.
-            real = inputs != padding_idx
-            token_mask = real if token_mask is None else token_mask & real
+    token_mask = spec.adapter.token_mask(call.module, inputs, token_mask)
     if token_mask is not None:
         # Zero output gradients suffice: every product with g_t vanishes on masked tokens.
         gradients = gradients * token_mask.to(gradients.dtype).unsqueeze(-1)

@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from kronlab.curvature.hooks import LayerBatch, LossFn, layer_batches
-from kronlab.curvature.layers import LayerSpec
+from kronlab.curvature.layers.base import LayerSpec
 
 Projection = tuple[torch.Tensor | None, torch.Tensor | None]
 
@@ -56,42 +55,13 @@ def per_example_gradients(
 
 def example_gradients(layer: LayerBatch, projection: Projection | None = None) -> torch.Tensor:
     """``Σ_t (P_S g_t)(P_A a_t)ᵀ`` per example for one :class:`LayerBatch`: two projections
-    of the token vectors, then one batched ``(n, p_S, T) @ (n, T, p_A)`` product."""
+    of the token vectors, then one batched ``(n, p_S, T) @ (n, T, p_A)`` product (the layer's
+    adapter forms the input side)."""
     output_side, input_side = projection if projection is not None else (None, None)
     gradients = layer.gradients
     if output_side is not None:
         gradients = gradients @ output_side.to(gradients.dtype).transpose(0, 1)
-    if layer.spec.kind == "embedding":
-        return _embedding_gradients(layer, gradients, input_side)
-    if input_side is None:
-        activations = layer.activations
-    else:
-        activations = projected_inputs(layer, input_side.to(gradients.dtype))
-    return gradients.transpose(1, 2) @ activations
-
-
-def projected_inputs(layer: LayerBatch, input_side: torch.Tensor) -> torch.Tensor:
-    """``P_A a_t`` per token ``(n, T, p)``; with a bias, ``P_A [x_t; 1] = P_W x_t + p_b`` is one
-    fused multiply-add, so the ``[x_t; 1]`` copy is never made. Masked tokens are not zeroed
-    (their ``g_t`` is)."""
-    inputs = layer.inputs
-    if layer.spec.has_bias:
-        return F.linear(inputs, input_side[:, :-1], input_side[:, -1])
-    return inputs @ input_side.transpose(0, 1)
-
-
-def _embedding_gradients(
-    layer: LayerBatch, gradients: torch.Tensor, input_side: torch.Tensor | None
-) -> torch.Tensor:
-    tokens = layer.activations
-    if input_side is not None:
-        # P_A a_t for a one-hot a_t is column ``token`` of P_A.
-        projected = input_side.to(gradients.dtype).transpose(0, 1)[tokens]
-        return gradients.transpose(1, 2) @ projected
-    n, _, width = gradients.shape
-    by_token = gradients.new_zeros(n, layer.spec.d_in, width)
-    by_token.scatter_add_(1, tokens.unsqueeze(-1).expand(-1, -1, width), gradients)
-    return by_token.transpose(1, 2)
+    return layer.spec.adapter.example_gradients(layer, gradients, input_side)
 
 
 def _check_projection(name: str, spec: LayerSpec, projection: Projection) -> None:
