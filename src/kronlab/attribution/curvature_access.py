@@ -63,29 +63,3 @@ class _OwnedBatches:
             yield batch
             if self.progress is not None:
                 self.progress.update(len(batch[0]) * self.workers.world_size)
-
-
-def factor_eigendecompositions(
-    curvature: Curvature,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``{name: (λ_S, Q_S, λ_A, Q_A)}`` in float64 (identity ``Q`` where none is stored)."""
-    result = {}
-    for name, module in curvature.modules.items():
-        if module.output_eigenvalues is None or module.input_eigenvalues is None:
-            raise ValueError(
-                f"module {name!r} has no factor eigenvalues ({curvature.method} curvature)"
-            )
-        vectors = []
-        for values, stored in (
-            (module.output_eigenvalues, module.output_eigenvectors),
-            (module.input_eigenvalues, module.input_eigenvectors),
-        ):
-            eye = torch.eye(len(values), dtype=torch.float64, device=values.device)
-            vectors.append(eye if stored is None else stored.double())
-        result[name] = (
-            module.output_eigenvalues.double(),
-            vectors[0],
-            module.input_eigenvalues.double(),
-            vectors[1],
-        )
-    return result
