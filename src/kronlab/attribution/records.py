@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kronlab.attribution.sources import ExampleKind, ExampleSet
+from kronlab.attribution.examples import ExampleKind, ExampleSet
 
 Encoder = Callable[[list[dict[str, Any]]], tuple[torch.Tensor, ...]]
 
