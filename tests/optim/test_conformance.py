@@ -125,18 +125,27 @@ def tensors_in(value: Any) -> Iterator[torch.Tensor]:
 
 
 # --- state_dict round trip ---------------------------------------------------------------------
+# Steps before and after a checkpoint: the resumed run crosses a preconditioner refresh (the
+# registered Shampoo family refreshes every 10 steps, from step 1).
+BEFORE, AFTER = 4, 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ALL)
-def test_round_trip_through_torch_save_is_bit_exact_and_resumes_exactly(name: str) -> None:
-    model = TwoBranches()
+def test_round_trip_through_torch_save_is_bit_exact_and_resumes_exactly(
+    name: str, dtype: torch.dtype
+) -> None:
+    """Also for bfloat16 parameters: loading must not cast the state to the parameters' dtype."""
+    model = TwoBranches(dtype)
     optimizer = create_optimizer(name, model)
-    train(model, optimizer, 3, seed=1)
+    train(model, optimizer, BEFORE, seed=1)
     resumed_model = copy_of(model)
     resumed = create_optimizer(name, resumed_model)
     resumed.load_state_dict(through_torch_save(optimizer.state_dict()))
     assert_identical(cloned(optimizer.state_dict()), resumed.state_dict())
     torch.manual_seed(12345)  # resuming needs no global random state
-    train(model, optimizer, 3, seed=2)
-    train(resumed_model, resumed, 3, seed=2)
+    train(model, optimizer, AFTER, seed=2)
+    train(resumed_model, resumed, AFTER, seed=2)
     assert same_parameters(model, resumed_model)
     assert_identical(cloned(optimizer.state_dict()), resumed.state_dict())
 
@@ -147,12 +156,12 @@ def test_a_live_state_dict_loads_a_copy_and_both_runs_go_on_alike(name: str) -> 
     with the saving one, or the steps of one would move the other."""
     model = TwoBranches()
     optimizer = create_optimizer(name, model)
-    train(model, optimizer, 3, seed=1)
+    train(model, optimizer, BEFORE, seed=1)
     resumed_model = copy_of(model)
     resumed = create_optimizer(name, resumed_model)
     resumed.load_state_dict(optimizer.state_dict())
-    train(model, optimizer, 3, seed=2)  # the saver first: a shared tensor would be moved here
-    train(resumed_model, resumed, 3, seed=2)
+    train(model, optimizer, AFTER, seed=2)  # the saver first: a shared tensor would move here
+    train(resumed_model, resumed, AFTER, seed=2)
     assert same_parameters(model, resumed_model)
     assert_identical(cloned(optimizer.state_dict()), resumed.state_dict())
 
@@ -392,7 +401,8 @@ def build_with(name: str, model: nn.Module, **overrides: Any) -> Any:
 def bad_values(parameter: inspect.Parameter) -> list[tuple[Any, str]]:
     """Values no hyperparameter of this kind allows, each with the text the error must show.
 
-    Numbers: NaN and -inf (floats), 2.5 and True (integers); pairs of floats (betas): NaN in
+    Numbers: NaN and -inf (floats), 2.5, 2.0 and True (integers; inf too where annotated
+    ``int``); pairs of floats (betas): NaN in
     either place; strings (a choice): a name that is no choice. Booleans, dtypes, callables and
     objects are left to the optimizers' own tests."""
     default, annotation = parameter.default, str(parameter.annotation)
@@ -406,7 +416,9 @@ def bad_values(parameter: inspect.Parameter) -> list[tuple[Any, str]]:
         return [((math.nan, default[1]), "nan"), ((default[0], math.nan), "nan")]
     if isinstance(default, int) or (default is None and re.search(r"\bint\b", annotation)
                                     and "float" not in annotation):  # fmt: skip
-        return [(2.5, "2.5"), (True, "True")]
+        whole = [(2.5, "2.5"), (2.0, "2.0"), (True, "True")]
+        # an integer-only annotation refuses infinity too (a float one may allow it as "never")
+        return whole + ([] if "float" in annotation else [(math.inf, "inf")])
     if isinstance(default, float) or (default is None and "float" in annotation):
         return [(math.nan, "nan"), (-math.inf, "-inf")]
     if isinstance(default, str):
