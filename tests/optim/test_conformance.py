@@ -475,3 +475,4 @@ def test_bad_hyperparameter_is_refused_naming_the_argument(
     message = str(error.value)
     assert re.search(rf"\b{re.escape(argument)}\b", message), message
     assert shown in message, message
+    assert "allowed" in message, message  # and the range or choices it allows
