@@ -18,7 +18,8 @@ the registry does (``create_optimizer(name, model)``) and uses only the construc
   a checkpoint with the later group resumes exactly;
 * ``step(closure)`` calls the closure once and returns its loss;
 * every numeric or choice hyperparameter in the constructor's signature refuses a bad value with
-  a ``ValueError`` naming the argument and the value (the values are derived from the signature).
+  a ``ValueError`` naming the argument, the value and what is allowed (the bad values are derived
+  from the signature: its defaults and annotations).
 
 torch's own optimizers (registered as references) run the tests whose contract is torch.optim's;
 the non-finite skip, the float32 state, live-state isolation and the error messages are
