@@ -5,7 +5,7 @@ Run from the repository root (the peer row needs the ``bench`` extra)::
     PYTHONPATH=src python -m benchmarks.sirfshampoo_lag [--steps 50] [--out kronlab-bench]
 
 Every row is one ``charlm`` run (seed 0, the convergence benchmark's schedule and weight decay)
-of kronlab's SIRFShampoo with one setting changed from its registry entry (lr 0.01,
+of kronlab's SIRFShampoo with one setting changed from its digits-tuned entry (lr 0.01,
 beta2 0.2, lam 0.1, T 1, weight and bias of a linear layer in one factor pair), next to AdamW at
 its default lr. Runs are cached in ``--out`` like the benchmark's own (``charlm/runs``).
 """

@@ -31,6 +31,16 @@ def test_five_step_run_of_each_task(tmp_path, task):
     assert (tmp_path / task / "runs" / runner.RunKey(task, "adamw", 3e-3, 0, 5).filename()).exists()
 
 
+def test_quick_takes_one_seed_unless_told_more(tmp_path):
+    def seeds_run(**seeds: int) -> list[int]:
+        results = run_convergence(["digits-mlp"], "adamw", out=tmp_path, quick=True, steps=2,
+                                  show_progress=False, report=quiet, **seeds)  # fmt: skip
+        return [run.settings["seed"] for run in results["digits-mlp"][0].runs]
+
+    assert seeds_run() == [0]
+    assert seeds_run(seeds=3) == [0, 1, 2]
+
+
 def test_protocol_grid_then_seeds_outputs_and_cache(tmp_path, monkeypatch):
     run_convergence(
         ["digits-mlp"], "sgd", out=tmp_path, seeds=2, steps=5, show_progress=False, report=quiet

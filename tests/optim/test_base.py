@@ -253,12 +253,3 @@ def test_parameters_without_gradients_are_left_alone_and_closure_is_called():
     assert loss is not None
     assert torch.equal(model.embedding.weight, frozen)
     assert model.embedding.weight not in optimizer.state
-
-
-def test_works_with_lr_scheduler():
-    model = tutorial_model()
-    optimizer = MomentumOnBundles(model=model, lr=1.0)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-    train(model, optimizer, 1)
-    scheduler.step()
-    assert optimizer.param_groups[0]["lr"] == 0.5

@@ -108,27 +108,6 @@ def saved_and_loaded(optimizer: torch.optim.Optimizer) -> dict:
     return through_torch_save(optimizer.state_dict())
 
 
-@pytest.mark.filterwarnings("ignore:SIRFShampoo saw no training-mode forward")
-@pytest.mark.parametrize("name", KRON_OPTIMIZERS)
-def test_param_group_added_after_the_first_step_is_stepped_and_resumes(name):
-    model = TwoPart()
-    optimizer = create_optimizer(name, model.first)
-    train(model, optimizer, 2, seed=1)
-    optimizer.add_param_group({"params": list(model.second.parameters())})
-    added = [p.detach().clone() for p in model.second.parameters()]
-    train(model, optimizer, 2, seed=2)
-    assert all(not torch.equal(a, p) for a, p in zip(added, model.second.parameters()))
-
-    resumed_model = TwoPart()
-    resumed_model.load_state_dict(model.state_dict())
-    resumed = create_optimizer(name, resumed_model.first)
-    resumed.add_param_group({"params": list(resumed_model.second.parameters())})
-    resumed.load_state_dict(saved_and_loaded(optimizer))
-    train(model, optimizer, 3, seed=3)
-    train(resumed_model, resumed, 3, seed=3)
-    assert same_parameters(model, resumed_model)
-
-
 def test_shampoo_checkpoint_with_a_later_group_loads_into_one_built_with_both():
     model = TwoPart()
     optimizer = Shampoo(model.first.parameters(), precondition_frequency=2)
@@ -243,30 +222,6 @@ def test_state_dict_without_a_signature_is_refused():
     train(model, adam, 1, seed=1)
     with pytest.raises(ValueError, match="no 'kronlab' entry"):
         create_optimizer("shampoo", model).load_state_dict(adam.state_dict())
-
-
-@pytest.mark.filterwarnings("ignore:SIRFShampoo saw no training-mode forward")
-@pytest.mark.parametrize("name", KRON_OPTIMIZERS)
-def test_loading_a_live_state_dict_shares_nothing(name):
-    model = TwoPart()
-    source = trained(name, model)
-    target = create_optimizer(name, model)
-    target.load_state_dict(source.state_dict())  # not copied: torch's state_dict is live
-    loaded = snapshot(target)
-    train(model, source, 2, seed=2)
-    assert_identical(loaded, target.state_dict())
-    kept = snapshot(source)
-    train(model, target, 2, seed=3)
-    assert_identical(kept, source.state_dict())
-
-
-@pytest.mark.parametrize("name", KRON_OPTIMIZERS)
-def test_round_trip_through_torch_save_is_bit_exact(name):
-    model = TwoPart()
-    optimizer = trained(name, model, steps=3)
-    loaded = create_optimizer(name, model)
-    loaded.load_state_dict(saved_and_loaded(optimizer))
-    assert_identical(snapshot(optimizer), loaded.state_dict())
 
 
 def noisy_psgd(model: nn.Module, seed: int | None = None) -> PSGD:

@@ -342,13 +342,11 @@ def test_half_precision_factors_match_float32(half):
         (dict(lam=-1e-3), "lam"),
         (dict(weight_decay=-1.0), "weight_decay"),
         (dict(T=0), "T"),
-        (dict(T=1.5), "T"),
         (dict(structures="sparse"), "structure"),
         (dict(structures=("dense",)), "structures"),
         (dict(preconditioner_dtypes=torch.int32), "preconditioner_dtypes"),
         (dict(preconditioner_dtypes=(torch.float32,) * 3), "preconditioner_dtypes"),
         (dict(data_parallel_size=0), "data_parallel_size"),
-        (dict(data_parallel_size=1.5), "data_parallel_size"),
     ],
 )
 def test_bad_hyperparameters_raise_at_construction(kwargs, match):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 from torch import nn
@@ -173,7 +171,6 @@ def test_rank_fraction_sets_the_rank_per_matrix():
     [
         ({"rank": 0}, r"Invalid rank: 0 \(allowed: an integer, 1 <= rank\)"),
         ({"rank": 7}, r"Invalid rank: 7 \(allowed: 1 <= rank <= min\(m, n\) = 6"),
-        ({"rank": 2.5}, "Invalid rank: 2.5"),
         ({}, "exactly one of rank"),
         ({"rank": 2, "rank_fraction": 0.5}, "exactly one of rank"),
         ({"rank_fraction": 0.0}, "Invalid rank_fraction: 0.0"),
@@ -195,32 +192,6 @@ def test_non_matrix_parameter_without_the_auxiliary_adamw_is_refused():
     # left to the automatic split, it is stepped by AdamW
     optimizer = Spectron([nn.Parameter(torch.randn(6, 9)), bias], rank=2)
     assert [g["algorithm"] for g in optimizer.param_groups] == ["spectron", "adamw"]
-
-
-def test_state_dict_round_trip_resumes_the_same_trajectory():
-    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 3))
-    inputs = torch.randn(16, 6)
-
-    def train(optimizer, steps):
-        for _ in range(steps):
-            optimizer.zero_grad()
-            model(inputs).square().mean().backward()
-            optimizer.step()
-
-    optimizer = Spectron(model=model, rank=3, weight_decay=0.01)
-    train(optimizer, 2)
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
-    train(optimizer, 2)
-    expected = [p.detach().clone() for p in model.parameters()]
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    model.load_state_dict(saved["model"])
-    resumed = Spectron(model=model, rank=3, weight_decay=0.01)
-    resumed.load_state_dict(saved["optimizer"])
-    train(resumed, 2)
-    for param, reference in zip(model.parameters(), expected):
-        assert torch.equal(param, reference)
 
 
 def test_registered_and_beats_sgd_on_digits():

@@ -25,11 +25,15 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated names; 'kronlab' (the default set), 'kronlab-all' and 'peers' "
         "expand to groups; AdamW is always included",
     )
-    convergence.add_argument("--seeds", type=int, default=3)
+    convergence.add_argument(
+        "--seeds", type=int, help="seeds at the best lr (default 3; 1 with --quick)"
+    )
     convergence.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     convergence.add_argument("--out", type=Path, default=Path("kronlab-bench"))
     convergence.add_argument(
-        "--quick", action="store_true", help="one seed, default lrs, short budgets"
+        "--quick",
+        action="store_true",
+        help="default lrs (no grid), short budgets, one seed unless --seeds",
     )
     convergence.add_argument("--steps", type=int, help="override every task's step budget")
     convergence.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -40,7 +44,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
 def _run_convergence(args: argparse.Namespace) -> int:
     from kronlab.bench import run_convergence
 
-    if args.seeds < 1:
+    if args.seeds is not None and args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")

@@ -21,7 +21,7 @@ def run_convergence(
     optimizers: str = "kronlab",
     *,
     out: Path = Path("kronlab-bench"),
-    seeds: int = 3,
+    seeds: int | None = None,
     quick: bool = False,
     steps: int | None = None,
     jobs: int = 1,
@@ -32,7 +32,8 @@ def run_convergence(
 
     ``optimizers``: see :func:`kronlab.bench.optimizers.optimizer_names`; AdamW is always added
     (it is the reference). Peers whose package is missing are skipped with a message. ``quick``:
-    one seed, each optimizer's default lr, the tasks' short budgets. ``steps`` overrides every
+    each optimizer's default lr (no grid), the tasks' short budgets. ``seeds``: runs at the best
+    (with ``quick``: the default) lr; 3 unless given, 1 with ``quick``. ``steps`` overrides every
     task's budget.
     """
     for task in tasks:
@@ -49,7 +50,8 @@ def run_convergence(
             report(f"skipping {spec.name}: needs the {spec.package!r} package "
                    "(pip install 'kronlab[bench]')")  # fmt: skip
     specs = [spec for spec in specs if spec.available()]
-    seeds = 1 if quick else seeds
+    if seeds is None:
+        seeds = 1 if quick else 3
     everything = {}
     for task in tasks:
         results = run_task(task, specs, out, seeds=seeds, quick=quick, steps=steps, jobs=jobs,
@@ -61,7 +63,8 @@ def run_convergence(
         (directory / "table.md").write_text(table + "\n")
         write_summary(directory / "summary.json", task, rows, results)
         budget = results[0].runs[0].settings["steps"]
-        profile = "quick" if quick else f"{seeds} seeds"
+        profile = f"{seeds} seeds" if seeds > 1 else "1 seed"
+        profile = f"quick, {profile}" if quick else profile
         title = f"{task}: {budget} steps, {profile}"
         written = [directory / "table.md", directory / "summary.json"]
         if plot(directory / f"{task}.png", title, results):
