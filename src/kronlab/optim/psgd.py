@@ -33,7 +33,6 @@ from kronlab.linalg._dtypes import product_dtype
 from kronlab.optim.base import DEFAULT_RULES, KronOptimizer, NonFinitePolicy, ParamsT
 from kronlab.optim.bundles import ParameterBundle
 from kronlab.optim.registry import register_optimizer
-from kronlab.optim.stacked_state import StackedState
 from kronlab.optim.validation import check_choice, check_range
 
 PSGDMethod = Literal["quad", "procrustes"]
@@ -188,7 +187,6 @@ class PSGD(KronOptimizer):
             verbose_init=verbose_init,
             seed=seed,
         )
-        self._stacks = StackedState()
 
     def validate_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
@@ -344,7 +342,7 @@ class PSGD(KronOptimizer):
         states = [self.state[bundle.key] for bundle in bundles]
         for state in states:
             state["step"] += 1
-        stored_momentum = self._stacks.stack((key, "momentum"), states, "momentum")
+        stored_momentum = self.stacked_state.stack((key, "momentum"), states, "momentum")
         compute = product_dtype(stored_momentum.dtype, stored_momentum.device)
         # cast once for the fit and the output: a mixed-dtype elementwise op would make its own
         # cast copy of the half-precision operand (TensorIterator), i.e. one cast per use
@@ -357,9 +355,11 @@ class PSGD(KronOptimizer):
         sizes = {"left": (rows, cols), "right": (cols, rows)}
         squared = {side: kinds[side] == "diagonal" or forms_square(*sizes[side]) for side in sides}
         roots = {side: keeps_root(*sizes[side], group["method"]) for side in sides}
-        stored = {side: self._stacks.stack((key, side), states, f"{side}_factor") for side in sides}
+        stored = {
+            side: self.stacked_state.stack((key, side), states, f"{side}_factor") for side in sides
+        }
         factors = {side: self._in_dtype((key, side), stored[side], compute) for side in sides}
-        squares = {side: self._stacks.derived((key, side), stored[side]) for side in sides}
+        squares = {side: self.stacked_state.derived((key, side), stored[side]) for side in sides}
         # decided from the host-side step counts: no device sync
         if len(sides) == 2 and any(state["step"] % BALANCE_EVERY == 0 for state in states):
             factors["left"], factors["right"] = balance_scales(
@@ -379,19 +379,19 @@ class PSGD(KronOptimizer):
             term1 = whitening_terms(preconditioned, axis, kinds[side], roots[side])
             term2 = torch.full_like(lr, numel / factors[side].shape[-1])
             name = f"{side}_lipschitz"
-            lipschitz = self._stacks.stack((key, name), states, name)
+            lipschitz = self.stacked_state.stack((key, name), states, name)
             refreshed = updates[group["method"]](factors[side], term1, term2, lipschitz, lr)
-            stored[side] = self._stacks.store(
+            stored[side] = self.stacked_state.store(
                 (key, side), states, f"{side}_factor", refreshed.factor.to(stored[side].dtype)
             )
             factors[side] = self._in_dtype((key, side), stored[side], compute)
-            self._stacks.store((key, name), states, name, refreshed.lipschitz)
+            self.stacked_state.store((key, name), states, name, refreshed.lipschitz)
         squares = {
             side: factor_square(factors[side], kinds[side], symmetric) if squared[side] else None
             for side in sides
         }
         for side in sides:  # reused by the next step's fit while the factors stay unchanged
-            self._stacks.store_derived((key, side), stored[side], squares[side])
+            self.stacked_state.store_derived((key, side), stored[side], squares[side])
         directions = _precondition(momentum, factors, kinds, squares, squared, symmetric)
         return directions, _rms_clip_factors(directions, UPDATE_RMS_CLIP)
 
@@ -400,10 +400,10 @@ class PSGD(KronOptimizer):
         refreshed factor is stored serves the next step too (no cast at the start of a step)."""
         if stored.dtype == dtype:
             return stored
-        cached = self._stacks.derived((*key, dtype), stored)
+        cached = self.stacked_state.derived((*key, dtype), stored)
         if cached is None:
             cached = stored.to(dtype)
-            self._stacks.store_derived((*key, dtype), stored, cached)
+            self.stacked_state.store_derived((*key, dtype), stored, cached)
         return cached
 
     def _apply_updates(
