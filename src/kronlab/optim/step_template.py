@@ -102,13 +102,15 @@ class Direction:
     """A method's direction for the active slots of a stack: ``p ← p − step_size·scale·d``.
 
     ``values``: a ``(B, *shape)`` stack or one tensor per slot, in the work shape (reshaped to
-    each bundle's grouped shape by the write); ``scale``: ``(B,)`` per-slot factors known only
-    on the device (e.g. an RMS clip), multiplied in by the write's own pass, or ``None``.
+    each bundle's grouped shape by the write); an entry ``None`` leaves its slot to weight
+    decay alone (e.g. PSGD before a bundle's first non-zero gradient). ``scale``: per-slot
+    factors known only on the device (e.g. an RMS clip; ``(B,)`` or one 0-dim tensor per slot),
+    multiplied in by the write's own pass, or ``None``.
     """
 
-    values: Tensor | Sequence[Tensor]
+    values: Tensor | Sequence[Tensor | None]
     step_size: float
-    scale: Tensor | None = None
+    scale: Tensor | Sequence[Tensor | None] | None = None
 
 
 def momentum_(
@@ -145,25 +147,32 @@ def apply_direction(slots: Sequence[Slot], direction: Direction, decay: float = 
     may take a large update times a small step). Single-block bundles only: a method with
     several blocks per bundle assembles the grouped direction first.
     """
+    scales = direction.scale
+    if isinstance(scales, Tensor):
+        scales = scales.unbind(0)
+    decayed: list[Tensor] = []
     params: list[Tensor] = []
     updates: list[Tensor] = []
     owners: list[int] = []
     for index, (slot, value) in enumerate(zip(slots, direction.values)):
         bundle = slot.bundle
-        grouped = value.reshape(bundle.grouped_shape)
-        for param, update in zip(bundle.params, bundle.split(grouped)):
-            if param.grad is not None:
+        stepped = [param.grad is not None for param in bundle.params]
+        decayed += [param for param, has in zip(bundle.params, stepped) if has]
+        if value is None:
+            continue
+        pieces = bundle.split(value.reshape(bundle.grouped_shape))
+        for param, update, has in zip(bundle.params, pieces, stepped):
+            if has:
                 params.append(param)
                 updates.append(update)
                 owners.append(index)
+    if decay != 0 and decayed:
+        torch._foreach_mul_(decayed, 1 - decay)
     if not params:
         return
-    if decay != 0:
-        torch._foreach_mul_(params, 1 - decay)
-    if direction.scale is None:
+    if scales is None:
         torch._foreach_add_(params, updates, alpha=-direction.step_size)
         return
-    scales = direction.scale.unbind(0)
     for param, update, owner in zip(params, updates, owners):
         param.addcmul_(update, scales[owner], value=-direction.step_size)
 
