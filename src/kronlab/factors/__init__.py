@@ -10,24 +10,8 @@ from kronlab.factors.kronecker import (
     precondition_in_eigenbasis,
     to_eigenbasis,
 )
-from kronlab.factors.structures import (
-    STRUCTURE_NAMES,
-    BlockDiagonalStructure,
-    DenseStructure,
-    DiagonalStructure,
-    MatrixStructure,
-    TriangularStructure,
-    make_structure,
-)
 
 __all__ = [
-    "STRUCTURE_NAMES",
-    "BlockDiagonalStructure",
-    "DenseStructure",
-    "DiagonalStructure",
-    "MatrixStructure",
-    "TriangularStructure",
-    "make_structure",
     "axis_outer_products",
     "from_eigenbasis",
     "kronecker_outer",

@@ -15,7 +15,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from kronlab.factors.psgd_factors import (
+from kronlab.groups.layout import plan_layout
+from kronlab.groups.rules import PreconditionerGroup
+from kronlab.linalg._dtypes import product_dtype
+from kronlab.optim.base import DEFAULT_RULES, KronOptimizer, NonFinitePolicy, ParamsT
+from kronlab.optim.bundles import ParameterBundle
+from kronlab.optim.psgd_factors import (
     DENSE_UPDATES,
     DIAGONAL_UPDATES,
     FactorKind,
@@ -27,11 +32,6 @@ from kronlab.factors.psgd_factors import (
     preconditioner_lr_schedule,
     whitening_terms,
 )
-from kronlab.groups.layout import plan_layout
-from kronlab.groups.rules import PreconditionerGroup
-from kronlab.linalg._dtypes import product_dtype
-from kronlab.optim.base import DEFAULT_RULES, KronOptimizer, NonFinitePolicy, ParamsT
-from kronlab.optim.bundles import ParameterBundle
 from kronlab.optim.registry import register_optimizer
 from kronlab.optim.step_template import Direction, Slot, Stack, Work
 from kronlab.optim.validation import check_choice, check_range
