@@ -151,3 +151,37 @@ def test_adamw_step_matches_definition() -> None:
         # the moments are float32 whatever the parameter dtype
         torch.testing.assert_close(param.detach(), reference, rtol=1e-6, atol=1e-7)
     assert state["step"] == 3 and state["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_masked_step_undoes_everything_on_the_device(name: str) -> None:
+    """``on_nonfinite_grad="mask"`` (the compiled path, run eagerly here): a step with a NaN
+    gradient leaves the parameters and every state tensor, also those held in lists (one
+    factor per axis), as they were."""
+    net = model()
+    optimizer = OPTIMIZERS[name](net)
+    optimizer.on_nonfinite_grad = "mask"
+    train(net, optimizer, 2)
+    before = [p.detach().clone() for p in net.parameters()]
+    state_before = _tensors(optimizer.state)
+    optimizer.zero_grad()
+    net(torch.randn(8, 4)).square().mean().backward()
+    net[0].weight.grad[0, 0] = float("nan")
+    optimizer.step()
+    assert int(optimizer.masked_steps) == 1
+    for param, old in zip(net.parameters(), before):
+        assert torch.equal(param, old)
+    state_after = _tensors(optimizer.state)
+    assert len(state_after) == len(state_before)
+    for new, old in zip(state_after, state_before):
+        assert torch.equal(new, old)
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value.clone()]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors(item)]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    return []

@@ -12,7 +12,6 @@ from torch import nn
 from torch.optim import Optimizer
 
 from kronlab.groups.rules import PerParameter, PreconditionerGroup, check_rules
-from kronlab.linalg.finite import all_finite, finite_flag
 from kronlab.optim.adamw import adamw_step
 from kronlab.optim.bundles import ParameterBundle, identify_bundles
 from kronlab.optim.checkpoint import SIGNATURE_KEY, check_signature, optimizer_signature
@@ -27,7 +26,7 @@ from kronlab.optim.step_template import (
     apply_direction,
     momentum_,
 )
-from kronlab.optim.transaction import StepTransaction
+from kronlab.optim.transaction import StepTransaction, masked_update
 from kronlab.optim.validation import check_choice, check_module, check_params
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None
@@ -67,7 +66,8 @@ class KronOptimizer(Optimizer):
       grad scaler already does the checking.
       ``"mask"`` checks without a host sync, for ``torch.compile(optimizer.step)``: the step is
       computed and then undone with ``torch.where`` if a gradient or a new value is not finite
-      (see ``_masked_step``).
+      (``kronlab.optim.transaction.masked_update``; ``masked_steps``, a 0-dim tensor, counts
+      the steps undone; not saved by ``state_dict``).
     * ``state_dict()`` / ``load_state_dict()`` round-trip exactly, also through
       ``torch.save`` / ``torch.load(weights_only=True)``; state keeps its dtype (float32 factors of
       bf16 parameters stay float32). The state_dict records the optimizer class, parameter
@@ -222,45 +222,31 @@ class KronOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_dense_gradients()
-        if self.on_nonfinite_grad == "mask" and self.global_step > 0:
-            self._masked_step()
-            return loss
+        # every parameter, with a gradient or not: a bundle's state lives under its first
+        # parameter, and a bundle updates all its parameters, whichever have gradients
+        params = [p for group in self.param_groups for p in group["params"]]
+        gradients = [p.grad for p in params if p.grad is not None]
         if self.on_nonfinite_grad == "ignore":
             self._counters["step"] += 1
             self.update()
-            return loss
-        # The step is a transaction (kronlab.optim.transaction): it is committed only if the
-        # gradients, the new parameters and the new state are all finite, which one finiteness
-        # test (one host sync) decides after the update; otherwise everything is put back, so a
-        # non-finite value born inside the step (an overflow) is refused like a non-finite
-        # gradient.
-        params = [p for group in self.param_groups for p in group["params"]]
-        gradients = [p.grad for p in params if p.grad is not None]
-        self._transaction.begin(self.state, params)
-        self._counters["step"] += 1
-        try:
-            self.update()
-        except Exception:
-            self._transaction.rollback(self.state)
-            if all_finite(gradients):
+        elif self.on_nonfinite_grad == "mask" and self.global_step > 0:
+            # Python numbers advance either way: they cannot depend on a device value without a
+            # sync. The first step runs the synchronous check instead, so that state created by
+            # a step is never created from non-finite gradients.
+            self._counters["step"] += 1
+            states = [self.state[p] for p in params if p in self.state]
+            finite = masked_update(states, params, gradients, self.update)
+            # in place: a compiled step mutates the tensor rather than rebinding the attribute
+            self.masked_steps.add_((~finite).to(self.masked_steps.device, torch.int64))
+        else:
+            self._counters["step"] += 1
+            try:
+                refused = self._transaction.run(self.state, params, gradients, self.update)
+            except Exception:
                 self._counters["step"] -= 1
                 raise
-            failed = True  # the update choked on the non-finite gradient: refused below
-        else:
-            failed = False
-        if failed:
-            self._refuse_step("non-finite gradient")
-            return loss
-        gradients_finite, step_finite = self._transaction.commit_if_finite(
-            self.state, params, gradients
-        )
-        if not step_finite:
-            self._transaction.rollback(self.state)
-            self._refuse_step(
-                "non-finite value produced by the step (overflow)"
-                if gradients_finite
-                else "non-finite gradient"
-            )
+            if refused is not None:
+                self._refuse_step(refused)
         return loss
 
     def _refuse_step(self, reason: str) -> None:
@@ -355,49 +341,6 @@ class KronOptimizer(Optimizer):
         decay = group["lr"] * group["weight_decay"] if self.decoupled_weight_decay else 0.0
         apply_direction(slots, direction, decay)
 
-    def _masked_step(self) -> None:
-        """One step, undone on the device if any gradient or any new value of the parameters or
-        their state is not finite: no host sync, so a compiled step has no graph break there.
-
-        Parameters and every tensor of their state are copied first and restored with
-        ``torch.where(finite, new, old)`` after the update, which costs one copy of them per
-        step. Python numbers (step counters) advance either way: they cannot depend on a device
-        value without a sync. The first step runs the synchronous check instead, so that state
-        created by a step is never created from non-finite gradients. ``masked_steps`` (a 0-dim
-        tensor; reading its value syncs) counts the steps undone. Not saved by ``state_dict``.
-        State that a masked step creates (a param group added after the first step) is not
-        covered: it is kept as the update made it.
-        """
-        # every parameter, with a gradient or not: a bundle's state lives under its first
-        # parameter, and a bundle updates all its parameters, whichever have gradients
-        params = [p for group in self.param_groups for p in group["params"]]
-        gradients = [p.grad for p in params if p.grad is not None]
-        saved_params = [p.detach().clone() for p in params]
-        saved_state = [
-            (state, key, value.clone())
-            for state in (self.state.get(p) for p in params)
-            if state
-            for key, value in state.items()
-            if isinstance(value, torch.Tensor)
-        ]
-        self._counters["step"] += 1
-        self.update()
-        # as the synchronous step: the gradients and every value the step wrote must be finite
-        written = [
-            state[key]
-            for state, key, _ in saved_state
-            if isinstance(state[key], torch.Tensor) and state[key].is_floating_point()
-        ]
-        finite = finite_flag(gradients + params + written)
-        for param, old in zip(params, saved_params):
-            param.detach().copy_(torch.where(finite, param.detach(), old))
-        for state, key, old in saved_state:
-            new = state[key]
-            if isinstance(new, torch.Tensor) and new.shape == old.shape:
-                new.copy_(torch.where(finite, new, old))
-        # in place: a compiled step mutates the tensor rather than rebinding the attribute
-        self.masked_steps.add_((~finite).to(self.masked_steps.device, torch.int64))
-
     def bundles_with_gradients(self) -> list[ParameterBundle]:
         return [bundle for bundle in self.bundles if bundle.has_gradient()]
 
@@ -413,14 +356,6 @@ class KronOptimizer(Optimizer):
                         "torch.strided gradients; e.g. nn.Embedding(sparse=False)); step refused, "
                         "state untouched"
                     )
-
-    def _gradients_are_finite(self) -> bool:
-        # A sum per gradient, exact isfinite only if one is not finite (kronlab.linalg.finite):
-        # several times faster on CPU than an inf-norm, and large finite values cannot cause a
-        # false alarm.
-        return all_finite(
-            [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        )
 
     # --- checkpointing ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
