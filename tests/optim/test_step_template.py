@@ -10,8 +10,10 @@ from torch import nn
 from kronlab.groups import LinearWeightBias, PerParameter
 from kronlab.optim import PSGD, Muon, SIRFShampoo, Spectron
 from kronlab.optim.adamw import adamw_step
+from kronlab.optim.base import KronOptimizer
 from kronlab.optim.bundles import identify_bundles
 from kronlab.optim.step_template import Direction, Slot, StackPlan, Work, apply_direction, momentum_
+from kronlab.optim.validation import check_range
 
 
 def model() -> nn.Module:
@@ -185,3 +187,41 @@ def _tensors(value: object) -> list[torch.Tensor]:
     if isinstance(value, (list, tuple)):
         return [t for item in value for t in _tensors(item)]
     return []
+
+
+class SignMomentum(KronOptimizer):
+    """A whole optimizer on the template: ``B ← βB + (1−β)g``, ``p ← p(1 − lr·wd) − lr·sign(B)``
+    (Lion-like); it writes its defaults, its check and its direction, nothing else."""
+
+    momentum_on = "gradient"
+
+    def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, **kwargs):
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+        super().__init__(params, defaults, **kwargs)
+
+    def validate_group(self, group):
+        check_range("lr", group["lr"], 0.0)
+
+    def direction(self, stack, slots, gradients, group):
+        return Direction(torch.stack(gradients).sign(), group["lr"])
+
+
+def test_an_optimizer_writes_only_its_direction() -> None:
+    torch.manual_seed(0)
+    net = model().double()
+    initial = [p.detach().clone() for p in net.parameters()]
+    optimizer = SignMomentum(net.parameters(), lr=0.01, momentum=0.5, weight_decay=0.1)
+    buffers = [torch.zeros_like(p) for p in initial]
+    expected = [p.clone() for p in initial]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        inputs = torch.randn(8, 4, generator=generator, dtype=torch.float64)
+        net(inputs).square().mean().backward()
+        for index, param in enumerate(net.parameters()):
+            buffers[index] = 0.5 * buffers[index] + 0.5 * param.grad
+            expected[index] = expected[index] * (1 - 0.01 * 0.1) - 0.01 * buffers[index].sign()
+        optimizer.step()
+    for param, want in zip(net.parameters(), expected):
+        torch.testing.assert_close(param.detach(), want, rtol=1e-12, atol=1e-14)
+    assert optimizer.global_step == 3

@@ -18,7 +18,7 @@ from kronlab.optim.step_template import Direction, Slot, Stack
 from kronlab.optim.validation import check_choice, check_range
 
 FACTOR_DTYPE = torch.float32
-# per-matrix state: factors and their momenta (stacked along dim 0 when a bucket is stepped)
+# per-matrix state: factors and their momenta (views of one stacked buffer per stack)
 FACTOR_KEYS = ("factor_a", "factor_b", "momentum_a", "momentum_b", "left_vector_a", "left_vector_b")
 
 
