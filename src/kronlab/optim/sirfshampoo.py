@@ -357,16 +357,25 @@ class SIRFShampoo(KronOptimizer):
     def direction(
         self, stack: Stack, slots: list[Slot], gradients: list[Tensor], group: dict[str, Any]
     ) -> Direction:
-        """Factor step (when due), then ``PG + κ·p``, for the whole stack at once."""
+        """Factor step (when due), then ``PG + κ·p``, for the whole stack at once.
+
+        A stack of one bundle runs on the bundle's own tensors (no stack dim: no copy of the
+        gradient, and the 2-D kernels, which are faster than batched ones of batch 1)."""
         plan = self._plans[slots[0].bundle]
         states = [self._bundle_state(slot.bundle, plan) for slot in slots]
-        axes = range(len(plan.structures))
-        # the per-bundle factors are views of these stacks, reused from step to step
-        factors = [
-            self.stacked_state.stack((stack.index, "factors", axis), states, "factors", axis)
-            for axis in axes
-        ]
-        grad = torch.stack(gradients)
+        single = len(slots) == 1
+
+        def factor_stacks(name: str) -> list[Tensor]:
+            if single:
+                return states[0][name]
+            # the per-bundle entries are views of these stacks, reused from step to step
+            return [
+                self.stacked_state.stack((stack.index, name, axis), states, name, axis)
+                for axis in range(len(plan.structures))
+            ]
+
+        factors = factor_stacks("factors")
+        grad = gradients[0] if single else torch.stack(gradients)
         if plan.structures and self._due[stack.group_index]:
             if self._step_batch_size == 0:
                 self._step_batch_size = 1
@@ -379,12 +388,7 @@ class SIRFShampoo(KronOptimizer):
             update_factors(
                 grad,
                 factors,
-                [
-                    self.stacked_state.stack(
-                        (stack.index, "factor_momenta", axis), states, "factor_momenta", axis
-                    )
-                    for axis in axes
-                ],
+                factor_stacks("factor_momenta"),
                 plan.structures,
                 batch_size=self._step_batch_size,
                 alpha2=group["alpha2"],
@@ -395,9 +399,10 @@ class SIRFShampoo(KronOptimizer):
         if direction.dtype in HALF_DTYPES:
             direction = direction.float()
         if group["weight_decay"] != 0.0:
-            values = torch.stack([slot.bundle.value() for slot in slots])
-            direction = direction.add(values.to(direction.dtype), alpha=group["weight_decay"])
-        return Direction(direction.unbind(0), group["lr"])
+            values = [slot.bundle.value() for slot in slots]
+            value = values[0] if single else torch.stack(values)
+            direction = direction.add(value.to(direction.dtype), alpha=group["weight_decay"])
+        return Direction([direction] if single else direction.unbind(0), group["lr"])
 
     def _bundle_state(self, bundle: ParameterBundle, plan: FactorPlan) -> dict[str, Any]:
         state = self.state[bundle.key]

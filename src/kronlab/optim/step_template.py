@@ -175,8 +175,3 @@ def apply_direction(slots: Sequence[Slot], direction: Direction, decay: float = 
         return
     for param, update, owner in zip(params, updates, owners):
         param.addcmul_(update, scales[owner], value=-direction.step_size)
-
-
-def stacked(values: Tensor | Sequence[Tensor]) -> Tensor:
-    """``values`` as one ``(B, …)`` tensor (a stack passes through without a copy)."""
-    return values if isinstance(values, Tensor) else torch.stack(list(values))
