@@ -14,7 +14,7 @@ from kronlab.linalg.power import power_iteration
 from kronlab.optim.base import NonFinitePolicy, ParamsT
 from kronlab.optim.hybrid import HybridMatrixOptimizer, as_matrix, matrix_shape
 from kronlab.optim.registry import register_optimizer
-from kronlab.optim.step_template import Direction, Slot, Stack
+from kronlab.optim.step_template import Direction, Slot, Stack, momentum_
 from kronlab.optim.validation import check_choice, check_range
 
 FACTOR_DTYPE = torch.float32
@@ -223,7 +223,8 @@ def spectron_step(
 ) -> tuple[torch.Tensor, ...]:
     """One Spectron step on stacks ``(k, m, r)``/``(k, n, r)`` of float32 factors.
 
-    Returns the new factors, momenta and power-iteration vectors and the ``σ`` estimates used.
+    Returns the new factors, momenta (updated in place) and power-iteration vectors and the
+    ``σ`` estimates used.
     """
     lr, beta, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
     method = group.get("weight_decay_method", "decoupled")
@@ -234,8 +235,7 @@ def spectron_step(
     elif weight_decay != 0:
         decay = 1 - (lr * weight_decay if method == "decoupled" else weight_decay)
         a, b = a * decay, b * decay
-    momentum_a = momentum_a.lerp(grad_a, 1 - beta)
-    momentum_b = momentum_b.lerp(grad_b, 1 - beta)
+    momentum_a, momentum_b = momentum_([momentum_a, momentum_b], [grad_a, grad_b], beta)
     steps, coefficients = group["ns_steps"], group["ns_coefficients"]
     orthogonal_a = newton_schulz(momentum_a, steps, coefficients, dtype=FACTOR_DTYPE)
     orthogonal_b = newton_schulz(momentum_b, steps, coefficients, dtype=FACTOR_DTYPE)
