@@ -275,15 +275,19 @@ class KronOptimizer(Optimizer):
         """Apply one step to every bundle with a gradient, stack by stack. Gradients may hold
         NaN/Inf (they are checked with the result): ``step`` then rolls the whole update
         back."""
+        # AdamW is elementwise: one call per param group, whatever the shapes of its stacks
+        auxiliary: dict[int, list[Slot]] = {}
         for stack in self.plan.stacks:
             slots = stack.active()
-            if slots:
-                self.step_stack(stack, slots, self.param_groups[stack.group_index])
-
-    def step_stack(self, stack: Stack, slots: list[Slot], group: dict[str, Any]) -> None:
-        """gradients → momentum (``momentum_on``) → ``direction`` → ``apply`` for the active
-        ``slots`` of ``stack`` (AdamW for auxiliary groups)."""
-        if self.is_auxiliary(group):
+            if not slots:
+                continue
+            group = self.param_groups[stack.group_index]
+            if self.is_auxiliary(group):
+                auxiliary.setdefault(stack.group_index, []).extend(slots)
+            else:
+                self.step_stack(stack, slots, group)
+        for group_index, slots in auxiliary.items():
+            group = self.param_groups[group_index]
             params = [p for slot in slots for p in slot.bundle.params if p.grad is not None]
             adamw_step(
                 params,
@@ -293,7 +297,10 @@ class KronOptimizer(Optimizer):
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
             )
-            return
+
+    def step_stack(self, stack: Stack, slots: list[Slot], group: dict[str, Any]) -> None:
+        """gradients → momentum (``momentum_on``) → ``direction`` → ``apply`` for the active
+        ``slots`` of ``stack``."""
         gradients = self.gradients(stack, slots)
         if self.momentum_on == "gradient":
             gradients = self.momentum(slots, gradients, group)
