@@ -4,9 +4,13 @@ Run from the worktree root, with a checkout of the baseline elsewhere::
 
     python -m benchmarks.eager_ab BASELINE_SRC src --rounds 60 --threads 1
 
-Two worker processes, one importing kronlab from each tree, step Muon (NS bfloat16, so both
-trees run the same dtype), PSGD and SOAP on the benchmark MLP's fixed gradient; the driver asks
-them for a round alternately (the order flipping each round), so both see the same load.
+Two worker processes, one importing kronlab from each tree, step every registered kronlab
+optimizer (``kronlab.optim.registry``, as ``create_optimizer`` builds it; torch's baselines
+left out) on a fixed gradient of the benchmark MLP and of the 4-layer benchmark transformer
+(``benchmarks.common``); the driver asks them for a round alternately (the order flipping each
+round), so both see the same load. ``--only`` restricts the optimizers, ``--models`` the models.
+``--clock thread`` times with ``time.thread_time`` (CPU time of the stepping thread, which other
+jobs on a shared machine do not inflate; with one torch thread every kernel runs on it).
 """
 
 from __future__ import annotations
@@ -17,39 +21,52 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TORCH_BASELINES = ("adam", "adamw", "sgd")
+MODELS = ("mlp", "transformer")
 
 
-def worker(threads: int) -> None:
+def worker(threads: int, only: list[str] | None, models: list[str], clock_name: str) -> None:
     import torch
-    from torch import nn
 
-    from benchmarks.common import benchmark_mlp, mlp_batch
-    from kronlab.optim import PSGD, SOAP, Muon
+    from benchmarks.common import (
+        benchmark_mlp,
+        benchmark_transformer,
+        language_model_loss,
+        mlp_batch,
+        transformer_batch,
+    )
+    from kronlab.optim.registry import available_optimizers, create_optimizer
 
     torch.set_num_threads(threads)
-    builds = {
-        "Muon": lambda m: Muon(None, model=m, ns_dtype=torch.bfloat16),
-        "PSGD": lambda m: PSGD(m.parameters()),
-        "SOAP": lambda m: SOAP(m.parameters()),
+    # SIRFShampoo warns at every step that no forward pass counted the batch (fixed gradient)
+    warnings.simplefilter("ignore")
+    clock = time.thread_time if clock_name == "thread" else time.perf_counter
+    setups = {
+        "mlp": (benchmark_mlp, mlp_batch, torch.nn.functional.cross_entropy),
+        "transformer": (benchmark_transformer, transformer_batch, language_model_loss),
     }
+    names = [n for n in available_optimizers() if n not in TORCH_BASELINES]
     steps = {}
-    for name, build in builds.items():
-        model = benchmark_mlp()
-        inputs, targets = mlp_batch()
-        nn.functional.cross_entropy(model(inputs), targets).backward()
-        optimizer = build(model)
-        optimizer.step()
-        steps[name] = optimizer.step
+    for model_name in models:
+        build_model, batch, loss_fn = setups[model_name]
+        for name in names if only is None else [n for n in names if n in only]:
+            model = build_model()
+            inputs, targets = batch()
+            loss_fn(model(inputs), targets).backward()
+            optimizer = create_optimizer(name, model)
+            optimizer.step()
+            steps[f"{name} {model_name}"] = optimizer.step
     print("ready", flush=True)
     for _ in sys.stdin:
         timings = []
         for name, step in steps.items():
-            started = time.perf_counter()
+            started = clock()
             step()
-            timings.append(f"{name}={time.perf_counter() - started}")
+            timings.append(f"{name.replace(' ', '/')}={clock() - started}")
         print(" ".join(timings), flush=True)
 
 
@@ -59,17 +76,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("candidate", type=Path, help="src directory of the candidate tree")
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", nargs="+", help="registry names to time (default: all)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.threads)
+        worker(args.threads, args.only, args.models, args.clock)
         return
     workers = {}
     for label, source in (("baseline", args.baseline), ("candidate", args.candidate)):
         environment = dict(os.environ, PYTHONPATH=f"{source.resolve()}{os.pathsep}{ROOT}")
         command = [sys.executable, "-m", "benchmarks.eager_ab", str(source), str(source)]
+        options = ["--threads", str(args.threads), "--clock", args.clock, "--models", *args.models]
+        if args.only:
+            options += ["--only", *args.only]
         process = subprocess.Popen(
-            [*command, "--worker", "--threads", str(args.threads)],
+            [*command, "--worker", *options],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -92,12 +115,18 @@ def main(argv: list[str] | None = None) -> None:
         assert process.stdin is not None
         process.stdin.close()
         process.wait()
-    print("| optimizer (eager, defaults) | baseline ms | candidate ms | candidate / baseline |")
-    print("|---|---|---|---|")
-    for name, baseline in samples["baseline"].items():
+    print(
+        "| optimizer (registry defaults) | model | baseline ms | candidate ms "
+        "| candidate / baseline |"
+    )
+    print("|---|---|---|---|---|")
+    for key, baseline in samples["baseline"].items():
+        name, model = key.split("/")
         before = statistics.median(baseline)
-        after = statistics.median(samples["candidate"][name])
-        print(f"| {name} | {1e3 * before:.2f} | {1e3 * after:.2f} | {after / before:.2f}x |")
+        after = statistics.median(samples["candidate"][key])
+        print(
+            f"| {name} | {model} | {1e3 * before:.2f} | {1e3 * after:.2f} | {after / before:.3f}x |"
+        )
 
 
 if __name__ == "__main__":

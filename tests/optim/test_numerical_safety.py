@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 import kronlab.optim  # noqa: F401  (registers every optimizer)
-from kronlab.factors.psgd_factors import gram_norm_lower_bound, spectral_norm_lower_bound
 from kronlab.groups import LinearWeightBias, PerParameter
 from kronlab.optim import PSGD, SOAP, Muon, Shampoo, SIRFShampoo, Spectron
 from kronlab.optim.base import KronOptimizer
+from kronlab.optim.psgd_factors import gram_norm_lower_bound, spectral_norm_lower_bound
 from kronlab.optim.registry import available_optimizers, create_optimizer
 
 # torch's own optimizers are registered as references; the guarantee is kronlab's.

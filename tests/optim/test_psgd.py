@@ -9,16 +9,16 @@ import torch
 from torch import nn
 
 from kronlab.compare import compare
-from kronlab.factors.psgd_factors import (
+from kronlab.groups import LinearWeightBias, PerParameter
+from kronlab.linalg._dtypes import product_dtype
+from kronlab.optim import PSGD, available_optimizers, plan_psgd_layout
+from kronlab.optim import psgd as psgd_module
+from kronlab.optim.psgd_factors import (
     balance_scales,
     gram_norm_lower_bound,
     procrustes_step,
     spectral_norm_lower_bound,
 )
-from kronlab.groups import LinearWeightBias, PerParameter
-from kronlab.linalg._dtypes import product_dtype
-from kronlab.optim import PSGD, available_optimizers, plan_psgd_layout
-from kronlab.optim import psgd as psgd_module
 from kronlab.tasks.digits import digits_task
 
 F64 = torch.float64

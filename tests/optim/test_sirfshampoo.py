@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from kronlab.factors.structures import make_structure
 from kronlab.groups import FlattenEmbedding, LinearWeightBias, PerParameter, PreconditionerGroup
 from kronlab.optim import SIRFShampoo, available_optimizers
+from kronlab.optim.sirf_structures import make_structure
 from kronlab.optim.sirfshampoo import precondition, update_factors
 
 HYPER = dict(lr=0.1, beta2=0.3, momentum=0.9, alpha2=0.5, lam=0.05, weight_decay=0.01)

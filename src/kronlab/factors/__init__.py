@@ -11,27 +11,11 @@ from kronlab.factors.kronecker import (
     precondition_in_eigenbasis,
     to_eigenbasis,
 )
-from kronlab.factors.structures import (
-    STRUCTURE_NAMES,
-    BlockDiagonalStructure,
-    DenseStructure,
-    DiagonalStructure,
-    MatrixStructure,
-    TriangularStructure,
-    make_structure,
-)
 
 __all__ = [
     "DAMPING_KINDS",
     "Damping",
     "KroneckerEigenbasis",
-    "STRUCTURE_NAMES",
-    "BlockDiagonalStructure",
-    "DenseStructure",
-    "DiagonalStructure",
-    "MatrixStructure",
-    "TriangularStructure",
-    "make_structure",
     "from_eigenbasis",
     "kronecker_outer",
     "kronecker_product_apply",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -43,13 +44,38 @@ def power_iteration(
         raise ValueError(
             f"left_vector must have shape {tuple(expected)}, got {tuple(left_vector.shape)}"
         )
-    u = _normalize(left_vector.to(dtype), epsilon)
-    for _ in range(iterations):
-        v = _normalize((matrix.transpose(-1, -2) @ u.unsqueeze(-1)).squeeze(-1), epsilon)
-        u = _normalize((matrix @ v.unsqueeze(-1)).squeeze(-1), epsilon)
+    transposed = matrix.transpose(-1, -2)
+    u, v, _ = power_steps(
+        lambda x: (matrix @ x.unsqueeze(-1)).squeeze(-1),
+        lambda x: (transposed @ x.unsqueeze(-1)).squeeze(-1),
+        left_vector.to(dtype),
+        iterations,
+        epsilon,
+    )
     sigma = (u.unsqueeze(-2) @ matrix @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1)
     return SpectralNormEstimate(sigma, u)
 
 
-def _normalize(vector: torch.Tensor, epsilon: float) -> torch.Tensor:
-    return vector / (torch.linalg.vector_norm(vector, dim=-1, keepdim=True) + epsilon)
+def power_steps(
+    times: Callable[[torch.Tensor], torch.Tensor],
+    times_transposed: Callable[[torch.Tensor], torch.Tensor],
+    start: torch.Tensor,
+    iterations: int,
+    epsilon: float = 1e-12,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The power-iteration loop on an operator given by its products ``A x`` and ``Aᵀ x``
+    (batched over leading dims): ``u = start/‖start‖``, then per iteration ``v = Aᵀu/‖Aᵀu‖``,
+    ``w = A v``, ``u = w/‖w‖``. Returns ``(u, v, w)``; ``‖w‖ = uᵀ A v`` bounds ``‖A‖₂`` from
+    below. Operators never formed (PSGD's ``X Xᵀ``) pass their products."""
+    u = unit(start, epsilon)
+    v = image = start
+    for _ in range(iterations):
+        v = unit(times_transposed(u), epsilon)
+        image = times(v)
+        u = unit(image, epsilon)
+    return u, v, image
+
+
+def unit(vectors: torch.Tensor, epsilon: float = 1e-12) -> torch.Tensor:
+    """``x / (‖x‖ + ε)`` along the last dim."""
+    return vectors / (torch.linalg.vector_norm(vectors, dim=-1, keepdim=True) + epsilon)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Literal
 
@@ -13,11 +12,21 @@ from torch import nn
 from torch.optim import Optimizer
 
 from kronlab.groups.rules import PerParameter, PreconditionerGroup, check_rules
-from kronlab.linalg.finite import all_finite, finite_flag
+from kronlab.optim.adamw import adamw_step
 from kronlab.optim.bundles import ParameterBundle, identify_bundles
 from kronlab.optim.checkpoint import SIGNATURE_KEY, check_signature, optimizer_signature
 from kronlab.optim.randomness import OptimizerGenerators, check_generator_state
-from kronlab.optim.transaction import StepTransaction
+from kronlab.optim.stacked_state import StackedState
+from kronlab.optim.step_template import (
+    Direction,
+    Slot,
+    Stack,
+    StackPlan,
+    Work,
+    apply_direction,
+    momentum_,
+)
+from kronlab.optim.transaction import StepTransaction, masked_update
 from kronlab.optim.validation import check_choice, check_module, check_params
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None
@@ -32,7 +41,16 @@ class KronOptimizer(Optimizer):
 
     Subclasses declare ``defaults``, check a param group in ``validate_group`` (raise
     ``ValueError`` naming the argument, its value and the allowed range), describe a bundle's
-    preconditioner in ``describe_preconditioner`` and do the arithmetic in ``update``.
+    preconditioner in ``describe_preconditioner`` and write the method's ``direction``; the
+    step template (``kronlab.optim.step_template``) does the rest: ``update`` walks the stacks
+    of ``plan`` (same-work blocks batched, ``work`` says a bundle's), takes each stack's
+    gradients, ``momentum`` (where ``momentum_on`` says), the subclass's ``direction``, and
+    ``apply`` (decoupled weight decay, lr, one foreach write). Param groups for which
+    ``is_auxiliary`` holds are stepped by AdamW (``kronlab.optim.adamw``). A subclass may
+    override any stage, or ``update`` itself.
+
+    State is keyed by parameter, as torch.optim's: a bundle's under ``state[bundle.key]`` (its
+    first parameter); the step counters are attributes (``global_step``, ``skipped_steps``).
 
     * ``model=`` lets grouping rules (``combine_params``) find layers and gives parameter names;
       ``params=None`` then means all trainable parameters of the model.
@@ -48,7 +66,8 @@ class KronOptimizer(Optimizer):
       grad scaler already does the checking.
       ``"mask"`` checks without a host sync, for ``torch.compile(optimizer.step)``: the step is
       computed and then undone with ``torch.where`` if a gradient or a new value is not finite
-      (see ``_masked_step``).
+      (``kronlab.optim.transaction.masked_update``; ``masked_steps``, a 0-dim tensor, counts
+      the steps undone; not saved by ``state_dict``).
     * ``state_dict()`` / ``load_state_dict()`` round-trip exactly, also through
       ``torch.save`` / ``torch.load(weights_only=True)``; state keeps its dtype (float32 factors of
       bf16 parameters stay float32). The state_dict records the optimizer class, parameter
@@ -68,6 +87,15 @@ class KronOptimizer(Optimizer):
     # Param-group entries that name the variant: the state means something else under another
     # value, so a state_dict loads only where they agree (``kronlab.optim.checkpoint``).
     variant_keys: ClassVar[tuple[str, ...]] = ("combine_params",)
+    # The template's momentum: on the gradient before the direction ("gradient"), on the
+    # direction ("direction") or none; its state entry, and EMA or heavy-ball form
+    # (``step_template.momentum_``). ``group["momentum"]`` is β, ``group.get("nesterov")``.
+    momentum_on: ClassVar[Literal["gradient", "direction"] | None] = None
+    momentum_key: ClassVar[str] = "momentum_buffer"
+    momentum_ema: ClassVar[bool] = True
+    # ``apply`` decays the parameters by ``lr · weight_decay`` unless the direction holds the
+    # method's own (coupled) weight decay.
+    decoupled_weight_decay: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -93,11 +121,16 @@ class KronOptimizer(Optimizer):
         self.model = model
         self.on_nonfinite_grad = on_nonfinite_grad
         self.bundles: list[ParameterBundle] = []
+        self._plan: StackPlan | None = None
+        # stacked state of same-work slots, whose per-parameter entries are views of it
+        self.stacked_state = StackedState()
+        # Python numbers, not state: ``state`` holds only per-parameter entries (torch.optim's
+        # layout, which torch.distributed.checkpoint relies on)
+        self._counters = {"step": 0, "skipped_steps": 0}
         self._names: dict[nn.Parameter, str] = (
             {p: name for name, p in model.named_parameters()} if model is not None else {}
         )
         super().__init__(params, {**defaults, "combine_params": check_rules(combine_params)})
-        self.state[GLOBAL_STATE] = {"step": 0, "skipped_steps": 0}
         first = next((p for group in self.param_groups for p in group["params"]), None)
         self.masked_steps = torch.zeros(
             (), dtype=torch.int64, device=first.device if first is not None else None
@@ -134,6 +167,7 @@ class KronOptimizer(Optimizer):
             self.param_groups.pop()
             raise
         self.bundles.extend(bundles)
+        self._plan = None  # the stacks are planned again, new bundles included
 
     def validate_group(self, group: dict[str, Any]) -> None:
         """Check a param group's hyperparameters; raise ``ValueError`` on a bad one."""
@@ -175,11 +209,11 @@ class KronOptimizer(Optimizer):
     @property
     def global_step(self) -> int:
         """Steps taken (skipped non-finite steps not counted)."""
-        return self.state[GLOBAL_STATE]["step"]
+        return self._counters["step"]
 
     @property
     def skipped_steps(self) -> int:
-        return self.state[GLOBAL_STATE]["skipped_steps"]
+        return self._counters["skipped_steps"]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -188,101 +222,131 @@ class KronOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_dense_gradients()
-        if self.on_nonfinite_grad == "mask" and self.global_step > 0:
-            self._masked_step()
-            return loss
-        if self.on_nonfinite_grad == "ignore":
-            self.state[GLOBAL_STATE]["step"] += 1
-            self.update()
-            return loss
-        # The step is a transaction (kronlab.optim.transaction): it is committed only if the
-        # gradients, the new parameters and the new state are all finite, which one finiteness
-        # test (one host sync) decides after the update; otherwise everything is put back, so a
-        # non-finite value born inside the step (an overflow) is refused like a non-finite
-        # gradient.
-        params = [p for group in self.param_groups for p in group["params"]]
-        gradients = [p.grad for p in params if p.grad is not None]
-        self._transaction.begin(self.state, params)
-        self.state[GLOBAL_STATE]["step"] += 1
-        try:
-            self.update()
-        except Exception:
-            self._transaction.rollback(self.state)
-            if all_finite(gradients):
-                raise
-            failed = True  # the update choked on the non-finite gradient: refused below
-        else:
-            failed = False
-        if failed:
-            self._refuse_step("non-finite gradient")
-            return loss
-        gradients_finite, step_finite = self._transaction.commit_if_finite(
-            self.state, params, gradients
-        )
-        if not step_finite:
-            self._transaction.rollback(self.state)
-            self._refuse_step(
-                "non-finite value produced by the step (overflow)"
-                if gradients_finite
-                else "non-finite gradient"
-            )
-        return loss
-
-    def _refuse_step(self, reason: str) -> None:
-        if self.on_nonfinite_grad == "raise":
-            raise FloatingPointError(f"{reason}: step refused, state untouched")
-        self.state[GLOBAL_STATE]["skipped_steps"] += 1
-        warnings.warn(
-            f"{reason}: step skipped, parameters and state untouched", RuntimeWarning, stacklevel=3
-        )
-
-    @abstractmethod
-    def update(self) -> None:
-        """Apply one step to every bundle with a gradient. Gradients may hold NaN/Inf (they are
-        checked with the result): ``step`` then rolls the whole update back."""
-
-    def _masked_step(self) -> None:
-        """One step, undone on the device if any gradient or any new value of the parameters or
-        their state is not finite: no host sync, so a compiled step has no graph break there.
-
-        Parameters and every tensor of their state are copied first and restored with
-        ``torch.where(finite, new, old)`` after the update, which costs one copy of them per
-        step. Python numbers (step counters) advance either way: they cannot depend on a device
-        value without a sync. The first step runs the synchronous check instead, so that state
-        created by a step is never created from non-finite gradients. ``masked_steps`` (a 0-dim
-        tensor; reading its value syncs) counts the steps undone. Not saved by ``state_dict``.
-        State that a masked step creates (a param group added after the first step) is not
-        covered: it is kept as the update made it.
-        """
         # every parameter, with a gradient or not: a bundle's state lives under its first
         # parameter, and a bundle updates all its parameters, whichever have gradients
         params = [p for group in self.param_groups for p in group["params"]]
         gradients = [p.grad for p in params if p.grad is not None]
-        saved_params = [p.detach().clone() for p in params]
-        saved_state = [
-            (state, key, value.clone())
-            for state in (self.state.get(p) for p in params)
-            if state
-            for key, value in state.items()
-            if isinstance(value, torch.Tensor)
-        ]
-        self.state[GLOBAL_STATE]["step"] += 1
-        self.update()
-        # as the synchronous step: the gradients and every value the step wrote must be finite
-        written = [
-            state[key]
-            for state, key, _ in saved_state
-            if isinstance(state[key], torch.Tensor) and state[key].is_floating_point()
-        ]
-        finite = finite_flag(gradients + params + written)
-        for param, old in zip(params, saved_params):
-            param.detach().copy_(torch.where(finite, param.detach(), old))
-        for state, key, old in saved_state:
-            new = state[key]
-            if isinstance(new, torch.Tensor) and new.shape == old.shape:
-                new.copy_(torch.where(finite, new, old))
-        # in place: a compiled step mutates the tensor rather than rebinding the attribute
-        self.masked_steps.add_((~finite).to(self.masked_steps.device, torch.int64))
+        if self.on_nonfinite_grad == "ignore":
+            self._counters["step"] += 1
+            self.update()
+        elif self.on_nonfinite_grad == "mask" and self.global_step > 0:
+            # Python numbers advance either way: they cannot depend on a device value without a
+            # sync. The first step runs the synchronous check instead, so that state created by
+            # a step is never created from non-finite gradients.
+            self._counters["step"] += 1
+            states = [self.state[p] for p in params if p in self.state]
+            finite = masked_update(states, params, gradients, self.update)
+            # in place: a compiled step mutates the tensor rather than rebinding the attribute
+            self.masked_steps.add_((~finite).to(self.masked_steps.device, torch.int64))
+        else:
+            self._counters["step"] += 1
+            try:
+                refused = self._transaction.run(self.state, params, gradients, self.update)
+            except Exception:
+                self._counters["step"] -= 1
+                raise
+            if refused is not None:
+                self._refuse_step(refused)
+        return loss
+
+    def _refuse_step(self, reason: str) -> None:
+        self._counters["step"] -= 1  # not state: the rollback does not put it back
+        if self.on_nonfinite_grad == "raise":
+            raise FloatingPointError(f"{reason}: step refused, state untouched")
+        self._counters["skipped_steps"] += 1
+        warnings.warn(
+            f"{reason}: step skipped, parameters and state untouched", RuntimeWarning, stacklevel=3
+        )
+
+    # --- the step template ---------------------------------------------------------------
+    @property
+    def plan(self) -> StackPlan:
+        """The stacks of same-work blocks, built once (again after ``add_param_group``)."""
+        if self._plan is None:
+            self._plan = StackPlan.build(self.bundles, self.work)
+        return self._plan
+
+    def work(self, bundle: ParameterBundle) -> list[Work]:
+        """The blocks of ``bundle`` (one ``Work`` each). Default: one block, the grouped
+        tensor in the parameter's dtype."""
+        return [Work(tuple(bundle.grouped_shape), bundle.key.dtype)]
+
+    def update(self) -> None:
+        """Apply one step to every bundle with a gradient, stack by stack. Gradients may hold
+        NaN/Inf (they are checked with the result): ``step`` then rolls the whole update
+        back."""
+        # AdamW is elementwise: one call per param group, whatever the shapes of its stacks
+        auxiliary: dict[int, list[Slot]] = {}
+        for stack in self.plan.stacks:
+            slots = stack.active()
+            if not slots:
+                continue
+            group = self.param_groups[stack.group_index]
+            if self.is_auxiliary(group):
+                auxiliary.setdefault(stack.group_index, []).extend(slots)
+            else:
+                self.step_stack(stack, slots, group)
+        for group_index, slots in auxiliary.items():
+            group = self.param_groups[group_index]
+            params = [p for slot in slots for p in slot.bundle.params if p.grad is not None]
+            adamw_step(
+                params,
+                [self.state[p] for p in params],
+                lr=group["lr"],
+                betas=group["betas"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+            )
+
+    def step_stack(self, stack: Stack, slots: list[Slot], group: dict[str, Any]) -> None:
+        """gradients → momentum (``momentum_on``) → ``direction`` → ``apply`` for the active
+        ``slots`` of ``stack``."""
+        gradients = self.gradients(stack, slots)
+        if self.momentum_on == "gradient":
+            gradients = self.momentum(slots, gradients, group)
+        direction = self.direction(stack, slots, gradients, group)
+        if self.momentum_on == "direction":
+            direction.values = self.momentum(slots, direction.values, group)
+        self.apply(stack, slots, direction, group)
+
+    def is_auxiliary(self, group: dict[str, Any]) -> bool:
+        """Whether ``group``'s parameters are stepped by AdamW instead of the method."""
+        return False
+
+    def gradients(self, stack: Stack, slots: list[Slot]) -> list[torch.Tensor]:
+        """Each slot's gradient in the work shape and dtype (a view where no cast is needed)."""
+        work = stack.work
+        return [slot.bundle.gradient().reshape(work.shape).to(work.dtype) for slot in slots]
+
+    def momentum(self, slots: list[Slot], values: Any, group: dict[str, Any]) -> Any:
+        """``step_template.momentum_`` with each slot's buffer ``state[momentum_key]`` (zeros
+        at first). Heavy ball with β = 0 is the identity: no buffer, ``values`` unchanged."""
+        beta = group["momentum"]
+        if not self.momentum_ema and beta == 0:
+            return values
+        buffers = []
+        for slot, value in zip(slots, values):
+            state = self.state[slot.param]
+            if self.momentum_key not in state:
+                state[self.momentum_key] = torch.zeros_like(value)
+            buffers.append(state[self.momentum_key])
+        nesterov = group.get("nesterov", False)
+        return momentum_(buffers, values, beta, ema=self.momentum_ema, nesterov=nesterov)
+
+    def direction(
+        self, stack: Stack, slots: list[Slot], gradients: list[torch.Tensor], group: dict[str, Any]
+    ) -> Direction:
+        """The method: the direction of the active ``slots`` of ``stack`` from their
+        ``gradients`` (after momentum when ``momentum_on == "gradient"``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement direction or update")
+
+    def apply(
+        self, stack: Stack, slots: list[Slot], direction: Direction, group: dict[str, Any]
+    ) -> None:
+        """The parameter write (``step_template.apply_direction``), with decoupled weight
+        decay ``lr · weight_decay`` unless ``decoupled_weight_decay`` is False."""
+        decay = group["lr"] * group["weight_decay"] if self.decoupled_weight_decay else 0.0
+        apply_direction(slots, direction, decay)
 
     def bundles_with_gradients(self) -> list[ParameterBundle]:
         return [bundle for bundle in self.bundles if bundle.has_gradient()]
@@ -300,14 +364,6 @@ class KronOptimizer(Optimizer):
                         "state untouched"
                     )
 
-    def _gradients_are_finite(self) -> bool:
-        # A sum per gradient, exact isfinite only if one is not finite (kronlab.linalg.finite):
-        # several times faster on CPU than an inf-norm, and large finite values cannot cause a
-        # false alarm.
-        return all_finite(
-            [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        )
-
     # --- checkpointing ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -315,7 +371,8 @@ class KronOptimizer(Optimizer):
             for key in self.structural_keys:
                 group.pop(key, None)
         state["state"][GLOBAL_STATE] = {
-            **state["state"][GLOBAL_STATE],
+            **state["state"].get(GLOBAL_STATE, {}),
+            **self._counters,
             SIGNATURE_KEY: optimizer_signature(self),
             GENERATORS_KEY: self._generators.state_dict(),
         }
@@ -349,12 +406,17 @@ class KronOptimizer(Optimizer):
                 param = id_to_param[key]
                 self.state[param] = _copy_to_device(saved, param.device)
         # torch keeps entries that are not per-parameter as they are (shared with the caller's
-        # dict, and so with the optimizer that saved it): copy the global state too.
-        self.state[GLOBAL_STATE] = {
+        # dict, and so with the optimizer that saved it): copy what is left of the global entry
+        # (the Shampoo family's stacks) and keep the counters as attributes.
+        self.state.pop(GLOBAL_STATE, None)
+        rest = {
             key: _copy_to_device(value, None)
             for key, value in saved_global.items()
-            if key not in (SIGNATURE_KEY, GENERATORS_KEY)
+            if key not in (SIGNATURE_KEY, GENERATORS_KEY, *self._counters)
         }
+        if rest:
+            self.state[GLOBAL_STATE] = rest
+        self._counters = {key: int(saved_global[key]) for key in self._counters}
         self._generators.load_state_dict(saved_global[GENERATORS_KEY])
 
 

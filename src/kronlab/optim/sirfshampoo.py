@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from kronlab.factors.structures import MatrixStructure, make_structure, unfold
+from kronlab.factors.kronecker import unfold
 from kronlab.groups.rules import LinearWeightBias, PerParameter, PreconditionerGroup
 from kronlab.optim.base import (
     DEFAULT_RULES,
@@ -50,6 +50,8 @@ from kronlab.optim.base import (
 )
 from kronlab.optim.bundles import ParameterBundle
 from kronlab.optim.registry import register_optimizer
+from kronlab.optim.sirf_structures import MatrixStructure, make_structure
+from kronlab.optim.step_template import Direction, Slot, Stack, Work
 from kronlab.optim.validation import check_module, check_range
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -78,11 +80,15 @@ def update_factors(
 ) -> None:
     """One Riemannian step of every ``K_n`` and its momentum ``m_n`` in place (module docstring).
 
+    Also on stacks: ``grad`` ``(S, *dims)`` with factor and momentum storage ``(S, *storage)``
+    steps ``S`` same-structure bundles in one batched call per axis.
+
     Host-sync free: the trace products and step sizes stay 0-dim tensors; every Python-float
     coefficient is folded into a fused GEMM or ``addcmul``.
     """
-    dims = grad.shape
-    numel = grad.numel()
+    lead = structures[0].lead(factors[0])
+    dims = grad.shape[lead:]
+    numel = math.prod(dims)
     # GK = √B·G ×_j K̃_jᵀ = √(B/numel)·G ×_j K_jᵀ: one scalar on G instead of a pass per K_j,
     # applied first so that half-precision products stay as small as the reference's.
     projected = grad.to(factors[0].dtype) * math.sqrt(batch_size / numel)
@@ -94,25 +100,26 @@ def update_factors(
     ]
     for axis, (structure, factor, momentum) in enumerate(zip(structures, factors, momenta)):
         dim = dims[axis]
-        columns = unfold(projected, axis).to(momentum.dtype)
+        columns = _unfold(projected, axis, lead).to(momentum.dtype)
         structure.accumulate_outer_(momentum, columns, alpha=(1 - alpha2) * dim / 2, beta=alpha2)
         if lam != 0.0:
             damping = (1 - alpha2) * lam / 2 * numel / dim  # Π(K̃ᵀK̃) = Π(KᵀK)/d
             gram = structure.gram(factor)
             others = [trace for index, trace in enumerate(traces) if index != axis]
             if others:
-                momentum.addcmul_(gram, math.prod(others).to(momentum.dtype), value=damping)
+                trace_product = structure.per_matrix(math.prod(others).to(momentum.dtype))
+                momentum.addcmul_(gram, trace_product, value=damping)
             else:
                 momentum.add_(gram, alpha=damping)
         structure.add_to_diagonal_(momentum, -(1 - alpha2) / 2)
-        rate = beta2 / structure.frobenius_norm(momentum).clamp(min=1.0)
+        rate = structure.per_matrix(beta2 / structure.frobenius_norm(momentum).clamp(min=1.0))
         factor.addcmul_(structure.matmul(factor, momentum.to(factor.dtype)), rate, value=-1.0)
 
 
 def precondition(
     grad: Tensor, factors: Sequence[Tensor], structures: Sequence[MatrixStructure]
 ) -> Tensor:
-    """``G ×_1 K_1K_1ᵀ ⋯ ×_N K_NK_Nᵀ``.
+    """``G ×_1 K_1K_1ᵀ ⋯ ×_N K_NK_Nᵀ`` (also on stacks, as ``update_factors``).
 
     Half-precision factors are applied as ``K/s`` with ``s = max(√max|K|, 1)`` and the result
     multiplied by ``s²`` (overflow guard of the reference code); wider dtypes need no guard.
@@ -123,11 +130,19 @@ def precondition(
         scale = None
         if factor.dtype in HALF_DTYPES:
             scale = structure.max_abs(factor).sqrt().clamp(min=1.0)
-            factor = factor / scale
+            factor = factor / structure.per_matrix(scale)
         result = structure.apply(factor, structure.apply(factor, result, axis, True), axis)
         if scale is not None:
-            result = result * scale.square()
+            lead = structure.lead(factor)
+            result = result * scale.square().reshape(*scale.shape, *[1] * (result.ndim - lead))
     return result
+
+
+def _unfold(tensor: Tensor, axis: int, lead: int) -> Tensor:
+    """Mode-``axis`` unfolding of a tensor (``lead = 0``) or of each tensor of a stack (1)."""
+    if lead:
+        return unfold(tensor, axis)
+    return unfold(tensor.unsqueeze(0), axis).squeeze(0)
 
 
 def _data_parallel_world_size(model: nn.Module) -> int:
@@ -177,6 +192,10 @@ class SIRFShampoo(KronOptimizer):
     """
 
     structural_keys: ClassVar[tuple[str, ...]] = ("combine_params", "T")
+    # heavy-ball momentum on the direction PG + κ·p (κ is the method's own, coupled, decay)
+    momentum_on = "direction"
+    momentum_ema = False
+    decoupled_weight_decay = False
     # the factor plans are made from these at construction; T is a schedule, free to change
     variant_keys: ClassVar[tuple[str, ...]] = (
         "combine_params",
@@ -210,6 +229,8 @@ class SIRFShampoo(KronOptimizer):
         self._data_parallel_size = data_parallel_size
         self._plans: dict[ParameterBundle, FactorPlan] = {}
         self._batch_size = 0
+        self._step_batch_size = 0  # the batch size of the step being taken
+        self._due: list[bool] = []  # per param group: whether this step updates the factors
         defaults = dict(
             lr=lr,
             beta2=beta2,
@@ -318,46 +339,70 @@ class SIRFShampoo(KronOptimizer):
         return loss
 
     def update(self) -> None:
+        """The template's stages over stacks of same-structure bundles; which groups update
+        their factors this step (``T``) and the batch size are decided once per step."""
         step = self.global_step - 1  # 0-based, as T's callable sees it
-        batch_size, self._batch_size = self._batch_size, 0
+        self._step_batch_size, self._batch_size = self._batch_size, 0
         # T is asked once per group and step: a stateful callable sees every step exactly once.
-        due = [factor_update_due(group["T"], step) for group in self.param_groups]
-        for bundle in self.bundles_with_gradients():
-            group = self.param_groups[bundle.group_index]
-            plan = self._plans[bundle]
-            state = self._bundle_state(bundle, plan)
-            grad = bundle.gradient()
-            if plan.structures and due[bundle.group_index]:
-                if batch_size == 0:
-                    batch_size = 1
-                    warnings.warn(
-                        "SIRFShampoo saw no training-mode forward pass since the last step; "
-                        "using batch size 1 for the factor update",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-                update_factors(
-                    grad,
-                    state["factors"],
-                    state["factor_momenta"],
-                    plan.structures,
-                    batch_size=batch_size,
-                    alpha2=group["alpha2"],
-                    beta2=group["beta2"],
-                    lam=group["lam"],
+        self._due = [factor_update_due(group["T"], step) for group in self.param_groups]
+        super().update()
+
+    def work(self, bundle: ParameterBundle) -> list[Work]:
+        """The grouped tensor; bundles share a stack when their factor structures and dtypes
+        agree."""
+        plan = self._plans[bundle]
+        key = (tuple(s.describe() for s in plan.structures), plan.dtypes)
+        return [Work(tuple(bundle.grouped_shape), bundle.key.dtype, key)]
+
+    def direction(
+        self, stack: Stack, slots: list[Slot], gradients: list[Tensor], group: dict[str, Any]
+    ) -> Direction:
+        """Factor step (when due), then ``PG + κ·p``, for the whole stack at once.
+
+        A stack of one bundle runs on the bundle's own tensors (no stack dim: no copy of the
+        gradient, and the 2-D kernels, which are faster than batched ones of batch 1)."""
+        plan = self._plans[slots[0].bundle]
+        states = [self._bundle_state(slot.bundle, plan) for slot in slots]
+        single = len(slots) == 1
+
+        def factor_stacks(name: str) -> list[Tensor]:
+            if single:
+                return states[0][name]
+            # the per-bundle entries are views of these stacks, reused from step to step
+            return [
+                self.stacked_state.stack((stack.index, name, axis), states, name, axis)
+                for axis in range(len(plan.structures))
+            ]
+
+        factors = factor_stacks("factors")
+        grad = gradients[0] if single else torch.stack(gradients)
+        if plan.structures and self._due[stack.group_index]:
+            if self._step_batch_size == 0:
+                self._step_batch_size = 1
+                warnings.warn(
+                    "SIRFShampoo saw no training-mode forward pass since the last step; "
+                    "using batch size 1 for the factor update",
+                    RuntimeWarning,
+                    stacklevel=4,
                 )
-            direction = precondition(grad, state["factors"], plan.structures)
-            if direction.dtype in HALF_DTYPES:
-                direction = direction.float()
-            if group["weight_decay"] != 0.0:
-                decay = group["weight_decay"]
-                direction = direction.add(bundle.value().to(direction.dtype), alpha=decay)
-            if group["momentum"] != 0.0:
-                buffer = state.get("momentum_buffer")
-                if buffer is None:
-                    buffer = state["momentum_buffer"] = torch.zeros_like(direction)
-                direction = buffer.mul_(group["momentum"]).add_(direction)
-            bundle.add_(direction, alpha=-group["lr"])
+            update_factors(
+                grad,
+                factors,
+                factor_stacks("factor_momenta"),
+                plan.structures,
+                batch_size=self._step_batch_size,
+                alpha2=group["alpha2"],
+                beta2=group["beta2"],
+                lam=group["lam"],
+            )
+        direction = precondition(grad, factors, plan.structures)
+        if direction.dtype in HALF_DTYPES:
+            direction = direction.float()
+        if group["weight_decay"] != 0.0:
+            values = [slot.bundle.value() for slot in slots]
+            value = values[0] if single else torch.stack(values)
+            direction = direction.add(value.to(direction.dtype), alpha=group["weight_decay"])
+        return Direction([direction] if single else direction.unbind(0), group["lr"])
 
     def _bundle_state(self, bundle: ParameterBundle, plan: FactorPlan) -> dict[str, Any]:
         state = self.state[bundle.key]

@@ -12,12 +12,13 @@ from torch import nn
 from kronlab.linalg.newton_schulz import newton_schulz, resolve_coefficients
 from kronlab.linalg.power import power_iteration
 from kronlab.optim.base import NonFinitePolicy, ParamsT
-from kronlab.optim.hybrid import HybridMatrixOptimizer, as_matrix, matrix_shape, params_by_shape
+from kronlab.optim.hybrid import HybridMatrixOptimizer, as_matrix, matrix_shape
 from kronlab.optim.registry import register_optimizer
+from kronlab.optim.step_template import Direction, Slot, Stack, momentum_
 from kronlab.optim.validation import check_choice, check_range
 
 FACTOR_DTYPE = torch.float32
-# per-matrix state: factors and their momenta (stacked along dim 0 when a bucket is stepped)
+# per-matrix state: factors and their momenta (views of one stacked buffer per stack)
 FACTOR_KEYS = ("factor_a", "factor_b", "momentum_a", "momentum_b", "left_vector_a", "left_vector_b")
 
 
@@ -163,29 +164,32 @@ class Spectron(HybridMatrixOptimizer):
         rank = _group_rank(rows, columns, group)
         return f"Spectron: factors {rows}x{rank} and {columns}x{rank}"
 
-    def update_matrices(self, group: dict[str, Any], params: list[nn.Parameter]) -> None:
-        for ((rows, columns), _device), bucket in params_by_shape(params).items():
-            rank = _group_rank(rows, columns, group)
-            fresh = [p for p in bucket if "factor_a" not in self.state[p]]
-            if fresh:
-                self._initialize(fresh, rank)
-            states = [self.state[p] for p in bucket]
-            a, b, momentum_a, momentum_b, left_a, left_b = (
-                torch.stack([s[key] for s in states]) for key in FACTOR_KEYS
-            )
-            grads = torch.stack([as_matrix(p.grad) for p in bucket]).to(FACTOR_DTYPE)
-            with full_precision_matmul():
-                a, b, momentum_a, momentum_b, left_a, left_b, sigma_a, sigma_b = spectron_step(
-                    grads, a, b, momentum_a, momentum_b, left_a, left_b, group
-                )
-                weights = a @ b.transpose(-1, -2)
-            for index, (param, state) in enumerate(zip(bucket, states)):
-                for key, value in zip(
-                    FACTOR_KEYS + ("sigma_a", "sigma_b"),
-                    (a, b, momentum_a, momentum_b, left_a, left_b, sigma_a, sigma_b),
-                ):
-                    state[key] = value[index]
-                param.copy_(weights[index].view(param.shape))
+    def direction(
+        self, stack: Stack, slots: list[Slot], gradients: list[torch.Tensor], group: dict[str, Any]
+    ) -> Direction:
+        """One batched ``spectron_step`` of the stack's factors; the direction's values are the
+        new weights ``A Bᵀ`` (``apply`` writes them)."""
+        rows, columns = stack.shape
+        params = [slot.param for slot in slots]
+        fresh = [p for p in params if "factor_a" not in self.state[p]]
+        if fresh:
+            self._initialize(fresh, _group_rank(rows, columns, group))
+        states = [self.state[p] for p in params]
+        # the per-parameter entries are views of the stacks, reused from step to step
+        old = [self.stacked_state.stack((stack.index, name), states, name) for name in FACTOR_KEYS]
+        with full_precision_matmul():
+            new = spectron_step(torch.stack(gradients), *old, group)
+            weights = new[0] @ new[1].transpose(-1, -2)
+        for name, value in zip(FACTOR_KEYS + ("sigma_a", "sigma_b"), new):
+            self.stacked_state.store((stack.index, name), states, name, value)
+        return Direction(weights, 1.0)
+
+    def apply(
+        self, stack: Stack, slots: list[Slot], direction: Direction, group: dict[str, Any]
+    ) -> None:
+        """``W ← A Bᵀ`` (the factors carry the weight decay and the step)."""
+        for slot, weight in zip(slots, direction.values):
+            slot.param.copy_(weight.view(slot.param.shape))
 
     def _initialize(self, params: list[nn.Parameter], rank: int) -> None:
         """Truncated SVD of the current weights (one batched call): ``A = U√S``, ``B = V√S``."""
@@ -219,7 +223,8 @@ def spectron_step(
 ) -> tuple[torch.Tensor, ...]:
     """One Spectron step on stacks ``(k, m, r)``/``(k, n, r)`` of float32 factors.
 
-    Returns the new factors, momenta and power-iteration vectors and the ``σ`` estimates used.
+    Returns the new factors, momenta (updated in place) and power-iteration vectors and the
+    ``σ`` estimates used.
     """
     lr, beta, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
     method = group.get("weight_decay_method", "decoupled")
@@ -230,8 +235,7 @@ def spectron_step(
     elif weight_decay != 0:
         decay = 1 - (lr * weight_decay if method == "decoupled" else weight_decay)
         a, b = a * decay, b * decay
-    momentum_a = momentum_a.lerp(grad_a, 1 - beta)
-    momentum_b = momentum_b.lerp(grad_b, 1 - beta)
+    momentum_a, momentum_b = momentum_([momentum_a, momentum_b], [grad_a, grad_b], beta)
     steps, coefficients = group["ns_steps"], group["ns_coefficients"]
     orthogonal_a = newton_schulz(momentum_a, steps, coefficients, dtype=FACTOR_DTYPE)
     orthogonal_b = newton_schulz(momentum_b, steps, coefficients, dtype=FACTOR_DTYPE)

@@ -1,10 +1,11 @@
-"""Per-bundle optimizer state kept as views of one stacked tensor per bucket of same-shape bundles.
+"""Per-bundle optimizer state kept as views of one stacked tensor per stack of same-work slots.
 
-Batched optimizers (PSGD) work on ``(B, …)`` stacks of the state of ``B`` same-layout bundles.
-Restacking every step copies all of that state; instead, the per-bundle entries are made views
-of the stack, so the next step finds the stack unchanged and reuses it (no copy). In-place
-changes to an entry are changes to the stack; replacing an entry (e.g. ``load_state_dict``)
-simply triggers one restack. Nothing here is saved: ``state_dict`` holds the per-bundle views.
+Batched optimizers (PSGD, Spectron, SIRFShampoo) work on ``(B, …)`` stacks of the state of
+``B`` same-layout bundles (the step template's stacks). Restacking every step copies all of
+that state; instead, the per-bundle entries are made views of the stack, so the next step finds
+the stack unchanged and reuses it (no copy). In-place changes to an entry are changes to the
+stack; replacing an entry (e.g. ``load_state_dict``) simply triggers one restack. Nothing here
+is saved: ``state_dict`` holds the per-bundle views.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ class StackedState:
         self._stacks: dict[Hashable, tuple[tuple[Tensor, ...], Tensor]] = {}
         self._derived: dict[Hashable, tuple[Tensor, int, Tensor]] = {}
 
-    def stack(self, key: Hashable, states: Sequence[dict[str, Any]], name: str) -> Tensor:
-        """``torch.stack([state[name] for state in states])``, without a copy when cached."""
-        entries = [state[name] for state in states]
+    def stack(
+        self, key: Hashable, states: Sequence[dict[str, Any]], name: str, index: int | None = None
+    ) -> Tensor:
+        """``torch.stack([state[name] for state in states])`` (``state[name][index]`` for list
+        entries), without a copy when cached."""
+        entries = [state[name] if index is None else state[name][index] for state in states]
         cached = self._stacks.get(key)
         if (
             cached is not None
@@ -33,15 +37,24 @@ class StackedState:
             and all(view is entry for view, entry in zip(cached[0], entries))
         ):
             return cached[1]
-        return self.store(key, states, name, torch.stack(entries))
+        return self.store(key, states, name, torch.stack(entries), index)
 
     def store(
-        self, key: Hashable, states: Sequence[dict[str, Any]], name: str, stacked: Tensor
+        self,
+        key: Hashable,
+        states: Sequence[dict[str, Any]],
+        name: str,
+        stacked: Tensor,
+        index: int | None = None,
     ) -> Tensor:
-        """Make ``state[name]`` of each state a view of ``stacked`` and cache it under ``key``."""
+        """Make ``state[name]`` (``state[name][index]``) of each state a view of ``stacked`` and
+        cache it under ``key``."""
         views = stacked.unbind(0)
         for state, view in zip(states, views):
-            state[name] = view
+            if index is None:
+                state[name] = view
+            else:
+                state[name][index] = view
         self._stacks[key] = (views, stacked)
         return stacked
 

@@ -1,29 +1,63 @@
-"""A step as a transaction: copy the state, update, commit only if everything new is finite.
+"""A step as a transaction: copy the state, update, keep the result only if everything new is
+finite; the one mechanism behind ``KronOptimizer.step``'s guarantee that a step leaves finite
+parameters and state, or is skipped with both untouched.
 
-``StepTransaction`` backs the guarantee of ``KronOptimizer.step``: a step leaves finite
-parameters and state, or is skipped with both untouched. Before the update it copies every
-state tensor and parameter into buffers kept from step to step, except those whose copy is
-still exact (the last step did not write them); after it, one finiteness test
-(``kronlab.linalg.finite.all_finite``, one host sync) covers the gradients and the tensors the
-update wrote. Tensors the step did not write (same object, same version counter as when last
-found finite, e.g. eigenvectors between refreshes) are not tested again. A failed test puts the
-copies back.
+Two ways to decide, the same copies and the same test (the gradients and every value the update
+wrote must be finite):
+
+* ``StepTransaction.run`` (eager steps): before the update it copies every state tensor and
+  parameter into buffers kept from step to step, except those whose copy is still exact (the
+  last step did not write them); after it, one finiteness test
+  (``kronlab.linalg.finite.all_finite``, one host sync) covers the gradients and the tensors
+  the update wrote. Tensors the step did not write (same object, same version counter as when
+  last found finite, e.g. eigenvectors between refreshes) are not tested again. A failed test
+  puts the copies back.
+* ``masked_update`` (``torch.compile``d steps): no host sync and no version counters (a traced
+  step can read neither), so everything is copied each step, and the device puts it back with
+  ``torch.where(finite, new, old)``.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from kronlab.linalg.finite import all_finite
+from kronlab.linalg.finite import all_finite, finite_flag
+
+NON_FINITE_GRADIENT = "non-finite gradient"
+OVERFLOW = "non-finite value produced by the step (overflow)"
 
 
 class StepTransaction:
     """Snapshot and verification of an optimizer's state and parameters around one update."""
+
+    def run(
+        self,
+        state: dict[Any, Any],
+        params: Sequence[Tensor],
+        gradients: Sequence[Tensor],
+        update: Callable[[], None],
+    ) -> str | None:
+        """Run ``update`` as a transaction. ``None`` when it was committed, else why it was
+        refused (``state`` and ``params`` then are as before it). An exception in ``update``
+        with finite gradients is raised after the rollback."""
+        self.begin(state, params)
+        try:
+            update()
+        except Exception:
+            self.rollback(state)
+            if all_finite(gradients):
+                raise
+            return NON_FINITE_GRADIENT  # the update choked on it
+        gradients_finite, step_finite = self.commit_if_finite(state, params, gradients)
+        if step_finite:
+            return None
+        self.rollback(state)
+        return OVERFLOW if gradients_finite else NON_FINITE_GRADIENT
 
     def __init__(self) -> None:
         # id(tensor) -> (weak reference to it, its version when copied, the copy)
@@ -101,6 +135,53 @@ class StepTransaction:
         self._copies = {}  # the copies are the state now
         self._verified = {}
         self._saved = None
+
+
+def masked_update(
+    states: Sequence[dict[str, Any]],
+    params: Sequence[Tensor],
+    gradients: Sequence[Tensor],
+    update: Callable[[], None],
+) -> Tensor:
+    """Run ``update`` and undo it on the device if a gradient or a value it wrote is not finite;
+    return the 0-dim ``finite`` flag. No host sync, so a compiled step has no graph break here.
+
+    ``params`` and every tensor of ``states`` (per-parameter dicts; tensors directly in them or
+    in lists) are copied first and restored with ``torch.where(finite, new, old)`` into the
+    tensors found at the same places after the update, which costs one copy per step. State
+    created by the update (no old value) is kept as the update made it.
+    """
+    saved_params = [p.detach().clone() for p in params]
+    saved = [(holder, key, value.clone()) for holder, key, value in _state_tensors(states)]
+    update()
+    written = [
+        holder[key]
+        for holder, key, _ in saved
+        if isinstance(holder[key], Tensor) and holder[key].is_floating_point()
+    ]
+    finite = finite_flag(list(gradients) + list(params) + written)
+    for param, old in zip(params, saved_params):
+        param.detach().copy_(torch.where(finite, param.detach(), old))
+    for holder, key, old in saved:
+        new = holder[key]
+        if isinstance(new, Tensor) and new.shape == old.shape:
+            new.copy_(torch.where(finite, new, old))
+    return finite
+
+
+def _state_tensors(states: Sequence[dict[str, Any]]) -> list[tuple[Any, Any, Tensor]]:
+    """``(holder, key, tensor)`` for the tensors of per-parameter state dicts, directly or in a
+    list (e.g. one factor per axis)."""
+    found: list[tuple[Any, Any, Tensor]] = []
+    for state in states:
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                found.append((state, key, value))
+            elif isinstance(value, list):
+                found += [
+                    (value, i, item) for i, item in enumerate(value) if isinstance(item, Tensor)
+                ]
+    return found
 
 
 class _Slot:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kronlab.factors.structures import make_structure
+from kronlab.optim.sirf_structures import make_structure
 
 DIM = 7  # not a multiple of the block sizes below, so the padded last block is exercised
 SPECS = [

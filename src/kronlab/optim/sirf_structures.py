@@ -22,6 +22,11 @@ Storage is *zero-padded* wherever the structure has no entry (the triangle's oth
 padding of the last block of a block-diagonal matrix whose ``d`` is not a multiple of ``b``), so
 elementwise arithmetic and the Frobenius norm of the storage are those of the matrix it stands
 for. Every operation here keeps the padding zero.
+
+Every operation also takes a *stack* of same-structure matrices: storage with leading stack dims
+``(..., *storage)`` and tensors ``(..., *dims)`` with the same leading dims (``axis`` counts the
+tensor's own dims); reductions return one value per matrix. SIRFShampoo steps the factors of
+same-shape bundles this way, in one batched call per stack.
 """
 
 from __future__ import annotations
@@ -43,25 +48,26 @@ DEFAULT_BLOCK_SIZE = 16
 
 
 def apply_along_axis(matrix: Tensor, tensor: Tensor, axis: int) -> Tensor:
-    """``tensor ×_axis matrix``: ``matrix @`` every mode-``axis`` fiber of ``tensor``.
+    """``tensor ×_axis matrix``: ``matrix @`` every mode-``axis`` fiber of ``tensor`` (for each
+    matrix of a stack ``(..., d, d)`` and tensor of a stack with the same leading dims).
 
-    A 2-D ``tensor`` is multiplied in place of its unfolding (``M @ T`` or ``T @ Mᵀ``), so no
-    transposed copy is made for the common weight-matrix case.
+    The first and last axes are multiplied in place of the unfolding (``M @ T`` or ``T @ Mᵀ``),
+    so no transposed copy is made for the common weight-matrix case.
     """
-    if tensor.ndim == 1:
-        return matrix @ tensor
-    if axis == tensor.ndim - 1:
-        return tensor @ matrix.transpose(-1, -2)
+    lead = matrix.ndim - 2
+    batch, dims = tensor.shape[:lead], tensor.shape[lead:]
+    if len(dims) == 1:
+        return (matrix @ tensor.unsqueeze(-1)).squeeze(-1) if lead else matrix @ tensor
+    if axis == len(dims) - 1:
+        rows = tensor.reshape(*batch, -1, dims[-1]) @ matrix.transpose(-1, -2)
+        return rows.reshape(tensor.shape)
     if axis == 0:
-        return (matrix @ tensor.reshape(tensor.shape[0], -1)).reshape(
-            matrix.shape[0], *tensor.shape[1:]
-        )
-    return torch.tensordot(matrix, tensor, dims=([1], [axis])).movedim(0, axis)
-
-
-def unfold(tensor: Tensor, axis: int) -> Tensor:
-    """The mode-``axis`` unfolding ``T_(axis)`` of shape ``(d_axis, numel / d_axis)``."""
-    return tensor.movedim(axis, 0).reshape(tensor.shape[axis], -1)
+        return (matrix @ tensor.reshape(*batch, dims[0], -1)).reshape(tensor.shape)
+    if not lead:
+        return torch.tensordot(matrix, tensor, dims=([1], [axis])).movedim(0, axis)
+    moved = tensor.movedim(lead + axis, lead)
+    product = matrix @ moved.reshape(*batch, dims[axis], -1)
+    return product.reshape(moved.shape).movedim(lead, lead + axis)
 
 
 class MatrixStructure(ABC):
@@ -72,6 +78,7 @@ class MatrixStructure(ABC):
     """
 
     label: str = "StructuredMatrix"
+    storage_ndim: int = 2  # dims of one matrix's storage (a stack has more, in front)
 
     def __init__(self, dim: int) -> None:
         if not isinstance(dim, int) or dim < 1:
@@ -84,6 +91,17 @@ class MatrixStructure(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dim={self.dim})"
+
+    def lead(self, data: Tensor) -> int:
+        """The number of leading stack dims of storage ``data``."""
+        return data.ndim - self.storage_ndim
+
+    def per_matrix(self, values: Tensor) -> Tensor:
+        """One value per matrix of a stack ``(...)``, shaped to broadcast against its storage."""
+        return values.reshape(*values.shape, *([1] * self.storage_ndim))
+
+    def _storage_dims(self) -> tuple[int, ...]:
+        return tuple(range(-self.storage_ndim, 0))
 
     # --- construction ---------------------------------------------------------------------
     @abstractmethod
@@ -130,11 +148,11 @@ class MatrixStructure(ABC):
 
     def frobenius_norm(self, data: Tensor) -> Tensor:
         """``‖K‖_F`` (padding is zero, so it is the storage's 2-norm)."""
-        return torch.linalg.vector_norm(data)
+        return torch.linalg.vector_norm(data, dim=self._storage_dims())
 
     def max_abs(self, data: Tensor) -> Tensor:
         """``max |K_ij|``."""
-        return torch.linalg.vector_norm(data, ord=math.inf)
+        return torch.linalg.vector_norm(data, ord=math.inf, dim=self._storage_dims())
 
     @abstractmethod
     def add_to_diagonal_(self, data: Tensor, value: float) -> Tensor:
@@ -156,25 +174,27 @@ class DenseStructure(MatrixStructure):
         return symmetric.clone()
 
     def apply(self, data: Tensor, tensor: Tensor, axis: int, transpose: bool = False) -> Tensor:
-        return apply_along_axis(data.transpose(0, 1) if transpose else data, tensor, axis)
+        return apply_along_axis(data.transpose(-1, -2) if transpose else data, tensor, axis)
 
     def project_outer(self, columns: Tensor) -> Tensor:
-        return columns @ columns.transpose(0, 1)
+        return columns @ columns.transpose(-1, -2)
 
     def accumulate_outer_(self, out: Tensor, columns: Tensor, alpha: float, beta: float) -> Tensor:
-        return out.addmm_(columns, columns.transpose(0, 1), beta=beta, alpha=alpha)
+        if out.ndim == 3:
+            return out.baddbmm_(columns, columns.transpose(-1, -2), beta=beta, alpha=alpha)
+        return out.addmm_(columns, columns.transpose(-1, -2), beta=beta, alpha=alpha)
 
     def gram(self, data: Tensor) -> Tensor:
-        return data.transpose(0, 1) @ data
+        return data.transpose(-1, -2) @ data
 
     def matmul(self, left: Tensor, right: Tensor) -> Tensor:
         return left @ right
 
     def trace(self, data: Tensor) -> Tensor:
-        return data.diagonal().sum()
+        return data.diagonal(dim1=-2, dim2=-1).sum(-1)
 
     def add_to_diagonal_(self, data: Tensor, value: float) -> Tensor:
-        data.diagonal().add_(value)
+        data.diagonal(dim1=-2, dim2=-1).add_(value)
         return data
 
 
@@ -192,24 +212,25 @@ class TriangularStructure(DenseStructure):
     def project(self, symmetric: Tensor) -> Tensor:
         # Both off-diagonal halves of a symmetric matrix land in the kept triangle.
         projected = self._triangle(symmetric).mul_(2.0)
-        projected.diagonal().mul_(0.5)
+        projected.diagonal(dim1=-2, dim2=-1).mul_(0.5)
         return projected
 
     def project_outer(self, columns: Tensor) -> Tensor:
-        return self.project(columns @ columns.transpose(0, 1))
+        return self.project(columns @ columns.transpose(-1, -2))
 
     def accumulate_outer_(self, out: Tensor, columns: Tensor, alpha: float, beta: float) -> Tensor:
         return out.mul_(beta).add_(self.project_outer(columns), alpha=alpha)
 
     def gram(self, data: Tensor) -> Tensor:
         # KᵀK of a triangular K is full; only its projection is kept.
-        return self.project(data.transpose(0, 1) @ data)
+        return self.project(data.transpose(-1, -2) @ data)
 
 
 class DiagonalStructure(MatrixStructure):
     """Diagonal ``K``, stored as its diagonal: every operation is elementwise, O(d)."""
 
     label = "DiagonalMatrix"
+    storage_ndim = 1
 
     def identity(self, dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
         return torch.ones(self.dim, dtype=dtype, device=device)
@@ -218,16 +239,17 @@ class DiagonalStructure(MatrixStructure):
         return torch.diag(data)
 
     def project(self, symmetric: Tensor) -> Tensor:
-        return symmetric.diagonal().clone()
+        return symmetric.diagonal(dim1=-2, dim2=-1).clone()
 
     def apply(self, data: Tensor, tensor: Tensor, axis: int, transpose: bool = False) -> Tensor:
-        shape = [1] * tensor.ndim
-        shape[axis] = self.dim
+        lead = self.lead(data)
+        shape = [*data.shape[:lead]] + [1] * (tensor.ndim - lead)
+        shape[lead + axis] = self.dim
         return tensor * data.reshape(shape)
 
     def project_outer(self, columns: Tensor) -> Tensor:
         # diag(X Xᵀ) = row sums of squares: the d × d matrix is never formed.
-        return torch.linalg.vector_norm(columns, dim=1).square_()
+        return torch.linalg.vector_norm(columns, dim=-1).square_()
 
     def gram(self, data: Tensor) -> Tensor:
         return data.square()
@@ -236,7 +258,7 @@ class DiagonalStructure(MatrixStructure):
         return left * right
 
     def trace(self, data: Tensor) -> Tensor:
-        return data.sum()
+        return data.sum(-1)
 
     def add_to_diagonal_(self, data: Tensor, value: float) -> Tensor:
         return data.add_(value)
@@ -248,6 +270,8 @@ class BlockDiagonalStructure(MatrixStructure):
     Stored as a stack ``(ceil(d/b), b, b)``; the last block is zero-padded, so every product is
     one batched ``bmm`` over same-shape blocks.
     """
+
+    storage_ndim = 3
 
     def __init__(self, dim: int, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
         super().__init__(dim)
@@ -264,9 +288,9 @@ class BlockDiagonalStructure(MatrixStructure):
         return f"BlockDiagonalStructure(dim={self.dim}, block_size={self.block_size})"
 
     def _pad_rows(self, rows: Tensor) -> Tensor:
-        """``(d, r) → (num_blocks, b, r)``, zero rows appended."""
+        """``(..., d, r) → (..., num_blocks, b, r)``, zero rows appended."""
         padded = torch.nn.functional.pad(rows, (0, 0, 0, self.padded_dim - self.dim))
-        return padded.reshape(self.num_blocks, self.block_size, -1)
+        return padded.reshape(*rows.shape[:-2], self.num_blocks, self.block_size, -1)
 
     def identity(self, dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
         data = torch.zeros(
@@ -279,34 +303,41 @@ class BlockDiagonalStructure(MatrixStructure):
 
     def project(self, symmetric: Tensor) -> Tensor:
         padded = torch.nn.functional.pad(symmetric, (0, self.padded_dim - self.dim) * 2)
-        blocks = padded.reshape(self.num_blocks, self.block_size, self.num_blocks, self.block_size)
-        index = torch.arange(self.num_blocks, device=symmetric.device)
-        return blocks[index, :, index, :].clone()
+        blocks = padded.reshape(
+            *symmetric.shape[:-2],
+            self.num_blocks,
+            self.block_size,
+            self.num_blocks,
+            self.block_size,
+        )
+        diagonal_blocks = blocks.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
+        return diagonal_blocks.clone(memory_format=torch.contiguous_format)
 
     def apply(self, data: Tensor, tensor: Tensor, axis: int, transpose: bool = False) -> Tensor:
-        blocks = data.transpose(1, 2) if transpose else data
-        moved = tensor.movedim(axis, 0)
-        rows = self._pad_rows(moved.reshape(self.dim, -1))
-        product = torch.bmm(blocks, rows).reshape(self.padded_dim, -1)[: self.dim]
-        return product.reshape(moved.shape).movedim(0, axis)
+        blocks = data.transpose(-1, -2) if transpose else data
+        lead = self.lead(data)
+        moved = tensor.movedim(lead + axis, lead)
+        rows = self._pad_rows(moved.reshape(*moved.shape[:lead], self.dim, -1))
+        product = (blocks @ rows).reshape(*moved.shape[:lead], self.padded_dim, -1)
+        return product[..., : self.dim, :].reshape(moved.shape).movedim(lead, lead + axis)
 
     def project_outer(self, columns: Tensor) -> Tensor:
         rows = self._pad_rows(columns)
-        return torch.bmm(rows, rows.transpose(1, 2))
+        return rows @ rows.transpose(-1, -2)
 
     def gram(self, data: Tensor) -> Tensor:
-        return torch.bmm(data.transpose(1, 2), data)
+        return data.transpose(-1, -2) @ data
 
     def matmul(self, left: Tensor, right: Tensor) -> Tensor:
-        return torch.bmm(left, right)
+        return left @ right
 
     def trace(self, data: Tensor) -> Tensor:
-        return data.diagonal(dim1=1, dim2=2).sum()
+        return data.diagonal(dim1=-2, dim2=-1).sum((-2, -1))
 
     def add_to_diagonal_(self, data: Tensor, value: float) -> Tensor:
-        diagonal = data.diagonal(dim1=1, dim2=2)
-        diagonal[:-1].add_(value)
-        diagonal[-1, : self.dim - (self.num_blocks - 1) * self.block_size].add_(value)
+        diagonal = data.diagonal(dim1=-2, dim2=-1)
+        diagonal[..., :-1, :].add_(value)
+        diagonal[..., -1, : self.dim - (self.num_blocks - 1) * self.block_size].add_(value)
         return data
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from kronlab.linalg._dtypes import working_dtype
+from kronlab.linalg.power import power_steps
 from kronlab.linalg.symmetric import symmetric_product
 
 FactorKind = Literal["dense", "diagonal", "none"]
@@ -72,11 +73,13 @@ def spectral_norm_lower_bound(matrices: Tensor) -> Tensor:
     matrices, scale = _normalized(matrices)
     transposed = matrices.transpose(-1, -2)
     rows = torch.linalg.vector_norm(matrices, dim=-1).argmax(dim=-1)
-    u = _unit(matrices[torch.arange(matrices.shape[0], device=matrices.device), rows])
-    for _ in range(NORM_BOUND_ITERATIONS):
-        v = _unit(_times(transposed, u))
-        image = _times(matrices, v)
-        u = _unit(image)
+    start = matrices[torch.arange(matrices.shape[0], device=matrices.device), rows]
+    _, _, image = power_steps(
+        lambda x: _times(matrices, x),
+        lambda x: _times(transposed, x),
+        start,
+        NORM_BOUND_ITERATIONS,
+    )
     return torch.linalg.vector_norm(image, dim=-1) * scale
 
 
@@ -98,11 +101,10 @@ def gram_norm_lower_bound(root: Tensor) -> Tensor:
     squared_row_norms = ((root @ (transposed @ root)) * root).sum(dim=-1)
     rows = squared_row_norms.argmax(dim=-1)
     picked = root[torch.arange(root.shape[0], device=root.device), rows]
-    u = _unit(_times(root, picked))  # that row of X Xᵀ
-    for _ in range(NORM_BOUND_ITERATIONS):
-        v = _unit(gram_times(u))
-        image = gram_times(v)
-        u = _unit(image)
+    # X Xᵀ is symmetric: its products with and without transposing are the same
+    _, _, image = power_steps(
+        gram_times, gram_times, _times(root, picked), NORM_BOUND_ITERATIONS
+    )  # started from that row of X Xᵀ
     return torch.linalg.vector_norm(image, dim=-1) * scale.square()
 
 
@@ -184,10 +186,6 @@ def _normalized(matrices: Tensor) -> tuple[Tensor, Tensor]:
     scale = matrices.abs().amax(dim=(-2, -1))
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return matrices / scale.reshape(-1, 1, 1), scale
-
-
-def _unit(vectors: Tensor, epsilon: float = 1e-12) -> Tensor:
-    return vectors / (torch.linalg.vector_norm(vectors, dim=-1, keepdim=True) + epsilon)
 
 
 def _per_matrix(values: Tensor) -> Tensor:
