@@ -24,14 +24,13 @@ from kronlab.optim.base import (
     with_renamed_group_keys,
 )
 from kronlab.optim.bundles import ParameterBundle
-from kronlab.optim.shampoo import variants
 from kronlab.optim.shampoo.config import (
     KL_VARIANTS,
     EigenvalueCorrectedConfig,
-    PerFactorEigenvalueCorrectedConfig,
     resolve_grafting,
     resolve_preconditioner,
 )
+from kronlab.optim.shampoo.kl import check_kl, kl_inverse_sqrts
 from kronlab.optim.shampoo.moments import (
     diagonal_direction,
     filtered_gradient,
@@ -43,6 +42,7 @@ from kronlab.optim.shampoo.moments import (
 from kronlab.optim.shampoo.plan import StackingPlan, build_plan
 from kronlab.optim.shampoo.settings import StackSettings
 from kronlab.optim.shampoo.statistics import update_factors_
+from kronlab.optim.shampoo.variant import ShampooVariant
 from kronlab.optim.validation import check_betas, check_choice, check_range
 
 VECTOR_PRECONDITIONERS = ("diagonal", "grafting", "dense")
@@ -67,22 +67,20 @@ class KroneckerBlock(NamedTuple):
     eigenvalue_bias_correction: float
 
 
-class StackWork(NamedTuple):
-    """One stack's per-step quantities between the statistics and the direction.
+Direction = tuple[torch.Tensor, float | torch.Tensor]  # ``(D, s)``: the step direction is ``s · D``
 
-    An elementwise stack has only ``final`` (its direction). A Kronecker stack has the factor
-    gradient, the filtered gradient before its bias correction (``M = filtered /
-    filtered_correction``), ``grafting`` (before preconditioning starts: the direction to use;
-    after: the grafting method's per-block norms, or ``None`` without grafting) and this step's
-    outer products where the variant reads them.
-    """
 
-    final: torch.Tensor | None = None
-    gradient: torch.Tensor | None = None
-    filtered: torch.Tensor | None = None
-    filtered_correction: float = 1.0
-    grafting: torch.Tensor | None = None
-    products: list[torch.Tensor] | None = None
+class PendingDirection(NamedTuple):
+    """A preconditioned stack's per-step quantities between the statistics and the direction:
+    the factor gradient, the filtered gradient before its bias correction (``M = filtered /
+    filtered_correction``), the grafting method's per-block norms (``None`` without grafting)
+    and this step's outer products (empty unless the variant reads them)."""
+
+    gradient: torch.Tensor
+    filtered: torch.Tensor
+    filtered_correction: float
+    grafting_norms: torch.Tensor | None
+    products: list[torch.Tensor]
 
 
 class Shampoo(KronOptimizer):
@@ -115,11 +113,11 @@ class Shampoo(KronOptimizer):
     State layout: blocks live in stacks, ``optimizer.state["kronlab"]["stacks"][s]``, a dict with
     ``step`` (updates of the stack), ``momentum`` (``eigenbasis_momentum`` for the
     eigenvalue-corrected variant without grafting) and ``grafting_second_moment`` ``(B, *block)``,
-    ``factors`` ``[(B, d_i, d_i)]``, ``failures`` ``[(B,)]`` and the variant's cache
-    (``variants.py``: ``inverse_roots`` | ``eigenvectors``, ``eigenvalues`` | ``second_moment``
-    | ``eigenvalue_ema``, ``correction_step``). ``kronecker_factors(param)`` returns, per block of
-    the parameter's bundle, a ``KroneckerBlock`` of views into them; ``block_layout(param)`` says
-    how the grouped tensor is cut into those blocks. A param group added after the first step
+    ``factors`` ``[(B, d_i, d_i)]``, ``failures`` ``[(B,)]`` and the variant's cache (described
+    in its file: ``root_inverse.py``, ``eigendecomposed.py``, ``eigenvalue_corrected.py``,
+    ``per_factor.py``). ``kronecker_factors(param)`` returns, per block of the parameter's
+    bundle, a ``KroneckerBlock`` of views into them; ``block_layout(param)`` says how the
+    grouped tensor is cut into those blocks. A param group added after the first step
     gets stacks of its own (``planned_groups`` records which groups were planned together, see
     ``plan.py``), so the stacks that already hold state keep their members.
 
@@ -241,17 +239,8 @@ class Shampoo(KronOptimizer):
         group["preconditioner"] = resolve_preconditioner(group["preconditioner"])
         group["grafting"] = resolve_grafting(group["grafting"])
         if group["kl"]:
-            if group["preconditioner"].name not in KL_VARIANTS:
-                raise ValueError(
-                    f"Invalid kl: True with preconditioner {group['preconditioner'].name!r} "
-                    f"(allowed: kl=True with one of {list(KL_VARIANTS)})"
-                )
-            override = getattr(group["preconditioner"], "exponent_override", None)
-            if override is not None and override != 0.5:
-                raise ValueError(
-                    f"Invalid exponent_override: {override!r} with kl=True "
-                    "(allowed: None or 0.5, KL-Shampoo's exponent)"
-                )
+            preconditioner = group["preconditioner"]
+            check_kl(preconditioner, preconditioner.variant.supports_kl, KL_VARIANTS)
 
     def describe_preconditioner(self, bundle: ParameterBundle) -> list[str]:
         plan = self._stacking_plan()
@@ -287,21 +276,22 @@ class Shampoo(KronOptimizer):
         stack_states.extend({} for _ in range(len(plan.stacks) - len(stack_states)))
         global_state["planned_groups"] = list(plan.segments)
         gradients = [self._bundle_gradient(bundle) for bundle in self.bundles]
-        settings = [
-            StackSettings.from_group(self.param_groups[stack.group_index]) for stack in plan.stacks
+        variants = [
+            StackSettings.from_group(self.param_groups[stack.group_index]).variant()
+            for stack in plan.stacks
         ]
         work = [
-            self._accumulate_statistics(
-                plan, index, stack_states[index], settings[index], gradients
-            )
-            for index in range(len(plan.stacks))
+            self._accumulate_statistics(plan, index, state, variant, gradients)
+            for index, (state, variant) in enumerate(zip(stack_states, variants))
         ]
-        self._refresh_due_decompositions(plan, stack_states, settings, after_step=False)
+        self._refresh_due_decompositions(plan, stack_states, variants, after_step=False)
         directions = [
-            self._direction(state, options, stack_work)
-            for state, options, stack_work in zip(stack_states, settings, work)
+            self._direction(state, variant, stack_work)
+            if isinstance(stack_work, PendingDirection)
+            else stack_work
+            for state, variant, stack_work in zip(stack_states, variants, work)
         ]
-        self._refresh_due_decompositions(plan, stack_states, settings, after_step=True)
+        self._refresh_due_decompositions(plan, stack_states, variants, after_step=True)
         self._apply_updates(plan.scatter(directions, [b.grouped_shape for b in self.bundles]))
 
     def _bundle_gradient(self, bundle: ParameterBundle) -> torch.Tensor:
@@ -316,15 +306,17 @@ class Shampoo(KronOptimizer):
         plan: StackingPlan,
         index: int,
         state: dict[str, Any],
-        settings: StackSettings,
+        variant: ShampooVariant,
         gradients: list[torch.Tensor],
-    ) -> StackWork:
+    ) -> Direction | PendingDirection:
         """Momentum, grafting and (for Kronecker stacks) factor statistics of one stack.
 
-        For a Kronecker stack the filtered gradient is returned before its bias correction
-        (``filtered / filtered_correction`` is ``M``) and, once preconditioning runs, the
-        grafting method enters only through its per-block norms (``grafting_norms``).
+        Elementwise stacks, and Kronecker stacks before preconditioning starts, get their
+        direction here. For a preconditioned stack the filtered gradient is kept before its bias
+        correction (``filtered / filtered_correction`` is ``M``) and the grafting method enters
+        only through its per-block norms (``grafting_norms``).
         """
+        settings = variant.settings
         stack = plan.stacks[index]
         state_dtype = working_dtype(self.bundles[stack.members[0][0]].key.dtype)
         gradient = plan.gather(index, gradients).to(state_dtype)
@@ -332,44 +324,40 @@ class Shampoo(KronOptimizer):
         if stack.kind != "kronecker":
             filtered = filtered_gradient(state, gradient, settings)
             if stack.kind == "diagonal":
-                return StackWork(final=diagonal_direction(state, gradient, filtered, settings))
+                return diagonal_direction(state, gradient, filtered, settings), 1.0
             grafted = grafting_direction(state, gradient, filtered, settings)
-            return StackWork(final=filtered if grafted is None else grafted)
-        if variants.momentum_in_eigenbasis(settings):
-            # The momentum is filtered in the eigenbasis (variants.py).
+            return (filtered if grafted is None else grafted), 1.0
+        if variant.filters_in_eigenbasis:  # the variant filters the raw gradient itself
             filtered, filtered_correction = gradient, 1.0
         else:
             filtered, filtered_correction = momentum_numerator(state, gradient, settings)
-        if state["step"] < settings.start_preconditioning_step:
+        preconditioned = state["step"] >= settings.start_preconditioning_step
+        if preconditioned:
+            grafting = grafting_norms(state, gradient, filtered, filtered_correction, settings)
+        else:  # the grafting direction (or ``M``) alone
             corrected = filtered / filtered_correction
             grafted = grafting_direction(state, gradient, corrected, settings)
-            grafting = corrected if grafted is None else grafted
-        else:
-            grafting = grafting_norms(state, gradient, filtered, filtered_correction, settings)
         factor_gradient = gradient.to(settings.factor_dtype)
         products = update_factors_(
             state,
             factor_gradient,
-            variants.kl_inverse_sqrts(state, settings, stack.num_factors),
-            settings.factor_beta,
-            keep_products=variants.reads_outer_products(settings),
+            kl_inverse_sqrts(variant, state, stack.num_factors),
+            variant.factor_beta,
+            keep_products=variant.reads_outer_products,
         )
         if products is not None:
-            variants.update_eigenvalue_ema(state, settings, factor_gradient, products)
-        return StackWork(
-            None,
-            factor_gradient,
-            filtered,
-            filtered_correction,
-            grafting,
-            [] if products is None else products,
+            variant.measure(state, factor_gradient, products)
+        if not preconditioned:
+            return (corrected if grafted is None else grafted), 1.0
+        return PendingDirection(
+            factor_gradient, filtered, filtered_correction, grafting, products or []
         )
 
     def _refresh_due_decompositions(
         self,
         plan: StackingPlan,
         stack_states: list[dict[str, Any]],
-        settings: list[StackSettings],
+        variants: list[ShampooVariant],
         *,
         after_step: bool,
     ) -> None:
@@ -380,17 +368,16 @@ class Shampoo(KronOptimizer):
         refresh after it, so a basis never contains the gradient it measures (as in SOAP).
         """
         batches: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
-        for index, (stack, state) in enumerate(zip(plan.stacks, stack_states)):
-            options = settings[index]
+        for index, (stack, state, variant) in enumerate(zip(plan.stacks, stack_states, variants)):
             if (
                 stack.kind == "kronecker"
-                and options.refresh_after_step == after_step
-                and options.is_refresh_step(state["step"])
+                and variant.refresh_after_step == after_step
+                and variant.is_refresh_step(state["step"])
             ):
-                method = variants.refresh_method(state, options)
-                tracked = variants.tracks_columns(options)
+                method = variant.refresh_method(state)
                 for axis, factor in enumerate(state["factors"]):
-                    batches[(factor.shape[-1], factor.dtype, method, tracked)].append((index, axis))
+                    key = (factor.shape[-1], factor.dtype, method, variant.tracks_columns)
+                    batches[key].append((index, axis))
         results: dict[tuple[int, int], tuple] = {}
         for (size, _, method, tracked), members in batches.items():
             factors, previous_vectors, previous_values, failures = [], [], [], []
@@ -406,7 +393,7 @@ class Shampoo(KronOptimizer):
                         ],
                     )[axis]
                 )
-                vectors, values = variants.previous_eigenpairs(state, axis)
+                vectors, values = variants[index].previous_eigenpairs(state, axis)
                 factors.append(factor)
                 previous_vectors.append(vectors)
                 previous_values.append(values)
@@ -422,7 +409,7 @@ class Shampoo(KronOptimizer):
                 _concatenate_or_none(previous_values, factors, lambda f: f.new_zeros(f.shape[:-1])),
                 concatenate_matrices(failures),
                 method=method,
-                max_consecutive_failures=settings[members[0][0]].max_consecutive_failures,
+                max_consecutive_failures=variants[members[0][0]].settings.max_consecutive_failures,
                 name=f"Shampoo factors of size {size}",
                 track_columns=tracked,
                 # A QR refresh's exact eigenvalues would cost another F Q: the variants read
@@ -447,30 +434,21 @@ class Shampoo(KronOptimizer):
                 if (index, axis) in results
             ]
             if axes:
-                variants.install(state, settings[index], *zip(*axes))
+                variants[index].install(state, *zip(*axes))
 
     def _direction(
-        self,
-        state: dict[str, Any],
-        settings: StackSettings,
-        work: StackWork,
-    ) -> tuple[torch.Tensor, float | torch.Tensor]:
+        self, state: dict[str, Any], variant: ShampooVariant, work: PendingDirection
+    ) -> Direction:
         """The preconditioned, grafted direction of one stack, as ``(D, s)``: the step
         direction is ``s · D``, with ``s`` a float or per-block factors ``(B, 1, …)``; the
         parameter update applies ``s`` (no pass over ``D`` here)."""
-        if work.final is not None:  # an elementwise stack
-            return work.final, 1.0
         filtered = work.filtered
-        assert filtered is not None and work.products is not None and work.gradient is not None
-        if state["step"] < settings.start_preconditioning_step:
-            assert work.grafting is not None
-            return work.grafting, 1.0  # the grafting direction (or ``M``) alone
-        direction = variants.correct_and_precondition(
-            state, settings, work.gradient, filtered.to(settings.factor_dtype), work.products
+        direction = variant.direction(
+            state, work.gradient, filtered.to(variant.settings.factor_dtype), work.products
         ).to(filtered.dtype)
-        if work.grafting is None:  # every variant's preconditioner is linear in M
+        if work.grafting_norms is None:  # every variant's preconditioner is linear in M
             return direction, 1.0 / work.filtered_correction
-        return direction, graft_scales(direction, work.grafting)
+        return direction, graft_scales(direction, work.grafting_norms)
 
     def _apply_updates(self, grouped_directions: list[tuple[torch.Tensor, Any]]) -> None:
         """Decoupled weight decay, then ``p ← p − lr · s · D`` for bundles with a gradient:
@@ -517,7 +495,7 @@ class Shampoo(KronOptimizer):
             stack, state = plan.stacks[stack_index], stacks[stack_index]
             if stack.kind != "kronecker" or "factors" not in state:
                 continue
-            settings = StackSettings.from_group(self.param_groups[stack.group_index])
+            variant = StackSettings.from_group(self.param_groups[stack.group_index]).variant()
 
             def pick(key: str, state: dict = state, position: int = position) -> Any:
                 value = state.get(key)
@@ -527,24 +505,16 @@ class Shampoo(KronOptimizer):
                     return [item[position] for item in value]
                 return value[position]
 
-            config = settings.preconditioner
-            eigenvalues = (
-                pick("eigenvalue_ema")
-                if isinstance(config, PerFactorEigenvalueCorrectedConfig)
-                else pick("eigenvalues")
-            )
             blocks.append(
                 KroneckerBlock(
                     block_shape=stack.block_shape,
                     factors=pick("factors"),
                     eigenvectors=pick("eigenvectors"),
-                    eigenvalues=eigenvalues,
+                    eigenvalues=pick(variant.exported_eigenvalues),
                     second_moment=pick("second_moment"),
                     inverse_roots=pick("inverse_roots"),
-                    factor_bias_correction=variants.factor_correction(state, settings),
-                    eigenvalue_bias_correction=variants.eigenvalue_correction(
-                        {"correction_step": state.get("correction_step", 0)}, settings
-                    ),
+                    factor_bias_correction=variant.factor_correction(state),
+                    eigenvalue_bias_correction=variant.eigenvalue_correction(state),
                 )
             )
         return blocks
