@@ -6,7 +6,6 @@ State: ``eigenvectors`` ``[(B, d_i, d_i)]`` and ``eigenvalues`` ``[(B, d_i)]`` o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -17,8 +16,10 @@ from kronlab.factors.kronecker import kronecker_outer, precondition_in_eigenbasi
 from kronlab.optim.shampoo.kl import inverse_sqrts_from_eigenpairs
 from kronlab.optim.shampoo.variant import (
     InverseRootOptions,
+    Refreshed,
     ShampooVariant,
     State,
+    StepInputs,
     inverse_exponent,
 )
 
@@ -31,17 +32,10 @@ class EigendecomposedShampoo(ShampooVariant):
     def exponent(self, num_factors: int) -> float:
         return inverse_exponent(self.config.exponent_override, self.settings.kl, num_factors)
 
-    def store(
-        self,
-        state: State,
-        eigenvalues: Sequence[torch.Tensor],
-        eigenvectors: Sequence[torch.Tensor],
-        ok: Sequence[torch.Tensor],
-        orders: Sequence[torch.Tensor],
-    ) -> None:
+    def store(self, state: State, refreshed: Refreshed) -> None:
         # a failed refresh already returned the previous eigenpairs (``previous_eigenpairs``)
-        state["eigenvalues"] = list(eigenvalues)
-        state["eigenvectors"] = list(eigenvectors)
+        state["eigenvalues"] = refreshed.eigenvalues
+        state["eigenvectors"] = refreshed.eigenvectors
 
     def inverse_sqrts(self, state: State) -> list[torch.Tensor] | None:
         if "eigenvalues" not in state:
@@ -51,21 +45,15 @@ class EigendecomposedShampoo(ShampooVariant):
             state["eigenvalues"], state["eigenvectors"], self.settings.epsilon, scale
         )
 
-    def direction(
-        self,
-        state: State,
-        gradient: torch.Tensor,
-        filtered: torch.Tensor,
-        products: Sequence[torch.Tensor],
-    ) -> torch.Tensor:
-        exponent = self.exponent(filtered.ndim - 1)
+    def direction(self, state: State, inputs: StepInputs) -> torch.Tensor:
+        exponent = self.exponent(inputs.filtered.ndim - 1)
         scale = 1.0 / self.factor_correction(state)
         scalings = [
             damped_inverse_root_scales(values, self.settings.epsilon, exponent, scale)
             for values in state["eigenvalues"]
         ]
         return precondition_in_eigenbasis(
-            filtered, state["eigenvectors"], kronecker_outer(scalings)
+            inputs.filtered, state["eigenvectors"], kronecker_outer(scalings)
         )
 
 

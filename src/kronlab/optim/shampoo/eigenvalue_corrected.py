@@ -9,7 +9,6 @@ the eigenbasis, see ``filters_in_eigenbasis``) instead of the parameter-space ``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -26,8 +25,10 @@ from kronlab.optim.shampoo.moments import adam_quotient_, momentum_numerator
 from kronlab.optim.shampoo.settings import StackSettings
 from kronlab.optim.shampoo.variant import (
     EigenbasisMethod,
+    Refreshed,
     ShampooVariant,
     State,
+    StepInputs,
     check_factor_beta,
     identity_basis_unless_refreshed,
 )
@@ -59,15 +60,9 @@ class EigenvalueCorrectedShampoo(ShampooVariant):
             settings.grafting.method == "none" and settings.start_preconditioning_step <= 1
         )
 
-    def store(
-        self,
-        state: State,
-        eigenvalues: Sequence[torch.Tensor],
-        eigenvectors: Sequence[torch.Tensor],
-        ok: Sequence[torch.Tensor],
-        orders: Sequence[torch.Tensor],
-    ) -> None:
+    def store(self, state: State, refreshed: Refreshed) -> None:
         """Carry the estimates into the new basis (never recomputed, so nothing jumps)."""
+        eigenvectors = refreshed.eigenvectors
         if "eigenvectors" in state:
             if "eigenbasis_momentum" in state:
                 # M̃_new = M̃_old ×_i (Q_new,iᵀ Q_old,i), computed as back to parameter space and
@@ -82,17 +77,11 @@ class EigenvalueCorrectedShampoo(ShampooVariant):
                     state["second_moment"], eigenvectors, state["eigenvectors"]
                 )
             else:
-                state["second_moment"] = follow_columns(state["second_moment"], orders)
-        state["eigenvectors"] = list(eigenvectors)
+                state["second_moment"] = follow_columns(state["second_moment"], refreshed.orders)
+        state["eigenvectors"] = eigenvectors
 
-    def direction(
-        self,
-        state: State,
-        gradient: torch.Tensor,
-        filtered: torch.Tensor,
-        products: Sequence[torch.Tensor],
-    ) -> torch.Tensor:
-        settings = self.settings
+    def direction(self, state: State, inputs: StepInputs) -> torch.Tensor:
+        settings, (gradient, filtered, _) = self.settings, inputs
         if "eigenvectors" not in state and self.filters_in_eigenbasis:
             # SOAP's first step: no basis has been measured yet, so it only feeds the factors
             # (the refresh after it installs their eigenbasis) and starts no moment. An Adam

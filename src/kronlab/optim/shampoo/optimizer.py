@@ -42,7 +42,7 @@ from kronlab.optim.shampoo.moments import (
 from kronlab.optim.shampoo.plan import StackingPlan, build_plan
 from kronlab.optim.shampoo.settings import StackSettings
 from kronlab.optim.shampoo.statistics import update_factors_
-from kronlab.optim.shampoo.variant import ShampooVariant
+from kronlab.optim.shampoo.variant import Refreshed, ShampooVariant, StepInputs
 from kronlab.optim.validation import check_betas, check_choice, check_range
 
 VECTOR_PRECONDITIONERS = ("diagonal", "grafting", "dense")
@@ -434,7 +434,7 @@ class Shampoo(KronOptimizer):
                 if (index, axis) in results
             ]
             if axes:
-                variants[index].install(state, *zip(*axes))
+                variants[index].install(state, Refreshed(*map(list, zip(*axes))))
 
     def _direction(
         self, state: dict[str, Any], variant: ShampooVariant, work: PendingDirection
@@ -443,9 +443,10 @@ class Shampoo(KronOptimizer):
         direction is ``s · D``, with ``s`` a float or per-block factors ``(B, 1, …)``; the
         parameter update applies ``s`` (no pass over ``D`` here)."""
         filtered = work.filtered
-        direction = variant.direction(
-            state, work.gradient, filtered.to(variant.settings.factor_dtype), work.products
-        ).to(filtered.dtype)
+        inputs = StepInputs(
+            work.gradient, filtered.to(variant.settings.factor_dtype), work.products
+        )
+        direction = variant.direction(state, inputs).to(filtered.dtype)
         if work.grafting_norms is None:  # every variant's preconditioner is linear in M
             return direction, 1.0 / work.filtered_correction
         return direction, graft_scales(direction, work.grafting_norms)

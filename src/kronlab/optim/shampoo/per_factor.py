@@ -21,8 +21,10 @@ from kronlab.optim.shampoo.kl import inverse_sqrts_from_eigenpairs
 from kronlab.optim.shampoo.settings import StackSettings
 from kronlab.optim.shampoo.variant import (
     InverseRootOptions,
+    Refreshed,
     ShampooVariant,
     State,
+    StepInputs,
     check_factor_beta,
     identity_basis_unless_refreshed,
     inverse_exponent,
@@ -67,19 +69,13 @@ class PerFactorCorrectedShampoo(ShampooVariant):
             return False
         return step == int(start) or step % self.settings.precondition_frequency == 0
 
-    def store(
-        self,
-        state: State,
-        eigenvalues: Sequence[torch.Tensor],
-        eigenvectors: Sequence[torch.Tensor],
-        ok: Sequence[torch.Tensor],
-        orders: Sequence[torch.Tensor],
-    ) -> None:
+    def store(self, state: State, refreshed: Refreshed) -> None:
         if "eigenvectors" in state and not self.distributed_shampoo_order:
             state["eigenvalue_ema"] = [
-                follow_columns(ema, [order]) for ema, order in zip(state["eigenvalue_ema"], orders)
+                follow_columns(ema, [order])
+                for ema, order in zip(state["eigenvalue_ema"], refreshed.orders)
             ]
-        state["eigenvectors"] = list(eigenvectors)
+        state["eigenvectors"] = refreshed.eigenvectors
 
     def inverse_sqrts(self, state: State) -> list[torch.Tensor] | None:
         if not state.get("correction_step"):
@@ -98,17 +94,12 @@ class PerFactorCorrectedShampoo(ShampooVariant):
             state["correction_step"] = state.get("correction_step", 0) + 1
             self._accumulate(state, identity_basis_unless_refreshed(state, gradient), products)
 
-    def direction(
-        self,
-        state: State,
-        gradient: torch.Tensor,
-        filtered: torch.Tensor,
-        products: Sequence[torch.Tensor],
-    ) -> torch.Tensor:
+    def direction(self, state: State, inputs: StepInputs) -> torch.Tensor:
+        filtered = inputs.filtered
         eigenvectors = identity_basis_unless_refreshed(state, filtered)
         if not self.distributed_shampoo_order:  # else ``E_k`` was updated with the statistics
             state["correction_step"] = state.get("correction_step", 0) + 1
-            self._accumulate(state, eigenvectors, products)
+            self._accumulate(state, eigenvectors, inputs.products)
         scale = 1.0 / self.eigenvalue_correction(state)
         exponent = self.exponent(filtered.ndim - 1)
         scalings = [

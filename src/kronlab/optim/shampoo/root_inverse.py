@@ -6,7 +6,6 @@ with a QR refresh ``eigenvectors`` ``[(B, d_i, d_i)]`` (the next refresh's warm 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -16,8 +15,10 @@ from kronlab.factors.inverse import damped_inverse_root, damped_inverse_root_
 from kronlab.factors.kronecker import kronecker_product_apply
 from kronlab.optim.shampoo.variant import (
     InverseRootOptions,
+    Refreshed,
     ShampooVariant,
     State,
+    StepInputs,
     inverse_exponent,
 )
 
@@ -30,24 +31,17 @@ class RootInverseShampoo(ShampooVariant):
     def exponent(self, num_factors: int) -> float:
         return inverse_exponent(self.config.exponent_override, self.settings.kl, num_factors)
 
-    def store(
-        self,
-        state: State,
-        eigenvalues: Sequence[torch.Tensor],
-        eigenvectors: Sequence[torch.Tensor],
-        ok: Sequence[torch.Tensor],
-        orders: Sequence[torch.Tensor],
-    ) -> None:
+    def store(self, state: State, refreshed: Refreshed) -> None:
         """Form the roots; a factor whose refresh failed keeps its previous root (the identity
         before the first)."""
-        exponent = self.exponent(len(eigenvalues))
+        exponent = self.exponent(len(refreshed.eigenvalues))
         scale = 1.0 / self.factor_correction(state)
         warm_started = self.config.eigenbasis == "qr"
         # Without a QR warm start the eigenvectors are a refresh's temporaries: the root is
         # formed in their memory.
         form_root = damped_inverse_root if warm_started else damped_inverse_root_
         roots = []
-        for axis, (values, vectors, good) in enumerate(zip(eigenvalues, eigenvectors, ok)):
+        for axis, (values, vectors, good) in enumerate(zip(*refreshed[:3])):
             root = form_root(values, vectors, self.settings.epsilon, exponent, scale)
             if bool(good.all()):  # nothing to fall back to: skip the masking pass
                 roots.append(root)
@@ -60,20 +54,14 @@ class RootInverseShampoo(ShampooVariant):
             roots.append(torch.where(good[..., None, None], root, previous))
         state["inverse_roots"] = roots
         if warm_started:  # the next refresh's warm start
-            state["eigenvectors"] = list(eigenvectors)
+            state["eigenvectors"] = refreshed.eigenvectors
 
     def inverse_sqrts(self, state: State) -> list[torch.Tensor] | None:
         # under KL-Shampoo the exponent is 1/2: the cached roots are the inverse square roots
         return list(state["inverse_roots"]) if "inverse_roots" in state else None
 
-    def direction(
-        self,
-        state: State,
-        gradient: torch.Tensor,
-        filtered: torch.Tensor,
-        products: Sequence[torch.Tensor],
-    ) -> torch.Tensor:
-        return kronecker_product_apply(filtered, state["inverse_roots"])
+    def direction(self, state: State, inputs: StepInputs) -> torch.Tensor:
+        return kronecker_product_apply(inputs.filtered, state["inverse_roots"])
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol
 
 import torch
 
@@ -34,6 +34,28 @@ class VariantConfig(Protocol):
     name: str
     eigenbasis: EigenbasisMethod
     variant: ClassVar[type[ShampooVariant]]
+
+
+class Refreshed(NamedTuple):
+    """A stack's refreshed decomposition, per block axis: eigenvalues ``(B, d_i)``,
+    eigenvectors ``(B, d_i, d_i)``, ``ok`` ``(B,)`` (``False`` where the refresh failed and the
+    previous decomposition was kept) and ``orders`` ``(B, d_i)`` (the old column each new one
+    continues)."""
+
+    eigenvalues: list[torch.Tensor]
+    eigenvectors: list[torch.Tensor]
+    ok: list[torch.Tensor]
+    orders: list[torch.Tensor]
+
+
+class StepInputs(NamedTuple):
+    """What a direction is made from, in the factor dtype: the stack's gradient, the filtered
+    gradient (``M``, or its numerator: every variant is linear in it) and this step's outer
+    products (empty unless the variant ``reads_outer_products``)."""
+
+    gradient: torch.Tensor
+    filtered: torch.Tensor
+    products: Sequence[torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -122,27 +144,12 @@ class ShampooVariant:
         values = state["eigenvalues"][axis] if "eigenvalues" in state else None
         return vectors, values
 
-    def install(
-        self,
-        state: State,
-        eigenvalues: Sequence[torch.Tensor],
-        eigenvectors: Sequence[torch.Tensor],
-        ok: Sequence[torch.Tensor],
-        orders: Sequence[torch.Tensor],
-    ) -> None:
-        """Store a stack's refreshed decomposition the way the variant uses it (``ok``: where
-        the refresh succeeded; ``orders``: the old column each new one continues)."""
+    def install(self, state: State, refreshed: Refreshed) -> None:
+        """Count the refresh and keep its decomposition the way the variant uses it."""
         state["refreshes"] = state.get("refreshes", 0) + 1
-        self.store(state, eigenvalues, eigenvectors, ok, orders)
+        self.store(state, refreshed)
 
-    def store(
-        self,
-        state: State,
-        eigenvalues: Sequence[torch.Tensor],
-        eigenvectors: Sequence[torch.Tensor],
-        ok: Sequence[torch.Tensor],
-        orders: Sequence[torch.Tensor],
-    ) -> None:
+    def store(self, state: State, refreshed: Refreshed) -> None:
         raise NotImplementedError
 
     # --- statistics and direction ---------------------------------------------------------
@@ -155,14 +162,8 @@ class ShampooVariant:
     ) -> None:
         """Update estimates that follow the factor statistics (before any refresh)."""
 
-    def direction(
-        self,
-        state: State,
-        gradient: torch.Tensor,
-        filtered: torch.Tensor,
-        products: Sequence[torch.Tensor],
-    ) -> torch.Tensor:
-        """The preconditioned direction of ``filtered`` (``M``, or its numerator: linear)."""
+    def direction(self, state: State, inputs: StepInputs) -> torch.Tensor:
+        """The preconditioned direction of ``inputs.filtered``."""
         raise NotImplementedError
 
 
