@@ -11,15 +11,15 @@ from typing import ClassVar
 
 import torch
 
-from kronlab.factors.inverse import damped_inverse_root_scales
-from kronlab.factors.kronecker import kronecker_outer, precondition_in_eigenbasis
-from kronlab.optim.shampoo.kl import inverse_sqrts_from_eigenpairs
+from kronlab.factors.eigenbasis import KroneckerEigenbasis
+from kronlab.optim.shampoo.kl import inverse_sqrts
 from kronlab.optim.shampoo.variant import (
     InverseRootOptions,
     Refreshed,
     ShampooVariant,
     State,
     StepInputs,
+    corrected_spectra,
     inverse_exponent,
 )
 
@@ -37,24 +37,22 @@ class EigendecomposedShampoo(ShampooVariant):
         state["eigenvalues"] = refreshed.eigenvalues
         state["eigenvectors"] = refreshed.eigenvectors
 
-    def inverse_sqrts(self, state: State) -> list[torch.Tensor] | None:
+    def eigenbasis(self, state: State) -> KroneckerEigenbasis | None:
         if "eigenvalues" not in state:
             return None
-        scale = 1.0 / self.factor_correction(state)
-        return inverse_sqrts_from_eigenpairs(
-            state["eigenvalues"], state["eigenvectors"], self.settings.epsilon, scale
+        return corrected_spectra(
+            state["eigenvectors"], state["eigenvalues"], self.factor_correction(state)
         )
 
+    def inverse_sqrts(self, state: State) -> list[torch.Tensor] | None:
+        basis = self.eigenbasis(state)
+        return None if basis is None else inverse_sqrts(basis, self.damping)
+
     def direction(self, state: State, inputs: StepInputs) -> torch.Tensor:
+        basis = self.eigenbasis(state)
+        assert basis is not None  # refreshed before the first preconditioned step
         exponent = self.exponent(inputs.filtered.ndim - 1)
-        scale = 1.0 / self.factor_correction(state)
-        scalings = [
-            damped_inverse_root_scales(values, self.settings.epsilon, exponent, scale)
-            for values in state["eigenvalues"]
-        ]
-        return precondition_in_eigenbasis(
-            inputs.filtered, state["eigenvectors"], kronecker_outer(scalings)
-        )
+        return basis.damped_power(inputs.filtered, -exponent, self.damping)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ the eigenbasis, see ``filters_in_eigenbasis``) instead of the parameter-space ``
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -20,7 +21,7 @@ from kronlab.factors.correction import (
     transport_second_moment,
     update_second_moment_,
 )
-from kronlab.factors.kronecker import from_eigenbasis, to_eigenbasis
+from kronlab.factors.eigenbasis import KroneckerEigenbasis
 from kronlab.optim.shampoo.moments import adam_quotient_, momentum_numerator
 from kronlab.optim.shampoo.settings import StackSettings
 from kronlab.optim.shampoo.variant import (
@@ -68,10 +69,10 @@ class EigenvalueCorrectedShampoo(ShampooVariant):
                 # M̃_new = M̃_old ×_i (Q_new,iᵀ Q_old,i), computed as back to parameter space and
                 # into the new basis: 2k block products, never more work than forming the k
                 # d_i×d_i overlaps and applying them (for m×n: 2mn(m+n) vs m³ + n³ + mn(m+n)).
-                state["eigenbasis_momentum"] = to_eigenbasis(
-                    from_eigenbasis(state["eigenbasis_momentum"], state["eigenvectors"]),
-                    eigenvectors,
-                )
+                old = self.eigenbasis(state)
+                new = dataclasses.replace(old, eigenvectors=tuple(eigenvectors))
+                momentum = old.from_eigenbasis(state["eigenbasis_momentum"])
+                state["eigenbasis_momentum"] = new.to_eigenbasis(momentum)
             if self.config.second_moment_carry == "rotate":
                 state["second_moment"] = transport_second_moment(
                     state["second_moment"], eigenvectors, state["eigenvectors"]
@@ -88,11 +89,12 @@ class EigenvalueCorrectedShampoo(ShampooVariant):
             # step in the identity basis here would leave a second moment measured in the wrong
             # basis for the first eigenbasis steps.
             return torch.zeros_like(gradient)
-        eigenvectors = identity_basis_unless_refreshed(state, filtered)
+        identity_basis_unless_refreshed(state, filtered)
         state["correction_step"] = state.get("correction_step", 0) + 1
         if "second_moment" not in state:
             state["second_moment"] = torch.zeros_like(gradient)
-        rotated_gradient = to_eigenbasis(gradient, eigenvectors)
+        basis = self.eigenbasis(state)
+        rotated_gradient = basis.to_eigenbasis(gradient)
         update_second_moment_(state["second_moment"], rotated_gradient, settings.beta2)
         if self.filters_in_eigenbasis:  # ``filtered`` is the raw gradient here
             numerator, _ = momentum_numerator(
@@ -107,7 +109,7 @@ class EigenvalueCorrectedShampoo(ShampooVariant):
                 )
             )
         else:
-            numerator, momentum_correction = to_eigenbasis(filtered, eigenvectors), 1.0
+            numerator, momentum_correction = basis.to_eigenbasis(filtered), 1.0
         # Adam's quotient overwrites the rotated gradient (read for the last time above) unless
         # that is the numerator itself (β₁ = 0); both bias corrections become the scale of the
         # rotation back, which folds it into a GEMM: 6 elementwise passes, no temporaries.
@@ -121,7 +123,12 @@ class EigenvalueCorrectedShampoo(ShampooVariant):
             self.eigenvalue_correction(state),
             settings.epsilon,
         )
-        return from_eigenbasis(quotient, eigenvectors, scale / momentum_correction)
+        return basis.from_eigenbasis(quotient, scale / momentum_correction)
+
+    def eigenbasis(self, state: State) -> KroneckerEigenbasis:
+        """``Q_i`` with the second moment ``E`` as the corrected eigenvalue tensor (not
+        bias-corrected: the direction divides by ``bc`` as Adam does)."""
+        return KroneckerEigenbasis(tuple(state["eigenvectors"]), corrected=state["second_moment"])
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kronlab.factors.inverse import damped_inverse_root
+from kronlab.factors.damping import Damping
+from kronlab.factors.eigenbasis import KroneckerEigenbasis
 
 if TYPE_CHECKING:
     from kronlab.optim.shampoo.variant import ShampooVariant, State
@@ -33,18 +34,14 @@ def kl_inverse_sqrts(
     return [None] * num_factors if roots is None else list(roots)
 
 
-def inverse_sqrts_from_eigenpairs(
-    eigenvalues: Sequence[torch.Tensor],
-    eigenvectors: Sequence[torch.Tensor],
-    epsilon: float,
-    scale: float,
-) -> list[torch.Tensor]:
-    """``(Q diag(λ·scale + ε) Qᵀ)^{-1/2}`` per axis, the identity for blocks whose eigenvalues
-    are all zero (e.g. after an all-zero gradient): ``ε^{-1/2}`` there would multiply the next
-    outer product by ``1/ε`` and the EMA would carry it (Distributed Shampoo skips the same)."""
+def inverse_sqrts(basis: KroneckerEigenbasis, damping: Damping) -> list[torch.Tensor]:
+    """``(Q diag(λ + ε) Qᵀ)^{-1/2}`` per axis from a cached eigenbasis, the identity for blocks
+    whose eigenvalues are all zero (e.g. after an all-zero gradient): ``ε^{-1/2}`` there would
+    multiply the next outer product by ``1/ε`` and the EMA would carry it (Distributed Shampoo
+    skips the same)."""
+    assert basis.eigenvalues is not None
     roots = []
-    for values, vectors in zip(eigenvalues, eigenvectors):
-        root = damped_inverse_root(values, vectors, epsilon, 0.5, scale)
+    for values, root in zip(basis.eigenvalues, basis.factor_powers(-0.5, damping)):
         unmeasured = (values == 0).all(dim=-1)[..., None, None]
         identity = torch.eye(root.shape[-1], dtype=root.dtype, device=root.device)
         roots.append(torch.where(unmeasured, identity, root))

@@ -15,9 +15,8 @@ from typing import ClassVar, Literal
 import torch
 
 from kronlab.factors.correction import follow_columns, update_factor_eigenvalues_
-from kronlab.factors.inverse import damped_inverse_root_scales
-from kronlab.factors.kronecker import kronecker_outer, precondition_in_eigenbasis
-from kronlab.optim.shampoo.kl import inverse_sqrts_from_eigenpairs
+from kronlab.factors.eigenbasis import KroneckerEigenbasis
+from kronlab.optim.shampoo.kl import inverse_sqrts
 from kronlab.optim.shampoo.settings import StackSettings
 from kronlab.optim.shampoo.variant import (
     InverseRootOptions,
@@ -26,6 +25,7 @@ from kronlab.optim.shampoo.variant import (
     State,
     StepInputs,
     check_factor_beta,
+    corrected_spectra,
     identity_basis_unless_refreshed,
     inverse_exponent,
 )
@@ -77,13 +77,16 @@ class PerFactorCorrectedShampoo(ShampooVariant):
             ]
         state["eigenvectors"] = refreshed.eigenvectors
 
-    def inverse_sqrts(self, state: State) -> list[torch.Tensor] | None:
+    def eigenbasis(self, state: State) -> KroneckerEigenbasis | None:
         if not state.get("correction_step"):
             return None
-        scale = 1.0 / self.eigenvalue_correction(state)
-        return inverse_sqrts_from_eigenpairs(
-            state["eigenvalue_ema"], state["eigenvectors"], self.settings.epsilon, scale
+        return corrected_spectra(
+            state["eigenvectors"], state["eigenvalue_ema"], self.eigenvalue_correction(state)
         )
+
+    def inverse_sqrts(self, state: State) -> list[torch.Tensor] | None:
+        basis = self.eigenbasis(state)
+        return None if basis is None else inverse_sqrts(basis, self.damping)
 
     def measure(
         self, state: State, gradient: torch.Tensor, products: Sequence[torch.Tensor]
@@ -100,13 +103,9 @@ class PerFactorCorrectedShampoo(ShampooVariant):
         if not self.distributed_shampoo_order:  # else ``E_k`` was updated with the statistics
             state["correction_step"] = state.get("correction_step", 0) + 1
             self._accumulate(state, eigenvectors, inputs.products)
-        scale = 1.0 / self.eigenvalue_correction(state)
-        exponent = self.exponent(filtered.ndim - 1)
-        scalings = [
-            damped_inverse_root_scales(ema, self.settings.epsilon, exponent, scale)
-            for ema in state["eigenvalue_ema"]
-        ]
-        return precondition_in_eigenbasis(filtered, eigenvectors, kronecker_outer(scalings))
+        basis = self.eigenbasis(state)
+        assert basis is not None  # measured above or with the statistics
+        return basis.damped_power(filtered, -self.exponent(filtered.ndim - 1), self.damping)
 
     def _accumulate(
         self, state: State, eigenvectors: Sequence[torch.Tensor], products: Sequence[torch.Tensor]

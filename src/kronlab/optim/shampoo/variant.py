@@ -21,6 +21,8 @@ from typing import Any, ClassVar, Literal, NamedTuple, Protocol
 import torch
 
 from kronlab.factors.accumulation import bias_correction
+from kronlab.factors.damping import Damping
+from kronlab.factors.eigenbasis import KroneckerEigenbasis
 from kronlab.optim.shampoo.settings import StackSettings
 from kronlab.optim.validation import check_choice, check_range
 
@@ -114,6 +116,11 @@ class ShampooVariant:
         """``p`` in ``F^{-p}``: 1/2 for KL-Shampoo, else ``1/(2k)``."""
         return inverse_exponent(None, self.settings.kl, num_factors)
 
+    @property
+    def damping(self) -> Damping:
+        """Shampoo's ``ε``, added to each factor's bias-corrected eigenvalues."""
+        return Damping("per_factor_absolute", self.settings.epsilon)
+
     def factor_correction(self, state: State) -> float:
         """Bias correction of the factors, ``1 − β_F^t``."""
         return bias_correction(self.factor_beta, state["step"], self.settings.bias_correction)
@@ -123,6 +130,11 @@ class ShampooVariant:
         return bias_correction(
             self.settings.beta2, state.get("correction_step", 0), self.settings.bias_correction
         )
+
+    def eigenbasis(self, state: State) -> KroneckerEigenbasis | None:
+        """The variant's cache as one ``KroneckerEigenbasis`` of views into its state, with
+        bias-corrected eigenvalues (``None``: the variant caches no eigenbasis)."""
+        return None
 
     # --- refresh --------------------------------------------------------------------------
     def is_refresh_step(self, step: int) -> bool:
@@ -182,3 +194,11 @@ def identity_basis_unless_refreshed(state: State, like: torch.Tensor) -> list[to
             for size in like.shape[1:]
         ]
     return state["eigenvectors"]
+
+
+def corrected_spectra(
+    eigenvectors: Sequence[torch.Tensor], eigenvalues: Sequence[torch.Tensor], correction: float
+) -> KroneckerEigenbasis:
+    """``Q_i`` with the factor spectra ``λ_i / correction`` (a bias correction)."""
+    scale = 1.0 / correction
+    return KroneckerEigenbasis(tuple(eigenvectors), tuple(values * scale for values in eigenvalues))
