@@ -13,7 +13,6 @@ from torch import nn
 from kronlab.factors.eigenbasis import refresh_eigenbasis
 from kronlab.groups.layout import BlockLayout
 from kronlab.groups.rules import PreconditionerGroup
-from kronlab.linalg._dtypes import working_dtype
 from kronlab.linalg.batching import concatenate_matrices
 from kronlab.optim.base import (
     DEFAULT_RULES,
@@ -39,10 +38,12 @@ from kronlab.optim.shampoo.moments import (
     grafting_norms,
     momentum_numerator,
 )
-from kronlab.optim.shampoo.plan import StackingPlan, build_plan
+from kronlab.optim.shampoo.plan import Scaled, bundle_layout, bundle_work, gather, scatter
 from kronlab.optim.shampoo.settings import StackSettings
+from kronlab.optim.shampoo.state import BLOCKS, StackStates
 from kronlab.optim.shampoo.statistics import update_factors_
 from kronlab.optim.shampoo.variant import Refreshed, ShampooVariant, StepInputs
+from kronlab.optim.step_template import Direction, Slot, Stack, Work, apply_direction
 from kronlab.optim.validation import check_betas, check_choice, check_range
 
 VECTOR_PRECONDITIONERS = ("diagonal", "grafting", "dense")
@@ -65,9 +66,6 @@ class KroneckerBlock(NamedTuple):
     inverse_roots: list[torch.Tensor] | None
     factor_bias_correction: float
     eigenvalue_bias_correction: float
-
-
-Direction = tuple[torch.Tensor, float | torch.Tensor]  # ``(D, s)``: the step direction is ``s · D``
 
 
 class PendingDirection(NamedTuple):
@@ -110,17 +108,16 @@ class Shampoo(KronOptimizer):
     ``max_consecutive_failures`` failures in a row raise ``DecompositionFailed``. A bundle without
     a gradient on a step is neither updated nor decayed, but its statistics see a zero gradient.
 
-    State layout: blocks live in stacks, ``optimizer.state["kronlab"]["stacks"][s]``, a dict with
-    ``step`` (updates of the stack), ``momentum`` (``eigenbasis_momentum`` for the
-    eigenvalue-corrected variant without grafting) and ``grafting_second_moment`` ``(B, *block)``,
-    ``factors`` ``[(B, d_i, d_i)]``, ``failures`` ``[(B,)]`` and the variant's cache (described
-    in its file: ``root_inverse.py``, ``eigendecomposed.py``, ``eigenvalue_corrected.py``,
-    ``per_factor.py``). ``kronecker_factors(param)`` returns, per block of the parameter's
-    bundle, a ``KroneckerBlock`` of views into them; ``block_layout(param)`` says how the
-    grouped tensor is cut into those blocks. A param group added after the first step
-    gets stacks of its own (``planned_groups`` records which groups were planned together, see
-    ``plan.py``), so the stacks that already hold state keep their members.
-
+    State layout: keyed by parameter, as torch.optim's: a bundle's blocks live under its first
+    parameter, ``optimizer.state[param]["blocks"][j]``, a dict with ``step`` (updates of the
+    block), ``momentum`` (``eigenbasis_momentum`` for the eigenvalue-corrected variant without
+    grafting) and ``grafting_second_moment`` (block-shaped), ``factors`` ``[(d_i, d_i)]``,
+    ``failures`` ``[()]`` and the variant's cache (described in its file: ``root_inverse.py``,
+    ``eigendecomposed.py``, ``eigenvalue_corrected.py``, ``per_factor.py``). The step computes
+    on same-shape blocks of a param group as stacks ``(B, …)``; the per-parameter tensors are
+    views of them (``state.py``). ``kronecker_factors(param)`` returns, per block of the
+    parameter's bundle, a ``KroneckerBlock`` of these views; ``block_layout(param)`` says how the
+    grouped tensor is cut into those blocks.
 
     Args:
         params: tensors or param groups (a group may set any argument below but ``model``);
@@ -201,7 +198,8 @@ class Shampoo(KronOptimizer):
             vector_preconditioner=vector_preconditioner,
             max_consecutive_failures=max_consecutive_failures,
         )
-        self._plan: StackingPlan | None = None
+        self._layouts: dict[int, BlockLayout | None] = {}  # by ``id`` of the bundle
+        self._stack_states = StackStates()
         super().__init__(
             params,
             defaults,
@@ -243,56 +241,53 @@ class Shampoo(KronOptimizer):
             check_kl(preconditioner, preconditioner.variant.supports_kl, KL_VARIANTS)
 
     def describe_preconditioner(self, bundle: ParameterBundle) -> list[str]:
-        plan = self._stacking_plan()
-        index = self.bundles.index(bundle)
-        lines = []
-        for stack_index, _ in plan.slots[index]:
-            stack = plan.stacks[stack_index]
-            if stack.kind == "kronecker":
-                lines += [f"{d}x{d} (Dense)" for d in stack.block_shape]
-            else:
-                lines.append(
-                    f"{'x'.join(map(str, bundle.grouped_shape)) or 'scalar'} ({stack.kind})"
-                )
-        return lines
+        layout = self._layout(bundle)
+        if layout is None:
+            (work,) = self.work(bundle)
+            return [f"{'x'.join(map(str, bundle.grouped_shape)) or 'scalar'} ({work.key})"]
+        return [f"{d}x{d} (Dense)" for shape in layout.block_shapes for d in shape]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        self._plan = None  # the next step plans the new group's blocks (stacks of their own)
+        # the plan is built again, the new group's blocks in stacks of their own; the stacks
+        # are gathered again from the per-parameter state
+        self._stack_states.clear()
 
-    def _stacking_plan(self) -> StackingPlan:
-        if self._plan is None:
-            # Groups whose stacks already have state keep them: ``planned_groups`` (saved with
-            # the stacks) says which groups were planned together.
-            planned = self.state[GLOBAL_STATE].get("planned_groups", ())
-            self._plan = build_plan(self.bundles, self.param_groups, _stack_key, planned)
-        return self._plan
+    def work(self, bundle: ParameterBundle) -> list[Work]:
+        return bundle_work(bundle, self.param_groups[bundle.group_index], self._layout(bundle))
+
+    def _layout(self, bundle: ParameterBundle) -> BlockLayout | None:
+        key = id(bundle)
+        if key not in self._layouts:
+            group = self.param_groups[bundle.group_index]
+            self._layouts[key] = bundle_layout(bundle, group)
+        return self._layouts[key]
 
     # --- the step --------------------------------------------------------------------------
     def update(self) -> None:
-        plan = self._stacking_plan()
-        global_state = self.state[GLOBAL_STATE]
-        stack_states = global_state.setdefault("stacks", [])
-        stack_states.extend({} for _ in range(len(plan.stacks) - len(stack_states)))
-        global_state["planned_groups"] = list(plan.segments)
-        gradients = [self._bundle_gradient(bundle) for bundle in self.bundles]
+        stacks = self.plan.stacks
+        gradients = {id(bundle): self._bundle_gradient(bundle) for bundle in self.bundles}
+        stack_states = [self._stack_states.get(self.state, stack) for stack in stacks]
         variants = [
             StackSettings.from_group(self.param_groups[stack.group_index]).variant()
-            for stack in plan.stacks
+            for stack in stacks
         ]
         work = [
-            self._accumulate_statistics(plan, index, state, variant, gradients)
-            for index, (state, variant) in enumerate(zip(stack_states, variants))
+            self._accumulate_statistics(stack, state, variant, gradients)
+            for stack, state, variant in zip(stacks, stack_states, variants)
         ]
-        self._refresh_due_decompositions(plan, stack_states, variants, after_step=False)
+        self._refresh_due_decompositions(stacks, stack_states, variants, after_step=False)
         directions = [
             self._direction(state, variant, stack_work)
             if isinstance(stack_work, PendingDirection)
             else stack_work
             for state, variant, stack_work in zip(stack_states, variants, work)
         ]
-        self._refresh_due_decompositions(plan, stack_states, variants, after_step=True)
-        self._apply_updates(plan.scatter(directions, [b.grouped_shape for b in self.bundles]))
+        self._refresh_due_decompositions(stacks, stack_states, variants, after_step=True)
+        for stack in stacks:
+            self._stack_states.publish(stack)
+        grouped = scatter(stacks, directions, self._layouts)
+        self._apply_updates([grouped[id(bundle)] for bundle in self.bundles])
 
     def _bundle_gradient(self, bundle: ParameterBundle) -> torch.Tensor:
         group = self.param_groups[bundle.group_index]
@@ -303,12 +298,11 @@ class Shampoo(KronOptimizer):
 
     def _accumulate_statistics(
         self,
-        plan: StackingPlan,
-        index: int,
+        stack: Stack,
         state: dict[str, Any],
         variant: ShampooVariant,
-        gradients: list[torch.Tensor],
-    ) -> Direction | PendingDirection:
+        gradients: dict[int, torch.Tensor],
+    ) -> Scaled | PendingDirection:
         """Momentum, grafting and (for Kronecker stacks) factor statistics of one stack.
 
         Elementwise stacks, and Kronecker stacks before preconditioning starts, get their
@@ -317,13 +311,12 @@ class Shampoo(KronOptimizer):
         only through its per-block norms (``grafting_norms``).
         """
         settings = variant.settings
-        stack = plan.stacks[index]
-        state_dtype = working_dtype(self.bundles[stack.members[0][0]].key.dtype)
-        gradient = plan.gather(index, gradients).to(state_dtype)
+        kind = stack.work.key
+        gradient = gather(stack, self._layouts, gradients).to(stack.work.dtype)
         state["step"] = state.get("step", 0) + 1
-        if stack.kind != "kronecker":
+        if kind != "kronecker":
             filtered = filtered_gradient(state, gradient, settings)
-            if stack.kind == "diagonal":
+            if kind == "diagonal":
                 return diagonal_direction(state, gradient, filtered, settings), 1.0
             grafted = grafting_direction(state, gradient, filtered, settings)
             return (filtered if grafted is None else grafted), 1.0
@@ -341,7 +334,7 @@ class Shampoo(KronOptimizer):
         products = update_factors_(
             state,
             factor_gradient,
-            kl_inverse_sqrts(variant, state, stack.num_factors),
+            kl_inverse_sqrts(variant, state, len(stack.shape)),
             variant.factor_beta,
             keep_products=variant.reads_outer_products,
         )
@@ -355,7 +348,7 @@ class Shampoo(KronOptimizer):
 
     def _refresh_due_decompositions(
         self,
-        plan: StackingPlan,
+        stacks: tuple[Stack, ...],
         stack_states: list[dict[str, Any]],
         variants: list[ShampooVariant],
         *,
@@ -368,9 +361,9 @@ class Shampoo(KronOptimizer):
         refresh after it, so a basis never contains the gradient it measures (as in SOAP).
         """
         batches: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
-        for index, (stack, state, variant) in enumerate(zip(plan.stacks, stack_states, variants)):
+        for index, (stack, state, variant) in enumerate(zip(stacks, stack_states, variants)):
             if (
-                stack.kind == "kronecker"
+                stack.work.key == "kronecker"
                 and variant.refresh_after_step == after_step
                 and variant.is_refresh_step(state["step"])
             ):
@@ -430,7 +423,7 @@ class Shampoo(KronOptimizer):
         for index, state in enumerate(stack_states):
             axes = [
                 results[(index, axis)]
-                for axis in range(plan.stacks[index].num_factors)
+                for axis in range(len(stacks[index].shape))
                 if (index, axis) in results
             ]
             if axes:
@@ -438,7 +431,7 @@ class Shampoo(KronOptimizer):
 
     def _direction(
         self, state: dict[str, Any], variant: ShampooVariant, work: PendingDirection
-    ) -> Direction:
+    ) -> Scaled:
         """The preconditioned, grafted direction of one stack, as ``(D, s)``: the step
         direction is ``s · D``, with ``s`` a float or per-block factors ``(B, 1, …)``; the
         parameter update applies ``s`` (no pass over ``D`` here)."""
@@ -451,78 +444,77 @@ class Shampoo(KronOptimizer):
             return direction, 1.0 / work.filtered_correction
         return direction, graft_scales(direction, work.grafting_norms)
 
-    def _apply_updates(self, grouped_directions: list[tuple[torch.Tensor, Any]]) -> None:
-        """Decoupled weight decay, then ``p ← p − lr · s · D`` for bundles with a gradient:
-        one fused pass per parameter (``add_`` with ``alpha``, or ``addcmul_`` by a 0-d ``s``)."""
-        for bundle, (direction, scale) in zip(self.bundles, grouped_directions):
-            if not bundle.has_gradient():
-                continue
-            group = self.param_groups[bundle.group_index]
-            lr, weight_decay = group["lr"], group["weight_decay"]
-            for param, update in zip(bundle.params, bundle.split(direction)):
-                if param.grad is None:
-                    continue  # a bundle member without a gradient this step does not move
-                if weight_decay and group["decoupled_weight_decay"]:
-                    param.mul_(1.0 - lr * weight_decay)
-                # the update stays in its (float32 or wider) dtype: the in-place op scales it
-                # there and rounds only the sum to the parameter's dtype, so a raw direction
-                # beyond float16's range (e.g. 1.8e5 before a grafting scale of 7e-6) is fine
-                if isinstance(scale, torch.Tensor):
-                    param.addcmul_(update, scale, value=-lr)
-                else:
-                    param.add_(update, alpha=-lr * scale)
+    def _apply_updates(self, grouped: list[Scaled]) -> None:
+        """Decoupled weight decay, then ``p ← p − lr · s · D`` (``grouped``: per bundle) for
+        parameters with a gradient (``step_template.apply_direction``): one write per param
+        group and float ``s`` (step size ``lr · s``), or per param group with each bundle's 0-d
+        ``s`` multiplied in.
+        The update stays in its (float32 or wider) dtype: the write scales it there and rounds
+        only the sum to the parameter's dtype, so a raw direction beyond float16's range (e.g.
+        1.8e5 before a grafting scale of 7e-6) is fine."""
+        writes: dict[tuple, tuple[list[Slot], list[torch.Tensor], list[torch.Tensor]]] = {}
+        for bundle, (direction, scale) in zip(self.bundles, grouped):
+            per_bundle = isinstance(scale, torch.Tensor)
+            key = (bundle.group_index, None if per_bundle else scale)
+            slots, values, scales = writes.setdefault(key, ([], [], []))
+            slots.append(Slot(bundle))
+            values.append(direction)
+            if per_bundle:
+                scales.append(scale)
+        for (group_index, scale), (slots, values, scales) in writes.items():
+            group = self.param_groups[group_index]
+            lr = group["lr"]
+            decay = lr * group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
+            if scale is None:
+                apply_direction(slots, Direction(values, lr, scales), decay)
+            else:
+                apply_direction(slots, Direction(values, lr * scale), decay)
 
     # --- read access for attribution -------------------------------------------------------
-    def _bundle_of(self, bundle_or_param: ParameterBundle | torch.Tensor) -> int:
-        for index, bundle in enumerate(self.bundles):
+    def _bundle_of(self, bundle_or_param: ParameterBundle | torch.Tensor) -> ParameterBundle:
+        for bundle in self.bundles:
             if bundle is bundle_or_param or any(p is bundle_or_param for p in bundle.params):
-                return index
+                return bundle
         raise ValueError("the parameter is not optimized by this optimizer")
 
     def block_layout(self, bundle_or_param: ParameterBundle | torch.Tensor) -> BlockLayout | None:
         """How the bundle's grouped tensor is cut into blocks (``None``: elementwise)."""
-        return self._stacking_plan().layouts[self._bundle_of(bundle_or_param)]
+        return self._layout(self._bundle_of(bundle_or_param))
 
     def kronecker_factors(
         self, bundle_or_param: ParameterBundle | torch.Tensor
     ) -> list[KroneckerBlock]:
         """Per block of the bundle, its Kronecker state (views, empty before the first step)."""
-        plan = self._stacking_plan()
-        stacks = self.state[GLOBAL_STATE].get("stacks")
-        if stacks is None:
+        bundle = self._bundle_of(bundle_or_param)
+        layout = self._layout(bundle)
+        states = self.state.get(bundle.key, {}).get(BLOCKS, [])
+        if layout is None or not states:
             return []
-        blocks = []
-        for stack_index, position in plan.slots[self._bundle_of(bundle_or_param)]:
-            stack, state = plan.stacks[stack_index], stacks[stack_index]
-            if stack.kind != "kronecker" or "factors" not in state:
-                continue
-            variant = StackSettings.from_group(self.param_groups[stack.group_index]).variant()
-
-            def pick(key: str, state: dict = state, position: int = position) -> Any:
-                value = state.get(key)
-                if value is None:
-                    return None
-                if isinstance(value, list):
-                    return [item[position] for item in value]
-                return value[position]
-
-            blocks.append(
-                KroneckerBlock(
-                    block_shape=stack.block_shape,
-                    factors=pick("factors"),
-                    eigenvectors=pick("eigenvectors"),
-                    eigenvalues=pick(variant.exported_eigenvalues),
-                    second_moment=pick("second_moment"),
-                    inverse_roots=pick("inverse_roots"),
-                    factor_bias_correction=variant.factor_correction(state),
-                    eigenvalue_bias_correction=variant.eigenvalue_correction(state),
-                )
+        variant = StackSettings.from_group(self.param_groups[bundle.group_index]).variant()
+        return [
+            KroneckerBlock(
+                block_shape=shape,
+                factors=state["factors"],
+                eigenvectors=state.get("eigenvectors"),
+                eigenvalues=state.get(variant.exported_eigenvalues),
+                second_moment=state.get("second_moment"),
+                inverse_roots=state.get("inverse_roots"),
+                factor_bias_correction=variant.factor_correction(state),
+                eigenvalue_bias_correction=variant.eigenvalue_correction(state),
             )
-        return blocks
+            for shape, state in zip(layout.block_shapes, states)
+            if "factors" in state
+        ]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_global = state_dict.get("state", {}).get(GLOBAL_STATE, {})
+        if isinstance(saved_global, dict) and "stacks" in saved_global:
+            raise ValueError(
+                "Invalid state_dict: Shampoo state saved per stack (allowed: a state_dict "
+                "whose Shampoo state is keyed by parameter, as saved by this version)"
+            )
         super().load_state_dict(with_renamed_group_keys(state_dict, {"epsilon": "eps"}))
-        self._plan = None
+        self._stack_states.clear()
 
 
 def _with_defaults(
@@ -545,11 +537,6 @@ def _concatenate_or_none(
     """``_with_defaults`` as one batch."""
     members = _with_defaults(tensors, factors, default)
     return None if members is None else concatenate_matrices(members)
-
-
-def _stack_key(group: dict[str, Any], param: torch.Tensor) -> tuple:
-    """Blocks may share a stack when these agree (lr and weight decay are applied per bundle)."""
-    return (param.device, working_dtype(param.dtype), StackSettings.from_group(group))
 
 
 def _renamed_eps(eps: float, epsilon: float | None, optimizer: type) -> float:
