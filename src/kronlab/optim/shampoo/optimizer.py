@@ -23,12 +23,7 @@ from kronlab.optim.base import (
     with_renamed_group_keys,
 )
 from kronlab.optim.bundles import ParameterBundle
-from kronlab.optim.shampoo.config import (
-    KL_VARIANTS,
-    EigenvalueCorrectedConfig,
-    resolve_grafting,
-    resolve_preconditioner,
-)
+from kronlab.optim.shampoo.config import KL_VARIANTS, resolve_grafting, resolve_preconditioner
 from kronlab.optim.shampoo.kl import check_kl, kl_inverse_sqrts
 from kronlab.optim.shampoo.moments import (
     diagonal_direction,
@@ -182,7 +177,7 @@ class Shampoo(KronOptimizer):
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, list) else betas,
-            eps=_renamed_eps(eps, epsilon, type(self)),
+            eps=renamed_eps(eps, epsilon, type(self)),
             preconditioner=preconditioner,
             kl=kl,
             grafting=grafting,
@@ -539,7 +534,7 @@ def _concatenate_or_none(
     return None if members is None else concatenate_matrices(members)
 
 
-def _renamed_eps(eps: float, epsilon: float | None, optimizer: type) -> float:
+def renamed_eps(eps: float, epsilon: float | None, optimizer: type) -> float:
     """``eps``, or the value passed under its former name ``epsilon`` (not both)."""
     if epsilon is None:
         return eps
@@ -550,147 +545,3 @@ def _renamed_eps(eps: float, epsilon: float | None, optimizer: type) -> float:
             "epsilon is the former name of eps)"
         )
     return epsilon
-
-
-class SOAP(Shampoo):
-    """SOAP (Vyas et al., 2024): Adam in the eigenbasis of Shampoo's factors, refreshed by one
-    warm-started QR step every ``precondition_frequency`` steps. Published defaults: lr 3e-3,
-    betas (0.95, 0.95), ε 1e-8, weight decay 0.01, frequency 10, max dim 10000, no dim merging,
-    1-D parameters by Adam.
-
-    Args:
-        params, lr, betas, eps, weight_decay, precondition_frequency, max_preconditioner_dim,
-            merge_dims: as ``Shampoo`` (SOAP's defaults above).
-        shampoo_beta: the factors' EMA rate (``None``: ``betas[1]``).
-        precondition_1d: give parameters with one dim > 1 a dense factor (else Adam).
-        eigenbasis: ``"qr"`` (SOAP's warm-started QR step) or ``"eigh"``.
-        grafting, decoupled_weight_decay, nesterov, bias_correction, start_preconditioning_step,
-            factor_dtype, max_consecutive_failures, model, combine_params, on_nonfinite_grad,
-            verbose_init, epsilon: as ``Shampoo`` (``grafting`` defaults to ``"none"``).
-    """
-
-    def __init__(
-        self,
-        params: ParamsT = None,
-        lr: float = 3e-3,
-        betas: tuple[float, float] = (0.95, 0.95),
-        eps: float = 1e-8,
-        *,
-        shampoo_beta: float | None = None,
-        weight_decay: float = 0.01,
-        precondition_frequency: int = 10,
-        max_preconditioner_dim: int | None = 10000,
-        merge_dims: bool = False,
-        precondition_1d: bool = False,
-        eigenbasis: str = "qr",
-        grafting: object = "none",
-        decoupled_weight_decay: bool = True,
-        nesterov: bool = False,
-        bias_correction: bool = True,
-        start_preconditioning_step: float = 1,
-        factor_dtype: torch.dtype = torch.float32,
-        max_consecutive_failures: int = 5,
-        model: nn.Module | None = None,
-        combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
-        on_nonfinite_grad: NonFinitePolicy = "skip",
-        verbose_init: bool = False,
-        epsilon: float | None = None,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            betas,
-            _renamed_eps(eps, epsilon, SOAP),
-            preconditioner=EigenvalueCorrectedConfig(
-                eigenbasis=eigenbasis,  # type: ignore[arg-type]
-                factor_beta=shampoo_beta,
-            ),
-            grafting=grafting,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            nesterov=nesterov,
-            bias_correction=bias_correction,
-            precondition_frequency=precondition_frequency,
-            start_preconditioning_step=start_preconditioning_step,
-            max_preconditioner_dim=max_preconditioner_dim,
-            merge_dims=merge_dims,
-            factor_dtype=factor_dtype,
-            vector_preconditioner="dense" if precondition_1d else "diagonal",
-            max_consecutive_failures=max_consecutive_failures,
-            model=model,
-            combine_params=combine_params,
-            on_nonfinite_grad=on_nonfinite_grad,
-            verbose_init=verbose_init,
-        )
-
-
-class KLShampoo(Shampoo):
-    """KL-Shampoo (Lin et al., 2025, "Understanding and Improving Shampoo and SOAP via
-    Kullback–Leibler Minimization"): factors ``L ← β₂ L + (1 − β₂) G R^{-1} Gᵀ / n`` (and
-    symmetrically R), direction ``L^{-1/2} M R^{-1/2}``. lr 3e-3, betas (0.95, 0.95), ε 1e-8,
-    weight decay 0.01 and frequency 10 follow the paper's SOAP-based reference; the
-    preconditioner defaults to per-factor eigenvalue correction. The reference clamps the inverse
-    square-root eigenvalues to keep early steps bounded (its direction scales like 1/σ of a
-    single low-rank gradient); here Adam grafting (per-block norm matching) does that job by
-    default — pass ``grafting="none"`` for the raw KL-Shampoo step. While a factor's eigenvalues
-    are all zero (before any gradient was measured) the statistics skip its inverse.
-
-    Args:
-        params, lr, betas, eps, preconditioner, grafting, weight_decay, decoupled_weight_decay,
-            nesterov, bias_correction, precondition_frequency, start_preconditioning_step,
-            max_preconditioner_dim, merge_dims, factor_dtype, vector_preconditioner,
-            max_consecutive_failures, model, combine_params, on_nonfinite_grad, verbose_init,
-            epsilon: as ``Shampoo`` (the defaults above; ``preconditioner`` one of
-            ``"root_inv"``, ``"eigendecomposed"``, ``"per_factor_eigenvalue_corrected"``).
-    """
-
-    def __init__(
-        self,
-        params: ParamsT = None,
-        lr: float = 3e-3,
-        betas: tuple[float, float] = (0.95, 0.95),
-        eps: float = 1e-8,
-        *,
-        preconditioner: object = "per_factor_eigenvalue_corrected",
-        grafting: object = "adam",
-        weight_decay: float = 0.01,
-        decoupled_weight_decay: bool = True,
-        nesterov: bool = False,
-        bias_correction: bool = True,
-        precondition_frequency: int = 10,
-        start_preconditioning_step: float = 1,
-        max_preconditioner_dim: int | None = 1024,
-        merge_dims: bool = True,
-        factor_dtype: torch.dtype = torch.float32,
-        vector_preconditioner: str = "diagonal",
-        max_consecutive_failures: int = 5,
-        model: nn.Module | None = None,
-        combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
-        on_nonfinite_grad: NonFinitePolicy = "skip",
-        verbose_init: bool = False,
-        epsilon: float | None = None,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            betas,
-            _renamed_eps(eps, epsilon, KLShampoo),
-            preconditioner=preconditioner,
-            kl=True,
-            grafting=grafting,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            nesterov=nesterov,
-            bias_correction=bias_correction,
-            precondition_frequency=precondition_frequency,
-            start_preconditioning_step=start_preconditioning_step,
-            max_preconditioner_dim=max_preconditioner_dim,
-            merge_dims=merge_dims,
-            factor_dtype=factor_dtype,
-            vector_preconditioner=vector_preconditioner,
-            max_consecutive_failures=max_consecutive_failures,
-            model=model,
-            combine_params=combine_params,
-            on_nonfinite_grad=on_nonfinite_grad,
-            verbose_init=verbose_init,
-        )
