@@ -12,7 +12,6 @@ from typing import ClassVar
 import torch
 
 from kronlab.factors.eigenbasis import KroneckerEigenbasis
-from kronlab.optim.shampoo.kl import inverse_sqrts
 from kronlab.optim.shampoo.variant import (
     InverseRootOptions,
     Refreshed,
@@ -43,10 +42,6 @@ class EigendecomposedShampoo(ShampooVariant):
         return corrected_spectra(
             state["eigenvectors"], state["eigenvalues"], self.factor_correction(state)
         )
-
-    def inverse_sqrts(self, state: State) -> list[torch.Tensor] | None:
-        basis = self.eigenbasis(state)
-        return None if basis is None else inverse_sqrts(basis, self.damping)
 
     def direction(self, state: State, inputs: StepInputs) -> torch.Tensor:
         basis = self.eigenbasis(state)

@@ -16,7 +16,6 @@ import torch
 
 from kronlab.factors.correction import follow_columns, update_factor_eigenvalues_
 from kronlab.factors.eigenbasis import KroneckerEigenbasis
-from kronlab.optim.shampoo.kl import inverse_sqrts
 from kronlab.optim.shampoo.settings import StackSettings
 from kronlab.optim.shampoo.variant import (
     InverseRootOptions,
@@ -83,10 +82,6 @@ class PerFactorCorrectedShampoo(ShampooVariant):
         return corrected_spectra(
             state["eigenvectors"], state["eigenvalue_ema"], self.eigenvalue_correction(state)
         )
-
-    def inverse_sqrts(self, state: State) -> list[torch.Tensor] | None:
-        basis = self.eigenbasis(state)
-        return None if basis is None else inverse_sqrts(basis, self.damping)
 
     def measure(
         self, state: State, gradient: torch.Tensor, products: Sequence[torch.Tensor]

@@ -23,6 +23,7 @@ import torch
 from kronlab.factors.accumulation import bias_correction
 from kronlab.factors.damping import Damping
 from kronlab.factors.eigenbasis import KroneckerEigenbasis
+from kronlab.optim.shampoo.kl import inverse_sqrts
 from kronlab.optim.shampoo.settings import StackSettings
 from kronlab.optim.validation import check_choice, check_range
 
@@ -166,8 +167,10 @@ class ShampooVariant:
 
     # --- statistics and direction ---------------------------------------------------------
     def inverse_sqrts(self, state: State) -> list[torch.Tensor] | None:
-        """``F_j^{-1/2}`` per axis for KL-Shampoo's statistics (``None``: none yet)."""
-        return None
+        """``F_j^{-1/2}`` per axis for KL-Shampoo's statistics, from the cached eigenbasis
+        (``None``: none yet); a variant that caches roots instead overrides this."""
+        basis = self.eigenbasis(state)
+        return None if basis is None else inverse_sqrts(basis, self.damping)
 
     def measure(
         self, state: State, gradient: torch.Tensor, products: Sequence[torch.Tensor]
