@@ -439,31 +439,8 @@ def hyperparameter_cases() -> Iterator[Any]:
             if argument in FORMER_NAMES:
                 continue
             for value, shown in bad_values(parameter):
-                marks = []
-                reason = MISNAMED.get((cls.__name__, argument))
-                if reason is not None:
-                    marks.append(pytest.mark.xfail(strict=True, reason=reason))
-                yield pytest.param(name, argument, value, shown, marks=marks,
+                yield pytest.param(name, argument, value, shown,
                                    id=f"{name}-{argument}={value!r}")  # fmt: skip
-
-
-# Arguments whose error names another word than the argument (defects, left to the owners of
-# these optimizers): the hybrids validate their AdamW group under the group's keys, SOAP its
-# shampoo_beta as factor_beta.
-_HYBRID = "refused, but the error names the AdamW group's key instead of the argument"
-MISNAMED = {
-    **{
-        (cls, f"adamw_{key}"): _HYBRID
-        for cls in ("Muon", "Spectron")
-        for key in ("lr", "betas", "eps", "weight_decay")
-    },
-    **{
-        (cls, "ns_coefficients"): "refused as 'unknown Newton-Schulz coefficients', unnamed"
-        for cls in ("Muon", "Spectron")
-    },
-    ("SOAP", "shampoo_beta"): "refused, but the error names it factor_beta",
-    ("SIRFShampoo", "structures"): "refused, but the error names it structure",
-}
 
 
 @pytest.mark.parametrize("name, argument, value, shown", list(hyperparameter_cases()))

@@ -89,8 +89,9 @@ def resolve_coefficients(
     if isinstance(coefficients, str):
         if coefficients not in NEWTON_SCHULZ_COEFFICIENTS:
             raise ValueError(
-                f"unknown Newton-Schulz coefficients {coefficients!r}; "
-                f"choose from {sorted(NEWTON_SCHULZ_COEFFICIENTS)}"
+                f"Invalid ns_coefficients: {coefficients!r} (allowed: "
+                f"{', '.join(map(repr, sorted(NEWTON_SCHULZ_COEFFICIENTS)))}, or a sequence of "
+                "(a, b, c) triples)"
             )
         return NEWTON_SCHULZ_COEFFICIENTS[coefficients]
     schedule = tuple(tuple(float(c) for c in triple) for triple in coefficients)

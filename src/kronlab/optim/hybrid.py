@@ -142,6 +142,11 @@ class HybridMatrixOptimizer(KronOptimizer):
         verbose_init: bool,
         seed: int | None = None,
     ) -> None:
+        # Checked under the constructor's names; the groups' own keys are checked per group.
+        check_range("adamw_lr", adamw_lr, 0.0)
+        check_betas("adamw_betas", adamw_betas, high_inclusive=False)
+        check_range("adamw_eps", adamw_eps, 0.0)
+        check_range("adamw_weight_decay", adamw_weight_decay, 0.0)
         auxiliary_defaults = {
             "lr": adamw_lr,
             "betas": tuple(adamw_betas),

@@ -273,7 +273,10 @@ class SIRFShampoo(KronOptimizer):
         if not callable(schedule):
             check_range("T", schedule, 1, integer=True)
         for spec in _as_tuple(group["structures"]):
-            make_structure(spec, 1)  # raises ValueError naming the bad structure
+            try:
+                make_structure(spec, 1)
+            except ValueError as error:
+                raise ValueError(f"structures: {error}") from None
         for dtype in _as_tuple(group["preconditioner_dtypes"]):
             if dtype is not None and not (
                 isinstance(dtype, torch.dtype) and dtype.is_floating_point

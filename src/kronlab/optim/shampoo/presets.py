@@ -13,6 +13,7 @@ from kronlab.groups.rules import PreconditionerGroup
 from kronlab.optim.base import DEFAULT_RULES, NonFinitePolicy, ParamsT
 from kronlab.optim.shampoo.eigenvalue_corrected import EigenvalueCorrectedConfig
 from kronlab.optim.shampoo.optimizer import Shampoo, renamed_eps
+from kronlab.optim.validation import check_range
 
 
 def with_defaults(fixed: dict[str, Any], **defaults: Any) -> Callable[..., None]:
@@ -82,6 +83,8 @@ class SOAP(Shampoo):
         verbose_init: bool = False,
         epsilon: float | None = None,
     ) -> None:
+        if shampoo_beta is not None:  # checked here so the error names SOAP's argument
+            check_range("shampoo_beta", shampoo_beta, 0.0, 1.0)
         super().__init__(
             params,
             lr,
