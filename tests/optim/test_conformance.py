@@ -171,10 +171,6 @@ def test_a_live_state_dict_loads_a_copy_and_both_runs_go_on_alike(name: str) -> 
 # Skipped steps that leave a trace on today's optimizers (defects, left to their owners).
 SKIP_LEAVES_A_TRACE = {
     **dict.fromkeys(
-        ("psgd_quad", "psgd_procrustes"),
-        "the skipped step draws from the optimizer's generator and the draw is not rolled back",
-    ),
-    **dict.fromkeys(
         ("eigen_shampoo", "eshampoo", "kl_shampoo", "pf_shampoo"),
         "after a skipped step the next step differs by an ulp from a run that never saw it "
         "(same state_dict, parameters and gradients; ~1e-4 after the next eigh refresh): the "

@@ -240,12 +240,16 @@ class KronOptimizer(Optimizer):
             self.masked_steps.add_((~finite).to(self.masked_steps.device, torch.int64))
         else:
             self._counters["step"] += 1
+            # a refused step draws no random numbers either: the next step sees the same stream
+            generators = self._generators.state_dict()
             try:
                 refused = self._transaction.run(self.state, params, gradients, self.update)
             except Exception:
                 self._counters["step"] -= 1
+                self._generators.load_state_dict(generators)
                 raise
             if refused is not None:
+                self._generators.load_state_dict(generators)
                 self._refuse_step(refused)
         return loss
 
