@@ -169,25 +169,12 @@ def test_a_live_state_dict_loads_a_copy_and_both_runs_go_on_alike(name: str) -> 
 
 # --- non-finite gradients ----------------------------------------------------------------------
 # Skipped steps that leave a trace on today's optimizers (defects, left to their owners).
-SKIP_LEAVES_A_TRACE = {
-    **dict.fromkeys(
-        ("eigen_shampoo", "eshampoo", "kl_shampoo", "pf_shampoo"),
-        "after a skipped step the next step differs by an ulp from a run that never saw it "
-        "(same state_dict, parameters and gradients; ~1e-4 after the next eigh refresh): the "
-        "rollback changes something outside the state_dict",
-    ),
-}
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=SKIP_LEAVES_A_TRACE[name]))
-        if name in SKIP_LEAVES_A_TRACE
-        else name
-        for name in KRONLAB
-    ],
+    KRONLAB,
 )
 def test_non_finite_gradient_is_skipped_untouched_and_leaves_no_trace(
     name: str, bad: float

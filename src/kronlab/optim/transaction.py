@@ -96,7 +96,7 @@ class StepTransaction:
                 copy = (
                     pool.pop()
                     if pool
-                    else torch.empty_like(tensor, memory_format=torch.contiguous_format)
+                    else torch.empty_like(tensor)  # same strides: see _layout
                 )
             copy.copy_(tensor)
             copies[id(tensor)] = (weakref.ref(tensor), tensor._version, copy)
@@ -213,7 +213,9 @@ def _unflatten(value: Any, tensors: Any) -> Any:
 
 
 def _layout(tensor: Tensor) -> tuple:
-    return tensor.shape, tensor.dtype, tensor.device
+    # Strides included: a copy that becomes the state after a rollback must keep the memory
+    # order (e.g. eigh's column-major eigenvectors), or later matmuls round differently.
+    return tensor.shape, tensor.stride(), tensor.dtype, tensor.device
 
 
 def _floating(value: Any) -> list[Tensor]:
