@@ -12,11 +12,13 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from kronlab.distributed import DistributedConfig, WorkItem, kronecker_item
 from kronlab.groups.rules import PerParameter, PreconditionerGroup, check_rules
 from kronlab.linalg.finite import all_finite, finite_flag
 from kronlab.optim.bundles import ParameterBundle, identify_bundles
 from kronlab.optim.checkpoint import SIGNATURE_KEY, check_signature, optimizer_signature
 from kronlab.optim.randomness import OptimizerGenerators, check_generator_state
+from kronlab.optim.sharded_step import Sharding, sharded_step
 from kronlab.optim.transaction import StepTransaction
 from kronlab.optim.validation import check_choice, check_module, check_params
 
@@ -79,8 +81,21 @@ class KronOptimizer(Optimizer):
         on_nonfinite_grad: NonFinitePolicy = "skip",
         verbose_init: bool = False,
         seed: int | None = None,
+        distributed: DistributedConfig | None = None,
     ) -> None:
         check_choice("on_nonfinite_grad", on_nonfinite_grad, ("skip", "raise", "ignore", "mask"))
+        if distributed is not None and not isinstance(distributed, DistributedConfig):
+            raise ValueError(
+                f"Invalid distributed: {distributed!r} (allowed: None or a "
+                "kronlab.distributed.DistributedConfig)"
+            )
+        if distributed is not None and on_nonfinite_grad == "mask":
+            raise ValueError(
+                "Invalid on_nonfinite_grad: 'mask' with distributed= (allowed: 'skip', 'raise' "
+                "or 'ignore'; the ranks agree on a skipped step with one all-reduce)"
+            )
+        self.distributed = distributed
+        self._sharding: Sharding | None = None
         check_module("model", model, allow_none=True)
         check_params(params)
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
@@ -109,6 +124,7 @@ class KronOptimizer(Optimizer):
     # --- construction -------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        self._sharding = None  # the next step assigns the new bundles too
         group = self.param_groups[-1]
         try:
             group["combine_params"] = check_rules(group["combine_params"])
@@ -159,7 +175,9 @@ class KronOptimizer(Optimizer):
         return options
 
     def describe(self) -> str:
-        """The ``verbose_init`` report: one entry per preconditioner bundle."""
+        """The ``verbose_init`` report: one entry per preconditioner bundle (and, distributed,
+        its owning rank and the load balance of the assignment)."""
+        sharding = self.sharding()
         lines = ["Parameter groups:"]
         for index, bundle in enumerate(self.bundles):
             other = self.describe_options(bundle)
@@ -169,7 +187,45 @@ class KronOptimizer(Optimizer):
                 f"- Pre-conditioner: {self.describe_preconditioner(bundle)}",
                 f"- Other: {other}",
             ]
+            if sharding is not None:
+                lines.append(f"- Owner: rank {sharding.assignment.owners[index]}")
+        if sharding is not None:
+            lines.append(sharding.assignment.report())
         return "\n".join(lines)
+
+    # --- distribution -------------------------------------------------------------------
+    def distributed_work_items(self) -> list[WorkItem]:
+        """One ``WorkItem`` per bundle (same order) for the cost model of the assignment:
+        one factor per dimension of the grouped shape (up to ``max_preconditioner_dim``),
+        refreshed every ``precondition_frequency`` steps; elementwise for AdamW groups."""
+        items = []
+        for index, bundle in enumerate(self.bundles):
+            group = self.param_groups[bundle.group_index]
+            shape = tuple(bundle.grouped_shape)
+            if group.get("algorithm") == "adamw":
+                items.append(WorkItem(index, shape))
+                continue
+            interval = group.get("precondition_frequency", 1)
+            items.append(
+                kronecker_item(
+                    index,
+                    shape,
+                    max_factor_dim=group.get("max_preconditioner_dim"),
+                    refresh_interval=interval if isinstance(interval, int) else 1,
+                )
+            )
+        return items
+
+    def sharding(self) -> Sharding | None:
+        """Which rank owns which bundle; ``None`` when not distributed (no ``distributed=``,
+        no initialized process group, or one rank)."""
+        if self.distributed is None:
+            return None
+        if self._sharding is None:
+            if self.distributed.world()[1] == 1:
+                return None
+            self._sharding = Sharding(self.distributed, self.distributed_work_items())
+        return self._sharding
 
     # --- stepping -----------------------------------------------------------------------
     @property
@@ -188,6 +244,10 @@ class KronOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_dense_gradients()
+        sharding = self.sharding()
+        if sharding is not None:
+            sharded_step(self, sharding)
+            return loss
         if self.on_nonfinite_grad == "mask" and self.global_step > 0:
             self._masked_step()
             return loss
@@ -227,6 +287,9 @@ class KronOptimizer(Optimizer):
                 else "non-finite gradient"
             )
         return loss
+
+    def _count_step(self) -> None:
+        self.state[GLOBAL_STATE]["step"] += 1
 
     def _refuse_step(self, reason: str) -> None:
         if self.on_nonfinite_grad == "raise":

@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from kronlab.distributed import DistributedConfig
 from kronlab.factors.structures import MatrixStructure, make_structure, unfold
 from kronlab.groups.rules import LinearWeightBias, PerParameter, PreconditionerGroup
 from kronlab.optim.base import (
@@ -168,6 +169,8 @@ class SIRFShampoo(KronOptimizer):
             parameter's dtype, but float32 for 16-bit parameters.
         combine_params: grouping rules (``kronlab.groups``), first match wins.
         verbose_init: print the groups with their factors, e.g. ``'33x33 (DenseMatrix)'``.
+        distributed: a ``kronlab.distributed.DistributedConfig`` to split the preconditioner
+            work over the ranks of a process group (see ``kronlab.optim.KronOptimizer``).
         data_parallel_size: how many processes' batches each gradient averages, so that ``B``
             is the global batch (the hook only sees this process's inputs). ``None``: the world
             size of ``model``'s process group when ``model`` is a ``DistributedDataParallel``
@@ -199,6 +202,7 @@ class SIRFShampoo(KronOptimizer):
         preconditioner_dtypes: DtypeSpec = None,
         combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
         verbose_init: bool = False,
+        distributed: DistributedConfig | None = None,
         *,
         data_parallel_size: int | None = None,
         on_nonfinite_grad: NonFinitePolicy = "skip",
@@ -228,6 +232,7 @@ class SIRFShampoo(KronOptimizer):
             combine_params=combine_params,
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
+            distributed=distributed,
         )
         # A weak reference, so the hook neither keeps a discarded optimizer alive nor outlives it.
         optimizer_ref = weakref.ref(self)

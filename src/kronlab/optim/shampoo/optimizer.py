@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from kronlab.distributed import DistributedConfig
 from kronlab.factors.eigenbasis import refresh_eigenbasis
 from kronlab.groups.layout import BlockLayout
 from kronlab.groups.rules import PreconditionerGroup
@@ -151,6 +152,8 @@ class Shampoo(KronOptimizer):
         on_nonfinite_grad: ``"skip"`` (default), ``"raise"`` or ``"ignore"`` (see
             ``KronOptimizer``).
         verbose_init: print each preconditioner group at construction.
+        distributed: a ``kronlab.distributed.DistributedConfig`` to split the preconditioner
+            work over the ranks of a process group (see ``kronlab.optim.KronOptimizer``).
         epsilon: the former name of ``eps``, still accepted.
     """
 
@@ -182,6 +185,7 @@ class Shampoo(KronOptimizer):
         combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
         on_nonfinite_grad: NonFinitePolicy = "skip",
         verbose_init: bool = False,
+        distributed: DistributedConfig | None = None,
         epsilon: float | None = None,
     ) -> None:
         defaults = dict(
@@ -211,6 +215,7 @@ class Shampoo(KronOptimizer):
             combine_params=combine_params,
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
+            distributed=distributed,
         )
 
     # --- construction ---------------------------------------------------------------------
@@ -608,7 +613,8 @@ class SOAP(Shampoo):
         eigenbasis: ``"qr"`` (SOAP's warm-started QR step) or ``"eigh"``.
         grafting, decoupled_weight_decay, nesterov, bias_correction, start_preconditioning_step,
             factor_dtype, max_consecutive_failures, model, combine_params, on_nonfinite_grad,
-            verbose_init, epsilon: as ``Shampoo`` (``grafting`` defaults to ``"none"``).
+            verbose_init, distributed, epsilon: as ``Shampoo`` (``grafting`` defaults to
+            ``"none"``).
     """
 
     def __init__(
@@ -636,6 +642,7 @@ class SOAP(Shampoo):
         combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
         on_nonfinite_grad: NonFinitePolicy = "skip",
         verbose_init: bool = False,
+        distributed: DistributedConfig | None = None,
         epsilon: float | None = None,
     ) -> None:
         super().__init__(
@@ -663,6 +670,7 @@ class SOAP(Shampoo):
             combine_params=combine_params,
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
+            distributed=distributed,
         )
 
 
@@ -682,7 +690,7 @@ class KLShampoo(Shampoo):
             nesterov, bias_correction, precondition_frequency, start_preconditioning_step,
             max_preconditioner_dim, merge_dims, factor_dtype, vector_preconditioner,
             max_consecutive_failures, model, combine_params, on_nonfinite_grad, verbose_init,
-            epsilon: as ``Shampoo`` (the defaults above; ``preconditioner`` one of
+            distributed, epsilon: as ``Shampoo`` (the defaults above; ``preconditioner`` one of
             ``"root_inv"``, ``"eigendecomposed"``, ``"per_factor_eigenvalue_corrected"``).
     """
 
@@ -710,6 +718,7 @@ class KLShampoo(Shampoo):
         combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
         on_nonfinite_grad: NonFinitePolicy = "skip",
         verbose_init: bool = False,
+        distributed: DistributedConfig | None = None,
         epsilon: float | None = None,
     ) -> None:
         super().__init__(
@@ -735,4 +744,5 @@ class KLShampoo(Shampoo):
             combine_params=combine_params,
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
+            distributed=distributed,
         )
