@@ -19,9 +19,7 @@ STEP_NON_FINITE = 1
 STEP_FAILED = 2
 
 
-def agree_on_outcome(
-    outcome: int, device: torch.device, group: dist.ProcessGroup | None
-) -> int:
+def agree_on_outcome(outcome: int, device: torch.device, group: dist.ProcessGroup | None) -> int:
     """The worst outcome over all ranks (``STEP_OK`` < ``STEP_NON_FINITE`` < ``STEP_FAILED``):
     one all-reduce of one integer, so all ranks commit or skip a step together."""
     flag = torch.tensor([outcome], dtype=torch.int32, device=device)

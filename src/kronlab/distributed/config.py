@@ -42,9 +42,7 @@ class DistributedConfig:
     memory_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.process_group is not None and not isinstance(
-            self.process_group, dist.ProcessGroup
-        ):
+        if self.process_group is not None and not isinstance(self.process_group, dist.ProcessGroup):
             raise ValueError(
                 f"Invalid process_group: {self.process_group!r} (allowed: None or a "
                 "torch.distributed.ProcessGroup)"
@@ -64,9 +62,7 @@ class DistributedConfig:
                 or not isinstance(value, (int, float))
                 or not 0 <= value < float("inf")
             ):
-                raise ValueError(
-                    f"Invalid {name}: {value!r} (allowed: a finite number >= 0)"
-                )
+                raise ValueError(f"Invalid {name}: {value!r} (allowed: a finite number >= 0)")
 
     def world(self) -> tuple[int, int]:
         """``(rank, world size)`` in ``process_group``; ``(0, 1)`` without an initialized
