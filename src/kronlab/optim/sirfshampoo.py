@@ -202,10 +202,10 @@ class SIRFShampoo(KronOptimizer):
         preconditioner_dtypes: DtypeSpec = None,
         combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
         verbose_init: bool = False,
-        distributed: DistributedConfig | None = None,
         *,
         data_parallel_size: int | None = None,
         on_nonfinite_grad: NonFinitePolicy = "skip",
+        distributed: DistributedConfig | None = None,
     ) -> None:
         check_module("model", model)
         if data_parallel_size is None:
