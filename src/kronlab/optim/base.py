@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 from abc import abstractmethod
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Literal
 
@@ -16,7 +17,13 @@ from kronlab.distributed import DistributedConfig, WorkItem, kronecker_item
 from kronlab.groups.rules import PerParameter, PreconditionerGroup, check_rules
 from kronlab.linalg.finite import all_finite, finite_flag
 from kronlab.optim.bundles import ParameterBundle, identify_bundles
-from kronlab.optim.checkpoint import SIGNATURE_KEY, check_signature, optimizer_signature
+from kronlab.optim.checkpoint import (
+    SIGNATURE_KEY,
+    check_signature,
+    from_torch_form,
+    optimizer_signature,
+    to_torch_form,
+)
 from kronlab.optim.randomness import OptimizerGenerators, check_generator_state
 from kronlab.optim.sharded_step import Sharding, sharded_step
 from kronlab.optim.transaction import StepTransaction
@@ -112,6 +119,7 @@ class KronOptimizer(Optimizer):
             {p: name for name, p in model.named_parameters()} if model is not None else {}
         )
         super().__init__(params, {**defaults, "combine_params": check_rules(combine_params)})
+        self.state = OptimizerState()
         self.state[GLOBAL_STATE] = {"step": 0, "skipped_steps": 0}
         first = next((p for group in self.param_groups for p in group["params"]), None)
         self.masked_steps = torch.zeros(
@@ -377,20 +385,20 @@ class KronOptimizer(Optimizer):
         for group in state["param_groups"]:
             for key in self.structural_keys:
                 group.pop(key, None)
-        state["state"][GLOBAL_STATE] = {
+        global_entry = {
             **state["state"][GLOBAL_STATE],
             SIGNATURE_KEY: optimizer_signature(self),
             GENERATORS_KEY: self._generators.state_dict(),
         }
-        return state
+        return to_torch_form(state, global_entry)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Everything is checked before anything changes: a refused state_dict leaves the
         # optimizer as it was.
-        saved_global = state_dict["state"].get(GLOBAL_STATE)
+        saved_global, state_dict = from_torch_form(state_dict)
         if not isinstance(saved_global, dict):
             raise ValueError(
-                f"Invalid state_dict: no {GLOBAL_STATE!r} entry in its state (allowed: a "
+                f"Invalid state_dict: no {GLOBAL_STATE!r} entry in its param groups (allowed: a "
                 f"state_dict saved by a kronlab {type(self).__name__})"
             )
         check_signature(self, saved_global.get(SIGNATURE_KEY))
@@ -407,18 +415,37 @@ class KronOptimizer(Optimizer):
         saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
         params = [param for group in self.param_groups for param in group["params"]]
         id_to_param = dict(zip(saved_ids, params))
+        self.state = OptimizerState()
         for key, saved in state_dict["state"].items():
             if key in id_to_param:
                 param = id_to_param[key]
                 self.state[param] = _copy_to_device(saved, param.device)
-        # torch keeps entries that are not per-parameter as they are (shared with the caller's
-        # dict, and so with the optimizer that saved it): copy the global state too.
+        # the global entry is shared with the caller's dict (and so with the optimizer that
+        # saved it): copy it too.
         self.state[GLOBAL_STATE] = {
             key: _copy_to_device(value, None)
             for key, value in saved_global.items()
             if key not in (SIGNATURE_KEY, GENERATORS_KEY)
         }
         self._generators.load_state_dict(saved_global[GENERATORS_KEY])
+
+
+class OptimizerState(defaultdict):
+    """``optimizer.state``: per-parameter state, plus the optimizer's global entry under
+    ``"kronlab"``.
+
+    Empty (false) until a step was taken or a parameter has state, as a fresh torch.optim
+    optimizer's: ``torch.distributed.checkpoint`` then builds the state a checkpoint loads into
+    with one zero-learning-rate step on zero gradients (``set_optimizer_state_dict``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(dict)
+
+    def __bool__(self) -> bool:
+        counts = self.get(GLOBAL_STATE, {})
+        stepped = counts.get("step", 0) > 0 or counts.get("skipped_steps", 0) > 0
+        return stepped or any(key != GLOBAL_STATE for key in self.keys())
 
 
 def _copy_to_device(value: Any, device: torch.device | None) -> Any:
