@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from abc import abstractmethod
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Literal
 
@@ -16,6 +14,7 @@ from torch.optim import Optimizer
 from kronlab.distributed import DistributedConfig, WorkItem, kronecker_item
 from kronlab.groups.rules import PerParameter, PreconditionerGroup, check_rules
 from kronlab.linalg.finite import all_finite, finite_flag
+from kronlab.optim.adamw import adamw_step
 from kronlab.optim.bundles import ParameterBundle, identify_bundles
 from kronlab.optim.checkpoint import (
     SIGNATURE_KEY,
@@ -26,6 +25,16 @@ from kronlab.optim.checkpoint import (
 )
 from kronlab.optim.randomness import OptimizerGenerators, check_generator_state
 from kronlab.optim.sharded_step import Sharding, sharded_step
+from kronlab.optim.stacked_state import StackedState
+from kronlab.optim.step_template import (
+    Direction,
+    Slot,
+    Stack,
+    StackPlan,
+    Work,
+    apply_direction,
+    momentum_,
+)
 from kronlab.optim.transaction import StepTransaction
 from kronlab.optim.validation import check_choice, check_module, check_params
 
@@ -41,7 +50,16 @@ class KronOptimizer(Optimizer):
 
     Subclasses declare ``defaults``, check a param group in ``validate_group`` (raise
     ``ValueError`` naming the argument, its value and the allowed range), describe a bundle's
-    preconditioner in ``describe_preconditioner`` and do the arithmetic in ``update``.
+    preconditioner in ``describe_preconditioner`` and write the method's ``direction``; the
+    step template (``kronlab.optim.step_template``) does the rest: ``update`` walks the stacks
+    of ``plan`` (same-work blocks batched, ``work`` says a bundle's), takes each stack's
+    gradients, ``momentum`` (where ``momentum_on`` says), the subclass's ``direction``, and
+    ``apply`` (decoupled weight decay, lr, one foreach write). Param groups for which
+    ``is_auxiliary`` holds are stepped by AdamW (``kronlab.optim.adamw``). A subclass may
+    override any stage, or ``update`` itself.
+
+    State is keyed by parameter, as torch.optim's: a bundle's under ``state[bundle.key]`` (its
+    first parameter); the step counters are attributes (``global_step``, ``skipped_steps``).
 
     * ``model=`` lets grouping rules (``combine_params``) find layers and gives parameter names;
       ``params=None`` then means all trainable parameters of the model.
@@ -77,6 +95,15 @@ class KronOptimizer(Optimizer):
     # Param-group entries that name the variant: the state means something else under another
     # value, so a state_dict loads only where they agree (``kronlab.optim.checkpoint``).
     variant_keys: ClassVar[tuple[str, ...]] = ("combine_params",)
+    # The template's momentum: on the gradient before the direction ("gradient"), on the
+    # direction ("direction") or none; its state entry, and EMA or heavy-ball form
+    # (``step_template.momentum_``). ``group["momentum"]`` is β, ``group.get("nesterov")``.
+    momentum_on: ClassVar[Literal["gradient", "direction"] | None] = None
+    momentum_key: ClassVar[str] = "momentum_buffer"
+    momentum_ema: ClassVar[bool] = True
+    # ``apply`` decays the parameters by ``lr · weight_decay`` unless the direction holds the
+    # method's own (coupled) weight decay.
+    decoupled_weight_decay: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -115,12 +142,16 @@ class KronOptimizer(Optimizer):
         self.model = model
         self.on_nonfinite_grad = on_nonfinite_grad
         self.bundles: list[ParameterBundle] = []
+        self._plan: StackPlan | None = None
+        # stacked state of same-work slots, whose per-parameter entries are views of it
+        self.stacked_state = StackedState()
+        # Python numbers, not state: ``state`` holds only per-parameter entries (torch.optim's
+        # layout, which torch.distributed.checkpoint relies on)
+        self._counters = {"step": 0, "skipped_steps": 0}
         self._names: dict[nn.Parameter, str] = (
             {p: name for name, p in model.named_parameters()} if model is not None else {}
         )
         super().__init__(params, {**defaults, "combine_params": check_rules(combine_params)})
-        self.state = OptimizerState()
-        self.state[GLOBAL_STATE] = {"step": 0, "skipped_steps": 0}
         first = next((p for group in self.param_groups for p in group["params"]), None)
         self.masked_steps = torch.zeros(
             (), dtype=torch.int64, device=first.device if first is not None else None
@@ -158,6 +189,7 @@ class KronOptimizer(Optimizer):
             self.param_groups.pop()
             raise
         self.bundles.extend(bundles)
+        self._plan = None  # the stacks are planned again, new bundles included
 
     def validate_group(self, group: dict[str, Any]) -> None:
         """Check a param group's hyperparameters; raise ``ValueError`` on a bad one."""
@@ -239,11 +271,11 @@ class KronOptimizer(Optimizer):
     @property
     def global_step(self) -> int:
         """Steps taken (skipped non-finite steps not counted)."""
-        return self.state[GLOBAL_STATE]["step"]
+        return self._counters["step"]
 
     @property
     def skipped_steps(self) -> int:
-        return self.state[GLOBAL_STATE]["skipped_steps"]
+        return self._counters["skipped_steps"]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -260,7 +292,7 @@ class KronOptimizer(Optimizer):
             self._masked_step()
             return loss
         if self.on_nonfinite_grad == "ignore":
-            self.state[GLOBAL_STATE]["step"] += 1
+            self._counters["step"] += 1
             self.update()
             return loss
         # The step is a transaction (kronlab.optim.transaction): it is committed only if the
@@ -271,12 +303,13 @@ class KronOptimizer(Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         gradients = [p.grad for p in params if p.grad is not None]
         self._transaction.begin(self.state, params)
-        self.state[GLOBAL_STATE]["step"] += 1
+        self._counters["step"] += 1
         try:
             self.update()
         except Exception:
             self._transaction.rollback(self.state)
             if all_finite(gradients):
+                self._counters["step"] -= 1
                 raise
             failed = True  # the update choked on the non-finite gradient: refused below
         else:
@@ -296,21 +329,100 @@ class KronOptimizer(Optimizer):
             )
         return loss
 
-    def _count_step(self) -> None:
-        self.state[GLOBAL_STATE]["step"] += 1
+    def _count_step(self, steps: int = 1) -> None:
+        self._counters["step"] += steps
 
     def _refuse_step(self, reason: str) -> None:
+        self._counters["step"] -= 1  # not state: the rollback does not put it back
         if self.on_nonfinite_grad == "raise":
             raise FloatingPointError(f"{reason}: step refused, state untouched")
-        self.state[GLOBAL_STATE]["skipped_steps"] += 1
+        self._counters["skipped_steps"] += 1
         warnings.warn(
             f"{reason}: step skipped, parameters and state untouched", RuntimeWarning, stacklevel=3
         )
 
-    @abstractmethod
+    # --- the step template ---------------------------------------------------------------
+    @property
+    def plan(self) -> StackPlan:
+        """The stacks of same-work blocks, built once (again after ``add_param_group``)."""
+        if self._plan is None:
+            self._plan = StackPlan.build(self.bundles, self.work)
+        return self._plan
+
+    def work(self, bundle: ParameterBundle) -> list[Work]:
+        """The blocks of ``bundle`` (one ``Work`` each). Default: one block, the grouped
+        tensor in the parameter's dtype."""
+        return [Work(tuple(bundle.grouped_shape), bundle.key.dtype)]
+
     def update(self) -> None:
-        """Apply one step to every bundle with a gradient. Gradients may hold NaN/Inf (they are
-        checked with the result): ``step`` then rolls the whole update back."""
+        """Apply one step to every bundle with a gradient, stack by stack. Gradients may hold
+        NaN/Inf (they are checked with the result): ``step`` then rolls the whole update
+        back."""
+        for stack in self.plan.stacks:
+            slots = stack.active()
+            if slots:
+                self.step_stack(stack, slots, self.param_groups[stack.group_index])
+
+    def step_stack(self, stack: Stack, slots: list[Slot], group: dict[str, Any]) -> None:
+        """gradients → momentum (``momentum_on``) → ``direction`` → ``apply`` for the active
+        ``slots`` of ``stack`` (AdamW for auxiliary groups)."""
+        if self.is_auxiliary(group):
+            params = [p for slot in slots for p in slot.bundle.params if p.grad is not None]
+            adamw_step(
+                params,
+                [self.state[p] for p in params],
+                lr=group["lr"],
+                betas=group["betas"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+            )
+            return
+        gradients = self.gradients(stack, slots)
+        if self.momentum_on == "gradient":
+            gradients = self.momentum(slots, gradients, group)
+        direction = self.direction(stack, slots, gradients, group)
+        if self.momentum_on == "direction":
+            direction.values = self.momentum(slots, direction.values, group)
+        self.apply(stack, slots, direction, group)
+
+    def is_auxiliary(self, group: dict[str, Any]) -> bool:
+        """Whether ``group``'s parameters are stepped by AdamW instead of the method."""
+        return False
+
+    def gradients(self, stack: Stack, slots: list[Slot]) -> list[torch.Tensor]:
+        """Each slot's gradient in the work shape and dtype (a view where no cast is needed)."""
+        work = stack.work
+        return [slot.bundle.gradient().reshape(work.shape).to(work.dtype) for slot in slots]
+
+    def momentum(self, slots: list[Slot], values: Any, group: dict[str, Any]) -> Any:
+        """``step_template.momentum_`` with each slot's buffer ``state[momentum_key]`` (zeros
+        at first). Heavy ball with β = 0 is the identity: no buffer, ``values`` unchanged."""
+        beta = group["momentum"]
+        if not self.momentum_ema and beta == 0:
+            return values
+        buffers = []
+        for slot, value in zip(slots, values):
+            state = self.state[slot.param]
+            if self.momentum_key not in state:
+                state[self.momentum_key] = torch.zeros_like(value)
+            buffers.append(state[self.momentum_key])
+        nesterov = group.get("nesterov", False)
+        return momentum_(buffers, values, beta, ema=self.momentum_ema, nesterov=nesterov)
+
+    def direction(
+        self, stack: Stack, slots: list[Slot], gradients: list[torch.Tensor], group: dict[str, Any]
+    ) -> Direction:
+        """The method: the direction of the active ``slots`` of ``stack`` from their
+        ``gradients`` (after momentum when ``momentum_on == "gradient"``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement direction or update")
+
+    def apply(
+        self, stack: Stack, slots: list[Slot], direction: Direction, group: dict[str, Any]
+    ) -> None:
+        """The parameter write (``step_template.apply_direction``), with decoupled weight
+        decay ``lr · weight_decay`` unless ``decoupled_weight_decay`` is False."""
+        decay = group["lr"] * group["weight_decay"] if self.decoupled_weight_decay else 0.0
+        apply_direction(slots, direction, decay)
 
     def _masked_step(self) -> None:
         """One step, undone on the device if any gradient or any new value of the parameters or
@@ -337,7 +449,7 @@ class KronOptimizer(Optimizer):
             for key, value in state.items()
             if isinstance(value, torch.Tensor)
         ]
-        self.state[GLOBAL_STATE]["step"] += 1
+        self._counters["step"] += 1
         self.update()
         # as the synchronous step: the gradients and every value the step wrote must be finite
         written = [
@@ -386,7 +498,8 @@ class KronOptimizer(Optimizer):
             for key in self.structural_keys:
                 group.pop(key, None)
         global_entry = {
-            **state["state"][GLOBAL_STATE],
+            **state["state"].get(GLOBAL_STATE, {}),
+            **self._counters,
             SIGNATURE_KEY: optimizer_signature(self),
             GENERATORS_KEY: self._generators.state_dict(),
         }
@@ -415,37 +528,23 @@ class KronOptimizer(Optimizer):
         saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
         params = [param for group in self.param_groups for param in group["params"]]
         id_to_param = dict(zip(saved_ids, params))
-        self.state = OptimizerState()
         for key, saved in state_dict["state"].items():
             if key in id_to_param:
                 param = id_to_param[key]
                 self.state[param] = _copy_to_device(saved, param.device)
-        # the global entry is shared with the caller's dict (and so with the optimizer that
-        # saved it): copy it too.
-        self.state[GLOBAL_STATE] = {
+        # torch keeps entries that are not per-parameter as they are (shared with the caller's
+        # dict, and so with the optimizer that saved it): copy what is left of the global entry
+        # (the Shampoo family's stacks) and keep the counters as attributes.
+        self.state.pop(GLOBAL_STATE, None)
+        rest = {
             key: _copy_to_device(value, None)
             for key, value in saved_global.items()
-            if key not in (SIGNATURE_KEY, GENERATORS_KEY)
+            if key not in (SIGNATURE_KEY, GENERATORS_KEY, *self._counters)
         }
+        if rest:
+            self.state[GLOBAL_STATE] = rest
+        self._counters = {key: int(saved_global[key]) for key in self._counters}
         self._generators.load_state_dict(saved_global[GENERATORS_KEY])
-
-
-class OptimizerState(defaultdict):
-    """``optimizer.state``: per-parameter state, plus the optimizer's global entry under
-    ``"kronlab"``.
-
-    Empty (false) until a step was taken or a parameter has state, as a fresh torch.optim
-    optimizer's: ``torch.distributed.checkpoint`` then builds the state a checkpoint loads into
-    with one zero-learning-rate step on zero gradients (``set_optimizer_state_dict``).
-    """
-
-    def __init__(self) -> None:
-        super().__init__(dict)
-
-    def __bool__(self) -> bool:
-        counts = self.get(GLOBAL_STATE, {})
-        stepped = counts.get("step", 0) > 0 or counts.get("skipped_steps", 0) > 0
-        return stepped or any(key != GLOBAL_STATE for key in self.keys())
 
 
 def _copy_to_device(value: Any, device: torch.device | None) -> Any:

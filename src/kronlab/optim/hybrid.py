@@ -11,7 +11,6 @@ a synonym.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 from kronlab.distributed import DistributedConfig
 from kronlab.optim.base import KronOptimizer, NonFinitePolicy, ParamsT
 from kronlab.optim.bundles import ParameterBundle
+from kronlab.optim.step_template import Work
 from kronlab.optim.validation import (
     check_betas,
     check_choice,
@@ -123,12 +123,8 @@ def _tensor_bytes(value: object) -> int:
 
 
 class HybridMatrixOptimizer(KronOptimizer):
-    """Base for a matrix method (``update_matrices``) plus AdamW for the auxiliary parameters.
-
-    AdamW (Loshchilov & Hutter, 2019) on the auxiliary groups:
-    ``m ← β1 m + (1−β1) g``, ``v ← β2 v + (1−β2) g²``, ``p ← p(1 − lr·wd) − lr·m̂/(√v̂ + ε)``
-    with bias-corrected ``m̂, v̂``; its moments are float32 whatever the parameter dtype.
-    """
+    """Base for a matrix method (its ``direction`` on float32 ``(rows, rest)`` matrices) plus
+    AdamW (``kronlab.optim.adamw``) for the auxiliary parameters."""
 
     matrix_algorithm: ClassVar[str]
     variant_keys: ClassVar[tuple[str, ...]] = ("combine_params", "algorithm")
@@ -218,52 +214,15 @@ class HybridMatrixOptimizer(KronOptimizer):
         return self.matrix_algorithm
 
     # --- stepping -----------------------------------------------------------------------
-    def update(self) -> None:
-        for group in self.param_groups:
-            # zero-size parameters have nothing to update (and no matrix shape)
-            params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
-            if not params:
-                continue
-            if group["algorithm"] == ADAMW:
-                self._adamw_update(group, params)
-            else:
-                self.update_matrices(group, params)
+    def is_auxiliary(self, group: dict[str, Any]) -> bool:
+        return group["algorithm"] == ADAMW
 
-    @abstractmethod
-    def update_matrices(self, group: dict[str, Any], params: list[nn.Parameter]) -> None:
-        """Step the matrix parameters of ``group`` that have a gradient."""
-
-    def _adamw_update(self, group: dict[str, Any], params: list[nn.Parameter]) -> None:
-        beta1, beta2 = group["betas"]
-        lr, eps = group["lr"], group["eps"]
-        for param in params:
-            state = self.state[param]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
-                state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
-            state["step"] += 1
-        states = [self.state[p] for p in params]
-        grads = [p.grad.float() for p in params]
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        # float32 working copies of half-precision parameters, written back at the end
-        work = [p if p.dtype == torch.float32 else p.float() for p in params]
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-        if group["weight_decay"] != 0:
-            torch._foreach_mul_(work, 1 - lr * group["weight_decay"])
-        bias_corrections1 = [1 - beta1 ** s["step"] for s in states]
-        root_bias_corrections2 = [(1 - beta2 ** s["step"]) ** 0.5 for s in states]
-        denominators = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denominators, root_bias_corrections2)
-        torch._foreach_add_(denominators, eps)
-        step_sizes = [-lr / correction for correction in bias_corrections1]
-        torch._foreach_addcdiv_(work, exp_avgs, denominators, step_sizes)
-        for param, updated in zip(params, work):
-            if updated is not param:
-                param.copy_(updated)
+    def work(self, bundle: ParameterBundle) -> list[Work]:
+        """Matrix groups: the float32 ``(rows, rest)`` matrix; AdamW groups: the parameter."""
+        param = bundle.key
+        if self.param_groups[bundle.group_index]["algorithm"] == ADAMW:
+            return [Work(tuple(param.shape), param.dtype)]
+        return [Work(matrix_shape(param), torch.float32)]
 
     # --- reporting ----------------------------------------------------------------------
     def state_bytes(self) -> dict[str, int]:
@@ -277,14 +236,6 @@ class HybridMatrixOptimizer(KronOptimizer):
         return result
 
 
-def params_by_shape(params: Iterable[nn.Parameter]) -> dict[tuple, list[nn.Parameter]]:
-    """Parameters bucketed by (matrix shape, device), so each bucket is one batched call."""
-    buckets: dict[tuple, list[nn.Parameter]] = {}
-    for param in params:
-        buckets.setdefault((matrix_shape(param), param.device), []).append(param)
-    return buckets
-
-
 __all__ = [
     "ADAMW",
     "HybridMatrixOptimizer",
@@ -292,6 +243,5 @@ __all__ = [
     "auxiliary_parameters",
     "matrix_shape",
     "optimizer_state_bytes",
-    "params_by_shape",
     "split_param_groups",
 ]

@@ -12,13 +12,9 @@ from kronlab.distributed import DistributedConfig
 from kronlab.linalg.matmul_speed import newton_schulz_dtype
 from kronlab.linalg.newton_schulz import newton_schulz, resolve_coefficients
 from kronlab.optim.base import NonFinitePolicy, ParamsT
-from kronlab.optim.hybrid import (
-    HybridMatrixOptimizer,
-    as_matrix,
-    matrix_shape,
-    params_by_shape,
-)
+from kronlab.optim.hybrid import HybridMatrixOptimizer, matrix_shape
 from kronlab.optim.registry import register_optimizer
+from kronlab.optim.step_template import Direction, Slot, Stack
 from kronlab.optim.validation import check_choice, check_range
 
 # Learning-rate scale per update shape (rows m, columns n), so one lr suits every matrix:
@@ -80,6 +76,7 @@ class Muon(HybridMatrixOptimizer):
     """
 
     matrix_algorithm = "muon"
+    momentum_on = "gradient"  # EMA of the gradient, then Newton–Schulz
 
     def __init__(
         self,
@@ -141,34 +138,18 @@ class Muon(HybridMatrixOptimizer):
             f"on {rows}x{columns}"
         )
 
-    def update_matrices(self, group: dict[str, Any], params: list[nn.Parameter]) -> None:
-        momentum, lr = group["momentum"], group["lr"]
-        for ((rows, columns), device), bucket in params_by_shape(params).items():
-            grads = [as_matrix(p.grad).float() for p in bucket]
-            buffers = [self._momentum_buffer(p) for p in bucket]
-            torch._foreach_lerp_(buffers, grads, 1 - momentum)
-            updates = (
-                torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
-            )
-            # cast piecewise, then stack: one pass, and the result stays in ns_dtype
-            ns_dtype = group["ns_dtype"]
-            if ns_dtype == "auto":
-                ns_dtype = newton_schulz_dtype(rows, columns, device)
-            stacked = torch.stack([update.to(ns_dtype) for update in updates])
-            orthogonal = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"])
-            if group["weight_decay"] != 0:
-                torch._foreach_mul_(bucket, 1 - lr * group["weight_decay"])
-            step = adjusted_lr(lr, group["adjust_lr"], rows, columns)
-            directions = [o.view(p.shape) for o, p in zip(orthogonal.unbind(), bucket)]
-            torch._foreach_add_(bucket, directions, alpha=-step)
-
-    def _momentum_buffer(self, param: nn.Parameter) -> torch.Tensor:
-        state = self.state[param]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros(
-                matrix_shape(param), dtype=torch.float32, device=param.device
-            )
-        return state["momentum_buffer"]
+    def direction(
+        self, stack: Stack, slots: list[Slot], gradients: list[torch.Tensor], group: dict[str, Any]
+    ) -> Direction:
+        """``NS(U)`` of the stack's momenta ``U`` (one batched call), stepped by ``adjusted_lr``."""
+        rows, columns = stack.shape
+        ns_dtype = group["ns_dtype"]
+        if ns_dtype == "auto":
+            ns_dtype = newton_schulz_dtype(rows, columns, stack.device)
+        # cast piecewise, then stack: one pass, and the result stays in ns_dtype
+        stacked = torch.stack([update.to(ns_dtype) for update in gradients])
+        orthogonal = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"])
+        return Direction(orthogonal, adjusted_lr(group["lr"], group["adjust_lr"], rows, columns))
 
 
 @register_optimizer(

@@ -34,7 +34,7 @@ from kronlab.linalg._dtypes import product_dtype
 from kronlab.optim.base import DEFAULT_RULES, KronOptimizer, NonFinitePolicy, ParamsT
 from kronlab.optim.bundles import ParameterBundle
 from kronlab.optim.registry import register_optimizer
-from kronlab.optim.stacked_state import StackedState
+from kronlab.optim.step_template import Direction, Slot, Stack, Work
 from kronlab.optim.validation import check_choice, check_range
 
 PSGDMethod = Literal["quad", "procrustes"]
@@ -104,7 +104,7 @@ class PSGD(KronOptimizer):
     0.3 is used as is). The update ``Q_l² M Q_r²`` uses the refreshed factors, its RMS is clipped at
     1.1, and every 100 steps the two factors are rescaled to the geometric mean of their max-abs
     values (``P`` unchanged) so neither drifts toward under- or overflow. The stacked state of a
-    bucket is reused from step to step (the per-bundle entries are views of it) and so is ``Q²``
+    stack is reused from step to step (the per-bundle entries are views of it) and so is ``Q²``
     of the refreshed factors, which the next step's fit needs again. On tall dense axes (much
     larger than the other axis) ``term1`` and ``Q²`` are not formed; their products go through
     ``Pg`` and ``Q`` (``keeps_root``, ``forms_square``).
@@ -147,6 +147,8 @@ class PSGD(KronOptimizer):
     """
 
     variant_keys = ("combine_params", "method")
+    momentum_on = "gradient"  # the factors are fitted to the momentum
+    momentum_key = "momentum"
 
     def __init__(
         self,
@@ -193,7 +195,7 @@ class PSGD(KronOptimizer):
             distributed=distributed,
             seed=seed,
         )
-        self._stacks = StackedState()
+        self._noise: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # this step's draws
 
     def validate_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
@@ -226,53 +228,63 @@ class PSGD(KronOptimizer):
         return [self.layout(bundle).describe()]
 
     # --- the step -----------------------------------------------------------------------
+    def work(self, bundle: ParameterBundle) -> list[Work]:
+        """The bundle's ``m × n`` matrix in the state dtype; its factor kinds must agree too."""
+        layout = self.layout(bundle)
+        dtype = self.param_groups[bundle.group_index]["dtype"] or bundle.key.dtype
+        return [Work(layout.matrix_shape, dtype, (layout.left, layout.right))]
+
     def update(self) -> None:
-        by_group = self._gradients_by_group()
-        buckets: dict[tuple, list[ParameterBundle]] = defaultdict(list)
-        for group_index, entries in by_group.items():
-            group = self.param_groups[group_index]
-            self._initialize(group, [(b, g) for b, g in entries if not self.state[b.key]])
-            # bundles whose gradients were all zero so far have no state and only decay
-            ready = [(b, g) for b, g in entries if self.state[b.key]]
-            momenta = [self.state[b.key]["momentum"] for b, _ in ready]
-            if momenta:
-                torch._foreach_lerp_(momenta, [g for _, g in ready], 1 - group["momentum"])
-            for bundle, grad in ready:
-                state = self.state[bundle.key]
-                layout = (_kind(state, "left"), _kind(state, "right"), tuple(grad.shape))
-                buckets[(group_index, *layout, grad.dtype, grad.device)].append(bundle)
-        noise = self._standard_normal_buffers(buckets)
-        directions: dict[ParameterBundle, tuple[Tensor, Tensor]] = {}
-        for key, bundles in buckets.items():
-            group_index, left_kind, right_kind = key[:3]
-            group = self.param_groups[group_index]
-            stacked, clip = self._precondition_bucket(
-                key,
-                group,
-                bundles,
-                left_kind,
-                right_kind,
-                noise.get(_noise_key(key)) if group["noise_scale"] > 0 else None,
-            )
-            directions.update(zip(bundles, zip(stacked.unbind(0), clip.unbind(0))))
-        for group_index, entries in by_group.items():
-            self._apply_updates(self.param_groups[group_index], [b for b, _ in entries], directions)
+        """The template's stages, with two that span stacks first: a param group's bundles seen
+        for the first time share one initial scale (``_initialize``), and one noise draw serves
+        every stack (``_standard_normal_buffers``)."""
+        active = []
+        for stack in self.plan.stacks:
+            slots = stack.active()
+            if slots:
+                active.append((stack, slots, self.gradients(stack, slots)))
+        fresh: dict[int, list[tuple[Slot, Tensor]]] = defaultdict(list)
+        for stack, slots, gradients in active:
+            fresh[stack.group_index] += [
+                (slot, grad) for slot, grad in zip(slots, gradients) if not self.state[slot.param]
+            ]
+        for group_index, entries in fresh.items():
+            self._initialize(self.param_groups[group_index], entries)
+        # bundles whose gradients were all zero so far have no state and only decay
+        ready = [[bool(self.state[slot.param]) for slot in slots] for _, slots, _ in active]
+        self._noise = self._standard_normal_buffers(
+            [stack for (stack, _, _), flags in zip(active, ready) if any(flags)]
+        )
+        for (stack, slots, gradients), flags in zip(active, ready):
+            group = self.param_groups[stack.group_index]
+            stepped = [slot for slot, flag in zip(slots, flags) if flag]
+            values: list[Tensor | None] = [None] * len(slots)
+            scales: list[Tensor | None] = [None] * len(slots)
+            step_size = 0.0
+            if stepped:
+                momenta = self.momentum(
+                    stepped, [g for g, flag in zip(gradients, flags) if flag], group
+                )
+                direction = self.direction(stack, stepped, momenta, group)
+                positions = [index for index, flag in enumerate(flags) if flag]
+                for position, value, scale in zip(
+                    positions, direction.values.unbind(0), direction.scale.unbind(0)
+                ):
+                    values[position], scales[position] = value, scale
+                step_size = direction.step_size
+            self.apply(stack, slots, Direction(values, step_size, scales), group)
 
-    def _gradients_by_group(self) -> dict[int, list[tuple[ParameterBundle, Tensor]]]:
-        """Each bundle's gradient as its ``m × n`` matrix in the state dtype, by param group."""
-        by_group: dict[int, list[tuple[ParameterBundle, Tensor]]] = defaultdict(list)
-        for bundle in self.bundles_with_gradients():
-            group = self.param_groups[bundle.group_index]
-            grad = bundle.gradient()
-            grad = grad.to(group["dtype"] or grad.dtype)
-            state = self.state[bundle.key]
-            shape = state["momentum"].shape if state else self.layout(bundle).matrix_shape
-            by_group[bundle.group_index].append((bundle, grad.reshape(shape)))
-        return by_group
+    def direction(
+        self, stack: Stack, slots: list[Slot], gradients: list[Tensor], group: dict[str, Any]
+    ) -> Direction:
+        """Refit the stack's factors to its momenta; ``Q_l² M Q_r²``, RMS-clipped by ``scale``."""
+        noise = self._noise.get(_noise_key(stack)) if group["noise_scale"] > 0 else None
+        left, right = stack.work.key
+        updates, clip = self._precondition_stack(stack, group, slots, left, right, noise)
+        step_size = group["lr"] / ADAM_RMS_DIVISOR if group["lr_style"] == "adam" else group["lr"]
+        return Direction(updates, step_size, clip)
 
-    def _initialize(
-        self, group: dict[str, Any], entries: list[tuple[ParameterBundle, Tensor]]
-    ) -> None:
+    def _initialize(self, group: dict[str, Any], entries: list[tuple[Slot, Tensor]]) -> None:
         """Create state for bundles seen for the first time (skipping all-zero gradients)."""
         if not entries:
             return
@@ -288,9 +300,9 @@ class PSGD(KronOptimizer):
         scale = group["preconditioner_init_scale"]
         if scale is None:
             scale = (max(moment for _, moment in kept) + group["noise_scale"] ** 2) ** -0.25
-        for bundle, grad in entries:
-            layout = self.layout(bundle)
-            state = self.state[bundle.key]
+        for slot, grad in entries:
+            layout = self.layout(slot.bundle)
+            state = self.state[slot.param]
             state["step"] = 0
             state["momentum"] = grad.clone()
             for side, kind, size in zip(("left", "right"), (layout.left, layout.right), grad.shape):
@@ -305,10 +317,10 @@ class PSGD(KronOptimizer):
                 )
 
     def _standard_normal_buffers(
-        self, buckets: dict[tuple, list[ParameterBundle]]
+        self, stacks: list[Stack]
     ) -> dict[tuple[torch.device, torch.dtype], Tensor]:
         """One fresh flat ``N(0, I)`` draw per device and product dtype, as long as the largest
-        matrix of the buckets that add fit noise.
+        matrix of the stacks that add fit noise.
 
         Every bundle's fit noise is a view of it (``_fit_noise``): each bundle's factors are
         fitted to its own gradient only, so what each bundle sees must be i.i.d. ``N(0, 1)``
@@ -318,26 +330,26 @@ class PSGD(KronOptimizer):
         of all 3.4 M gradient entries of the benchmark transformer was ~12 % of its step).
         """
         sizes: dict[tuple[torch.device, torch.dtype], int] = {}
-        for key in buckets:
-            if self.param_groups[key[0]]["noise_scale"] > 0:
-                rows, cols = key[3]
-                sizes[_noise_key(key)] = max(sizes.get(_noise_key(key), 0), rows * cols)
+        for stack in stacks:
+            if self.param_groups[stack.group_index]["noise_scale"] > 0:
+                rows, cols = stack.shape
+                sizes[_noise_key(stack)] = max(sizes.get(_noise_key(stack), 0), rows * cols)
         return {
             (device, dtype): _standard_normal(size, dtype, self.generator(device))
             for (device, dtype), size in sizes.items()
         }
 
-    def _precondition_bucket(
+    def _precondition_stack(
         self,
-        key: tuple,
+        stack: Stack,
         group: dict[str, Any],
-        bundles: list[ParameterBundle],
+        slots: list[Slot],
         left_kind: FactorKind,
         right_kind: FactorKind,
         noise: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         """Refresh the stacked factors of same-layout bundles; return their updates unclipped
-        and the RMS clip factor of each (applied with the step, ``_apply_updates``).
+        and the RMS clip factor of each (applied by the template's write).
 
         Pipeline: (balance) → ``Pg = P_l (M + noise) P_r`` → one factor step per axis →
         ``P_l' M P_r'`` with the refreshed factors → RMS clip. The state stays in its dtype;
@@ -346,10 +358,11 @@ class PSGD(KronOptimizer):
         ``noise`` is this step's flat standard normal draw (``_standard_normal_buffers``) or
         None without fit noise.
         """
-        states = [self.state[bundle.key] for bundle in bundles]
+        key = stack.index
+        states = [self.state[slot.param] for slot in slots]
         for state in states:
             state["step"] += 1
-        stored_momentum = self._stacks.stack((key, "momentum"), states, "momentum")
+        stored_momentum = self.stacked_state.stack((key, "momentum"), states, "momentum")
         compute = product_dtype(stored_momentum.dtype, stored_momentum.device)
         # cast once for the fit and the output: a mixed-dtype elementwise op would make its own
         # cast copy of the half-precision operand (TensorIterator), i.e. one cast per use
@@ -362,9 +375,11 @@ class PSGD(KronOptimizer):
         sizes = {"left": (rows, cols), "right": (cols, rows)}
         squared = {side: kinds[side] == "diagonal" or forms_square(*sizes[side]) for side in sides}
         roots = {side: keeps_root(*sizes[side], group["method"]) for side in sides}
-        stored = {side: self._stacks.stack((key, side), states, f"{side}_factor") for side in sides}
+        stored = {
+            side: self.stacked_state.stack((key, side), states, f"{side}_factor") for side in sides
+        }
         factors = {side: self._in_dtype((key, side), stored[side], compute) for side in sides}
-        squares = {side: self._stacks.derived((key, side), stored[side]) for side in sides}
+        squares = {side: self.stacked_state.derived((key, side), stored[side]) for side in sides}
         # decided from the host-side step counts: no device sync
         if len(sides) == 2 and any(state["step"] % BALANCE_EVERY == 0 for state in states):
             factors["left"], factors["right"] = balance_scales(
@@ -384,19 +399,19 @@ class PSGD(KronOptimizer):
             term1 = whitening_terms(preconditioned, axis, kinds[side], roots[side])
             term2 = torch.full_like(lr, numel / factors[side].shape[-1])
             name = f"{side}_lipschitz"
-            lipschitz = self._stacks.stack((key, name), states, name)
+            lipschitz = self.stacked_state.stack((key, name), states, name)
             refreshed = updates[group["method"]](factors[side], term1, term2, lipschitz, lr)
-            stored[side] = self._stacks.store(
+            stored[side] = self.stacked_state.store(
                 (key, side), states, f"{side}_factor", refreshed.factor.to(stored[side].dtype)
             )
             factors[side] = self._in_dtype((key, side), stored[side], compute)
-            self._stacks.store((key, name), states, name, refreshed.lipschitz)
+            self.stacked_state.store((key, name), states, name, refreshed.lipschitz)
         squares = {
             side: factor_square(factors[side], kinds[side], symmetric) if squared[side] else None
             for side in sides
         }
         for side in sides:  # reused by the next step's fit while the factors stay unchanged
-            self._stacks.store_derived((key, side), stored[side], squares[side])
+            self.stacked_state.store_derived((key, side), stored[side], squares[side])
         directions = _precondition(momentum, factors, kinds, squares, squared, symmetric)
         return directions, _rms_clip_factors(directions, UPDATE_RMS_CLIP)
 
@@ -405,37 +420,11 @@ class PSGD(KronOptimizer):
         refreshed factor is stored serves the next step too (no cast at the start of a step)."""
         if stored.dtype == dtype:
             return stored
-        cached = self._stacks.derived((*key, dtype), stored)
+        cached = self.stacked_state.derived((*key, dtype), stored)
         if cached is None:
             cached = stored.to(dtype)
-            self._stacks.store_derived((*key, dtype), stored, cached)
+            self.stacked_state.store_derived((*key, dtype), stored, cached)
         return cached
-
-    def _apply_updates(
-        self,
-        group: dict[str, Any],
-        bundles: list[ParameterBundle],
-        directions: dict[ParameterBundle, tuple[Tensor, Tensor]],
-    ) -> None:
-        """Decoupled weight decay on the stepped parameters, then the clipped, scaled update
-        (the clip multiplied in by the update's own pass)."""
-        lr = group["lr"]
-        # bundle members without a gradient this step do not move (no decay either)
-        params = [p for bundle in bundles for p in bundle.params if p.grad is not None]
-        if group["weight_decay"] > 0 and params:
-            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-        alpha = -lr / ADAM_RMS_DIVISOR if group["lr_style"] == "adam" else -lr
-        for bundle in bundles:
-            if bundle in directions:
-                direction, clip = directions[bundle]
-                bundle.add_(direction.reshape(bundle.grouped_shape), alpha=alpha, scale=clip)
-
-
-def _kind(state: dict[str, Any], side: str) -> FactorKind:
-    factor = state.get(f"{side}_factor")
-    if factor is None:
-        return "none"
-    return "dense" if factor.ndim == 2 else "diagonal"
 
 
 def _precondition(
@@ -461,10 +450,9 @@ def _precondition(
     return matrices
 
 
-def _noise_key(bucket_key: tuple) -> tuple[torch.device, torch.dtype]:
-    """Device and product dtype of a bucket (its key ends with state dtype and device)."""
-    dtype, device = bucket_key[-2:]
-    return device, product_dtype(dtype, device)
+def _noise_key(stack: Stack) -> tuple[torch.device, torch.dtype]:
+    """Device and product dtype of a stack."""
+    return stack.device, product_dtype(stack.work.dtype, stack.device)
 
 
 # Dynamo cannot trace a draw from a torch.Generator: under torch.compile the draw runs eagerly

@@ -71,9 +71,10 @@ def sharded_step(optimizer: KronOptimizer, sharding: Sharding) -> None:
     if agreed != STEP_OK:
         if checked:
             optimizer._transaction.rollback(optimizer.state)
-        if error is not None:
-            raise error
-        if agreed == STEP_FAILED or not checked:
+        if error is not None or agreed == STEP_FAILED or not checked:
+            optimizer._count_step(-1)  # a counter, not state: the rollback does not restore it
+            if error is not None:
+                raise error
             raise RuntimeError("the optimizer step failed on another rank; step refused")
         optimizer._refuse_step("non-finite gradient or value on at least one rank")
         return

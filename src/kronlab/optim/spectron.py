@@ -13,8 +13,9 @@ from kronlab.distributed import DistributedConfig
 from kronlab.linalg.newton_schulz import newton_schulz, resolve_coefficients
 from kronlab.linalg.power import power_iteration
 from kronlab.optim.base import NonFinitePolicy, ParamsT
-from kronlab.optim.hybrid import HybridMatrixOptimizer, as_matrix, matrix_shape, params_by_shape
+from kronlab.optim.hybrid import HybridMatrixOptimizer, as_matrix, matrix_shape
 from kronlab.optim.registry import register_optimizer
+from kronlab.optim.step_template import Direction, Slot, Stack
 from kronlab.optim.validation import check_choice, check_range
 
 FACTOR_DTYPE = torch.float32
@@ -168,29 +169,32 @@ class Spectron(HybridMatrixOptimizer):
         rank = _group_rank(rows, columns, group)
         return f"Spectron: factors {rows}x{rank} and {columns}x{rank}"
 
-    def update_matrices(self, group: dict[str, Any], params: list[nn.Parameter]) -> None:
-        for ((rows, columns), _device), bucket in params_by_shape(params).items():
-            rank = _group_rank(rows, columns, group)
-            fresh = [p for p in bucket if "factor_a" not in self.state[p]]
-            if fresh:
-                self._initialize(fresh, rank)
-            states = [self.state[p] for p in bucket]
-            a, b, momentum_a, momentum_b, left_a, left_b = (
-                torch.stack([s[key] for s in states]) for key in FACTOR_KEYS
-            )
-            grads = torch.stack([as_matrix(p.grad) for p in bucket]).to(FACTOR_DTYPE)
-            with full_precision_matmul():
-                a, b, momentum_a, momentum_b, left_a, left_b, sigma_a, sigma_b = spectron_step(
-                    grads, a, b, momentum_a, momentum_b, left_a, left_b, group
-                )
-                weights = a @ b.transpose(-1, -2)
-            for index, (param, state) in enumerate(zip(bucket, states)):
-                for key, value in zip(
-                    FACTOR_KEYS + ("sigma_a", "sigma_b"),
-                    (a, b, momentum_a, momentum_b, left_a, left_b, sigma_a, sigma_b),
-                ):
-                    state[key] = value[index]
-                param.copy_(weights[index].view(param.shape))
+    def direction(
+        self, stack: Stack, slots: list[Slot], gradients: list[torch.Tensor], group: dict[str, Any]
+    ) -> Direction:
+        """One batched ``spectron_step`` of the stack's factors; the direction's values are the
+        new weights ``A Bᵀ`` (``apply`` writes them)."""
+        rows, columns = stack.shape
+        params = [slot.param for slot in slots]
+        fresh = [p for p in params if "factor_a" not in self.state[p]]
+        if fresh:
+            self._initialize(fresh, _group_rank(rows, columns, group))
+        states = [self.state[p] for p in params]
+        # the per-parameter entries are views of the stacks, reused from step to step
+        old = [self.stacked_state.stack((stack.index, name), states, name) for name in FACTOR_KEYS]
+        with full_precision_matmul():
+            new = spectron_step(torch.stack(gradients), *old, group)
+            weights = new[0] @ new[1].transpose(-1, -2)
+        for name, value in zip(FACTOR_KEYS + ("sigma_a", "sigma_b"), new):
+            self.stacked_state.store((stack.index, name), states, name, value)
+        return Direction(weights, 1.0)
+
+    def apply(
+        self, stack: Stack, slots: list[Slot], direction: Direction, group: dict[str, Any]
+    ) -> None:
+        """``W ← A Bᵀ`` (the factors carry the weight decay and the step)."""
+        for slot, weight in zip(slots, direction.values):
+            slot.param.copy_(weight.view(slot.param.shape))
 
     def _initialize(self, params: list[nn.Parameter], rank: int) -> None:
         """Truncated SVD of the current weights (one batched call): ``A = U√S``, ``B = V√S``."""
