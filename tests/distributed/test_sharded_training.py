@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.nn.parallel import DistributedDataParallel
 
 from kronlab.distributed import DistributedConfig
-from kronlab.optim import SOAP, KLShampoo, Muon, Shampoo, SIRFShampoo, Spectron
+from kronlab.optim import PSGD, SOAP, KLShampoo, Muon, Shampoo, SIRFShampoo, Spectron
 from kronlab.optim.base import KronOptimizer
 
 STEPS = 20
@@ -45,6 +45,16 @@ OPTIMIZERS: dict[str, Factory] = {
     "sirfshampoo": lambda model, config: SIRFShampoo(
         model, lr=0.05, beta2=0.1, T=2, distributed=config
     ),
+    # PSGD's default initial scale is a maximum over the bundles a rank initialises, and its
+    # fit noise is one draw as long as the largest matrix a rank steps: with a given scale and
+    # one matrix shape (as here) both are those of one process.
+    "psgd": lambda model, config: PSGD(
+        model.parameters(),
+        lr=0.01,
+        method="quad",
+        preconditioner_init_scale=1.0,
+        distributed=config,
+    ),
     "muon": lambda model, config: Muon(model.parameters(), lr=0.02, distributed=config),
     "spectron": lambda model, config: Spectron(
         model.parameters(), lr=0.01, rank=4, seed=3, distributed=config
@@ -52,7 +62,7 @@ OPTIMIZERS: dict[str, Factory] = {
 }
 # Optimizers whose state is kept per parameter (``optimizer.state[param]``) today, so that
 # where it lives can be measured parameter by parameter.
-PER_PARAMETER_STATE = ("sirfshampoo", "muon", "spectron")
+PER_PARAMETER_STATE = ("psgd", "sirfshampoo", "muon", "spectron")
 WORLD_SIZES = (2, 3)
 # Spectron draws its power-iteration start vectors from one generator, bundle after bundle: a
 # rank draws only for its own bundles, so its start vectors differ from one process's and so do
