@@ -21,6 +21,7 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from kronlab.distributed import DistributedConfig
@@ -99,14 +100,21 @@ def _train(name: str, scenario: str, rank: int = 0, world_size: int = 1) -> dict
     Scenarios: ``ddp`` (each rank its share of every batch, DDP averages), ``frozen`` (ddp with
     a frozen layer), ``non_finite`` (every rank the whole batch; at step 5 the last rank's
     gradient of the first weight holds a NaN), ``no_gradient`` (whole batch; at step 4 the last
-    rank has no gradient at all), ``bf16`` (ddp, updates all-gathered in bfloat16).
+    rank has no gradient at all), ``bf16`` (ddp, updates all-gathered in bfloat16), ``fsdp2``
+    (each rank its share of the batch, parameters sharded by ``fully_shard``; not sharded by
+    the optimizer, which steps the DTensor parameters as they are).
     """
     distributed = world_size > 1
     model = _model(frozen=scenario == "frozen")
-    data_parallel = scenario in ("ddp", "frozen", "bf16")
+    data_parallel = scenario in ("ddp", "frozen", "bf16", "fsdp2")
     trained = DistributedDataParallel(model) if distributed and data_parallel else model
+    if distributed and scenario == "fsdp2":
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        trained = fully_shard(model)
     config = None
-    if distributed:
+    if distributed and scenario != "fsdp2":
         dtype = torch.bfloat16 if scenario == "bf16" else None
         config = DistributedConfig(communication_dtype=dtype)
     optimizer = OPTIMIZERS[name](trained, config)
@@ -123,7 +131,10 @@ def _train(name: str, scenario: str, rank: int = 0, world_size: int = 1) -> dict
             warnings.simplefilter("ignore", RuntimeWarning)  # the skipped step's warning
             optimizer.step()
     return {
-        "params": [p.detach().clone() for p in model.parameters()],
+        "params": [
+            p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
+            for p in model.parameters()
+        ],
         "owners": _state_owners(optimizer, model),
         "skipped": optimizer.skipped_steps,
         "steps": optimizer.global_step,
@@ -136,6 +147,8 @@ SCENARIOS = {
     "non_finite": ["shampoo", "muon"],
     "no_gradient": ["soap", "muon"],
     "bf16": ["muon"],
+    # the optimizers that run on DTensor parameters (the others do not support them yet)
+    "fsdp2": ["muon"],
 }
 
 
