@@ -24,7 +24,7 @@ from kronlab.optim.checkpoint import (
     to_torch_form,
 )
 from kronlab.optim.randomness import OptimizerGenerators, check_generator_state
-from kronlab.optim.sharded_step import Sharding, sharded_step
+from kronlab.optim.sharded_step import Sharding, check_shardable, sharded_step
 from kronlab.optim.stacked_state import StackedState
 from kronlab.optim.step_template import (
     Direction,
@@ -157,6 +157,8 @@ class KronOptimizer(Optimizer):
             (), dtype=torch.int64, device=first.device if first is not None else None
         )
         self._transaction = StepTransaction()
+        if distributed is not None:
+            check_shardable(self)
         if verbose_init:
             print(self.describe())
 

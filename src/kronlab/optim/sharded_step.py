@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from kronlab.distributed import Assignment, DistributedConfig, WorkItem, assign_work
 from kronlab.distributed.communication import (
@@ -43,6 +44,19 @@ class Sharding:
 
     def owns(self, bundle_index: int) -> bool:
         return self.assignment.owners[bundle_index] == self.rank
+
+
+def check_shardable(optimizer: KronOptimizer) -> None:
+    """Refuse parameters the sharded step cannot exchange: DTensors (FSDP2's ``fully_shard``),
+    whose owner would need the whole tensor, not its shard."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if isinstance(param, DTensor):
+                raise TypeError(
+                    f"Invalid parameter {optimizer.parameter_name(param)}: a DTensor (allowed "
+                    "with distributed=: plain tensors, e.g. under DistributedDataParallel; "
+                    "FSDP2-sharded parameters are not supported by distributed= yet)"
+                )
 
 
 def sharded_step(optimizer: KronOptimizer, sharding: Sharding) -> None:
