@@ -244,7 +244,7 @@ class KronOptimizer(Optimizer):
         for index, bundle in enumerate(self.bundles):
             group = self.param_groups[bundle.group_index]
             shape = tuple(bundle.grouped_shape)
-            if group.get("algorithm") == "adamw":
+            if self.is_auxiliary(group):
                 items.append(WorkItem(index, shape))
                 continue
             interval = group.get("precondition_frequency", 1)
