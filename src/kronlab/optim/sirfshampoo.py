@@ -39,8 +39,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from kronlab.distributed import DistributedConfig
-from kronlab.factors.structures import MatrixStructure, make_structure, unfold
+from kronlab.distributed import DistributedConfig, WorkItem
+from kronlab.factors.structures import (
+    DiagonalStructure,
+    MatrixStructure,
+    make_structure,
+    unfold,
+)
 from kronlab.groups.rules import LinearWeightBias, PerParameter, PreconditionerGroup
 from kronlab.optim.base import (
     DEFAULT_RULES,
@@ -293,6 +298,23 @@ class SIRFShampoo(KronOptimizer):
 
     def describe_preconditioner(self, bundle: ParameterBundle) -> list[str]:
         return [structure.describe() for structure in self._plans[bundle].structures]
+
+    def distributed_work_items(self) -> list[WorkItem]:
+        """Each axis's factor as the cost model's Kronecker factor: a dense (or triangular)
+        ``K`` costs ~d³ per factor update (every step by default, no amortization), a block
+        diagonal one ~d·b² (``d/b`` factors of size ``b``), a diagonal one nothing beyond the
+        elementwise passes. Vectors get dense factors too (SIRFShampoo's default)."""
+        items = []
+        for index, bundle in enumerate(self.bundles):
+            dims: list[int] = []
+            for structure in self._plans[bundle].structures:
+                if not isinstance(structure, DiagonalStructure):
+                    block = getattr(structure, "block_size", structure.dim)
+                    dims += [block] * getattr(structure, "num_blocks", 1)
+            interval = self.param_groups[bundle.group_index]["T"]
+            refresh = interval if isinstance(interval, int) else 1
+            items.append(WorkItem(index, tuple(bundle.grouped_shape), tuple(dims), 1, refresh))
+        return items
 
     def describe_options(self, bundle: ParameterBundle) -> dict[str, Any]:
         """The group's settings with ``structures`` and ``preconditioner_dtypes`` resolved per
