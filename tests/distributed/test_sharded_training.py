@@ -61,9 +61,9 @@ OPTIMIZERS: dict[str, Factory] = {
         model.parameters(), lr=0.01, rank=4, seed=3, distributed=config
     ),
 }
-# Optimizers whose state is kept per parameter (``optimizer.state[param]``) today, so that
-# where it lives can be measured parameter by parameter.
-PER_PARAMETER_STATE = ("psgd", "sirfshampoo", "muon", "spectron")
+# State is kept per parameter (``optimizer.state[param]``): where it lives is measured parameter
+# by parameter.
+PER_PARAMETER_STATE = tuple(OPTIMIZERS)
 WORLD_SIZES = (2, 3)
 # Spectron draws its power-iteration start vectors from one generator, bundle after bundle: a
 # rank draws only for its own bundles, so its start vectors differ from one process's and so do
@@ -154,7 +154,7 @@ SCENARIOS = {
 
 # Checkpointed with torch.distributed.checkpoint on 2 ranks after SAVED_AT steps, resumed on 1,
 # 2 and 3 ranks for the remaining steps of RESUMED_STEPS.
-CHECKPOINTED = ("muon", "sirfshampoo", "spectron")
+CHECKPOINTED = ("shampoo", "kl_shampoo_per_factor", "muon", "sirfshampoo", "spectron")
 SAVED_AT, RESUMED_STEPS = 5, 10
 
 

@@ -11,7 +11,6 @@ from torch import nn
 from kronlab.factors.eigenbasis import DecompositionFailed
 from kronlab.groups import LinearWeightBias, PerParameter
 from kronlab.optim import SOAP, KLShampoo, Shampoo
-from kronlab.optim.base import GLOBAL_STATE
 from kronlab.optim.shampoo import (
     EigendecomposedConfig,
     EigenvalueCorrectedConfig,
@@ -110,14 +109,10 @@ def test_grafting_matches_the_grafting_direction_norm_per_block(method: str) -> 
 def test_same_shape_blocks_of_all_parameters_share_one_stack() -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 5))
     optimizer = Shampoo(model.parameters(), max_preconditioner_dim=None)
-    plan = optimizer._stacking_plan()
-    kronecker = [stack for stack in plan.stacks if stack.kind == "kronecker"]
-    assert sorted((s.block_shape, len(s.members)) for s in kronecker) == [
-        ((5, 8), 1),
-        ((8, 8), 2),
-    ]
-    vectors = [stack for stack in plan.stacks if stack.kind == "diagonal"]
-    assert len(vectors) == 1 and vectors[0].block_shape == (8 + 8 + 5,)
+    kronecker = [stack for stack in optimizer.plan.stacks if stack.work.key == "kronecker"]
+    assert sorted((s.shape, len(s.slots)) for s in kronecker) == [((5, 8), 1), ((8, 8), 2)]
+    vectors = [stack for stack in optimizer.plan.stacks if stack.work.key == "diagonal"]
+    assert sorted((s.shape, len(s.slots)) for s in vectors) == [((5,), 1), ((8,), 2)]
 
 
 def test_decompositions_are_batched_across_stacks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -269,8 +264,8 @@ def test_nonfinite_factor_is_never_used() -> None:
     optimizer = Shampoo([param], lr=1e-2, preconditioner="eigendecomposed", grafting="adam")
     param.grad = torch.randn(4, 3)
     optimizer.step()
-    stack = optimizer.state[GLOBAL_STATE]["stacks"][0]
-    stack["factors"][0][0, 0, 0] = math.inf  # e.g. an overflow
+    block = optimizer.state[param]["blocks"][0]
+    block["factors"][0][0, 0] = math.inf  # e.g. an overflow
     param.grad = torch.randn(4, 3)
     # the decomposition keeps its previous result; the step, whose state holds the inf, is
     # refused as a whole
@@ -279,7 +274,7 @@ def test_nonfinite_factor_is_never_used() -> None:
         pytest.warns(RuntimeWarning, match="non-finite value produced by the step"),
     ):
         optimizer.step()
-    assert torch.isfinite(torch.stack(stack["eigenvectors"][0].unbind())).all()
+    assert torch.isfinite(block["eigenvectors"][0]).all()
     assert torch.isfinite(param).all()
 
 

@@ -100,7 +100,7 @@ def stack_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
             for item in value:
                 collect(item)
 
-    collect(optimizer.state[GLOBAL_STATE]["stacks"])
+    collect([state for key, state in optimizer.state.items() if key != GLOBAL_STATE])
     return found
 
 

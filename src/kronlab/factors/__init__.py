@@ -1,6 +1,8 @@
 """Kronecker factors: statistics, eigenbases and preconditioning shared by optimizers and
 attribution."""
 
+from kronlab.factors.damping import DAMPING_KINDS, Damping
+from kronlab.factors.eigenbasis import KroneckerEigenbasis
 from kronlab.factors.kronecker import (
     axis_outer_products,
     from_eigenbasis,
@@ -21,6 +23,9 @@ from kronlab.factors.structures import (
 )
 
 __all__ = [
+    "DAMPING_KINDS",
+    "Damping",
+    "KroneckerEigenbasis",
     "STRUCTURE_NAMES",
     "BlockDiagonalStructure",
     "DenseStructure",

@@ -1,13 +1,17 @@
 """Damped inverse roots of Kronecker factors from their eigendecomposition.
 
 Shampoo's preconditioner per factor is ``(F / bc + ε I)^{-p}`` (Gupta et al., 2018), with ``p =
-1/(2k)`` for a k-factor block; K-FAC's damped inverse is ``p = 1``. Both are written here once.
+1/(2k)`` for a k-factor block: the ``"per_factor_absolute"`` rule of
+:class:`kronlab.factors.Damping` through ``eigenbasis_matrix`` (``Q f(Λ) Qᵀ``), kept as stack
+kernels for the optimizers' cached roots.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kronlab.factors.damping import Damping, factor_eigenvalue_powers
+from kronlab.factors.eigenbasis import eigenbasis_matrix
 from kronlab.linalg.symmetric import symmetric_product
 
 
@@ -15,7 +19,8 @@ def damped_inverse_root_scales(
     eigenvalues: torch.Tensor, epsilon: float, exponent: float, scale: float = 1.0
 ) -> torch.Tensor:
     """``(scale · λ + ε)^{-exponent}``, with negative round-off eigenvalues clamped to 0."""
-    return (eigenvalues.clamp_min(0.0) * scale + epsilon).pow(-exponent)
+    damping = Damping("per_factor_absolute", epsilon)
+    return factor_eigenvalue_powers(eigenvalues, -exponent, damping, scale)
 
 
 def damped_inverse_root(
@@ -27,7 +32,7 @@ def damped_inverse_root(
 ) -> torch.Tensor:
     """``Q diag((scale · λ + ε)^{-exponent}) Qᵀ`` for a stack ``(B, d)``, ``(B, d, d)``."""
     scales = damped_inverse_root_scales(eigenvalues, epsilon, exponent, scale)
-    return (eigenvectors * scales.unsqueeze(-2)) @ eigenvectors.transpose(-1, -2)
+    return eigenbasis_matrix(eigenvectors, scales)
 
 
 def damped_inverse_root_(

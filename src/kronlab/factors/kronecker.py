@@ -100,12 +100,13 @@ def precondition_in_eigenbasis(
 
 
 def kronecker_outer(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Outer product of per-axis vectors ``(B, d_i)`` → ``(B, d_1, …, d_k)``: the eigenvalues of
-    ``⊗ A_i`` from the eigenvalues of each ``A_i``."""
+    """Outer product of per-axis vectors ``(..., d_i)`` → ``(..., d_1, …, d_k)`` (same leading
+    dims): the eigenvalues of ``⊗ A_i`` from the eigenvalues of each ``A_i``."""
     result = vectors[0]
     for vector in vectors[1:]:
+        lead = vector.shape[:-1]
         result = result.unsqueeze(-1) * vector.reshape(
-            vector.shape[0], *([1] * (result.ndim - 1)), -1
+            *lead, *([1] * (result.ndim - len(lead))), vector.shape[-1]
         )
     return result
 

@@ -267,6 +267,7 @@ class KronOptimizer(Optimizer):
             if self.distributed.world()[1] == 1:
                 return None
             self._sharding = Sharding(self.distributed, self.distributed_work_items())
+            self._plan = None  # planned again with this rank's bundles only
         return self._sharding
 
     # --- stepping -----------------------------------------------------------------------
@@ -346,10 +347,19 @@ class KronOptimizer(Optimizer):
     # --- the step template ---------------------------------------------------------------
     @property
     def plan(self) -> StackPlan:
-        """The stacks of same-work blocks, built once (again after ``add_param_group``)."""
+        """The stacks of same-work blocks of ``planned_bundles``, built once (again after
+        ``add_param_group``)."""
         if self._plan is None:
-            self._plan = StackPlan.build(self.bundles, self.work)
+            self._plan = StackPlan.build(self.planned_bundles(), self.work)
         return self._plan
+
+    def planned_bundles(self) -> list[ParameterBundle]:
+        """The bundles this process steps: all of them, or, distributed, those its rank owns
+        (the others' stacks, state and work live on their owners)."""
+        sharding = self.sharding()
+        if sharding is None:
+            return self.bundles
+        return [bundle for index, bundle in enumerate(self.bundles) if sharding.owns(index)]
 
     def work(self, bundle: ParameterBundle) -> list[Work]:
         """The blocks of ``bundle`` (one ``Work`` each). Default: one block, the grouped

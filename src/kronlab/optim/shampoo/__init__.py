@@ -9,7 +9,8 @@ from kronlab.optim.shampoo.config import (
     PerFactorEigenvalueCorrectedConfig,
     RootInverseConfig,
 )
-from kronlab.optim.shampoo.optimizer import SOAP, KLShampoo, KroneckerBlock, Shampoo
+from kronlab.optim.shampoo.optimizer import KroneckerBlock, Shampoo
+from kronlab.optim.shampoo.presets import SOAP, KLShampoo
 
 __all__ = [
     "SOAP",

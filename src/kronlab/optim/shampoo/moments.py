@@ -145,12 +145,6 @@ def adam_denominator(
     return (second_moment / correction).sqrt_().add_(epsilon)
 
 
-def graft(direction: torch.Tensor, grafting: torch.Tensor) -> torch.Tensor:
-    """Rescale each block of ``direction`` to the Frobenius norm of the grafting direction."""
-    dims = tuple(range(1, direction.ndim))
-    return direction * graft_scales(direction, torch.linalg.vector_norm(grafting, dim=dims))
-
-
 def graft_scales(direction: torch.Tensor, target_norms: torch.Tensor) -> torch.Tensor:
     """Per-block factors ``(B, 1, …)`` that give each block of ``direction`` the norm
     ``target_norms`` ``(B,)`` (0 for a zero block), for the final update to apply."""

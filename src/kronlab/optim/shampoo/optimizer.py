@@ -14,7 +14,6 @@ from kronlab.distributed import DistributedConfig
 from kronlab.factors.eigenbasis import refresh_eigenbasis
 from kronlab.groups.layout import BlockLayout
 from kronlab.groups.rules import PreconditionerGroup
-from kronlab.linalg._dtypes import working_dtype
 from kronlab.linalg.batching import concatenate_matrices
 from kronlab.optim.base import (
     DEFAULT_RULES,
@@ -25,14 +24,8 @@ from kronlab.optim.base import (
     with_renamed_group_keys,
 )
 from kronlab.optim.bundles import ParameterBundle
-from kronlab.optim.shampoo import variants
-from kronlab.optim.shampoo.config import (
-    KL_VARIANTS,
-    EigenvalueCorrectedConfig,
-    PerFactorEigenvalueCorrectedConfig,
-    resolve_grafting,
-    resolve_preconditioner,
-)
+from kronlab.optim.shampoo.config import KL_VARIANTS, resolve_grafting, resolve_preconditioner
+from kronlab.optim.shampoo.kl import check_kl, kl_inverse_sqrts
 from kronlab.optim.shampoo.moments import (
     diagonal_direction,
     filtered_gradient,
@@ -41,9 +34,12 @@ from kronlab.optim.shampoo.moments import (
     grafting_norms,
     momentum_numerator,
 )
-from kronlab.optim.shampoo.plan import StackingPlan, build_plan
+from kronlab.optim.shampoo.plan import Scaled, bundle_layout, bundle_work, gather, scatter
 from kronlab.optim.shampoo.settings import StackSettings
+from kronlab.optim.shampoo.state import BLOCKS, StackStates
 from kronlab.optim.shampoo.statistics import update_factors_
+from kronlab.optim.shampoo.variant import Refreshed, ShampooVariant, StepInputs
+from kronlab.optim.step_template import Direction, Slot, Stack, Work, apply_direction
 from kronlab.optim.validation import check_betas, check_choice, check_range
 
 VECTOR_PRECONDITIONERS = ("diagonal", "grafting", "dense")
@@ -68,22 +64,17 @@ class KroneckerBlock(NamedTuple):
     eigenvalue_bias_correction: float
 
 
-class StackWork(NamedTuple):
-    """One stack's per-step quantities between the statistics and the direction.
+class PendingDirection(NamedTuple):
+    """A preconditioned stack's per-step quantities between the statistics and the direction:
+    the factor gradient, the filtered gradient before its bias correction (``M = filtered /
+    filtered_correction``), the grafting method's per-block norms (``None`` without grafting)
+    and this step's outer products (empty unless the variant reads them)."""
 
-    An elementwise stack has only ``final`` (its direction). A Kronecker stack has the factor
-    gradient, the filtered gradient before its bias correction (``M = filtered /
-    filtered_correction``), ``grafting`` (before preconditioning starts: the direction to use;
-    after: the grafting method's per-block norms, or ``None`` without grafting) and this step's
-    outer products where the variant reads them.
-    """
-
-    final: torch.Tensor | None = None
-    gradient: torch.Tensor | None = None
-    filtered: torch.Tensor | None = None
-    filtered_correction: float = 1.0
-    grafting: torch.Tensor | None = None
-    products: list[torch.Tensor] | None = None
+    gradient: torch.Tensor
+    filtered: torch.Tensor
+    filtered_correction: float
+    grafting_norms: torch.Tensor | None
+    products: list[torch.Tensor]
 
 
 class Shampoo(KronOptimizer):
@@ -113,17 +104,16 @@ class Shampoo(KronOptimizer):
     ``max_consecutive_failures`` failures in a row raise ``DecompositionFailed``. A bundle without
     a gradient on a step is neither updated nor decayed, but its statistics see a zero gradient.
 
-    State layout: blocks live in stacks, ``optimizer.state["kronlab"]["stacks"][s]``, a dict with
-    ``step`` (updates of the stack), ``momentum`` (``eigenbasis_momentum`` for the
-    eigenvalue-corrected variant without grafting) and ``grafting_second_moment`` ``(B, *block)``,
-    ``factors`` ``[(B, d_i, d_i)]``, ``failures`` ``[(B,)]`` and the variant's cache
-    (``variants.py``: ``inverse_roots`` | ``eigenvectors``, ``eigenvalues`` | ``second_moment``
-    | ``eigenvalue_ema``, ``correction_step``). ``kronecker_factors(param)`` returns, per block of
-    the parameter's bundle, a ``KroneckerBlock`` of views into them; ``block_layout(param)`` says
-    how the grouped tensor is cut into those blocks. A param group added after the first step
-    gets stacks of its own (``planned_groups`` records which groups were planned together, see
-    ``plan.py``), so the stacks that already hold state keep their members.
-
+    State layout: keyed by parameter, as torch.optim's: a bundle's blocks live under its first
+    parameter, ``optimizer.state[param]["blocks"][j]``, a dict with ``step`` (updates of the
+    block), ``momentum`` (``eigenbasis_momentum`` for the eigenvalue-corrected variant without
+    grafting) and ``grafting_second_moment`` (block-shaped), ``factors`` ``[(d_i, d_i)]``,
+    ``failures`` ``[()]`` and the variant's cache (described in its file: ``root_inverse.py``,
+    ``eigendecomposed.py``, ``eigenvalue_corrected.py``, ``per_factor.py``). The step computes
+    on same-shape blocks of a param group as stacks ``(B, …)``; the per-parameter tensors are
+    views of them (``state.py``). ``kronecker_factors(param)`` returns, per block of the
+    parameter's bundle, a ``KroneckerBlock`` of these views; ``block_layout(param)`` says how the
+    grouped tensor is cut into those blocks.
 
     Args:
         params: tensors or param groups (a group may set any argument below but ``model``);
@@ -191,7 +181,7 @@ class Shampoo(KronOptimizer):
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, list) else betas,
-            eps=_renamed_eps(eps, epsilon, type(self)),
+            eps=renamed_eps(eps, epsilon, type(self)),
             preconditioner=preconditioner,
             kl=kl,
             grafting=grafting,
@@ -207,7 +197,8 @@ class Shampoo(KronOptimizer):
             vector_preconditioner=vector_preconditioner,
             max_consecutive_failures=max_consecutive_failures,
         )
-        self._plan: StackingPlan | None = None
+        self._layouts: dict[int, BlockLayout | None] = {}  # by ``id`` of the bundle
+        self._stack_states = StackStates()
         super().__init__(
             params,
             defaults,
@@ -246,68 +237,58 @@ class Shampoo(KronOptimizer):
         group["preconditioner"] = resolve_preconditioner(group["preconditioner"])
         group["grafting"] = resolve_grafting(group["grafting"])
         if group["kl"]:
-            if group["preconditioner"].name not in KL_VARIANTS:
-                raise ValueError(
-                    f"Invalid kl: True with preconditioner {group['preconditioner'].name!r} "
-                    f"(allowed: kl=True with one of {list(KL_VARIANTS)})"
-                )
-            override = getattr(group["preconditioner"], "exponent_override", None)
-            if override is not None and override != 0.5:
-                raise ValueError(
-                    f"Invalid exponent_override: {override!r} with kl=True "
-                    "(allowed: None or 0.5, KL-Shampoo's exponent)"
-                )
+            preconditioner = group["preconditioner"]
+            check_kl(preconditioner, preconditioner.variant.supports_kl, KL_VARIANTS)
 
     def describe_preconditioner(self, bundle: ParameterBundle) -> list[str]:
-        plan = self._stacking_plan()
-        index = self.bundles.index(bundle)
-        lines = []
-        for stack_index, _ in plan.slots[index]:
-            stack = plan.stacks[stack_index]
-            if stack.kind == "kronecker":
-                lines += [f"{d}x{d} (Dense)" for d in stack.block_shape]
-            else:
-                lines.append(
-                    f"{'x'.join(map(str, bundle.grouped_shape)) or 'scalar'} ({stack.kind})"
-                )
-        return lines
+        layout = self._layout(bundle)
+        if layout is None:
+            (work,) = self.work(bundle)
+            return [f"{'x'.join(map(str, bundle.grouped_shape)) or 'scalar'} ({work.key})"]
+        return [f"{d}x{d} (Dense)" for shape in layout.block_shapes for d in shape]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        self._plan = None  # the next step plans the new group's blocks (stacks of their own)
+        # the plan is built again, the new group's blocks in stacks of their own; the stacks
+        # are gathered again from the per-parameter state
+        self._stack_states.clear()
 
-    def _stacking_plan(self) -> StackingPlan:
-        if self._plan is None:
-            # Groups whose stacks already have state keep them: ``planned_groups`` (saved with
-            # the stacks) says which groups were planned together.
-            planned = self.state[GLOBAL_STATE].get("planned_groups", ())
-            self._plan = build_plan(self.bundles, self.param_groups, _stack_key, planned)
-        return self._plan
+    def work(self, bundle: ParameterBundle) -> list[Work]:
+        return bundle_work(bundle, self.param_groups[bundle.group_index], self._layout(bundle))
+
+    def _layout(self, bundle: ParameterBundle) -> BlockLayout | None:
+        key = id(bundle)
+        if key not in self._layouts:
+            group = self.param_groups[bundle.group_index]
+            self._layouts[key] = bundle_layout(bundle, group)
+        return self._layouts[key]
 
     # --- the step --------------------------------------------------------------------------
     def update(self) -> None:
-        plan = self._stacking_plan()
-        global_state = self.state[GLOBAL_STATE]
-        stack_states = global_state.setdefault("stacks", [])
-        stack_states.extend({} for _ in range(len(plan.stacks) - len(stack_states)))
-        global_state["planned_groups"] = list(plan.segments)
-        gradients = [self._bundle_gradient(bundle) for bundle in self.bundles]
-        settings = [
-            StackSettings.from_group(self.param_groups[stack.group_index]) for stack in plan.stacks
+        stacks = self.plan.stacks
+        bundles = self.planned_bundles()
+        gradients = {id(bundle): self._bundle_gradient(bundle) for bundle in bundles}
+        stack_states = [self._stack_states.get(self.state, stack) for stack in stacks]
+        variants = [
+            StackSettings.from_group(self.param_groups[stack.group_index]).variant()
+            for stack in stacks
         ]
         work = [
-            self._accumulate_statistics(
-                plan, index, stack_states[index], settings[index], gradients
-            )
-            for index in range(len(plan.stacks))
+            self._accumulate_statistics(stack, state, variant, gradients)
+            for stack, state, variant in zip(stacks, stack_states, variants)
         ]
-        self._refresh_due_decompositions(plan, stack_states, settings, after_step=False)
+        self._refresh_due_decompositions(stacks, stack_states, variants, after_step=False)
         directions = [
-            self._direction(state, options, stack_work)
-            for state, options, stack_work in zip(stack_states, settings, work)
+            self._direction(state, variant, stack_work)
+            if isinstance(stack_work, PendingDirection)
+            else stack_work
+            for state, variant, stack_work in zip(stack_states, variants, work)
         ]
-        self._refresh_due_decompositions(plan, stack_states, settings, after_step=True)
-        self._apply_updates(plan.scatter(directions, [b.grouped_shape for b in self.bundles]))
+        self._refresh_due_decompositions(stacks, stack_states, variants, after_step=True)
+        for stack in stacks:
+            self._stack_states.publish(stack)
+        grouped = scatter(stacks, directions, self._layouts)
+        self._apply_updates(bundles, [grouped[id(bundle)] for bundle in bundles])
 
     def _bundle_gradient(self, bundle: ParameterBundle) -> torch.Tensor:
         group = self.param_groups[bundle.group_index]
@@ -318,63 +299,59 @@ class Shampoo(KronOptimizer):
 
     def _accumulate_statistics(
         self,
-        plan: StackingPlan,
-        index: int,
+        stack: Stack,
         state: dict[str, Any],
-        settings: StackSettings,
-        gradients: list[torch.Tensor],
-    ) -> StackWork:
+        variant: ShampooVariant,
+        gradients: dict[int, torch.Tensor],
+    ) -> Scaled | PendingDirection:
         """Momentum, grafting and (for Kronecker stacks) factor statistics of one stack.
 
-        For a Kronecker stack the filtered gradient is returned before its bias correction
-        (``filtered / filtered_correction`` is ``M``) and, once preconditioning runs, the
-        grafting method enters only through its per-block norms (``grafting_norms``).
+        Elementwise stacks, and Kronecker stacks before preconditioning starts, get their
+        direction here. For a preconditioned stack the filtered gradient is kept before its bias
+        correction (``filtered / filtered_correction`` is ``M``) and the grafting method enters
+        only through its per-block norms (``grafting_norms``).
         """
-        stack = plan.stacks[index]
-        state_dtype = working_dtype(self.bundles[stack.members[0][0]].key.dtype)
-        gradient = plan.gather(index, gradients).to(state_dtype)
+        settings = variant.settings
+        kind = stack.work.key
+        gradient = gather(stack, self._layouts, gradients).to(stack.work.dtype)
         state["step"] = state.get("step", 0) + 1
-        if stack.kind != "kronecker":
+        if kind != "kronecker":
             filtered = filtered_gradient(state, gradient, settings)
-            if stack.kind == "diagonal":
-                return StackWork(final=diagonal_direction(state, gradient, filtered, settings))
+            if kind == "diagonal":
+                return diagonal_direction(state, gradient, filtered, settings), 1.0
             grafted = grafting_direction(state, gradient, filtered, settings)
-            return StackWork(final=filtered if grafted is None else grafted)
-        if variants.momentum_in_eigenbasis(settings):
-            # The momentum is filtered in the eigenbasis (variants.py).
+            return (filtered if grafted is None else grafted), 1.0
+        if variant.filters_in_eigenbasis:  # the variant filters the raw gradient itself
             filtered, filtered_correction = gradient, 1.0
         else:
             filtered, filtered_correction = momentum_numerator(state, gradient, settings)
-        if state["step"] < settings.start_preconditioning_step:
+        preconditioned = state["step"] >= settings.start_preconditioning_step
+        if preconditioned:
+            grafting = grafting_norms(state, gradient, filtered, filtered_correction, settings)
+        else:  # the grafting direction (or ``M``) alone
             corrected = filtered / filtered_correction
             grafted = grafting_direction(state, gradient, corrected, settings)
-            grafting = corrected if grafted is None else grafted
-        else:
-            grafting = grafting_norms(state, gradient, filtered, filtered_correction, settings)
         factor_gradient = gradient.to(settings.factor_dtype)
         products = update_factors_(
             state,
             factor_gradient,
-            variants.kl_inverse_sqrts(state, settings, stack.num_factors),
-            settings.factor_beta,
-            keep_products=variants.reads_outer_products(settings),
+            kl_inverse_sqrts(variant, state, len(stack.shape)),
+            variant.factor_beta,
+            keep_products=variant.reads_outer_products,
         )
         if products is not None:
-            variants.update_eigenvalue_ema(state, settings, factor_gradient, products)
-        return StackWork(
-            None,
-            factor_gradient,
-            filtered,
-            filtered_correction,
-            grafting,
-            [] if products is None else products,
+            variant.measure(state, factor_gradient, products)
+        if not preconditioned:
+            return (corrected if grafted is None else grafted), 1.0
+        return PendingDirection(
+            factor_gradient, filtered, filtered_correction, grafting, products or []
         )
 
     def _refresh_due_decompositions(
         self,
-        plan: StackingPlan,
+        stacks: tuple[Stack, ...],
         stack_states: list[dict[str, Any]],
-        settings: list[StackSettings],
+        variants: list[ShampooVariant],
         *,
         after_step: bool,
     ) -> None:
@@ -385,17 +362,16 @@ class Shampoo(KronOptimizer):
         refresh after it, so a basis never contains the gradient it measures (as in SOAP).
         """
         batches: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
-        for index, (stack, state) in enumerate(zip(plan.stacks, stack_states)):
-            options = settings[index]
+        for index, (stack, state, variant) in enumerate(zip(stacks, stack_states, variants)):
             if (
-                stack.kind == "kronecker"
-                and options.refresh_after_step == after_step
-                and options.is_refresh_step(state["step"])
+                stack.work.key == "kronecker"
+                and variant.refresh_after_step == after_step
+                and variant.is_refresh_step(state["step"])
             ):
-                method = variants.refresh_method(state, options)
-                tracked = variants.tracks_columns(options)
+                method = variant.refresh_method(state)
                 for axis, factor in enumerate(state["factors"]):
-                    batches[(factor.shape[-1], factor.dtype, method, tracked)].append((index, axis))
+                    key = (factor.shape[-1], factor.dtype, method, variant.tracks_columns)
+                    batches[key].append((index, axis))
         results: dict[tuple[int, int], tuple] = {}
         for (size, _, method, tracked), members in batches.items():
             factors, previous_vectors, previous_values, failures = [], [], [], []
@@ -411,7 +387,7 @@ class Shampoo(KronOptimizer):
                         ],
                     )[axis]
                 )
-                vectors, values = variants.previous_eigenpairs(state, axis)
+                vectors, values = variants[index].previous_eigenpairs(state, axis)
                 factors.append(factor)
                 previous_vectors.append(vectors)
                 previous_values.append(values)
@@ -427,7 +403,7 @@ class Shampoo(KronOptimizer):
                 _concatenate_or_none(previous_values, factors, lambda f: f.new_zeros(f.shape[:-1])),
                 concatenate_matrices(failures),
                 method=method,
-                max_consecutive_failures=settings[members[0][0]].max_consecutive_failures,
+                max_consecutive_failures=variants[members[0][0]].settings.max_consecutive_failures,
                 name=f"Shampoo factors of size {size}",
                 track_columns=tracked,
                 # A QR refresh's exact eigenvalues would cost another F Q: the variants read
@@ -448,115 +424,98 @@ class Shampoo(KronOptimizer):
         for index, state in enumerate(stack_states):
             axes = [
                 results[(index, axis)]
-                for axis in range(plan.stacks[index].num_factors)
+                for axis in range(len(stacks[index].shape))
                 if (index, axis) in results
             ]
             if axes:
-                variants.install(state, settings[index], *zip(*axes))
+                variants[index].install(state, Refreshed(*map(list, zip(*axes))))
 
     def _direction(
-        self,
-        state: dict[str, Any],
-        settings: StackSettings,
-        work: StackWork,
-    ) -> tuple[torch.Tensor, float | torch.Tensor]:
+        self, state: dict[str, Any], variant: ShampooVariant, work: PendingDirection
+    ) -> Scaled:
         """The preconditioned, grafted direction of one stack, as ``(D, s)``: the step
         direction is ``s · D``, with ``s`` a float or per-block factors ``(B, 1, …)``; the
         parameter update applies ``s`` (no pass over ``D`` here)."""
-        if work.final is not None:  # an elementwise stack
-            return work.final, 1.0
         filtered = work.filtered
-        assert filtered is not None and work.products is not None and work.gradient is not None
-        if state["step"] < settings.start_preconditioning_step:
-            assert work.grafting is not None
-            return work.grafting, 1.0  # the grafting direction (or ``M``) alone
-        direction = variants.correct_and_precondition(
-            state, settings, work.gradient, filtered.to(settings.factor_dtype), work.products
-        ).to(filtered.dtype)
-        if work.grafting is None:  # every variant's preconditioner is linear in M
+        inputs = StepInputs(
+            work.gradient, filtered.to(variant.settings.factor_dtype), work.products
+        )
+        direction = variant.direction(state, inputs).to(filtered.dtype)
+        if work.grafting_norms is None:  # every variant's preconditioner is linear in M
             return direction, 1.0 / work.filtered_correction
-        return direction, graft_scales(direction, work.grafting)
+        return direction, graft_scales(direction, work.grafting_norms)
 
-    def _apply_updates(self, grouped_directions: list[tuple[torch.Tensor, Any]]) -> None:
-        """Decoupled weight decay, then ``p ← p − lr · s · D`` for bundles with a gradient:
-        one fused pass per parameter (``add_`` with ``alpha``, or ``addcmul_`` by a 0-d ``s``)."""
-        for bundle, (direction, scale) in zip(self.bundles, grouped_directions):
-            if not bundle.has_gradient():
-                continue
-            group = self.param_groups[bundle.group_index]
-            lr, weight_decay = group["lr"], group["weight_decay"]
-            for param, update in zip(bundle.params, bundle.split(direction)):
-                if param.grad is None:
-                    continue  # a bundle member without a gradient this step does not move
-                if weight_decay and group["decoupled_weight_decay"]:
-                    param.mul_(1.0 - lr * weight_decay)
-                # the update stays in its (float32 or wider) dtype: the in-place op scales it
-                # there and rounds only the sum to the parameter's dtype, so a raw direction
-                # beyond float16's range (e.g. 1.8e5 before a grafting scale of 7e-6) is fine
-                if isinstance(scale, torch.Tensor):
-                    param.addcmul_(update, scale, value=-lr)
-                else:
-                    param.add_(update, alpha=-lr * scale)
+    def _apply_updates(self, bundles: list[ParameterBundle], grouped: list[Scaled]) -> None:
+        """Decoupled weight decay, then ``p ← p − lr · s · D`` (``grouped``: per bundle) for
+        parameters with a gradient (``step_template.apply_direction``): one write per param
+        group and float ``s`` (step size ``lr · s``), or per param group with each bundle's 0-d
+        ``s`` multiplied in.
+        The update stays in its (float32 or wider) dtype: the write scales it there and rounds
+        only the sum to the parameter's dtype, so a raw direction beyond float16's range (e.g.
+        1.8e5 before a grafting scale of 7e-6) is fine."""
+        writes: dict[tuple, tuple[list[Slot], list[torch.Tensor], list[torch.Tensor]]] = {}
+        for bundle, (direction, scale) in zip(bundles, grouped):
+            per_bundle = isinstance(scale, torch.Tensor)
+            key = (bundle.group_index, None if per_bundle else scale)
+            slots, values, scales = writes.setdefault(key, ([], [], []))
+            slots.append(Slot(bundle))
+            values.append(direction)
+            if per_bundle:
+                scales.append(scale)
+        for (group_index, scale), (slots, values, scales) in writes.items():
+            group = self.param_groups[group_index]
+            lr = group["lr"]
+            decay = lr * group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
+            if scale is None:
+                apply_direction(slots, Direction(values, lr, scales), decay)
+            else:
+                apply_direction(slots, Direction(values, lr * scale), decay)
 
     # --- read access for attribution -------------------------------------------------------
-    def _bundle_of(self, bundle_or_param: ParameterBundle | torch.Tensor) -> int:
-        for index, bundle in enumerate(self.bundles):
+    def _bundle_of(self, bundle_or_param: ParameterBundle | torch.Tensor) -> ParameterBundle:
+        for bundle in self.bundles:
             if bundle is bundle_or_param or any(p is bundle_or_param for p in bundle.params):
-                return index
+                return bundle
         raise ValueError("the parameter is not optimized by this optimizer")
 
     def block_layout(self, bundle_or_param: ParameterBundle | torch.Tensor) -> BlockLayout | None:
         """How the bundle's grouped tensor is cut into blocks (``None``: elementwise)."""
-        return self._stacking_plan().layouts[self._bundle_of(bundle_or_param)]
+        return self._layout(self._bundle_of(bundle_or_param))
 
     def kronecker_factors(
         self, bundle_or_param: ParameterBundle | torch.Tensor
     ) -> list[KroneckerBlock]:
         """Per block of the bundle, its Kronecker state (views, empty before the first step)."""
-        plan = self._stacking_plan()
-        stacks = self.state[GLOBAL_STATE].get("stacks")
-        if stacks is None:
+        bundle = self._bundle_of(bundle_or_param)
+        layout = self._layout(bundle)
+        states = self.state.get(bundle.key, {}).get(BLOCKS, [])
+        if layout is None or not states:
             return []
-        blocks = []
-        for stack_index, position in plan.slots[self._bundle_of(bundle_or_param)]:
-            stack, state = plan.stacks[stack_index], stacks[stack_index]
-            if stack.kind != "kronecker" or "factors" not in state:
-                continue
-            settings = StackSettings.from_group(self.param_groups[stack.group_index])
-
-            def pick(key: str, state: dict = state, position: int = position) -> Any:
-                value = state.get(key)
-                if value is None:
-                    return None
-                if isinstance(value, list):
-                    return [item[position] for item in value]
-                return value[position]
-
-            config = settings.preconditioner
-            eigenvalues = (
-                pick("eigenvalue_ema")
-                if isinstance(config, PerFactorEigenvalueCorrectedConfig)
-                else pick("eigenvalues")
+        variant = StackSettings.from_group(self.param_groups[bundle.group_index]).variant()
+        return [
+            KroneckerBlock(
+                block_shape=shape,
+                factors=state["factors"],
+                eigenvectors=state.get("eigenvectors"),
+                eigenvalues=state.get(variant.exported_eigenvalues),
+                second_moment=state.get("second_moment"),
+                inverse_roots=state.get("inverse_roots"),
+                factor_bias_correction=variant.factor_correction(state),
+                eigenvalue_bias_correction=variant.eigenvalue_correction(state),
             )
-            blocks.append(
-                KroneckerBlock(
-                    block_shape=stack.block_shape,
-                    factors=pick("factors"),
-                    eigenvectors=pick("eigenvectors"),
-                    eigenvalues=eigenvalues,
-                    second_moment=pick("second_moment"),
-                    inverse_roots=pick("inverse_roots"),
-                    factor_bias_correction=variants.factor_correction(state, settings),
-                    eigenvalue_bias_correction=variants.eigenvalue_correction(
-                        {"correction_step": state.get("correction_step", 0)}, settings
-                    ),
-                )
-            )
-        return blocks
+            for shape, state in zip(layout.block_shapes, states)
+            if "factors" in state
+        ]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_global = state_dict.get("state", {}).get(GLOBAL_STATE, {})
+        if isinstance(saved_global, dict) and "stacks" in saved_global:
+            raise ValueError(
+                "Invalid state_dict: Shampoo state saved per stack (allowed: a state_dict "
+                "whose Shampoo state is keyed by parameter, as saved by this version)"
+            )
         super().load_state_dict(with_renamed_group_keys(state_dict, {"epsilon": "eps"}))
-        self._plan = None
+        self._stack_states.clear()
 
 
 def _with_defaults(
@@ -581,12 +540,7 @@ def _concatenate_or_none(
     return None if members is None else concatenate_matrices(members)
 
 
-def _stack_key(group: dict[str, Any], param: torch.Tensor) -> tuple:
-    """Blocks may share a stack when these agree (lr and weight decay are applied per bundle)."""
-    return (param.device, working_dtype(param.dtype), StackSettings.from_group(group))
-
-
-def _renamed_eps(eps: float, epsilon: float | None, optimizer: type) -> float:
+def renamed_eps(eps: float, epsilon: float | None, optimizer: type) -> float:
     """``eps``, or the value passed under its former name ``epsilon`` (not both)."""
     if epsilon is None:
         return eps
@@ -597,152 +551,3 @@ def _renamed_eps(eps: float, epsilon: float | None, optimizer: type) -> float:
             "epsilon is the former name of eps)"
         )
     return epsilon
-
-
-class SOAP(Shampoo):
-    """SOAP (Vyas et al., 2024): Adam in the eigenbasis of Shampoo's factors, refreshed by one
-    warm-started QR step every ``precondition_frequency`` steps. Published defaults: lr 3e-3,
-    betas (0.95, 0.95), ε 1e-8, weight decay 0.01, frequency 10, max dim 10000, no dim merging,
-    1-D parameters by Adam.
-
-    Args:
-        params, lr, betas, eps, weight_decay, precondition_frequency, max_preconditioner_dim,
-            merge_dims: as ``Shampoo`` (SOAP's defaults above).
-        shampoo_beta: the factors' EMA rate (``None``: ``betas[1]``).
-        precondition_1d: give parameters with one dim > 1 a dense factor (else Adam).
-        eigenbasis: ``"qr"`` (SOAP's warm-started QR step) or ``"eigh"``.
-        grafting, decoupled_weight_decay, nesterov, bias_correction, start_preconditioning_step,
-            factor_dtype, max_consecutive_failures, model, combine_params, on_nonfinite_grad,
-            verbose_init, distributed, epsilon: as ``Shampoo`` (``grafting`` defaults to
-            ``"none"``).
-    """
-
-    def __init__(
-        self,
-        params: ParamsT = None,
-        lr: float = 3e-3,
-        betas: tuple[float, float] = (0.95, 0.95),
-        eps: float = 1e-8,
-        *,
-        shampoo_beta: float | None = None,
-        weight_decay: float = 0.01,
-        precondition_frequency: int = 10,
-        max_preconditioner_dim: int | None = 10000,
-        merge_dims: bool = False,
-        precondition_1d: bool = False,
-        eigenbasis: str = "qr",
-        grafting: object = "none",
-        decoupled_weight_decay: bool = True,
-        nesterov: bool = False,
-        bias_correction: bool = True,
-        start_preconditioning_step: float = 1,
-        factor_dtype: torch.dtype = torch.float32,
-        max_consecutive_failures: int = 5,
-        model: nn.Module | None = None,
-        combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
-        on_nonfinite_grad: NonFinitePolicy = "skip",
-        verbose_init: bool = False,
-        distributed: DistributedConfig | None = None,
-        epsilon: float | None = None,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            betas,
-            _renamed_eps(eps, epsilon, SOAP),
-            preconditioner=EigenvalueCorrectedConfig(
-                eigenbasis=eigenbasis,  # type: ignore[arg-type]
-                factor_beta=shampoo_beta,
-            ),
-            grafting=grafting,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            nesterov=nesterov,
-            bias_correction=bias_correction,
-            precondition_frequency=precondition_frequency,
-            start_preconditioning_step=start_preconditioning_step,
-            max_preconditioner_dim=max_preconditioner_dim,
-            merge_dims=merge_dims,
-            factor_dtype=factor_dtype,
-            vector_preconditioner="dense" if precondition_1d else "diagonal",
-            max_consecutive_failures=max_consecutive_failures,
-            model=model,
-            combine_params=combine_params,
-            on_nonfinite_grad=on_nonfinite_grad,
-            verbose_init=verbose_init,
-            distributed=distributed,
-        )
-
-
-class KLShampoo(Shampoo):
-    """KL-Shampoo (Lin et al., 2025, "Understanding and Improving Shampoo and SOAP via
-    Kullback–Leibler Minimization"): factors ``L ← β₂ L + (1 − β₂) G R^{-1} Gᵀ / n`` (and
-    symmetrically R), direction ``L^{-1/2} M R^{-1/2}``. lr 3e-3, betas (0.95, 0.95), ε 1e-8,
-    weight decay 0.01 and frequency 10 follow the paper's SOAP-based reference; the
-    preconditioner defaults to per-factor eigenvalue correction. The reference clamps the inverse
-    square-root eigenvalues to keep early steps bounded (its direction scales like 1/σ of a
-    single low-rank gradient); here Adam grafting (per-block norm matching) does that job by
-    default — pass ``grafting="none"`` for the raw KL-Shampoo step. While a factor's eigenvalues
-    are all zero (before any gradient was measured) the statistics skip its inverse.
-
-    Args:
-        params, lr, betas, eps, preconditioner, grafting, weight_decay, decoupled_weight_decay,
-            nesterov, bias_correction, precondition_frequency, start_preconditioning_step,
-            max_preconditioner_dim, merge_dims, factor_dtype, vector_preconditioner,
-            max_consecutive_failures, model, combine_params, on_nonfinite_grad, verbose_init,
-            distributed, epsilon: as ``Shampoo`` (the defaults above; ``preconditioner`` one of
-            ``"root_inv"``, ``"eigendecomposed"``, ``"per_factor_eigenvalue_corrected"``).
-    """
-
-    def __init__(
-        self,
-        params: ParamsT = None,
-        lr: float = 3e-3,
-        betas: tuple[float, float] = (0.95, 0.95),
-        eps: float = 1e-8,
-        *,
-        preconditioner: object = "per_factor_eigenvalue_corrected",
-        grafting: object = "adam",
-        weight_decay: float = 0.01,
-        decoupled_weight_decay: bool = True,
-        nesterov: bool = False,
-        bias_correction: bool = True,
-        precondition_frequency: int = 10,
-        start_preconditioning_step: float = 1,
-        max_preconditioner_dim: int | None = 1024,
-        merge_dims: bool = True,
-        factor_dtype: torch.dtype = torch.float32,
-        vector_preconditioner: str = "diagonal",
-        max_consecutive_failures: int = 5,
-        model: nn.Module | None = None,
-        combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
-        on_nonfinite_grad: NonFinitePolicy = "skip",
-        verbose_init: bool = False,
-        distributed: DistributedConfig | None = None,
-        epsilon: float | None = None,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            betas,
-            _renamed_eps(eps, epsilon, KLShampoo),
-            preconditioner=preconditioner,
-            kl=True,
-            grafting=grafting,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            nesterov=nesterov,
-            bias_correction=bias_correction,
-            precondition_frequency=precondition_frequency,
-            start_preconditioning_step=start_preconditioning_step,
-            max_preconditioner_dim=max_preconditioner_dim,
-            merge_dims=merge_dims,
-            factor_dtype=factor_dtype,
-            vector_preconditioner=vector_preconditioner,
-            max_consecutive_failures=max_consecutive_failures,
-            model=model,
-            combine_params=combine_params,
-            on_nonfinite_grad=on_nonfinite_grad,
-            verbose_init=verbose_init,
-            distributed=distributed,
-        )

@@ -1,172 +1,104 @@
-"""The stacking plan: every preconditioned block of every bundle, grouped into stacks.
+"""Shampoo's blocks on the step template's plan (``kronlab.optim.step_template``).
 
-Blocks of the same shape whose math hyperparameters agree share a stack ``(B, d_1, …, d_k)``, so
-factor updates, decompositions and preconditioning run as one batched call per stack. Parameters
-that get an elementwise treatment (vectors, scalars) are concatenated into one flat ``(1, N)``
-stack. The plan is built at the first step from the bundles and their param groups, and
-rebuilt when a param group is added later: the groups planned before keep their stacks (their
-state already exists) and the new groups get stacks of their own, appended after them. Which
-groups were planned together (``segments``) is saved with the state, so a checkpoint loads into
-an optimizer constructed with all the groups at once.
+Each bundle says what work its blocks need (``bundle_work``): a Kronecker block per piece of its
+layout (size-1 dims dropped, small dims merged, large dims blocked), or one elementwise block
+for vectors and scalars (the group's ``vector_preconditioner``: ``"diagonal"``, ``"grafting"``;
+``"dense"`` makes a vector a one-factor Kronecker block). The template gathers same-work blocks
+of one param group into a stack, so factor updates, decompositions and preconditioning run as
+one batched call per stack; a param group added later gets stacks of its own.
 """
 
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
 from kronlab.groups.layout import BlockLayout, drop_unit_dims, plan_layout
+from kronlab.linalg._dtypes import working_dtype
 from kronlab.optim.bundles import ParameterBundle
+from kronlab.optim.step_template import Stack, Work
 
 StackKind = Literal["kronecker", "diagonal", "grafting"]
 
-
-@dataclass
-class BlockStack:
-    """Blocks ``members[i] = (bundle index, block index)`` processed together."""
-
-    kind: StackKind
-    block_shape: tuple[int, ...]
-    group_index: int
-    members: list[tuple[int, int]] = field(default_factory=list)
-    flat_sizes: list[int] = field(default_factory=list)  # elementwise stacks only
-
-    @property
-    def num_factors(self) -> int:
-        return len(self.block_shape) if self.kind == "kronecker" else 0
+# A stack's result: ``(D, s)``, the direction ``s · D`` with ``s`` a float or per-block factors
+# ``(B, 1, …)``; a bundle's likewise (``s`` a float or a 0-d tensor).
+Scaled = tuple[torch.Tensor, float | torch.Tensor]
 
 
-@dataclass
-class StackingPlan:
-    """``layouts[b]``: bundle b's block layout (``None`` for elementwise bundles);
-    ``slots[b]``: ``(stack index, position)`` of each of its blocks; ``segments``: cumulative
-    param-group counts of the groups planned together (blocks of two segments never share a
-    stack)."""
-
-    stacks: list[BlockStack]
-    layouts: list[BlockLayout | None]
-    slots: list[list[tuple[int, int]]]
-    segments: list[int] = field(default_factory=list)
-
-    def gather(self, index: int, bundle_tensors: list[torch.Tensor | None]) -> torch.Tensor:
-        """Stack ``index``'s blocks taken from per-bundle grouped tensors."""
-        stack = self.stacks[index]
-        # A stack of one member is a view of it: ``cat``/``stack`` of one tensor would copy it
-        # every step. Safe because the step only reads its gradient stacks.
-        if stack.kind != "kronecker":
-            flat = [bundle_tensors[b].reshape(-1) for b, _ in stack.members]
-            return (flat[0] if len(flat) == 1 else torch.cat(flat)).unsqueeze(0)
-        if len(stack.members) == 1:
-            ((bundle_index, block_index),) = stack.members
-            layout = self.layouts[bundle_index]
-            block = layout.split(bundle_tensors[bundle_index])[block_index]
-            return block.reshape(stack.block_shape).unsqueeze(0)
-        blocks = {}
-        for bundle_index, _ in stack.members:
-            if bundle_index not in blocks:
-                layout = self.layouts[bundle_index]
-                blocks[bundle_index] = layout.split(bundle_tensors[bundle_index])
-        return torch.stack([blocks[b][j].reshape(stack.block_shape) for b, j in stack.members])
-
-    def scatter(
-        self,
-        stack_directions: list[tuple[torch.Tensor, float | torch.Tensor]],
-        shapes: list[torch.Size],
-    ) -> list[tuple[torch.Tensor, float | torch.Tensor]]:
-        """Per-bundle grouped tensors reassembled from per-stack results.
-
-        A stack's result is ``(D, s)``, meaning ``s · D`` with ``s`` a float or per-block
-        factors ``(B, 1, …)``; so is each bundle's: a bundle of one block keeps its block's
-        factor (as a 0-d tensor), the blocks of a larger bundle are scaled before they are
-        merged (the merge copies them anyway).
-        """
-        pieces: list[list[tuple[torch.Tensor, Any] | None]] = [[None] * len(s) for s in self.slots]
-        for stack, (result, scale) in zip(self.stacks, stack_directions):
-            if stack.kind != "kronecker":
-                for (b, _), part in zip(stack.members, result[0].split(stack.flat_sizes)):
-                    pieces[b][0] = (part, scale)
-                continue
-            scales = scale.reshape(-1).unbind(0) if isinstance(scale, torch.Tensor) else None
-            for position, ((b, j), block) in enumerate(zip(stack.members, result.unbind(0))):
-                pieces[b][j] = (block, scale if scales is None else scales[position])
-        grouped: list[tuple[torch.Tensor, float | torch.Tensor]] = []
-        for b, parts in enumerate(pieces):
-            layout = self.layouts[b]
-            if len(parts) == 1:
-                ((part, scale),) = parts  # type: ignore[misc]
-                grouped.append((part.reshape(shapes[b]), scale))
-                continue
-            blocks = [
-                (part if isinstance(scale, float) and scale == 1.0 else part * scale).reshape(shape)
-                for (part, scale), shape in zip(parts, layout.block_shapes)  # type: ignore[union-attr,misc]
-            ]
-            grouped.append((layout.merge(blocks), 1.0))  # type: ignore[union-attr]
-        return grouped
+def bundle_layout(bundle: ParameterBundle, group: dict[str, Any]) -> BlockLayout | None:
+    """How a bundle's grouped tensor is cut into Kronecker blocks (``None``: elementwise)."""
+    shape = tuple(bundle.grouped_shape)
+    kept = drop_unit_dims(shape)
+    if not kept or (len(kept) == 1 and group["vector_preconditioner"] != "dense"):
+        return None  # a scalar has no factor: it gets the diagonal treatment
+    return plan_layout(shape, group["max_preconditioner_dim"], merge_dims=group["merge_dims"])
 
 
-def build_plan(
-    bundles: list[ParameterBundle],
-    groups: list[dict[str, Any]],
-    stack_key: Callable[[dict[str, Any], torch.Tensor], tuple],
-    segments: Sequence[int] = (),
-) -> StackingPlan:
-    """Assign every block of every bundle to a stack.
+def bundle_work(
+    bundle: ParameterBundle, group: dict[str, Any], layout: BlockLayout | None
+) -> list[Work]:
+    """One ``Work`` per block; its key is the stack kind."""
+    dtype = working_dtype(bundle.key.dtype)
+    if layout is not None:
+        return [Work(shape, dtype, "kronecker") for shape in layout.block_shapes]
+    shape = tuple(bundle.grouped_shape)
+    kind = group["vector_preconditioner"] if drop_unit_dims(shape) else "diagonal"
+    return [Work((math.prod(shape),), dtype, kind)]
 
-    A bundle whose grouped tensor has at most one dim larger than 1 gets its group's
-    ``vector_preconditioner`` (``"dense"`` makes it a one-factor Kronecker block). Otherwise the
-    layout comes from ``plan_layout`` (size-1 dims dropped, small dims merged, large dims
-    blocked). ``stack_key(group, param)`` names the hyperparameters blocks must share.
-    ``segments`` (cumulative group counts, default: all groups at once) keeps groups added after
-    the first step out of the stacks planned before them; stacks come in segment order.
+
+def gather(
+    stack: Stack, layouts: dict[int, BlockLayout | None], gradients: dict[int, torch.Tensor]
+) -> torch.Tensor:
+    """The stack's blocks ``(B, *shape)`` from per-bundle grouped tensors (keyed by ``id`` of
+    the bundle). A stack of one block is a view of it: ``stack`` of one tensor would copy it
+    every step; safe because the step only reads its gradient stacks."""
+    blocks = []
+    pieces: dict[int, list[torch.Tensor]] = {}
+    for slot in stack.slots:
+        key = id(slot.bundle)
+        layout = layouts[key]
+        if layout is None:
+            block = gradients[key]
+        else:
+            if key not in pieces:
+                pieces[key] = layout.split(gradients[key])
+            block = pieces[key][slot.block]
+        blocks.append(block.reshape(stack.shape))
+    return blocks[0].unsqueeze(0) if len(blocks) == 1 else torch.stack(blocks)
+
+
+def scatter(
+    stacks: tuple[Stack, ...],
+    results: list[Scaled],
+    layouts: dict[int, BlockLayout | None],
+) -> dict[int, Scaled]:
+    """Per-bundle grouped directions (keyed by ``id`` of the bundle) from per-stack results.
+
+    A bundle of one block keeps its block's factor (as a 0-d tensor); the blocks of a larger
+    bundle are scaled before they are merged (the merge copies them anyway).
     """
-    segments = list(segments)
-    if not segments or segments[-1] < len(groups):
-        segments.append(len(groups))
-    stacks: list[BlockStack] = []
-    index_of: dict[tuple, int] = {}
-    layouts: list[BlockLayout | None] = []
-    slots: list[list[tuple[int, int]]] = []
-    for bundle_index, bundle in enumerate(bundles):
-        group = groups[bundle.group_index]
-        shape = tuple(bundle.grouped_shape)
-        is_vector = len(drop_unit_dims(shape)) <= 1
-        kind: StackKind = "kronecker"
-        if is_vector and group["vector_preconditioner"] != "dense":
-            kind = group["vector_preconditioner"]
-        segment = bisect_right(segments, bundle.group_index)
-        base_key = (segment, kind, stack_key(group, bundle.key))
-        if kind != "kronecker" or not drop_unit_dims(shape):
-            if kind == "kronecker":  # a scalar has no factor: it gets the diagonal treatment
-                kind = "diagonal"
-                base_key = (segment, kind, stack_key(group, bundle.key))
-            layouts.append(None)
-            key = base_key
-            if key not in index_of:
-                index_of[key] = len(stacks)
-                stacks.append(BlockStack(kind, (), bundle.group_index))
-            stack = stacks[index_of[key]]
-            slots.append([(index_of[key], len(stack.members))])
-            stack.members.append((bundle_index, 0))
-            stack.flat_sizes.append(math.prod(shape))
+    pieces: dict[int, dict[int, Scaled]] = {}
+    bundles = {}
+    for stack, (result, scale) in zip(stacks, results):
+        scales = scale.reshape(-1).unbind(0) if isinstance(scale, torch.Tensor) else None
+        for position, (slot, block) in enumerate(zip(stack.slots, result.unbind(0))):
+            key = id(slot.bundle)
+            bundles[key] = slot.bundle
+            own = scale if scales is None else scales[position]
+            pieces.setdefault(key, {})[slot.block] = (block, own)
+    grouped: dict[int, Scaled] = {}
+    for key, parts in pieces.items():
+        bundle, layout = bundles[key], layouts[key]
+        if layout is None or layout.num_blocks == 1:
+            block, scale = parts[0]
+            grouped[key] = (block.reshape(bundle.grouped_shape), scale)
             continue
-        layout = plan_layout(shape, group["max_preconditioner_dim"], merge_dims=group["merge_dims"])
-        layouts.append(layout)
-        bundle_slots = []
-        for block_index, block_shape in enumerate(layout.block_shapes):
-            key = (*base_key, block_shape)
-            if key not in index_of:
-                index_of[key] = len(stacks)
-                stacks.append(BlockStack("kronecker", block_shape, bundle.group_index))
-            stack = stacks[index_of[key]]
-            bundle_slots.append((index_of[key], len(stack.members)))
-            stack.members.append((bundle_index, block_index))
-        slots.append(bundle_slots)
-    for stack in stacks:
-        if stack.kind != "kronecker":
-            stack.block_shape = (sum(stack.flat_sizes),)
-    return StackingPlan(stacks, layouts, slots, segments)
+        blocks = []
+        for index, shape in enumerate(layout.block_shapes):
+            part, scale = parts[index]
+            unscaled = isinstance(scale, float) and scale == 1.0
+            blocks.append((part if unscaled else part * scale).reshape(shape))
+        grouped[key] = (layout.merge(blocks), 1.0)
+    return grouped

@@ -6,7 +6,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from kronlab.optim.registry import register_optimizer
-from kronlab.optim.shampoo.optimizer import SOAP, KLShampoo, Shampoo
+from kronlab.optim.shampoo.optimizer import Shampoo
+from kronlab.optim.shampoo.presets import SOAP, KLShampoo
 
 # What the digits task wants from every plain-Shampoo entry; each entry adds its variant.
 DIGITS_DEFAULTS = {"eps": 1e-8, "precondition_frequency": 10, "weight_decay": 1e-2}
