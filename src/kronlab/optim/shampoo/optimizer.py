@@ -288,7 +288,7 @@ class Shampoo(KronOptimizer):
         for stack in stacks:
             self._stack_states.publish(stack)
         grouped = scatter(stacks, directions, self._layouts)
-        self._apply_updates(bundles, [grouped[id(bundle)] for bundle in bundles])
+        self._apply_updates([grouped[id(bundle)] for bundle in bundles])
 
     def _bundle_gradient(self, bundle: ParameterBundle) -> torch.Tensor:
         group = self.param_groups[bundle.group_index]
@@ -445,16 +445,16 @@ class Shampoo(KronOptimizer):
             return direction, 1.0 / work.filtered_correction
         return direction, graft_scales(direction, work.grafting_norms)
 
-    def _apply_updates(self, bundles: list[ParameterBundle], grouped: list[Scaled]) -> None:
-        """Decoupled weight decay, then ``p ← p − lr · s · D`` (``grouped``: per bundle) for
-        parameters with a gradient (``step_template.apply_direction``): one write per param
-        group and float ``s`` (step size ``lr · s``), or per param group with each bundle's 0-d
-        ``s`` multiplied in.
+    def _apply_updates(self, grouped: list[Scaled]) -> None:
+        """Decoupled weight decay, then ``p ← p − lr · s · D`` (``grouped``: per bundle of
+        ``planned_bundles``) for parameters with a gradient (``step_template.apply_direction``):
+        one write per param group and float ``s`` (step size ``lr · s``), or per param group with
+        each bundle's 0-d ``s`` multiplied in.
         The update stays in its (float32 or wider) dtype: the write scales it there and rounds
         only the sum to the parameter's dtype, so a raw direction beyond float16's range (e.g.
         1.8e5 before a grafting scale of 7e-6) is fine."""
         writes: dict[tuple, tuple[list[Slot], list[torch.Tensor], list[torch.Tensor]]] = {}
-        for bundle, (direction, scale) in zip(bundles, grouped):
+        for bundle, (direction, scale) in zip(self.planned_bundles(), grouped):
             per_bundle = isinstance(scale, torch.Tensor)
             key = (bundle.group_index, None if per_bundle else scale)
             slots, values, scales = writes.setdefault(key, ([], [], []))
