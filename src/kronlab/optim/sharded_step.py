@@ -1,10 +1,9 @@
 """A step whose preconditioner work is split over the ranks of a process group.
 
 Each preconditioner bundle is owned by one rank (``kronlab.distributed.assign_work``). A rank
-steps only the bundles it owns: the gradients of the others are hidden from the update, so an
-optimizer that steps only bundles with a gradient (the step template's ``Stack.active``) creates
-no state for them and does none of their work. (The Shampoo family still updates the statistics
-of every block, gradient or not: exact, but not split.) The ranks then agree on the step's
+steps only the bundles it owns: its plan holds only those (``KronOptimizer.planned_bundles``),
+and the gradients of the others are hidden from the update, so it creates no state for them
+and does none of their work. The ranks then agree on the step's
 outcome (one all-reduce: a non-finite gradient or value on any rank skips the step on all of
 them, each rolling its own part back) and all-gather the owners' results (one all-gather per
 dtype), after which every rank holds the same parameters.
