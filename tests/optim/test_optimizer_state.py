@@ -215,7 +215,7 @@ def test_state_dict_without_a_signature_is_refused():
     model = Matrix(4, 3)
     optimizer = trained("shampoo", model)
     saved = optimizer.state_dict()
-    del saved["state"]["kronlab"]["signature"]
+    del saved["param_groups"][0]["kronlab"]["signature"]
     with pytest.raises(ValueError, match="no kronlab signature"):
         create_optimizer("shampoo", model).load_state_dict(saved)
     adam = torch.optim.Adam(model.parameters())

@@ -11,11 +11,19 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from kronlab.distributed import DistributedConfig, WorkItem, kronecker_item
 from kronlab.groups.rules import PerParameter, PreconditionerGroup, check_rules
 from kronlab.optim.adamw import adamw_step
 from kronlab.optim.bundles import ParameterBundle, identify_bundles
-from kronlab.optim.checkpoint import SIGNATURE_KEY, check_signature, optimizer_signature
+from kronlab.optim.checkpoint import (
+    SIGNATURE_KEY,
+    check_signature,
+    from_torch_form,
+    optimizer_signature,
+    to_torch_form,
+)
 from kronlab.optim.randomness import OptimizerGenerators, check_generator_state
+from kronlab.optim.sharded_step import Sharding, check_shardable, sharded_step
 from kronlab.optim.stacked_state import StackedState
 from kronlab.optim.step_template import (
     Direction,
@@ -107,8 +115,21 @@ class KronOptimizer(Optimizer):
         on_nonfinite_grad: NonFinitePolicy = "skip",
         verbose_init: bool = False,
         seed: int | None = None,
+        distributed: DistributedConfig | None = None,
     ) -> None:
         check_choice("on_nonfinite_grad", on_nonfinite_grad, ("skip", "raise", "ignore", "mask"))
+        if distributed is not None and not isinstance(distributed, DistributedConfig):
+            raise ValueError(
+                f"Invalid distributed: {distributed!r} (allowed: None or a "
+                "kronlab.distributed.DistributedConfig)"
+            )
+        if distributed is not None and on_nonfinite_grad == "mask":
+            raise ValueError(
+                "Invalid on_nonfinite_grad: 'mask' with distributed= (allowed: 'skip', 'raise' "
+                "or 'ignore'; the ranks agree on a skipped step with one all-reduce)"
+            )
+        self.distributed = distributed
+        self._sharding: Sharding | None = None
         check_module("model", model, allow_none=True)
         check_params(params)
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
@@ -136,12 +157,15 @@ class KronOptimizer(Optimizer):
             (), dtype=torch.int64, device=first.device if first is not None else None
         )
         self._transaction = StepTransaction()
+        if distributed is not None:
+            check_shardable(self)
         if verbose_init:
             print(self.describe())
 
     # --- construction -------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        self._sharding = None  # the next step assigns the new bundles too
         group = self.param_groups[-1]
         try:
             group["combine_params"] = check_rules(group["combine_params"])
@@ -193,7 +217,9 @@ class KronOptimizer(Optimizer):
         return options
 
     def describe(self) -> str:
-        """The ``verbose_init`` report: one entry per preconditioner bundle."""
+        """The ``verbose_init`` report: one entry per preconditioner bundle (and, distributed,
+        its owning rank and the load balance of the assignment)."""
+        sharding = self.sharding()
         lines = ["Parameter groups:"]
         for index, bundle in enumerate(self.bundles):
             other = self.describe_options(bundle)
@@ -203,7 +229,46 @@ class KronOptimizer(Optimizer):
                 f"- Pre-conditioner: {self.describe_preconditioner(bundle)}",
                 f"- Other: {other}",
             ]
+            if sharding is not None:
+                lines.append(f"- Owner: rank {sharding.assignment.owners[index]}")
+        if sharding is not None:
+            lines.append(sharding.assignment.report())
         return "\n".join(lines)
+
+    # --- distribution -------------------------------------------------------------------
+    def distributed_work_items(self) -> list[WorkItem]:
+        """One ``WorkItem`` per bundle (same order) for the cost model of the assignment:
+        one factor per dimension of the grouped shape (up to ``max_preconditioner_dim``),
+        refreshed every ``precondition_frequency`` steps; elementwise for AdamW groups."""
+        items = []
+        for index, bundle in enumerate(self.bundles):
+            group = self.param_groups[bundle.group_index]
+            shape = tuple(bundle.grouped_shape)
+            if self.is_auxiliary(group):
+                items.append(WorkItem(index, shape))
+                continue
+            interval = group.get("precondition_frequency", 1)
+            items.append(
+                kronecker_item(
+                    index,
+                    shape,
+                    max_factor_dim=group.get("max_preconditioner_dim"),
+                    refresh_interval=interval if isinstance(interval, int) else 1,
+                )
+            )
+        return items
+
+    def sharding(self) -> Sharding | None:
+        """Which rank owns which bundle; ``None`` when not distributed (no ``distributed=``,
+        no initialized process group, or one rank)."""
+        if self.distributed is None:
+            return None
+        if self._sharding is None:
+            if self.distributed.world()[1] == 1:
+                return None
+            self._sharding = Sharding(self.distributed, self.distributed_work_items())
+            self._plan = None  # planned again with this rank's bundles only
+        return self._sharding
 
     # --- stepping -----------------------------------------------------------------------
     @property
@@ -222,6 +287,10 @@ class KronOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_dense_gradients()
+        sharding = self.sharding()
+        if sharding is not None:
+            sharded_step(self, sharding)
+            return loss
         # every parameter, with a gradient or not: a bundle's state lives under its first
         # parameter, and a bundle updates all its parameters, whichever have gradients
         params = [p for group in self.param_groups for p in group["params"]]
@@ -253,6 +322,9 @@ class KronOptimizer(Optimizer):
                 self._refuse_step(refused)
         return loss
 
+    def _count_step(self, steps: int = 1) -> None:
+        self._counters["step"] += steps
+
     def _refuse_step(self, reason: str) -> None:
         self._counters["step"] -= 1  # not state: the rollback does not put it back
         if self.on_nonfinite_grad == "raise":
@@ -265,10 +337,19 @@ class KronOptimizer(Optimizer):
     # --- the step template ---------------------------------------------------------------
     @property
     def plan(self) -> StackPlan:
-        """The stacks of same-work blocks, built once (again after ``add_param_group``)."""
+        """The stacks of same-work blocks of ``planned_bundles``, built once (again after
+        ``add_param_group``)."""
         if self._plan is None:
-            self._plan = StackPlan.build(self.bundles, self.work)
+            self._plan = StackPlan.build(self.planned_bundles(), self.work)
         return self._plan
+
+    def planned_bundles(self) -> list[ParameterBundle]:
+        """The bundles this process steps: all of them, or, distributed, those its rank owns
+        (the others' stacks, state and work live on their owners)."""
+        sharding = self.sharding()
+        if sharding is None:
+            return self.bundles
+        return [bundle for index, bundle in enumerate(self.bundles) if sharding.owns(index)]
 
     def work(self, bundle: ParameterBundle) -> list[Work]:
         """The blocks of ``bundle`` (one ``Work`` each). Default: one block, the grouped
@@ -374,21 +455,21 @@ class KronOptimizer(Optimizer):
         for group in state["param_groups"]:
             for key in self.structural_keys:
                 group.pop(key, None)
-        state["state"][GLOBAL_STATE] = {
+        global_entry = {
             **state["state"].get(GLOBAL_STATE, {}),
             **self._counters,
             SIGNATURE_KEY: optimizer_signature(self),
             GENERATORS_KEY: self._generators.state_dict(),
         }
-        return state
+        return to_torch_form(state, global_entry)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Everything is checked before anything changes: a refused state_dict leaves the
         # optimizer as it was.
-        saved_global = state_dict["state"].get(GLOBAL_STATE)
+        saved_global, state_dict = from_torch_form(state_dict)
         if not isinstance(saved_global, dict):
             raise ValueError(
-                f"Invalid state_dict: no {GLOBAL_STATE!r} entry in its state (allowed: a "
+                f"Invalid state_dict: no {GLOBAL_STATE!r} entry in its param groups (allowed: a "
                 f"state_dict saved by a kronlab {type(self).__name__})"
             )
         check_signature(self, saved_global.get(SIGNATURE_KEY))

@@ -1,4 +1,13 @@
-"""What a kronlab ``state_dict`` records about the optimizer that saved it, checked at load.
+"""The form of a kronlab ``state_dict``, and what it records about the optimizer that saved it.
+
+The form is torch.optim's: ``{"state": {parameter index: {...}}, "param_groups": [...]}``, with
+nothing but parameters as keys of ``state``, so ``torch.distributed.checkpoint``
+(``get_optimizer_state_dict`` / ``set_optimizer_state_dict``) can key it by parameter name. What
+belongs to the whole optimizer (step counts, the signature below, the generators' states) sits in
+the first param group under ``"kronlab"``; every parameter's entry also carries the step count
+(``"kronlab_step"``), so each has an entry even on a rank that keeps no state for it (a sharded
+optimizer keeps a bundle's state on its owning rank only), as ``set_optimizer_state_dict``
+requires of every trainable parameter.
 
 A state only means something to an optimizer of the same class, variant and parameter shapes:
 loading SOAP's eigenbasis state into root-inverse Shampoo, or a ``(4, 3)`` parameter's factors
@@ -14,7 +23,44 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kronlab.optim.base import KronOptimizer
 
+GLOBAL_KEY = "kronlab"
+STEP_KEY = "kronlab_step"
 SIGNATURE_KEY = "signature"
+
+
+def to_torch_form(state_dict: dict[str, Any], global_entry: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` (from ``torch.optim.Optimizer.state_dict``, with the optimizer's global
+    state under ``state["kronlab"]``) in torch.optim's form: global entry moved to the first
+    param group, the step count added to every parameter's entry. The live per-parameter dicts
+    that torch's ``state_dict`` returns are not modified."""
+    state = {key: value for key, value in state_dict["state"].items() if key != GLOBAL_KEY}
+    step = global_entry["step"]
+    groups = state_dict["param_groups"]
+    for group in groups:
+        for index in group["params"]:
+            state[index] = {**state.get(index, {}), STEP_KEY: step}
+    if groups:
+        groups[0][GLOBAL_KEY] = global_entry
+    return {**state_dict, "state": state, "param_groups": groups}
+
+
+def from_torch_form(state_dict: dict[str, Any]) -> tuple[object, dict[str, Any]]:
+    """The global entry of a kronlab ``state_dict`` (``None`` if it has none) and the
+    state_dict as torch.optim loads it: per-parameter state without the step counts, groups
+    without the global entry. Also reads state_dicts that kept the global entry in ``state``."""
+    groups = state_dict.get("param_groups", [])
+    entry = groups[0].get(GLOBAL_KEY) if groups else None
+    if entry is None:
+        entry = state_dict.get("state", {}).get(GLOBAL_KEY)
+    state = {}
+    for key, value in state_dict.get("state", {}).items():
+        if key == GLOBAL_KEY:
+            continue
+        kept = {name: item for name, item in value.items() if name != STEP_KEY}
+        if kept:
+            state[key] = kept
+    plain_groups = [{k: v for k, v in group.items() if k != GLOBAL_KEY} for group in groups]
+    return entry, {**state_dict, "state": state, "param_groups": plain_groups}
 
 
 def describe_setting(value: object) -> str:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from kronlab.distributed import DistributedConfig
 from kronlab.optim.base import KronOptimizer, NonFinitePolicy, ParamsT
 from kronlab.optim.bundles import ParameterBundle
 from kronlab.optim.step_template import Work
@@ -140,6 +141,7 @@ class HybridMatrixOptimizer(KronOptimizer):
         adamw_weight_decay: float,
         on_nonfinite_grad: NonFinitePolicy,
         verbose_init: bool,
+        distributed: DistributedConfig | None = None,
         seed: int | None = None,
     ) -> None:
         # Checked under the constructor's names; the groups' own keys are checked per group.
@@ -164,6 +166,7 @@ class HybridMatrixOptimizer(KronOptimizer):
             model=model,
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
+            distributed=distributed,
             seed=seed,
         )
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from kronlab.distributed import DistributedConfig
 from kronlab.linalg.matmul_speed import newton_schulz_dtype
 from kronlab.linalg.newton_schulz import newton_schulz, resolve_coefficients
 from kronlab.optim.base import NonFinitePolicy, ParamsT
@@ -70,6 +71,8 @@ class Muon(HybridMatrixOptimizer):
         on_nonfinite_grad: ``"skip"`` (default), ``"raise"`` or ``"ignore"`` (see
             ``KronOptimizer``).
         verbose_init: print each parameter's algorithm at construction.
+        distributed: a ``kronlab.distributed.DistributedConfig`` to split the preconditioner
+            work over the ranks of a process group (see ``kronlab.optim.KronOptimizer``).
     """
 
     matrix_algorithm = "muon"
@@ -94,6 +97,7 @@ class Muon(HybridMatrixOptimizer):
         adamw_weight_decay: float = 0.0,
         on_nonfinite_grad: NonFinitePolicy = "skip",
         verbose_init: bool = False,
+        distributed: DistributedConfig | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -115,6 +119,7 @@ class Muon(HybridMatrixOptimizer):
             adamw_weight_decay=adamw_weight_decay,
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
+            distributed=distributed,
         )
 
     def validate_matrix_group(self, group: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from kronlab.distributed import DistributedConfig
 from kronlab.groups.layout import plan_layout
 from kronlab.groups.rules import PreconditionerGroup
 from kronlab.linalg._dtypes import product_dtype
@@ -141,6 +142,8 @@ class PSGD(KronOptimizer):
         on_nonfinite_grad: ``"skip"`` (default), ``"raise"`` or ``"ignore"`` (see
             ``KronOptimizer``).
         verbose_init: print each parameter's layout at construction.
+        distributed: a ``kronlab.distributed.DistributedConfig`` to split the preconditioner
+            work over the ranks of a process group (see ``kronlab.optim.KronOptimizer``).
     """
 
     variant_keys = ("combine_params", "method")
@@ -166,6 +169,7 @@ class PSGD(KronOptimizer):
         combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
         on_nonfinite_grad: NonFinitePolicy = "skip",
         verbose_init: bool = False,
+        distributed: DistributedConfig | None = None,
         seed: int | None = None,
     ) -> None:
         defaults = {
@@ -188,6 +192,7 @@ class PSGD(KronOptimizer):
             combine_params=combine_params,
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
+            distributed=distributed,
             seed=seed,
         )
         self._noise: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # this step's draws

@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from kronlab.distributed import DistributedConfig, WorkItem
 from kronlab.factors.kronecker import unfold
 from kronlab.groups.rules import LinearWeightBias, PerParameter, PreconditionerGroup
 from kronlab.optim.base import (
@@ -50,7 +51,7 @@ from kronlab.optim.base import (
 )
 from kronlab.optim.bundles import ParameterBundle
 from kronlab.optim.registry import register_optimizer
-from kronlab.optim.sirf_structures import MatrixStructure, make_structure
+from kronlab.optim.sirf_structures import DiagonalStructure, MatrixStructure, make_structure
 from kronlab.optim.step_template import Direction, Slot, Stack, Work
 from kronlab.optim.validation import check_module, check_range
 
@@ -183,6 +184,8 @@ class SIRFShampoo(KronOptimizer):
             parameter's dtype, but float32 for 16-bit parameters.
         combine_params: grouping rules (``kronlab.groups``), first match wins.
         verbose_init: print the groups with their factors, e.g. ``'33x33 (DenseMatrix)'``.
+        distributed: a ``kronlab.distributed.DistributedConfig`` to split the preconditioner
+            work over the ranks of a process group (see ``kronlab.optim.KronOptimizer``).
         data_parallel_size: how many processes' batches each gradient averages, so that ``B``
             is the global batch (the hook only sees this process's inputs). ``None``: the world
             size of ``model``'s process group when ``model`` is a ``DistributedDataParallel``
@@ -221,6 +224,7 @@ class SIRFShampoo(KronOptimizer):
         *,
         data_parallel_size: int | None = None,
         on_nonfinite_grad: NonFinitePolicy = "skip",
+        distributed: DistributedConfig | None = None,
     ) -> None:
         check_module("model", model)
         if data_parallel_size is None:
@@ -249,6 +253,7 @@ class SIRFShampoo(KronOptimizer):
             combine_params=combine_params,
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
+            distributed=distributed,
         )
         # A weak reference, so the hook neither keeps a discarded optimizer alive nor outlives it.
         optimizer_ref = weakref.ref(self)
@@ -312,6 +317,23 @@ class SIRFShampoo(KronOptimizer):
 
     def describe_preconditioner(self, bundle: ParameterBundle) -> list[str]:
         return [structure.describe() for structure in self._plans[bundle].structures]
+
+    def distributed_work_items(self) -> list[WorkItem]:
+        """Each axis's factor as the cost model's Kronecker factor: a dense (or triangular)
+        ``K`` costs ~d³ per factor update (every step by default, no amortization), a block
+        diagonal one ~d·b² (``d/b`` factors of size ``b``), a diagonal one nothing beyond the
+        elementwise passes. Vectors get dense factors too (SIRFShampoo's default)."""
+        items = []
+        for index, bundle in enumerate(self.bundles):
+            dims: list[int] = []
+            for structure in self._plans[bundle].structures:
+                if not isinstance(structure, DiagonalStructure):
+                    block = getattr(structure, "block_size", structure.dim)
+                    dims += [block] * getattr(structure, "num_blocks", 1)
+            interval = self.param_groups[bundle.group_index]["T"]
+            refresh = interval if isinstance(interval, int) else 1
+            items.append(WorkItem(index, tuple(bundle.grouped_shape), tuple(dims), 1, refresh))
+        return items
 
     def describe_options(self, bundle: ParameterBundle) -> dict[str, Any]:
         """The group's settings with ``structures`` and ``preconditioner_dtypes`` resolved per

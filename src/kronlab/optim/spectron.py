@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kronlab.distributed import DistributedConfig
 from kronlab.linalg.newton_schulz import newton_schulz, resolve_coefficients
 from kronlab.linalg.power import power_iteration
 from kronlab.optim.base import NonFinitePolicy, ParamsT
@@ -77,6 +78,8 @@ class Spectron(HybridMatrixOptimizer):
         cap_rank: cap ``rank`` at each matrix's ``min(m, n)`` instead of refusing it.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults of the AdamW groups.
         on_nonfinite_grad, verbose_init: as ``kronlab.optim.KronOptimizer``.
+        distributed: a ``kronlab.distributed.DistributedConfig`` to split the preconditioner
+            work over the ranks of a process group (see ``kronlab.optim.KronOptimizer``).
         seed: seed of the optimizer's generator that draws the power-iteration start vectors
             (``None``: derived from ``torch.initial_seed()``, see ``KronOptimizer``); never
             the global RNG.
@@ -106,6 +109,7 @@ class Spectron(HybridMatrixOptimizer):
         adamw_weight_decay: float = 0.0,
         on_nonfinite_grad: NonFinitePolicy = "skip",
         verbose_init: bool = False,
+        distributed: DistributedConfig | None = None,
         seed: int | None = None,
     ) -> None:
         defaults = {
@@ -130,6 +134,7 @@ class Spectron(HybridMatrixOptimizer):
             adamw_weight_decay=adamw_weight_decay,
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
+            distributed=distributed,
             seed=seed,
         )
 

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from kronlab.distributed import DistributedConfig
 from kronlab.factors.eigenbasis import refresh_eigenbasis
 from kronlab.groups.layout import BlockLayout
 from kronlab.groups.rules import PreconditionerGroup
@@ -141,6 +142,8 @@ class Shampoo(KronOptimizer):
         on_nonfinite_grad: ``"skip"`` (default), ``"raise"`` or ``"ignore"`` (see
             ``KronOptimizer``).
         verbose_init: print each preconditioner group at construction.
+        distributed: a ``kronlab.distributed.DistributedConfig`` to split the preconditioner
+            work over the ranks of a process group (see ``kronlab.optim.KronOptimizer``).
         epsilon: the former name of ``eps``, still accepted.
     """
 
@@ -172,6 +175,7 @@ class Shampoo(KronOptimizer):
         combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
         on_nonfinite_grad: NonFinitePolicy = "skip",
         verbose_init: bool = False,
+        distributed: DistributedConfig | None = None,
         epsilon: float | None = None,
     ) -> None:
         defaults = dict(
@@ -202,6 +206,7 @@ class Shampoo(KronOptimizer):
             combine_params=combine_params,
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
+            distributed=distributed,
         )
 
     # --- construction ---------------------------------------------------------------------
@@ -261,7 +266,8 @@ class Shampoo(KronOptimizer):
     # --- the step --------------------------------------------------------------------------
     def update(self) -> None:
         stacks = self.plan.stacks
-        gradients = {id(bundle): self._bundle_gradient(bundle) for bundle in self.bundles}
+        bundles = self.planned_bundles()
+        gradients = {id(bundle): self._bundle_gradient(bundle) for bundle in bundles}
         stack_states = [self._stack_states.get(self.state, stack) for stack in stacks]
         variants = [
             StackSettings.from_group(self.param_groups[stack.group_index]).variant()
@@ -282,7 +288,7 @@ class Shampoo(KronOptimizer):
         for stack in stacks:
             self._stack_states.publish(stack)
         grouped = scatter(stacks, directions, self._layouts)
-        self._apply_updates([grouped[id(bundle)] for bundle in self.bundles])
+        self._apply_updates([grouped[id(bundle)] for bundle in bundles])
 
     def _bundle_gradient(self, bundle: ParameterBundle) -> torch.Tensor:
         group = self.param_groups[bundle.group_index]
@@ -440,15 +446,15 @@ class Shampoo(KronOptimizer):
         return direction, graft_scales(direction, work.grafting_norms)
 
     def _apply_updates(self, grouped: list[Scaled]) -> None:
-        """Decoupled weight decay, then ``p ← p − lr · s · D`` (``grouped``: per bundle) for
-        parameters with a gradient (``step_template.apply_direction``): one write per param
-        group and float ``s`` (step size ``lr · s``), or per param group with each bundle's 0-d
-        ``s`` multiplied in.
+        """Decoupled weight decay, then ``p ← p − lr · s · D`` (``grouped``: per bundle of
+        ``planned_bundles``) for parameters with a gradient (``step_template.apply_direction``):
+        one write per param group and float ``s`` (step size ``lr · s``), or per param group with
+        each bundle's 0-d ``s`` multiplied in.
         The update stays in its (float32 or wider) dtype: the write scales it there and rounds
         only the sum to the parameter's dtype, so a raw direction beyond float16's range (e.g.
         1.8e5 before a grafting scale of 7e-6) is fine."""
         writes: dict[tuple, tuple[list[Slot], list[torch.Tensor], list[torch.Tensor]]] = {}
-        for bundle, (direction, scale) in zip(self.bundles, grouped):
+        for bundle, (direction, scale) in zip(self.planned_bundles(), grouped):
             per_bundle = isinstance(scale, torch.Tensor)
             key = (bundle.group_index, None if per_bundle else scale)
             slots, values, scales = writes.setdefault(key, ([], [], []))

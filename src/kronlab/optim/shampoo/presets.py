@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kronlab.distributed import DistributedConfig
 from kronlab.groups.rules import PreconditionerGroup
 from kronlab.optim.base import DEFAULT_RULES, NonFinitePolicy, ParamsT
 from kronlab.optim.shampoo.eigenvalue_corrected import EigenvalueCorrectedConfig
@@ -53,7 +54,8 @@ class SOAP(Shampoo):
         eigenbasis: ``"qr"`` (SOAP's warm-started QR step) or ``"eigh"``.
         grafting, decoupled_weight_decay, nesterov, bias_correction, start_preconditioning_step,
             factor_dtype, max_consecutive_failures, model, combine_params, on_nonfinite_grad,
-            verbose_init, epsilon: as ``Shampoo`` (``grafting`` defaults to ``"none"``).
+            verbose_init, distributed, epsilon: as ``Shampoo`` (``grafting`` defaults to
+            ``"none"``).
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class SOAP(Shampoo):
         combine_params: PreconditionerGroup | tuple[PreconditionerGroup, ...] = DEFAULT_RULES,
         on_nonfinite_grad: NonFinitePolicy = "skip",
         verbose_init: bool = False,
+        distributed: DistributedConfig | None = None,
         epsilon: float | None = None,
     ) -> None:
         if shampoo_beta is not None:  # checked here so the error names SOAP's argument
@@ -110,6 +113,7 @@ class SOAP(Shampoo):
             combine_params=combine_params,
             on_nonfinite_grad=on_nonfinite_grad,
             verbose_init=verbose_init,
+            distributed=distributed,
         )
 
 
@@ -129,7 +133,7 @@ class KLShampoo(Shampoo):
             nesterov, bias_correction, precondition_frequency, start_preconditioning_step,
             max_preconditioner_dim, merge_dims, factor_dtype, vector_preconditioner,
             max_consecutive_failures, model, combine_params, on_nonfinite_grad, verbose_init,
-            epsilon: as ``Shampoo`` (the defaults above; ``preconditioner`` one of
+            distributed, epsilon: as ``Shampoo`` (the defaults above; ``preconditioner`` one of
             ``"root_inv"``, ``"eigendecomposed"``, ``"per_factor_eigenvalue_corrected"``).
     """
 
