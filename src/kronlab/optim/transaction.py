@@ -6,7 +6,8 @@ Two ways to decide, the same copies and the same test (the gradients and every v
 wrote must be finite):
 
 * ``StepTransaction.run`` (eager steps): before the update it copies every state tensor and
-  parameter into buffers kept from step to step, except those whose copy is still exact (the
+  parameter into buffers kept from step to step (a buffer that state views tile, such as a
+  stack of per-block factors, as one tensor), except those whose copy is still exact (the
   last step did not write them); after it, one finiteness test
   (``kronlab.linalg.finite.all_finite``, one host sync) covers the gradients and the tensors
   the update wrote. Tensors the step did not write (same object, same version counter as when
