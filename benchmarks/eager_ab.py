@@ -7,8 +7,10 @@ Run from the worktree root, with a checkout of the baseline elsewhere::
 Two worker processes, one importing kronlab from each tree, step every registered kronlab
 optimizer (``kronlab.optim.registry``, as ``create_optimizer`` builds it; torch's baselines
 left out) on a fixed gradient of the benchmark MLP and of the 4-layer benchmark transformer
-(``benchmarks.common``); the driver asks them for a round alternately (the order flipping each
-round), so both see the same load. ``--only`` restricts the optimizers, ``--models`` the models.
+(``benchmarks.common``), and of ``tiny``, 13 ``Linear(32, 32)`` layers, where the per-tensor
+overhead of a step (not its arithmetic) dominates; the driver asks them for a round alternately
+(the order flipping each round), so both see the same load. ``--only`` restricts the
+optimizers, ``--models`` the models (comma- or space-separated).
 ``--clock thread`` times with ``time.thread_time`` (CPU time of the stepping thread, which other
 jobs on a shared machine do not inflate; with one torch thread every kernel runs on it).
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_BASELINES = ("adam", "adamw", "sgd")
-MODELS = ("mlp", "transformer")
+MODELS = ("tiny", "mlp", "transformer")
 
 
 def worker(threads: int, only: list[str] | None, models: list[str], clock_name: str) -> None:
@@ -45,7 +47,17 @@ def worker(threads: int, only: list[str] | None, models: list[str], clock_name: 
     # SIRFShampoo warns at every step that no forward pass counted the batch (fixed gradient)
     warnings.simplefilter("ignore")
     clock = time.thread_time if clock_name == "thread" else time.perf_counter
+
+    def tiny_model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*(torch.nn.Linear(32, 32) for _ in range(13)))
+
+    def tiny_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(0)
+        return torch.randn(64, 32, generator=generator), torch.randn(64, 32, generator=generator)
+
     setups = {
+        "tiny": (tiny_model, tiny_batch, torch.nn.functional.mse_loss),
         "mlp": (benchmark_mlp, mlp_batch, torch.nn.functional.cross_entropy),
         "transformer": (benchmark_transformer, transformer_batch, language_model_loss),
     }
@@ -77,10 +89,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", nargs="+", help="registry names to time (default: all)")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        type=lambda text: text.split(","),
+        default=MODELS,
+        help=f"of {','.join(MODELS)} (default: all)",
+    )
     parser.add_argument("--clock", choices=("wall", "thread"), default="wall")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.models is not MODELS:
+        args.models = [model for listed in args.models for model in listed]
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
     if args.worker:
         worker(args.threads, args.only, args.models, args.clock)
         return
@@ -88,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     for label, source in (("baseline", args.baseline), ("candidate", args.candidate)):
         environment = dict(os.environ, PYTHONPATH=f"{source.resolve()}{os.pathsep}{ROOT}")
         command = [sys.executable, "-m", "benchmarks.eager_ab", str(source), str(source)]
-        options = ["--threads", str(args.threads), "--clock", args.clock, "--models", *args.models]
+        options = ["--threads", str(args.threads), "--clock", args.clock]
+        options += ["--models", ",".join(args.models)]
         if args.only:
             options += ["--only", *args.only]
         process = subprocess.Popen(

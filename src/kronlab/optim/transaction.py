@@ -6,7 +6,8 @@ Two ways to decide, the same copies and the same test (the gradients and every v
 wrote must be finite):
 
 * ``StepTransaction.run`` (eager steps): before the update it copies every state tensor and
-  parameter into buffers kept from step to step, except those whose copy is still exact (the
+  parameter into buffers kept from step to step (a buffer that state views tile, such as a
+  stack of per-block factors, as one tensor), except those whose copy is still exact (the
   last step did not write them); after it, one finiteness test
   (``kronlab.linalg.finite.all_finite``, one host sync) covers the gradients and the tensors
   the update wrote. Tensors the step did not write (same object, same version counter as when
@@ -19,6 +20,7 @@ wrote must be finite):
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -63,28 +65,39 @@ class StepTransaction:
         # id(tensor) -> (weak reference to it, its version when copied, the copy)
         self._copies: dict[int, tuple[weakref.ref, int, Tensor]] = {}
         self._verified: dict[int, tuple[weakref.ref, int]] = {}
-        self._saved: tuple[Any, list[Tensor], list[Tensor], list[Tensor]] | None = None
+        self._saved: (
+            tuple[Any, list[tuple[Tensor, tuple | None]], list[Tensor], list[Tensor]] | None
+        ) = None
+        # the layout of the state last seen (by begin or commit_if_finite), reused while the
+        # state holds the same tensor objects: a step usually writes its state in place
+        self._layout: _StateLayout | None = None
 
     def begin(self, state: dict[Any, Any], params: Sequence[Tensor]) -> None:
         """Copy ``state`` (nested dicts, lists, tuples of tensors and other values) and
         ``params``.
 
-        A tensor whose copy from an earlier step is still exact (same object, same version
-        counter: the step did not write it, e.g. eigenvectors between refreshes) is not copied
-        again; other copies reuse the buffers of tensors that are gone (no allocation on the
-        hot path when a step replaces its state with same-shaped tensors).
+        State tensors that are views tiling one buffer (e.g. the per-block views of a stacked
+        factor) are copied as that buffer, once; on rollback their copies are views of the
+        buffer's copy at the same offsets, with the same strides. A tensor whose copy from an
+        earlier step is still exact (same object, same version counter: the step did not write
+        it, e.g. eigenvectors between refreshes) is not copied again; other copies reuse the
+        buffers of tensors that are gone (no allocation on the hot path when a step replaces
+        its state with same-shaped tensors).
         """
         tensors: list[Tensor] = []
         structure = {key: _flatten(value, tensors) for key, value in state.items()}
-        tensors.extend(params)
+        layout = self._layout_of(tensors)
+        sources = layout.units + list(params)
         previous: dict[int, tuple[weakref.ref, int, Tensor]] = self._copies
         copies: dict[int, tuple[weakref.ref, int, Tensor]] = {}
-        current = {id(tensor) for tensor in tensors}
+        current = {id(tensor) for tensor in sources}
         spare: dict[tuple, list[Tensor]] = {}
         for key, (reference, _, copy) in previous.items():
             if key not in current or reference() is None:
                 spare.setdefault(_layout(copy), []).append(copy)
-        for tensor in tensors:
+        for tensor in sources:
+            if id(tensor) in copies:  # listed twice (a parameter also held in the state)
+                continue
             entry = previous.get(id(tensor))
             if entry is not None and entry[0]() is tensor:
                 if entry[1] == tensor._version:
@@ -93,15 +106,12 @@ class StepTransaction:
                 copy = entry[2]
             else:
                 pool = spare.get(_layout(tensor))
-                copy = (
-                    pool.pop()
-                    if pool
-                    else torch.empty_like(tensor)  # same strides: see _layout
-                )
+                copy = pool.pop() if pool else torch.empty_like(tensor)  # strides: see _layout
             copy.copy_(tensor)
             copies[id(tensor)] = (weakref.ref(tensor), tensor._version, copy)
         self._copies = copies
-        state_copies = [copies[id(t)][2] for t in tensors[: len(tensors) - len(params)]]
+        unit_copies = [copies[id(unit)][2] for unit in layout.units]
+        state_copies = [(unit_copies[unit], geometry) for unit, geometry in layout.places]
         param_copies = [copies[id(t)][2] for t in params]
         self._saved = (structure, state_copies, list(params), param_copies)
 
@@ -110,9 +120,14 @@ class StepTransaction:
     ) -> tuple[bool, bool]:
         """``(gradients finite, new parameters and state finite)``; one host sync when both
         are. Call ``rollback`` when either is False."""
+        tensors: list[Tensor] = []
+        for value in state.values():
+            _flatten(value, tensors)
+        # a buffer tiled by views is tested once, which tests exactly the views' entries
+        units = [unit for unit in self._layout_of(tensors).units if unit.is_floating_point()]
         written: list[Tensor] = []
         current: dict[int, tuple[weakref.ref, int]] = {}
-        for tensor in _floating(state) + list(params):
+        for tensor in units + list(params):
             known = self._verified.get(id(tensor))
             if known is None or known[0]() is not tensor or known[1] != tensor._version:
                 written.append(tensor)
@@ -122,17 +137,30 @@ class StepTransaction:
             return True, True
         return all_finite(gradients), False
 
+    def _layout_of(self, tensors: list[Tensor]) -> _StateLayout:
+        """The layout of the flattened state ``tensors``: the last one while the state holds the
+        same tensor objects (their shapes and strides are not changed in place), else new."""
+        layout = self._layout
+        if layout is None or not layout.describes(tensors):
+            layout = self._layout = _StateLayout(tensors)
+        return layout
+
     def rollback(self, state: dict[Any, Any]) -> None:
         """Put the copies taken by ``begin`` back (the copies become the state)."""
         assert self._saved is not None, "rollback without begin"
         structure, state_copies, params, param_copies = self._saved
-        stored = iter(state_copies)
+        # views of one buffer's copy share it as they shared the buffer
+        stored = iter(
+            copy if geometry is None else _view_of_copy(copy, geometry)
+            for copy, geometry in state_copies
+        )
         restored = {key: _unflatten(value, stored) for key, value in structure.items()}
         state.clear()
         state.update(restored)
         for param, copy in zip(params, param_copies):
             param.copy_(copy)
         self._copies = {}  # the copies are the state now
+        self._layout = None
         self._verified = {}
         self._saved = None
 
@@ -218,7 +246,80 @@ def _layout(tensor: Tensor) -> tuple:
     return tensor.shape, tensor.stride(), tensor.dtype, tensor.device
 
 
-def _floating(value: Any) -> list[Tensor]:
-    tensors: list[Tensor] = []
-    _flatten(value, tensors)
-    return [t for t in tensors if t.is_floating_point()]
+def _view_of_copy(copy: Tensor, geometry: tuple) -> Tensor:
+    """The view of a buffer's copy at the place (shape, strides, offset from the buffer's
+    start) where a view of the buffer was."""
+    shape, stride, offset = geometry
+    return copy.as_strided(shape, stride, copy.storage_offset() + offset)
+
+
+class _StateLayout:
+    """What a transaction copies and tests for a flattened state: its ``units`` (the buffers
+    that views tile, then the other tensors, each once) and, per state tensor, ``places``:
+    ``(index of its unit, None)``, or ``(index of its buffer, (shape, strides, offset))`` for a
+    view of a tiled buffer."""
+
+    def __init__(self, tensors: list[Tensor]) -> None:
+        self.tensors = tensors
+        tiled = _tiled_buffers(tensors)
+        self.units: list[Tensor] = []
+        index: dict[int, int] = {}
+        self.places: list[tuple[int, tuple | None]] = []
+        for tensor in tensors:
+            base = tensor._base
+            if base is not None and id(base) in tiled:
+                geometry = (
+                    tuple(tensor.shape),
+                    tensor.stride(),
+                    tensor.storage_offset() - base.storage_offset(),
+                )
+                tensor = base
+            else:
+                geometry = None
+            unit = index.get(id(tensor))
+            if unit is None:
+                unit = index[id(tensor)] = len(self.units)
+                self.units.append(tensor)
+            self.places.append((unit, geometry))
+
+    def describes(self, tensors: list[Tensor]) -> bool:
+        return len(tensors) == len(self.tensors) and all(map(operator.is_, tensors, self.tensors))
+
+
+def _tiled_buffers(tensors: list[Tensor]) -> set[int]:
+    """The ids of the buffers that several of ``tensors`` tile, as equal dense views at
+    consecutive offsets (e.g. the per-block views ``stack.unbind(0)`` of a stacked factor),
+    each listed once or more. Only contiguous buffers of the views' dtype, so that
+    ``_view_of_copy`` of the buffer's copy is an exact copy of each view."""
+    members: dict[int, list[Tensor]] = {}
+    for tensor in tensors:
+        if tensor._base is not None:
+            members.setdefault(id(tensor._base), []).append(tensor)
+    tiled = set()
+    for key, views in members.items():
+        base = views[0]._base
+        assert base is not None
+        first = views[0]
+        shape, stride, size = first.shape, first.stride(), first.numel()
+        if len(views) < 2 or not size or not base.is_contiguous() or not _dense(first):
+            continue
+        offsets = set()
+        for view in views:
+            if view.shape != shape or view.stride() != stride or view.dtype != base.dtype:
+                break
+            offsets.add(view.storage_offset())
+        else:
+            start = base.storage_offset()
+            if sorted(offsets) == list(range(start, start + base.numel(), size)):
+                tiled.add(key)
+    return tiled
+
+
+def _dense(tensor: Tensor) -> bool:
+    """Whether ``tensor``'s entries fill one run of memory, each once (dims in any order)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(tensor.shape, tensor.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
