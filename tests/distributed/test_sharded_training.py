@@ -154,7 +154,15 @@ SCENARIOS = {
 
 # Checkpointed with torch.distributed.checkpoint on 2 ranks after SAVED_AT steps, resumed on 1,
 # 2 and 3 ranks for the remaining steps of RESUMED_STEPS.
-CHECKPOINTED = ("shampoo", "kl_shampoo_per_factor", "muon", "sirfshampoo", "spectron")
+CHECKPOINTED = (
+    "shampoo",
+    "soap",
+    "kl_shampoo_per_factor",
+    "psgd",
+    "muon",
+    "sirfshampoo",
+    "spectron",
+)
 SAVED_AT, RESUMED_STEPS = 5, 10
 
 

@@ -246,12 +246,21 @@ class PSGD(KronOptimizer):
         fresh: dict[int, list[tuple[Slot, Tensor]]] = defaultdict(list)
         for stack, slots, gradients in active:
             fresh[stack.group_index] += [
-                (slot, grad) for slot, grad in zip(slots, gradients) if not self.state[slot.param]
+                (slot, grad)
+                for slot, grad in zip(slots, gradients)
+                if not self.state[slot.param].get("step")
             ]
+        initialized: set[int] = set()
         for group_index, entries in fresh.items():
-            self._initialize(self.param_groups[group_index], entries)
-        # bundles whose gradients were all zero so far have no state and only decay
-        ready = [[bool(self.state[slot.param]) for slot in slots] for _, slots, _ in active]
+            initialized |= self._initialize(self.param_groups[group_index], entries)
+        # bundles whose gradients were all zero so far wait (state at step 0) and only decay
+        ready = [
+            [
+                id(slot.param) in initialized or self.state[slot.param].get("step", 0) > 0
+                for slot in slots
+            ]
+            for _, slots, _ in active
+        ]
         self._noise = self._standard_normal_buffers(
             [stack for (stack, _, _), flags in zip(active, ready) if any(flags)]
         )
@@ -284,37 +293,50 @@ class PSGD(KronOptimizer):
         step_size = group["lr"] / ADAM_RMS_DIVISOR if group["lr_style"] == "adam" else group["lr"]
         return Direction(updates, step_size, clip)
 
-    def _initialize(self, group: dict[str, Any], entries: list[tuple[Slot, Tensor]]) -> None:
-        """Create state for bundles seen for the first time (skipping all-zero gradients)."""
+    def _initialize(self, group: dict[str, Any], entries: list[tuple[Slot, Tensor]]) -> set[int]:
+        """Create state for bundles seen for the first time; the ids of those initialised.
+
+        A bundle whose gradient is all zero is not initialised (it would set the shared scale
+        to infinity): it gets placeholder state at step 0 (zero momentum, identity factors),
+        replaced at its first non-zero gradient. So every bundle that took a step has all its
+        state entries, as a checkpoint template built from one step on zero gradients needs.
+        """
         if not entries:
-            return
+            return set()
         second_moments = [
             float(g.square().mean(dtype=torch.promote_types(g.dtype, torch.float32)))
             for _, g in entries
         ]
         # all-zero (and zero-size: NaN mean) gradients wait; they must not set the shared scale
-        kept = [(entry, moment) for entry, moment in zip(entries, second_moments) if moment > 0]
+        kept = [entry for entry, moment in zip(entries, second_moments) if moment > 0]
+        for (slot, grad), moment in zip(entries, second_moments):
+            if moment == 0 and not self.state[slot.param]:  # zero-size ones keep no state
+                self._new_state(slot, torch.zeros_like(grad), 1.0)
         if not kept:
-            return
-        entries = [entry for entry, _ in kept]
+            return set()
         scale = group["preconditioner_init_scale"]
         if scale is None:
-            scale = (max(moment for _, moment in kept) + group["noise_scale"] ** 2) ** -0.25
-        for slot, grad in entries:
-            layout = self.layout(slot.bundle)
-            state = self.state[slot.param]
-            state["step"] = 0
-            state["momentum"] = grad.clone()
-            for side, kind, size in zip(("left", "right"), (layout.left, layout.right), grad.shape):
-                if kind == "none":
-                    continue
-                factor = torch.ones(size, dtype=grad.dtype, device=grad.device)
-                state[f"{side}_factor"] = scale * (
-                    torch.diag(factor) if kind == "dense" else factor
-                )
-                state[f"{side}_lipschitz"] = torch.zeros(
-                    (), dtype=torch.promote_types(grad.dtype, torch.float32), device=grad.device
-                )
+            scale = (
+                max(moment for moment in second_moments if moment > 0) + group["noise_scale"] ** 2
+            ) ** -0.25
+        for slot, grad in kept:
+            self._new_state(slot, grad.clone(), scale)
+        return {id(slot.param) for slot, _ in kept}
+
+    def _new_state(self, slot: Slot, momentum: Tensor, scale: float) -> None:
+        """A bundle's state at step 0: ``momentum`` and factors ``scale · I``."""
+        layout = self.layout(slot.bundle)
+        state = self.state[slot.param]
+        state["step"] = 0
+        state["momentum"] = momentum
+        for side, kind, size in zip(("left", "right"), (layout.left, layout.right), momentum.shape):
+            if kind == "none":
+                continue
+            factor = torch.ones(size, dtype=momentum.dtype, device=momentum.device)
+            state[f"{side}_factor"] = scale * (torch.diag(factor) if kind == "dense" else factor)
+            state[f"{side}_lipschitz"] = torch.zeros(
+                (), dtype=torch.promote_types(momentum.dtype, torch.float32), device=momentum.device
+            )
 
     def _standard_normal_buffers(
         self, stacks: list[Stack]
