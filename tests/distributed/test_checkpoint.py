@@ -81,7 +81,7 @@ def _layout(optimizer: KronOptimizer) -> dict[tuple, object]:
         else:
             found[path] = type(value)
 
-    walk(optimizer.state_dict()["state"], ())
+    walk(optimizer.state_dict(), ())  # the param groups too: the generators' states
     return found
 
 
