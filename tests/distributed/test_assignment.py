@@ -6,8 +6,16 @@ import itertools
 
 import pytest
 import torch
+from torch import nn
 
-from kronlab.distributed import DistributedConfig, WorkItem, assign_work, kronecker_item
+from kronlab.distributed import (
+    DistributedConfig,
+    OrthogonalizationItem,
+    WorkItem,
+    assign_work,
+    kronecker_item,
+)
+from kronlab.optim import Muon
 
 
 def test_cost_model_follows_its_definition() -> None:
@@ -24,6 +32,20 @@ def test_cost_model_follows_its_definition() -> None:
     assert kronecker_item("w", (6, 1, 40), max_factor_dim=32).factor_dims == (6,)
     vector = kronecker_item("b", (7,))
     assert vector.factor_dims == () and vector.step_cost() == 70 and vector.state_elements() == 14
+
+
+def test_muon_costs_its_newton_schulz_steps() -> None:
+    """Muon's matrices cost ``ns_steps · (2 · m · n · min(m, n) + min(m, n)³)``: a tall and
+    a wide matrix of the same size cost the same, and no decomposition is counted."""
+    model = nn.Sequential(nn.Linear(64, 4), nn.Linear(4, 64), nn.Linear(64, 2))  # head: AdamW
+    optimizer = Muon(model=model, lr=0.02, ns_steps=3)
+    items = {item.block_shape: item for item in optimizer.distributed_work_items()}
+    for shape in ((4, 64), (64, 4)):
+        item = items[shape]
+        assert isinstance(item, OrthogonalizationItem)
+        assert item.cost(decomposition_weight=1.0) == 3 * (2 * 64 * 4 * 4 + 4**3)
+        assert item.state_elements() == 64 * 4
+    assert items[(64,)].step_cost() == 10 * 64  # the AdamW bias: elementwise
 
 
 def _optimal_makespan(costs: list[float], world_size: int) -> float:

@@ -19,11 +19,6 @@ from kronlab.optim import KronOptimizer, create_optimizer
 
 from ..optim.state_checks import KRON_OPTIMIZERS
 
-# DCP loads only the entries of the template it is given; these optimizers create part of their
-# state after their first step (SOAP's eigenbasis statistics at the first refresh) or not at all
-# on zero gradients (PSGD), so a fresh optimizer's template lacks them.
-INCOMPLETE_FIRST_STATE = {"soap", "eshampoo", "psgd_quad", "psgd_procrustes"}
-
 
 def _model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
@@ -52,20 +47,7 @@ def _resumed(name: str, directory) -> tuple[nn.Module, KronOptimizer]:
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.filterwarnings("ignore:SIRFShampoo saw no training-mode forward")
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(
-                reason="part of its state is created after the first step", strict=True
-            ),
-        )
-        if name in INCOMPLETE_FIRST_STATE
-        else name
-        for name in KRON_OPTIMIZERS
-    ],
-)
+@pytest.mark.parametrize("name", KRON_OPTIMIZERS)
 def test_resume_from_dcp_continues_the_trajectory(name: str, tmp_path) -> None:
     model = _model()
     optimizer = create_optimizer(name, model)
@@ -81,6 +63,43 @@ def test_resume_from_dcp_continues_the_trajectory(name: str, tmp_path) -> None:
         _train(resumed_model, resumed, 3, seed=2)
     for kept, restored in zip(model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(kept, restored)
+
+
+def _layout(optimizer: KronOptimizer) -> dict[tuple, object]:
+    """Every state entry's path with its shape and dtype (tensors) or type (other values)."""
+    found: dict[tuple, object] = {}
+
+    def walk(value: object, path: tuple) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, (*path, key))
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(item, (*path, index))
+        elif isinstance(value, torch.Tensor):
+            found[path] = (tuple(value.shape), value.dtype)
+        else:
+            found[path] = type(value)
+
+    walk(optimizer.state_dict(), ())  # the param groups too: the generators' states
+    return found
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore:SIRFShampoo saw no training-mode forward")
+@pytest.mark.parametrize("name", KRON_OPTIMIZERS)
+def test_one_step_on_zero_gradients_creates_the_state_of_a_trained_optimizer(name: str) -> None:
+    """The template DCP restores into: all the entries of training's state, shaped alike."""
+    model = _model()
+    trained = create_optimizer(name, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _train(model, trained, 3, seed=1)
+    fresh = create_optimizer(name, model)
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    fresh.step()
+    assert _layout(fresh) == _layout(trained)
 
 
 def test_old_state_dicts_with_the_global_entry_in_state_still_load() -> None:

@@ -92,8 +92,8 @@ def test_step_size_uses_the_power_iteration_estimates():
     param = nn.Parameter(torch.randn(12, 8))
     lr = 0.05
     # How fast one iteration per step closes in depends on the start vectors' overlap with the
-    # top singular vectors (drawn from the optimizer's generator): seed 3 gives a typical one.
-    optimizer = Spectron([param], lr=lr, rank=4, momentum=0.5, power_iterations=1, seed=3)
+    # top singular vectors (drawn from the bundle's random stream): seed 6 gives a typical one.
+    optimizer = Spectron([param], lr=lr, rank=4, momentum=0.5, power_iterations=1, seed=6)
     for step, (gradient,) in enumerate(random_gradients([(12, 8)], steps=10)):
         state = optimizer.state[param]
         before = (state["factor_a"].clone(), state["factor_b"].clone()) if state else None

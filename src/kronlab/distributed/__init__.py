@@ -7,6 +7,13 @@ package depends on torch only; the optimizers use it.
 
 from kronlab.distributed.assignment import Assignment, assign_work
 from kronlab.distributed.config import DistributedConfig
-from kronlab.distributed.cost import WorkItem, kronecker_item
+from kronlab.distributed.cost import OrthogonalizationItem, WorkItem, kronecker_item
 
-__all__ = ["Assignment", "DistributedConfig", "WorkItem", "assign_work", "kronecker_item"]
+__all__ = [
+    "Assignment",
+    "DistributedConfig",
+    "OrthogonalizationItem",
+    "WorkItem",
+    "assign_work",
+    "kronecker_item",
+]

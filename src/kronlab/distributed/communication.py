@@ -27,6 +27,15 @@ def agree_on_outcome(outcome: int, device: torch.device, group: dist.ProcessGrou
     return int(flag.item())
 
 
+def all_reduce_max(
+    values: Sequence[float], device: torch.device, group: dist.ProcessGroup | None
+) -> list[float]:
+    """The elementwise maximum of ``values`` over all ranks (one all-reduce, float64)."""
+    buffer = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=group)
+    return buffer.tolist()
+
+
 def all_gather_owned(
     items: Sequence[Sequence[Tensor]],
     owners: Sequence[int],

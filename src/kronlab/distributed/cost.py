@@ -68,6 +68,27 @@ class WorkItem:
         )
 
 
+@dataclass(frozen=True)
+class OrthogonalizationItem(WorkItem):
+    """A matrix ``(m, n)`` orthogonalized every step by ``iterations`` Newton–Schulz steps
+    (Muon): each forms the ``k × k`` Gram matrix (``k = min(m, n)``) and multiplies it back,
+    about ``2 · numel · k`` multiply-adds, plus its ``k³`` polynomial. No factors, no
+    decomposition; its state is the momentum."""
+
+    iterations: int = 5
+
+    def step_cost(self) -> float:
+        rows, cols = self.block_shape
+        small = min(rows, cols)
+        return float(self.count * self.iterations * (2 * rows * cols * small + small**3))
+
+    def decomposition_cost(self) -> float:
+        return 0.0
+
+    def state_elements(self) -> int:
+        return self.numel
+
+
 def kronecker_item(
     key: Hashable,
     block_shape: Sequence[int],

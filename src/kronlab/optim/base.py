@@ -204,6 +204,15 @@ class KronOptimizer(Optimizer):
         """This optimizer's random generator on ``device`` (seeded, saved in the state_dict)."""
         return self._generators.get(device)
 
+    def bundle_generator(
+        self, bundle: ParameterBundle, device: torch.device | str
+    ) -> torch.Generator:
+        """A generator of ``bundle``'s own, seeded from the optimizer's seed and the bundle's
+        position: its draws are the same whichever rank steps the bundle (``distributed=``)
+        and whatever the other bundles drew."""
+        index = next(i for i, candidate in enumerate(self.bundles) if candidate is bundle)
+        return self._generators.stream(index, device)
+
     def describe_preconditioner(self, bundle: ParameterBundle) -> list[str]:
         """One line per factor, e.g. ``'33x33 (Dense)'``, for ``verbose_init``."""
         return [f"{'x'.join(map(str, bundle.grouped_shape)) or 'scalar'} (none)"]

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kronlab.distributed import DistributedConfig
+from kronlab.distributed import DistributedConfig, OrthogonalizationItem, WorkItem
 from kronlab.linalg.matmul_speed import newton_schulz_dtype
 from kronlab.linalg.newton_schulz import newton_schulz, resolve_coefficients
 from kronlab.optim.base import NonFinitePolicy, ParamsT
@@ -137,6 +137,17 @@ class Muon(HybridMatrixOptimizer):
             f"Muon: Newton-Schulz {group['ns_coefficients']!s} x{group['ns_steps']} "
             f"on {rows}x{columns}"
         )
+
+    def distributed_work_items(self) -> list[WorkItem]:
+        """Matrix bundles cost their Newton–Schulz steps (``numel · min(m, n)`` each), not the
+        Kronecker factors of the default model; AdamW bundles stay elementwise."""
+        items = super().distributed_work_items()
+        for index, bundle in enumerate(self.bundles):
+            group = self.param_groups[bundle.group_index]
+            if not self.is_auxiliary(group):
+                shape = matrix_shape(bundle.key)
+                items[index] = OrthogonalizationItem(index, shape, iterations=group["ns_steps"])
+        return items
 
     def direction(
         self, stack: Stack, slots: list[Slot], gradients: list[torch.Tensor], group: dict[str, Any]

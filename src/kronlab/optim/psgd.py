@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from kronlab.distributed import DistributedConfig
+from kronlab.distributed.communication import all_reduce_max
 from kronlab.groups.layout import plan_layout
 from kronlab.groups.rules import PreconditionerGroup
 from kronlab.linalg._dtypes import product_dtype
@@ -42,6 +43,7 @@ DTYPES = (None, torch.bfloat16, torch.float16, torch.float32, torch.float64)
 BALANCE_EVERY = 100
 UPDATE_RMS_CLIP = 1.1
 ADAM_RMS_DIVISOR = 5.0  # PSGD's update has RMS ≈ 1, Adam's ≈ 0.2
+NoiseKey = tuple[torch.device, torch.dtype]  # a noise draw's device and dtype
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,9 @@ class PSGD(KronOptimizer):
             ``KronOptimizer``).
         verbose_init: print each parameter's layout at construction.
         distributed: a ``kronlab.distributed.DistributedConfig`` to split the preconditioner
-            work over the ranks of a process group (see ``kronlab.optim.KronOptimizer``).
+            work over the ranks of a process group (see ``kronlab.optim.KronOptimizer``). The
+            ranks agree on the default initial scale and on the size of the noise draw (one
+            all-reduce per step), so each uses one process's; give them the same ``seed``.
     """
 
     variant_keys = ("combine_params", "method")
@@ -237,7 +241,8 @@ class PSGD(KronOptimizer):
     def update(self) -> None:
         """The template's stages, with two that span stacks first: a param group's bundles seen
         for the first time share one initial scale (``_initialize``), and one noise draw serves
-        every stack (``_standard_normal_buffers``)."""
+        every stack (``_standard_normal_buffers``). Distributed, both are agreed on by the ranks
+        (``_agree_across_ranks``), so each rank uses one process's scale and draws."""
         active = []
         for stack in self.plan.stacks:
             slots = stack.active()
@@ -246,15 +251,38 @@ class PSGD(KronOptimizer):
         fresh: dict[int, list[tuple[Slot, Tensor]]] = defaultdict(list)
         for stack, slots, gradients in active:
             fresh[stack.group_index] += [
-                (slot, grad) for slot, grad in zip(slots, gradients) if not self.state[slot.param]
+                (slot, grad)
+                for slot, grad in zip(slots, gradients)
+                if not self.state[slot.param].get("step")
             ]
-        for group_index, entries in fresh.items():
-            self._initialize(self.param_groups[group_index], entries)
-        # bundles whose gradients were all zero so far have no state and only decay
-        ready = [[bool(self.state[slot.param]) for slot in slots] for _, slots, _ in active]
-        self._noise = self._standard_normal_buffers(
-            [stack for (stack, _, _), flags in zip(active, ready) if any(flags)]
+        moments = {index: _mean_squares(entries) for index, entries in fresh.items()}
+        # all-zero (and zero-size: NaN mean) gradients wait; they must not set the shared scale
+        initialized = {
+            id(slot.param)
+            for index, entries in fresh.items()
+            for (slot, _), moment in zip(entries, moments[index])
+            if moment > 0
+        }
+        # bundles whose gradients were all zero so far wait (state at step 0) and only decay
+        ready = [
+            [
+                id(slot.param) in initialized or self.state[slot.param].get("step", 0) > 0
+                for slot in slots
+            ]
+            for _, slots, _ in active
+        ]
+        peaks = {
+            index: max((moment for moment in values if moment > 0), default=0.0)
+            for index, values in moments.items()
+        }
+        sizes = self._noise_sizes(
+            [(stack, any(flags)) for (stack, _, _), flags in zip(active, ready)]
         )
+        if self.sharding() is not None:
+            peaks, sizes = self._agree_across_ranks(peaks, sizes)
+        for index, entries in fresh.items():
+            self._initialize(self.param_groups[index], entries, moments[index], peaks[index])
+        self._noise = self._standard_normal_buffers(sizes)
         for (stack, slots, gradients), flags in zip(active, ready):
             group = self.param_groups[stack.group_index]
             stepped = [slot for slot, flag in zip(slots, flags) if flag]
@@ -284,43 +312,65 @@ class PSGD(KronOptimizer):
         step_size = group["lr"] / ADAM_RMS_DIVISOR if group["lr_style"] == "adam" else group["lr"]
         return Direction(updates, step_size, clip)
 
-    def _initialize(self, group: dict[str, Any], entries: list[tuple[Slot, Tensor]]) -> None:
-        """Create state for bundles seen for the first time (skipping all-zero gradients)."""
-        if not entries:
-            return
-        second_moments = [
-            float(g.square().mean(dtype=torch.promote_types(g.dtype, torch.float32)))
-            for _, g in entries
-        ]
-        # all-zero (and zero-size: NaN mean) gradients wait; they must not set the shared scale
-        kept = [(entry, moment) for entry, moment in zip(entries, second_moments) if moment > 0]
+    def _initialize(
+        self,
+        group: dict[str, Any],
+        entries: list[tuple[Slot, Tensor]],
+        moments: list[float],
+        peak: float,
+    ) -> None:
+        """Create state for bundles seen for the first time: those with a positive mean square
+        gradient (``moments``) are initialised, with ``Q = scale · I`` where the default scale
+        is ``(peak + noise_scale²)^(-1/4)``, ``peak`` the largest of those mean squares.
+
+        A bundle whose gradient is all zero is not initialised (it would set the shared scale
+        to infinity): it gets placeholder state at step 0 (zero momentum, identity factors),
+        replaced at its first non-zero gradient. So every bundle that took a step has all its
+        state entries, as a checkpoint template built from one step on zero gradients needs.
+        """
+        for (slot, grad), moment in zip(entries, moments):
+            if moment == 0 and not self.state[slot.param]:  # zero-size ones keep no state
+                self._new_state(slot, torch.zeros_like(grad), 1.0)
+        kept = [entry for entry, moment in zip(entries, moments) if moment > 0]
         if not kept:
             return
-        entries = [entry for entry, _ in kept]
         scale = group["preconditioner_init_scale"]
         if scale is None:
-            scale = (max(moment for _, moment in kept) + group["noise_scale"] ** 2) ** -0.25
-        for slot, grad in entries:
-            layout = self.layout(slot.bundle)
-            state = self.state[slot.param]
-            state["step"] = 0
-            state["momentum"] = grad.clone()
-            for side, kind, size in zip(("left", "right"), (layout.left, layout.right), grad.shape):
-                if kind == "none":
-                    continue
-                factor = torch.ones(size, dtype=grad.dtype, device=grad.device)
-                state[f"{side}_factor"] = scale * (
-                    torch.diag(factor) if kind == "dense" else factor
-                )
-                state[f"{side}_lipschitz"] = torch.zeros(
-                    (), dtype=torch.promote_types(grad.dtype, torch.float32), device=grad.device
-                )
+            scale = (peak + group["noise_scale"] ** 2) ** -0.25
+        for slot, grad in kept:
+            self._new_state(slot, grad.clone(), scale)
 
-    def _standard_normal_buffers(
-        self, stacks: list[Stack]
-    ) -> dict[tuple[torch.device, torch.dtype], Tensor]:
-        """One fresh flat ``N(0, I)`` draw per device and product dtype, as long as the largest
-        matrix of the stacks that add fit noise.
+    def _new_state(self, slot: Slot, momentum: Tensor, scale: float) -> None:
+        """A bundle's state at step 0: ``momentum`` and factors ``scale · I``."""
+        layout = self.layout(slot.bundle)
+        state = self.state[slot.param]
+        state["step"] = 0
+        state["momentum"] = momentum
+        for side, kind, size in zip(("left", "right"), (layout.left, layout.right), momentum.shape):
+            if kind == "none":
+                continue
+            factor = torch.ones(size, dtype=momentum.dtype, device=momentum.device)
+            state[f"{side}_factor"] = scale * (torch.diag(factor) if kind == "dense" else factor)
+            state[f"{side}_lipschitz"] = torch.zeros(
+                (), dtype=torch.promote_types(momentum.dtype, torch.float32), device=momentum.device
+            )
+
+    def _noise_sizes(self, stacks: list[tuple[Stack, bool]]) -> dict[NoiseKey, int]:
+        """Per device and product dtype of the active stacks that add fit noise, the length of
+        that key's draw: the largest matrix of those ``(stack, stepped)`` that are stepped (0
+        where none is)."""
+        sizes: dict[NoiseKey, int] = {}
+        for stack, stepped in stacks:
+            if self.param_groups[stack.group_index]["noise_scale"] > 0:
+                rows, cols = stack.shape
+                size = rows * cols if stepped else 0
+                sizes[_noise_key(stack)] = max(sizes.get(_noise_key(stack), 0), size)
+        return sizes
+
+    def _standard_normal_buffers(self, sizes: dict[NoiseKey, int]) -> dict[NoiseKey, Tensor]:
+        """One fresh flat ``N(0, I)`` draw per device and product dtype, of the given sizes
+        (none for size 0, but the device's generator is made: its state is in the state_dict
+        from the first step on, as a checkpoint template built from one step needs).
 
         Every bundle's fit noise is a view of it (``_fit_noise``): each bundle's factors are
         fitted to its own gradient only, so what each bundle sees must be i.i.d. ``N(0, 1)``
@@ -329,15 +379,36 @@ class PSGD(KronOptimizer):
         instead of one per gradient entry saves most of the cost of the noise (``normal_``
         of all 3.4 M gradient entries of the benchmark transformer was ~12 % of its step).
         """
-        sizes: dict[tuple[torch.device, torch.dtype], int] = {}
-        for stack in stacks:
-            if self.param_groups[stack.group_index]["noise_scale"] > 0:
-                rows, cols = stack.shape
-                sizes[_noise_key(stack)] = max(sizes.get(_noise_key(stack), 0), rows * cols)
+        generators = {device: self.generator(device) for device, _ in sizes}
         return {
-            (device, dtype): _standard_normal(size, dtype, self.generator(device))
+            (device, dtype): _standard_normal(size, dtype, generators[device])
             for (device, dtype), size in sizes.items()
+            if size > 0
         }
+
+    def _agree_across_ranks(
+        self, peaks: dict[int, float], sizes: dict[NoiseKey, int]
+    ) -> tuple[dict[int, float], dict[NoiseKey, int]]:
+        """The initial-scale peaks and noise sizes of one process stepping every bundle: the
+        maxima over the ranks (each steps only its own bundles), by one all-reduce. Every
+        rank then draws the same numbers as one process, whichever bundles it owns."""
+        if not self.bundles:
+            return peaks, sizes
+        keys = list(
+            dict.fromkeys(
+                (bundle.key.device, product_dtype(work.dtype, bundle.key.device))
+                for bundle in self.bundles
+                for work in self.work(bundle)
+            )
+        )
+        groups = range(len(self.param_groups))
+        local = [peaks.get(index, 0.0) for index in groups] + [float(sizes.get(k, 0)) for k in keys]
+        assert self.distributed is not None
+        agreed = all_reduce_max(local, keys[0][0], self.distributed.process_group)
+        return (
+            {index: agreed[index] for index in peaks},
+            {key: int(value) for key, value in zip(keys, agreed[len(groups) :])},
+        )
 
     def _precondition_stack(
         self,
@@ -450,7 +521,15 @@ def _precondition(
     return matrices
 
 
-def _noise_key(stack: Stack) -> tuple[torch.device, torch.dtype]:
+def _mean_squares(entries: list[tuple[Slot, Tensor]]) -> list[float]:
+    """``mean(g²)`` of each entry's gradient (NaN for an empty one)."""
+    return [
+        float(g.square().mean(dtype=torch.promote_types(g.dtype, torch.float32)))
+        for _, g in entries
+    ]
+
+
+def _noise_key(stack: Stack) -> NoiseKey:
     """Device and product dtype of a stack."""
     return stack.device, product_dtype(stack.work.dtype, stack.device)
 

@@ -42,6 +42,14 @@ class OptimizerGenerators:
             self._generators[key] = generator
         return generator
 
+    def stream(self, key: int, device: torch.device | str) -> torch.Generator:
+        """A new generator for one item ``key`` (a non-negative integer), seeded from the seed
+        and ``key`` alone: what it draws depends neither on what was drawn before nor on the
+        process that draws it. Not saved: it is made again from the seed."""
+        generator = torch.Generator(device=torch.device(device))
+        generator.manual_seed(derived_seed((self.seed + derived_seed(key)) % 2**64))
+        return generator
+
     def state_dict(self) -> dict[str, Any]:
         """The seed and each device's generator state (uint8 tensors)."""
         states = dict(self._pending)

@@ -73,6 +73,9 @@ def sharded_step(optimizer: KronOptimizer, sharding: Sharding) -> None:
     rounded = config.communication_dtype is not None
     before = [p.detach().clone() for p in owned] if rounded else []
     hidden = [(p, p.grad) for p in params if id(p) not in owned_ids and p.grad is not None]
+    # a refused step draws no random numbers either (as in one process): the next step sees
+    # the same stream
+    generators = optimizer._generators.state_dict()
     outcome, error = STEP_OK, None
     try:
         for param, _ in hidden:
@@ -84,6 +87,7 @@ def sharded_step(optimizer: KronOptimizer, sharding: Sharding) -> None:
     device = params[0].device if params else torch.device("cpu")
     agreed = agree_on_outcome(outcome, device, config.process_group)
     if agreed != STEP_OK:
+        optimizer._generators.load_state_dict(generators)
         if checked:
             optimizer._transaction.rollback(optimizer.state)
         if error is not None or agreed == STEP_FAILED or not checked:

@@ -80,9 +80,10 @@ class Spectron(HybridMatrixOptimizer):
         on_nonfinite_grad, verbose_init: as ``kronlab.optim.KronOptimizer``.
         distributed: a ``kronlab.distributed.DistributedConfig`` to split the preconditioner
             work over the ranks of a process group (see ``kronlab.optim.KronOptimizer``).
-        seed: seed of the optimizer's generator that draws the power-iteration start vectors
-            (``None``: derived from ``torch.initial_seed()``, see ``KronOptimizer``); never
-            the global RNG.
+        seed: seed of the power-iteration start vectors (``None``: derived from
+            ``torch.initial_seed()``, see ``KronOptimizer``); never the global RNG. Each bundle
+            draws from its own stream, seeded from ``seed`` and the bundle's position
+            (``KronOptimizer.bundle_generator``), so a sharded run draws one process's vectors.
     """
 
     matrix_algorithm = "spectron"
@@ -176,7 +177,7 @@ class Spectron(HybridMatrixOptimizer):
         new weights ``A Bᵀ`` (``apply`` writes them)."""
         rows, columns = stack.shape
         params = [slot.param for slot in slots]
-        fresh = [p for p in params if "factor_a" not in self.state[p]]
+        fresh = [slot for slot in slots if "factor_a" not in self.state[slot.param]]
         if fresh:
             self._initialize(fresh, _group_rank(rows, columns, group))
         states = [self.state[p] for p in params]
@@ -196,21 +197,23 @@ class Spectron(HybridMatrixOptimizer):
         for slot, weight in zip(slots, direction.values):
             slot.param.copy_(weight.view(slot.param.shape))
 
-    def _initialize(self, params: list[nn.Parameter], rank: int) -> None:
-        """Truncated SVD of the current weights (one batched call): ``A = U√S``, ``B = V√S``."""
+    def _initialize(self, slots: list[Slot], rank: int) -> None:
+        """Truncated SVD of the current weights (one batched call): ``A = U√S``, ``B = V√S``;
+        power-iteration start vectors from each bundle's own random stream."""
+        params = [slot.param for slot in slots]
         weights = torch.stack([as_matrix(p.detach()) for p in params]).to(FACTOR_DTYPE)
         left, singular, right_t = torch.linalg.svd(weights, full_matrices=False)
         root = singular[..., :rank].sqrt().unsqueeze(-2)
         factor_a = left[..., :rank] * root
         factor_b = right_t[..., :rank, :].transpose(-1, -2) * root
-        for index, param in enumerate(params):
+        for index, (slot, param) in enumerate(zip(slots, params)):
             rows, columns = matrix_shape(param)
             state = self.state[param]
             state["factor_a"] = factor_a[index].contiguous()
             state["factor_b"] = factor_b[index].contiguous()
             state["momentum_a"] = torch.zeros_like(state["factor_a"])
             state["momentum_b"] = torch.zeros_like(state["factor_b"])
-            generator = self.generator(param.device)
+            generator = self.bundle_generator(slot.bundle, param.device)
             state["left_vector_a"] = _random_unit(rows, generator)
             state["left_vector_b"] = _random_unit(columns, generator)
             param.copy_((state["factor_a"] @ state["factor_b"].T).view(param.shape))

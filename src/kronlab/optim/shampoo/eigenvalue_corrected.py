@@ -87,12 +87,14 @@ class EigenvalueCorrectedShampoo(ShampooVariant):
             # SOAP's first step: no basis has been measured yet, so it only feeds the factors
             # (the refresh after it installs their eigenbasis) and starts no moment. An Adam
             # step in the identity basis here would leave a second moment measured in the wrong
-            # basis for the first eigenbasis steps.
+            # basis for the first eigenbasis steps. The moments are created (zero, with no
+            # update counted) all the same, so that the state after one step has every entry
+            # of a trained one: a checkpoint template built from one step can hold them.
+            self._start_moments(state, gradient)
             return torch.zeros_like(gradient)
         identity_basis_unless_refreshed(state, filtered)
-        state["correction_step"] = state.get("correction_step", 0) + 1
-        if "second_moment" not in state:
-            state["second_moment"] = torch.zeros_like(gradient)
+        self._start_moments(state, gradient)
+        state["correction_step"] += 1
         basis = self.eigenbasis(state)
         rotated_gradient = basis.to_eigenbasis(gradient)
         update_second_moment_(state["second_moment"], rotated_gradient, settings.beta2)
@@ -124,6 +126,15 @@ class EigenvalueCorrectedShampoo(ShampooVariant):
             settings.epsilon,
         )
         return basis.from_eigenbasis(quotient, scale / momentum_correction)
+
+    def _start_moments(self, state: State, gradient: torch.Tensor) -> None:
+        """The zero moments of a stack that has none yet, no update counted."""
+        if "second_moment" in state:
+            return
+        state["correction_step"] = 0
+        state["second_moment"] = torch.zeros_like(gradient)
+        if self.filters_in_eigenbasis and self.settings.beta1 != 0.0:
+            state["eigenbasis_momentum"] = torch.zeros_like(gradient)
 
     def eigenbasis(self, state: State) -> KroneckerEigenbasis:
         """``Q_i`` with the second moment ``E`` as the corrected eigenvalue tensor (not

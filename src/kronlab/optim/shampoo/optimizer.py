@@ -498,7 +498,8 @@ class Shampoo(KronOptimizer):
                 factors=state["factors"],
                 eigenvectors=state.get("eigenvectors"),
                 eigenvalues=state.get(variant.exported_eigenvalues),
-                second_moment=state.get("second_moment"),
+                # a second moment not yet updated (SOAP's first step) is no estimate
+                second_moment=state.get("second_moment") if state.get("correction_step") else None,
                 inverse_roots=state.get("inverse_roots"),
                 factor_bias_correction=variant.factor_correction(state),
                 eigenvalue_bias_correction=variant.eigenvalue_correction(state),
