@@ -19,26 +19,16 @@ from kronlab.optim.base import KronOptimizer
 from kronlab.optim.psgd_factors import gram_norm_lower_bound, spectral_norm_lower_bound
 from kronlab.optim.registry import available_optimizers, create_optimizer
 
+from .state_checks import cloned
+
 # torch's own optimizers are registered as references; the guarantee is kronlab's.
 TORCH_BASELINES = ("adam", "adamw", "sgd")
 KRONLAB_OPTIMIZERS = [name for name in available_optimizers() if name not in TORCH_BASELINES]
 
 
 def state_copy(optimizer: torch.optim.Optimizer) -> dict:
-    """The state, less the skipped-step counter (a skipped step counts itself there)."""
-    state = {key: _clone(value) for key, value in optimizer.state.items() if value}
-    state.get("kronlab", {}).pop("skipped_steps", None)
-    return state
-
-
-def _clone(value: object) -> object:
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return {key: _clone(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clone(item) for item in value]
-    return value
+    """A copy of the per-parameter state (the step counters live outside it)."""
+    return {key: cloned(value) for key, value in optimizer.state.items() if value}
 
 
 def assert_identical(left: object, right: object) -> None:

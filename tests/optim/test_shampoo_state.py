@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kronlab.optim import SOAP, Shampoo
-from kronlab.optim.base import GLOBAL_STATE
+from kronlab.optim.checkpoint import GLOBAL_KEY
 
 
 def _blocked_run(steps: int, beta2: float) -> tuple[nn.Parameter, Shampoo, list[torch.Tensor]]:
@@ -74,7 +74,7 @@ def test_a_state_dict_saved_per_stack_is_refused_before_anything_changes() -> No
     param.grad = torch.randn(4, 3)
     optimizer.step()
     saved = copy.deepcopy(optimizer.state_dict())
-    saved["state"].setdefault(GLOBAL_STATE, {})["stacks"] = [{"step": 1}]  # the former layout
+    saved["state"].setdefault(GLOBAL_KEY, {})["stacks"] = [{"step": 1}]  # the former layout
     before = [tensor.clone() for tensor in _tensors(optimizer.state[param])]
     with pytest.raises(ValueError, match="per stack"):
         optimizer.load_state_dict(saved)

@@ -9,7 +9,7 @@ from torch import nn
 
 from kronlab.compare import train_one
 from kronlab.optim import create_optimizer, get_optimizer
-from kronlab.optim.base import GLOBAL_STATE
+from kronlab.optim.checkpoint import GLOBAL_KEY
 from kronlab.tasks.digits import digits_task
 
 SHAMPOO_FAMILY = [
@@ -98,7 +98,7 @@ def stack_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
             for item in value:
                 collect(item)
 
-    collect([state for key, state in optimizer.state.items() if key != GLOBAL_STATE])
+    collect([state for key, state in optimizer.state.items() if key != GLOBAL_KEY])
     return found
 
 

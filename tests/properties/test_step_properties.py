@@ -26,6 +26,7 @@ from torch import nn
 import kronlab.optim  # noqa: F401  (registers every optimizer)
 from kronlab.optim import PSGD, SOAP, KLShampoo, Shampoo, SIRFShampoo
 from kronlab.optim.registry import available_optimizers, create_optimizer
+from tests.optim.state_checks import cloned
 
 # torch's own optimizers are registered as references; the guarantee is kronlab's.
 TORCH_BASELINES = ("adam", "adamw", "sgd")
@@ -102,24 +103,8 @@ def tensors(value: object) -> list[torch.Tensor]:
 
 
 def snapshot(optimizer: torch.optim.Optimizer) -> dict:
-    """A copy of the state, less the skipped-step counter (a skipped step counts itself)."""
-
-    def copy(value: object) -> object:
-        if isinstance(value, torch.Tensor):
-            return value.clone()
-        if isinstance(value, dict):
-            return {key: copy(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [copy(item) for item in value]
-        return value
-
-    state = {
-        key if isinstance(key, str) else id(key): copy(value)
-        for key, value in optimizer.state.items()
-        if value
-    }
-    state.get("kronlab", {}).pop("skipped_steps", None)
-    return state
+    """A copy of the per-parameter state (the step counters live outside it)."""
+    return {id(key): cloned(value) for key, value in optimizer.state.items() if value}
 
 
 def identical(left: object, right: object) -> bool:

@@ -16,6 +16,7 @@ from kronlab.groups.rules import PerParameter, PreconditionerGroup, check_rules
 from kronlab.optim.adamw import adamw_step
 from kronlab.optim.bundles import ParameterBundle, identify_bundles
 from kronlab.optim.checkpoint import (
+    GLOBAL_KEY,
     SIGNATURE_KEY,
     check_signature,
     from_torch_form,
@@ -39,7 +40,6 @@ from kronlab.optim.validation import check_choice, check_module, check_params
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None
 NonFinitePolicy = Literal["skip", "raise", "ignore", "mask"]
-GLOBAL_STATE = "kronlab"
 GENERATORS_KEY = "generators"
 DEFAULT_RULES: tuple[PreconditionerGroup, ...] = (PerParameter(),)
 
@@ -465,7 +465,6 @@ class KronOptimizer(Optimizer):
             for key in self.structural_keys:
                 group.pop(key, None)
         global_entry = {
-            **state["state"].get(GLOBAL_STATE, {}),
             **self._counters,
             SIGNATURE_KEY: optimizer_signature(self),
             GENERATORS_KEY: self._generators.state_dict(),
@@ -478,7 +477,7 @@ class KronOptimizer(Optimizer):
         saved_global, state_dict = from_torch_form(state_dict)
         if not isinstance(saved_global, dict):
             raise ValueError(
-                f"Invalid state_dict: no {GLOBAL_STATE!r} entry in its param groups (allowed: a "
+                f"Invalid state_dict: no {GLOBAL_KEY!r} entry in its param groups (allowed: a "
                 f"state_dict saved by a kronlab {type(self).__name__})"
             )
         check_signature(self, saved_global.get(SIGNATURE_KEY))
@@ -499,17 +498,6 @@ class KronOptimizer(Optimizer):
             if key in id_to_param:
                 param = id_to_param[key]
                 self.state[param] = _copy_to_device(saved, param.device)
-        # torch keeps entries that are not per-parameter as they are (shared with the caller's
-        # dict, and so with the optimizer that saved it): copy what is left of the global entry
-        # (the Shampoo family's stacks) and keep the counters as attributes.
-        self.state.pop(GLOBAL_STATE, None)
-        rest = {
-            key: _copy_to_device(value, None)
-            for key, value in saved_global.items()
-            if key not in (SIGNATURE_KEY, GENERATORS_KEY, *self._counters)
-        }
-        if rest:
-            self.state[GLOBAL_STATE] = rest
         self._counters = {key: int(saved_global[key]) for key in self._counters}
         self._generators.load_state_dict(saved_global[GENERATORS_KEY])
 

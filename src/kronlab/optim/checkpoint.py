@@ -29,11 +29,10 @@ SIGNATURE_KEY = "signature"
 
 
 def to_torch_form(state_dict: dict[str, Any], global_entry: dict[str, Any]) -> dict[str, Any]:
-    """``state_dict`` (from ``torch.optim.Optimizer.state_dict``, with the optimizer's global
-    state under ``state["kronlab"]``) in torch.optim's form: global entry moved to the first
-    param group, the step count added to every parameter's entry. The live per-parameter dicts
-    that torch's ``state_dict`` returns are not modified."""
-    state = {key: value for key, value in state_dict["state"].items() if key != GLOBAL_KEY}
+    """``state_dict`` (from ``torch.optim.Optimizer.state_dict``) in torch.optim's form with
+    ``global_entry`` in the first param group and the step count added to every parameter's
+    entry. The live per-parameter dicts that torch's ``state_dict`` returns are not modified."""
+    state = dict(state_dict["state"])
     step = global_entry["step"]
     groups = state_dict["param_groups"]
     for group in groups:

@@ -17,13 +17,13 @@ from kronlab.groups.rules import PreconditionerGroup
 from kronlab.linalg.batching import concatenate_matrices
 from kronlab.optim.base import (
     DEFAULT_RULES,
-    GLOBAL_STATE,
     KronOptimizer,
     NonFinitePolicy,
     ParamsT,
     with_renamed_group_keys,
 )
 from kronlab.optim.bundles import ParameterBundle
+from kronlab.optim.checkpoint import GLOBAL_KEY
 from kronlab.optim.shampoo.config import KL_VARIANTS, resolve_grafting, resolve_preconditioner
 from kronlab.optim.shampoo.kl import check_kl, kl_inverse_sqrts
 from kronlab.optim.shampoo.moments import (
@@ -509,7 +509,7 @@ class Shampoo(KronOptimizer):
         ]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved_global = state_dict.get("state", {}).get(GLOBAL_STATE, {})
+        saved_global = state_dict.get("state", {}).get(GLOBAL_KEY, {})
         if isinstance(saved_global, dict) and "stacks" in saved_global:
             raise ValueError(
                 "Invalid state_dict: Shampoo state saved per stack (allowed: a state_dict "
