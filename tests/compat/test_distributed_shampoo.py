@@ -9,6 +9,8 @@ import torch
 from kronlab.compat import distributed_shampoo as ds
 from kronlab.optim.shampoo import PerFactorEigenvalueCorrectedConfig, Shampoo
 
+from .training import mse_losses
+
 STEPS = 6
 
 
@@ -189,13 +191,7 @@ def test_the_test_suite_configuration_trains(config) -> None:
         preconditioner_config=config,
     )
     inputs, targets = torch.randn(32, 6), torch.randn(32, 2)
-    losses = []
-    for _ in range(5):
-        optimizer.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(inputs), targets)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = mse_losses(model, optimizer, inputs, targets, steps=5)
     assert losses[-1] < losses[0]
 
 

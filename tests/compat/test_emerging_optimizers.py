@@ -8,6 +8,8 @@ import torch
 from kronlab.compat.emerging_optimizers import Spectron
 from kronlab.linalg import NEWTON_SCHULZ_COEFFICIENTS
 
+from .training import mse_losses
+
 SCHEDULES = {
     "simple": [(3.4445, -4.7750, 2.0315)] * 5,
     "quintic": [
@@ -103,13 +105,7 @@ def test_the_pull_request_usage_trains_with_rank_capped() -> None:
         coefficient_type="simple",
     )
     inputs, targets = torch.randn(64, 8), torch.randn(64, 4)
-    losses = []
-    for _ in range(10):
-        optimizer.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(inputs), targets)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = mse_losses(model, optimizer, inputs, targets, steps=10)
     assert losses[-1] < losses[0]
     ranks = {optimizer.state[p]["factor_a"].shape[1] for p in model.parameters()}
     assert ranks == {4, 8}  # default rank 64 capped at min(m, n)
