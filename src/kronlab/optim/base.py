@@ -23,8 +23,9 @@ from kronlab.optim.checkpoint import (
     optimizer_signature,
     to_torch_form,
 )
+from kronlab.optim.full_views import sharded_parameters
 from kronlab.optim.randomness import OptimizerGenerators, check_generator_state
-from kronlab.optim.sharded_step import Sharding, check_shardable, sharded_step
+from kronlab.optim.sharded_step import Sharding, check_shardable, implied_config, sharded_step
 from kronlab.optim.stacked_state import StackedState
 from kronlab.optim.step_template import (
     Direction,
@@ -157,7 +158,9 @@ class KronOptimizer(Optimizer):
             (), dtype=torch.int64, device=first.device if first is not None else None
         )
         self._transaction = StepTransaction()
-        if distributed is not None:
+        if distributed is None:
+            self.distributed = implied_config(self)  # FSDP2 parameters are always split
+        if self.distributed is not None:
             check_shardable(self)
         if verbose_init:
             print(self.describe())
@@ -273,7 +276,8 @@ class KronOptimizer(Optimizer):
         if self.distributed is None:
             return None
         if self._sharding is None:
-            if self.distributed.world()[1] == 1:
+            # one rank needs no split, but DTensor parameters still take the full-tensor step
+            if self.distributed.world()[1] == 1 and not sharded_parameters(self):
                 return None
             self._sharding = Sharding(self.distributed, self.distributed_work_items())
             self._plan = None  # planned again with this rank's bundles only

@@ -7,10 +7,16 @@ and does none of their work. The ranks then agree on the step's
 outcome (one all-reduce: a non-finite gradient or value on any rank skips the step on all of
 them, each rolling its own part back) and all-gather the owners' results (one all-gather per
 dtype), after which every rank holds the same parameters.
+
+FSDP2-sharded (DTensor) parameters take the same step on full tensors: the owner gathers their
+shards first and sends every rank its shards of the result afterwards
+(``kronlab.optim.full_views``), so the step is the one of a single process on the global batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,7 +30,9 @@ from kronlab.distributed.communication import (
     agree_on_outcome,
     all_gather_owned,
 )
+from kronlab.distributed.fsdp import local_shard
 from kronlab.linalg.finite import all_finite
+from kronlab.optim.full_views import FullViews, check_layouts, sharded_parameters
 
 if TYPE_CHECKING:
     from kronlab.optim.base import KronOptimizer
@@ -43,21 +51,33 @@ class Sharding:
             memory_weight=config.memory_weight,
         )
 
+        self.full_views: FullViews | None = None  # built at the first step (FSDP2 only)
+
     def owns(self, bundle_index: int) -> bool:
         return self.assignment.owners[bundle_index] == self.rank
 
 
+def implied_config(optimizer: KronOptimizer) -> DistributedConfig | None:
+    """``distributed=`` as FSDP2-sharded parameters imply it: their owners need the whole
+    tensors, so the bundles are split over the ranks of their mesh (``None`` without DTensor
+    parameters)."""
+    sharded = sharded_parameters(optimizer)
+    if not sharded:
+        return None
+    if optimizer.on_nonfinite_grad == "mask":
+        raise ValueError(
+            "Invalid on_nonfinite_grad: 'mask' with DTensor (FSDP2) parameters (allowed: "
+            "'skip', 'raise' or 'ignore'; the ranks agree on a skipped step with one all-reduce)"
+        )
+    mesh = sharded[0].device_mesh
+    return DistributedConfig(process_group=mesh.get_group() if mesh.ndim == 1 else None)
+
+
 def check_shardable(optimizer: KronOptimizer) -> None:
-    """Refuse parameters the sharded step cannot exchange: DTensors (FSDP2's ``fully_shard``),
-    whose owner would need the whole tensor, not its shard."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            if isinstance(param, DTensor):
-                raise TypeError(
-                    f"Invalid parameter {optimizer.parameter_name(param)}: a DTensor (allowed "
-                    "with distributed=: plain tensors, e.g. under DistributedDataParallel; "
-                    "FSDP2-sharded parameters are not supported by distributed= yet)"
-                )
+    """Refuse parameters the sharded step cannot exchange: DTensors not sharded along one
+    dimension over a 1-D mesh of the process group's ranks (``TypeError`` naming the first)."""
+    assert optimizer.distributed is not None
+    check_layouts(optimizer, optimizer.distributed.process_group)
 
 
 def sharded_step(optimizer: KronOptimizer, sharding: Sharding) -> None:
@@ -65,31 +85,43 @@ def sharded_step(optimizer: KronOptimizer, sharding: Sharding) -> None:
     closure). Every rank must call it, with or without gradients."""
     config = sharding.config
     bundles = optimizer.bundles
-    owned = [p for index, b in enumerate(bundles) if sharding.owns(index) for p in b.params]
+    views = _full_views(optimizer, sharding)
+    if views is not None:
+        views.gather()
+    stand_in = views.stand_in if views is not None else (lambda p: p)
+    owned = [
+        stand_in(p) for index, b in enumerate(bundles) if sharding.owns(index) for p in b.params
+    ]
     owned_ids = {id(p) for p in owned}
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    gradients = [p.grad for p in params if p.grad is not None]
+    # every rank tests its own shards; the all-reduce below combines the verdicts
+    gradients = [local_shard(p.grad) for p in params if p.grad is not None]
     checked = optimizer.on_nonfinite_grad != "ignore"
     rounded = config.communication_dtype is not None
-    before = [p.detach().clone() for p in owned] if rounded else []
+    before = {id(p): p.detach().clone() for p in owned} if rounded else {}
     hidden = [(p, p.grad) for p in params if id(p) not in owned_ids and p.grad is not None]
     # a refused step draws no random numbers either (as in one process): the next step sees
     # the same stream
     generators = optimizer._generators.state_dict()
     outcome, error = STEP_OK, None
+    device = local_shard(params[0]).device if params else torch.device("cpu")
     try:
-        for param, _ in hidden:
-            param.grad = None
-        outcome, error = _local_update(optimizer, owned, gradients, checked)
+        with views.swapped(optimizer.state) if views is not None else _nothing():
+            try:
+                for param, _ in hidden:
+                    param.grad = None
+                outcome, error = _local_update(optimizer, owned, gradients, checked)
+            finally:
+                for param, gradient in hidden:
+                    param.grad = gradient
+            agreed = agree_on_outcome(outcome, device, config.process_group)
+            if agreed != STEP_OK and checked:
+                optimizer._transaction.rollback(optimizer.state)
     finally:
-        for param, gradient in hidden:
-            param.grad = gradient
-    device = params[0].device if params else torch.device("cpu")
-    agreed = agree_on_outcome(outcome, device, config.process_group)
+        if views is not None:
+            views.release()
     if agreed != STEP_OK:
         optimizer._generators.load_state_dict(generators)
-        if checked:
-            optimizer._transaction.rollback(optimizer.state)
         if error is not None or agreed == STEP_FAILED or not checked:
             optimizer._count_step(-1)  # a counter, not state: the rollback does not restore it
             if error is not None:
@@ -97,16 +129,27 @@ def sharded_step(optimizer: KronOptimizer, sharding: Sharding) -> None:
             raise RuntimeError("the optimizer step failed on another rank; step refused")
         optimizer._refuse_step("non-finite gradient or value on at least one rank")
         return
-    if not rounded:
-        all_gather_owned(
-            [[p.detach() for p in b.params] for b in bundles],
+    _exchange(optimizer, sharding, before)
+    if views is not None:
+        views.scatter(config.communication_dtype, before if rounded else None)
+
+
+def _full_views(optimizer: KronOptimizer, sharding: Sharding) -> FullViews | None:
+    """The stand-ins of this rank's DTensor parameters (``None`` without any), built once."""
+    if sharding.full_views is None and sharded_parameters(optimizer):
+        sharding.full_views = FullViews(
+            optimizer,
             sharding.assignment.owners,
             sharding.rank,
             sharding.world_size,
-            config.process_group,
+            sharding.config.process_group,
         )
-        return
-    _exchange_rounded_changes(optimizer, sharding, owned, before)
+    return sharding.full_views
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 def _local_update(
@@ -131,35 +174,44 @@ def _local_update(
     return (STEP_OK if step_finite else STEP_NON_FINITE), None
 
 
-def _exchange_rounded_changes(
-    optimizer: KronOptimizer,
-    sharding: Sharding,
-    owned: list[torch.nn.Parameter],
-    before: list[torch.Tensor],
+def _exchange(
+    optimizer: KronOptimizer, sharding: Sharding, before: dict[int, torch.Tensor]
 ) -> None:
-    """Send each owner's change ``p_new - p_old`` in the communication dtype; every rank (the
-    owner too) sets ``p = p_old + rounded change``, so all ranks hold the same values."""
-    old = {id(param): value for param, value in zip(owned, before)}
+    """Give every rank the owners' new values of the plain (not DTensor) parameters: the
+    values themselves, or, in a narrower communication dtype (``before`` holds the owned
+    values before the step), each owner's change ``p_new - p_old``, which every rank (the owner
+    too) adds to ``p_old``, so that all ranks hold the same values."""
+    config = sharding.config
+    plain = [[p for p in b.params if not isinstance(p, DTensor)] for b in optimizer.bundles]
+    if not before:
+        all_gather_owned(
+            [[p.detach() for p in params] for params in plain],
+            sharding.assignment.owners,
+            sharding.rank,
+            sharding.world_size,
+            config.process_group,
+        )
+        return
     changes = [
         [
-            p.detach() - old[id(p)] if sharding.owns(index) else torch.zeros_like(p)
-            for p in bundle.params
+            p.detach() - before[id(p)] if sharding.owns(index) else torch.zeros_like(p)
+            for p in params
         ]
-        for index, bundle in enumerate(optimizer.bundles)
+        for index, params in enumerate(plain)
     ]
     all_gather_owned(
         changes,
         sharding.assignment.owners,
         sharding.rank,
         sharding.world_size,
-        sharding.config.process_group,
-        sharding.config.communication_dtype,
+        config.process_group,
+        config.communication_dtype,
     )
-    for bundle, bundle_changes in zip(optimizer.bundles, changes):
-        for param, change in zip(bundle.params, bundle_changes):
-            if id(param) in old:
-                param.detach().copy_(old[id(param)])
+    for params, bundle_changes in zip(plain, changes):
+        for param, change in zip(params, bundle_changes):
+            if id(param) in before:
+                param.detach().copy_(before[id(param)])
             param.detach().add_(change)
 
 
-__all__ = ["Sharding", "sharded_step"]
+__all__ = ["Sharding", "check_shardable", "implied_config", "sharded_step"]

@@ -38,6 +38,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from kronlab.distributed import DistributedConfig, WorkItem
 from kronlab.factors.kronecker import unfold
@@ -147,9 +149,14 @@ def _unfold(tensor: Tensor, axis: int, lead: int) -> Tensor:
 
 
 def _data_parallel_world_size(model: nn.Module) -> int:
-    """Ranks a ``DistributedDataParallel`` wrapper averages gradients over (1 otherwise)."""
+    """Ranks a ``DistributedDataParallel`` wrapper, or FSDP2's ``fully_shard``, averages
+    gradients over (1 otherwise)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return torch.distributed.get_world_size(model.process_group)
+    if isinstance(model, FSDPModule):
+        # the mesh its parameters are sharded over (every mesh dimension splits the batch)
+        sharded = (p for p in model.parameters() if isinstance(p, DTensor))
+        return next((p.device_mesh.size() for p in sharded), 1)
     return 1
 
 
@@ -189,7 +196,8 @@ class SIRFShampoo(KronOptimizer):
         data_parallel_size: how many processes' batches each gradient averages, so that ``B``
             is the global batch (the hook only sees this process's inputs). ``None``: the world
             size of ``model``'s process group when ``model`` is a ``DistributedDataParallel``
-            wrapper, else 1; pass it when the model is wrapped after the optimizer is built.
+            wrapper, the size of its parameters' mesh when ``fully_shard`` (FSDP2) made it,
+            else 1; pass it when the model is wrapped after the optimizer is built.
         on_nonfinite_grad: see ``KronOptimizer``. The update itself never synchronizes with the
             host; the default ``"skip"`` check costs one sync per step, ``"ignore"`` none.
     """
