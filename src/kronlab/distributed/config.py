@@ -19,6 +19,9 @@ class DistributedConfig:
     Each block of work (a preconditioner bundle) is owned by one rank, chosen by the cost model
     of ``kronlab.distributed.cost``; only the owner keeps its state and computes its step, and
     the results are all-gathered once per step (``kronlab.distributed.communication``).
+    FSDP2-sharded (DTensor) parameters are gathered whole on their owner before the step and
+    its results scattered back to the shards (``kronlab.distributed.fsdp``); they imply this
+    option (the ranks of their mesh) when it is not given.
 
     Args:
         process_group: the ranks that share the work; ``None`` is the default group (the one

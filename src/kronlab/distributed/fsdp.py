@@ -82,6 +82,7 @@ def local_shard(tensor: Tensor) -> Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+@torch.no_grad()  # writes parameters and their stand-ins in place
 def gather_to_owners(
     params: Sequence[DTensor],
     layouts: Sequence[ShardLayout],
@@ -143,6 +144,7 @@ def gather_to_owners(
     return gradients
 
 
+@torch.no_grad()
 def scatter_from_owners(
     params: Sequence[DTensor],
     layouts: Sequence[ShardLayout],
