@@ -98,8 +98,8 @@ def _train(name: str, scenario: str, rank: int = 0, world_size: int = 1) -> dict
     the whole batch; at step 5 the last rank's gradient of the first weight holds a NaN),
     ``no_gradient`` (whole batch; at step 4 the last rank has no gradient at all), ``bf16``
     (ddp, updates all-gathered in bfloat16), ``fsdp2`` (each rank its share of the batch,
-    parameters sharded by ``fully_shard``; not sharded by the optimizer, which steps the
-    DTensor parameters as they are).
+    every linear layer its own ``fully_shard`` unit, built without distributed=, which the
+    DTensor parameters imply; the other optimizers and settings: ``test_fsdp.py``).
     """
     distributed = world_size > 1
     model = _model(frozen=scenario == "frozen", mixed=scenario == "mixed")
@@ -145,7 +145,6 @@ SCENARIOS = {
     "non_finite": ["shampoo", "muon"],
     "no_gradient": ["soap", "muon"],
     "bf16": ["muon"],
-    # the optimizers that run on DTensor parameters (the others do not support them yet)
     "fsdp2": ["muon"],
 }
 

@@ -118,6 +118,12 @@ def gather_to_owners(
                 if gradient is None:
                     gradient, has = torch.zeros_like(value), has.zero_()
                 gradient = local_shard(gradient).to(value.dtype)
+                if gradient.shape != value.shape:  # e.g. a replicated gradient of a shard
+                    raise TypeError(
+                        f"Invalid gradient: local shape {tuple(gradient.shape)} of a parameter "
+                        f"whose local shard is {tuple(value.shape)} (allowed: a gradient "
+                        "sharded as its parameter, as fully_shard's backward leaves it)"
+                    )
                 pieces += [value.reshape(-1), gradient.reshape(-1), has]
         first = params[indices[0]].to_local()
         send = torch.cat(pieces) if pieces else first.new_empty(0)

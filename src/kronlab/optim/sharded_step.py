@@ -88,11 +88,10 @@ def sharded_step(optimizer: KronOptimizer, sharding: Sharding) -> None:
     views = _full_views(optimizer, sharding)
     if views is not None:
         views.gather()
-    stand_in = views.stand_in if views is not None else (lambda p: p)
-    owned = [
-        stand_in(p) for index, b in enumerate(bundles) if sharding.owns(index) for p in b.params
-    ]
-    owned_ids = {id(p) for p in owned}
+    owned_params = [p for index, b in enumerate(bundles) if sharding.owns(index) for p in b.params]
+    owned_ids = {id(p) for p in owned_params}
+    # what this rank steps: the full-shape stand-ins of DTensor parameters, else the parameters
+    owned = [views.stand_in(p) for p in owned_params] if views is not None else owned_params
     params = [p for group in optimizer.param_groups for p in group["params"]]
     # every rank tests its own shards; the all-reduce below combines the verdicts
     gradients = [local_shard(p.grad) for p in params if p.grad is not None]
