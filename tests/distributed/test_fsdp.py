@@ -44,8 +44,9 @@ class Run:
     nan_at: int | None = None
 
 
+# "frozen": square weights, one layer frozen (no gradient on any rank, never stepped).
 # "uneven": matrices whose rows do not split evenly (on 3 ranks the 2-row weight leaves one rank
-# an empty shard, the 5-row ones a short one); the Shampoo family stays on square weights, whose
+# an empty shard, the 5-row ones a short one). The Shampoo family stays on square weights, whose
 # full-rank factors keep the eigenbases and roots well conditioned.
 RUNS = {
     "shampoo": Run("shampoo", implied=True, nan_at=5),
@@ -55,6 +56,7 @@ RUNS = {
     "psgd": Run("psgd", model="uneven"),
     "muon": Run("muon", model="uneven"),
     "spectron": Run("spectron"),
+    "soap_frozen": Run("soap", model="frozen"),
     "muon_bf16": Run("muon", dtype=torch.bfloat16),
 }
 CHECKPOINTED = ("shampoo", "psgd")
@@ -67,9 +69,12 @@ def _model(kind: str) -> nn.Module:
         return nn.Sequential(
             nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 2), nn.Tanh(), nn.Linear(2, 8)
         )
-    return nn.Sequential(
+    model = nn.Sequential(
         nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 8)
     )
+    if kind == "frozen":  # no gradient on any rank; never stepped
+        model[2].requires_grad_(False)
+    return model
 
 
 def _shard(model: nn.Module) -> nn.Module:
