@@ -43,6 +43,7 @@ from benchmarks.common import (
 )
 from kronlab.distributed import DistributedConfig
 from kronlab.optim import SOAP
+from kronlab.optim.sharded_step import full_views
 
 FREQUENCY = 5
 
@@ -72,9 +73,7 @@ def measure(repeats: int) -> dict[str, float]:
     _backward(model)
     sharding = optimizer.sharding()
     assert sharding is not None
-    from kronlab.optim.sharded_step import _full_views
-
-    views = _full_views(optimizer, sharding)
+    views = full_views(optimizer, sharding)
     assert views is not None
 
     def full_tensors() -> None:

@@ -85,7 +85,7 @@ def sharded_step(optimizer: KronOptimizer, sharding: Sharding) -> None:
     closure). Every rank must call it, with or without gradients."""
     config = sharding.config
     bundles = optimizer.bundles
-    views = _full_views(optimizer, sharding)
+    views = full_views(optimizer, sharding)
     if views is not None:
         views.gather()
     owned_params = [p for index, b in enumerate(bundles) if sharding.owns(index) for p in b.params]
@@ -133,7 +133,7 @@ def sharded_step(optimizer: KronOptimizer, sharding: Sharding) -> None:
         views.scatter(config.communication_dtype, before if rounded else None)
 
 
-def _full_views(optimizer: KronOptimizer, sharding: Sharding) -> FullViews | None:
+def full_views(optimizer: KronOptimizer, sharding: Sharding) -> FullViews | None:
     """The stand-ins of this rank's DTensor parameters (``None`` without any), built once."""
     if sharding.full_views is None and sharded_parameters(optimizer):
         sharding.full_views = FullViews(
@@ -213,4 +213,4 @@ def _exchange(
             param.detach().add_(change)
 
 
-__all__ = ["Sharding", "check_shardable", "implied_config", "sharded_step"]
+__all__ = ["Sharding", "check_shardable", "full_views", "implied_config", "sharded_step"]
