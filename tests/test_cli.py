@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kronlab.cli import main, parse_learning_rates
+from kronlab.cli import build_parser, main, parse_learning_rates
 
 
 def test_compare_writes_table_json_and_png(tmp_path, capsys):
@@ -187,3 +187,52 @@ def test_attribute_rerun_says_nothing_was_written(tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().out.splitlines()[-1]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "the first 4 of 10 queries" in report
+
+
+def _stage_help(stage: str, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main(["attribute", stage, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("stage", ["fit", "build", "apply", "score", "run"])
+def test_each_stage_help_lists_its_own_settings_with_defaults(stage, capsys):
+    from dataclasses import fields
+
+    from kronlab.attribution.config import AttributionConfig, setting_of
+
+    text = _stage_help(stage, capsys)
+    for config_field in fields(AttributionConfig):
+        declared = setting_of(config_field)
+        flag = declared.flag or "--" + config_field.name.replace("_", "-")
+        used = stage == "run" or declared.stages is None or stage in declared.stages
+        assert (f" {flag} " in text) == used, (stage, flag)
+    assert "(default: " in text
+
+
+def test_stage_helps_describe_their_stage(capsys):
+    texts = {stage: _stage_help(stage, capsys) for stage in ("fit", "build", "apply", "score")}
+    assert len(set(texts.values())) == 4
+    assert "Fit the K-FAC / EK-FAC curvature" in texts["fit"]
+    assert "--method {kfac,ekfac} (default: ekfac)" in texts["fit"]
+    assert "--projection-dim" not in texts["fit"] and "--top-k" not in texts["fit"]
+    assert "--max-store-gb" in texts["build"] and "(default: 2;" in texts["build"]
+    assert "--resume" in texts["build"] and "--resume" not in texts["score"]
+    assert "--normalize {none,train,cosine}" in texts["score"] and "--method" not in texts["score"]
+    assert "--no-scores-file" in texts["score"] and "--no-scores-file" not in texts["fit"]
+    assert "kronlab attribute run --help" in texts["fit"]
+
+
+def test_stage_parsers_accept_every_setting_before_or_after_the_stage():
+    parser = build_parser()
+    # A setting another stage uses is accepted (pinned in config.json for later stages).
+    parsed = parser.parse_args(["attribute", "fit", "--projection-dim", "8", "--debug"])
+    assert (parsed.stage, parsed.projection_dim, parsed.top_k) == ("fit", 8, None)
+    parsed = parser.parse_args(["attribute", "--num-train", "5", "--resume", "build"])
+    assert (parsed.stage, parsed.num_train, parsed.resume) == ("build", 5, True)
+    parsed = parser.parse_args(["attribute", "--run-dir", "somewhere"])
+    assert (parsed.stage, str(parsed.run_dir), parsed.max_store_gb) == ("run", "somewhere", 2.0)
+    assert (
+        parser.parse_args(["attribute", "hessian", "--ev_correction", "false"]).ev_correction
+        is False
+    )

@@ -11,7 +11,8 @@
   ``L_S (H⁻¹ G_q) L_Aᵀ`` with ``L = P (F + δI)^{+1/2}`` (folded and whitened: fit runs first).
 - **score**: ``scores[q, t] = ⟨query_q, train_t⟩`` into a memory-mapped ``scores.npy``
   (``n_query × n_train``; optional), each query's top-k proponents and opponents, streamed, into
-  ``top_k.npz``, then ``report.md`` and ``top_examples.png``.
+  ``top_k.npz``, then ``report.md`` and ``top_examples.png``. ``normalize="train"`` divides
+  each score by ``‖train_t‖``, ``"cosine"`` by ``‖query_q‖ ‖train_t‖`` (norms of the stored rows).
 
 ``config.json`` pins the settings of a run directory; ``run`` performs the stages not yet
 complete. Every stage splits its chunks across ``torch.distributed`` ranks (see
@@ -63,7 +64,7 @@ from kronlab.attribution.integrity import (
     write_json,
     write_text,
 )
-from kronlab.attribution.ranking import RankedScores, StreamedTopK
+from kronlab.attribution.ranking import RankedScores, StreamedTopK, unit_rows
 from kronlab.attribution.sources import AttributionTask, ExampleSet, load_task, model_fingerprint
 from kronlab.attribution.store import (
     GradientStore,
@@ -703,7 +704,10 @@ class AttributionRun:
     @_with_bias_setting
     def score(self) -> np.ndarray | RankedScores:
         """``scores[q, t] = ⟨query_q, train_t⟩`` into ``scores.npy`` (unless
-        ``dense_scores=False``) and the streamed top-k into ``top_k.npz``, then the report."""
+        ``dense_scores=False``) and the streamed top-k into ``top_k.npz``, then the report.
+
+        ``normalize``: ``"train"`` scores ``⟨query_q, train_t⟩ / ‖train_t‖``, ``"cosine"``
+        ``⟨query_q, train_t⟩ / (‖query_q‖ ‖train_t‖)``, norms of the rows as stored."""
         self._require("build", "score")
         self._require("apply", "score")
         train = self._open_store("build")
@@ -715,7 +719,10 @@ class AttributionRun:
             f"{self.train_store_dir} (against the queries)",
             ignore=("dtype", "transform", "data_fingerprint"),
         )
+        normalize = self.config.normalize
         query_rows = queries.read().to(self.workers.device)
+        if normalize == "cosine":
+            query_rows = unit_rows(query_rows)
         if self.workers.is_main:
             (self.run_dir / SCORE_FILE).unlink(missing_ok=True)
             if self.dense_scores:
@@ -727,6 +734,8 @@ class AttributionRun:
         for chunk in self.workers.owned(range(train.num_chunks)):
             start, stop = train.chunk_range(chunk)
             rows = train.read(start, stop).to(self.workers.device)
+            if normalize in ("train", "cosine"):
+                rows = unit_rows(rows)
             block = (query_rows @ rows.T).float()
             if not all_finite([block]):
                 raise ValueError(
@@ -790,6 +799,7 @@ class AttributionRun:
         return {
             "train_store": file_digest(self.train_store_dir / "store.json"),
             "query_store": file_digest(self.query_store_dir / "store.json"),
+            "normalize": self.config.normalize,
         }
 
     def _computed_with(self, train: GradientStore, queries: GradientStore) -> dict:
@@ -807,6 +817,7 @@ class AttributionRun:
             "projection_dim": train.settings.projection_dim,
             "projection_kind": train.settings.projection_kind,
             "store_dtype": train.settings.dtype,
+            "normalize": self.config.normalize,
             "train_rows": train.num_rows,
             "query_rows": queries.num_rows,
         }
@@ -814,9 +825,11 @@ class AttributionRun:
     def _score_record(self) -> dict:
         path = self.run_dir / SCORE_FILE
         record = read_json(path, hint=f"run `{self.command('score')}`")
+        # Scores recorded before normalization existed were not normalized.
+        recorded = {"normalize": "none", **record.get("inputs", {})}
         self._stale(
             f"the scores in {self.scores_path}",
-            _differences(record.get("inputs", {}), self._score_inputs()),
+            _differences(recorded, self._score_inputs()),
             [path],
         )
         return record
