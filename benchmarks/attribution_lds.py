@@ -259,7 +259,9 @@ def format_table(rows: list, arguments: argparse.Namespace, fisher_seeds: list[i
     for method, compression, kind in dict.fromkeys(row[:3] for row in rows if row[3]):
         found = within.get((method, compression, kind))
         verdict = (
-            f"smallest p = {found[0]} (worst draw {found[1]:.2f}x)" if found else "no p measured"
+            f"smallest p = {found[0]} (worst draw {found[1]:.2f}x)"
+            if found
+            else "none of the measured p"
         )
         lines.append(f"- within 5% of uncompressed, {method} {compression} {kind}: {verdict}")
     return "\n".join(lines) + "\n"

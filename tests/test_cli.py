@@ -236,3 +236,34 @@ def test_stage_parsers_accept_every_setting_before_or_after_the_stage():
         parser.parse_args(["attribute", "hessian", "--ev_correction", "false"]).ev_correction
         is False
     )
+
+
+def test_default_store_is_a_whitened_projection(tmp_path):
+    from kronlab.attribution.compression import projected_side
+    from kronlab.attribution.config import DEFAULT_PROJECTION_DIM, AttributionConfig
+    from kronlab.attribution.store import GradientStore
+    from kronlab.tasks.digits import digits_mlp
+
+    config = AttributionConfig()
+    assert (config.projection_dim, config.compression) == (64, "whitened")
+    assert DEFAULT_PROJECTION_DIM == 64
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    torch.save(digits_mlp(0).state_dict(), cache / "digits-mlp-seed0.pt")
+    run_dir = tmp_path / "run"
+    arguments = ["attribute", "--run-dir", str(run_dir), "--cache-dir", str(cache)]
+    assert main([*arguments, "--num-train", "32", "--num-queries", "2", "--no-progress"]) == 0
+    store = GradientStore.open(run_dir / "train")
+    assert store.settings.projection_dim == 64 and store.settings.extra["compression"] == "whitened"
+    # the embedded digits MLP (64 → 128 → 128 → 10, biases as an extra input column): each side
+    # wider than 64 is sketched to 64
+    shapes = [(128, 65), (128, 129), (10, 129)]
+    assert store.row_width == sum(projected_side(o, 64) * projected_side(i, 64) for o, i in shapes)
+    assert store.row_width < sum(o * i for o, i in shapes) / 2
+    assert "compression: whitened, projection_dim: 64" in (run_dir / "report.md").read_text()
+    # --projection-dim 0 still stores full gradients
+    full = tmp_path / "full"
+    assert main(["attribute", "build", "--run-dir", str(full), "--cache-dir", str(cache),
+                 "--num-train", "32", "--projection-dim", "0", "--compression", "project",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert GradientStore.open(full / "train").row_width == sum(o * i for o, i in shapes)

@@ -16,6 +16,7 @@ from kronlab.linalg.projection import PROJECTION_KINDS
 from kronlab.optim.validation import check_choice, check_range
 
 METHODS = ("kfac", "ekfac")
+DEFAULT_PROJECTION_DIM = 64
 # How the score stage scales ⟨query row, training row⟩ (see ``AttributionConfig``).
 SCORE_NORMALIZATIONS = ("none", "train", "cosine")
 
@@ -121,10 +122,18 @@ class AttributionConfig:
     method: str = setting("ekfac", choices=METHODS, stages=("fit",))
     fisher: str = setting("true", choices=("empirical", "true"), stages=("fit",))
     damping: float = setting(0.1, "factor of the mean eigenvalue", low=0.0, low_inclusive=False)
-    projection_dim: int = setting(0, "0 stores full gradients", low=0, integer=True, stages=_STORES)
+    # Default from the LDS of compressed stores on digits (BENCHMARKS.md): whitened rows
+    # sketched to p = 64 per side stay within 5% of the uncompressed LDS.
+    projection_dim: int = setting(
+        DEFAULT_PROJECTION_DIM,
+        "per-module sketch size of each gradient side; 0 stores full gradients",
+        low=0,
+        integer=True,
+        stages=_STORES,
+    )
     projection_kind: str = setting("orthogonal", choices=PROJECTION_KINDS, stages=_STORES)
     compression: str = setting(
-        "project",
+        "whitened",
         "project: P (H⁻¹G_q) vs P G_t; folded (K-FAC only): P (F+δ)^(-1/2) on both; "
         "whitened: P (F+δ)^(1/2) H⁻¹G_q vs P (F+δ)^(-1/2) G_t, best with --projection-dim",
         choices=COMPRESSION_STRATEGIES,  # the live registry: a mode registered later counts
