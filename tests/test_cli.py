@@ -238,32 +238,39 @@ def test_stage_parsers_accept_every_setting_before_or_after_the_stage():
     )
 
 
-def test_default_store_is_a_whitened_projection(tmp_path):
+def test_default_store_is_full_while_small_then_a_whitened_projection(tmp_path, monkeypatch):
+    from kronlab.attribution import config as settings
     from kronlab.attribution.compression import projected_side
-    from kronlab.attribution.config import DEFAULT_PROJECTION_DIM, AttributionConfig
     from kronlab.attribution.store import GradientStore
     from kronlab.tasks.digits import digits_mlp
 
-    config = AttributionConfig()
-    assert (config.projection_dim, config.compression) == (64, "whitened")
-    assert DEFAULT_PROJECTION_DIM == 64
+    config = settings.AttributionConfig()
+    assert (config.projection_dim, config.compression) == (None, "whitened")
+    # 1,000 rows of 250,000 float32 values are exactly 1 GB; one more row is over the budget
+    assert config.resolved_projection_dim(1000, 250_000) == 0
+    assert config.resolved_projection_dim(1001, 250_000) == settings.DEFAULT_PROJECTION_DIM == 64
+    assert settings.AttributionConfig(dtype="bfloat16").resolved_projection_dim(2000, 250_000) == 0
+    assert settings.AttributionConfig(projection_dim=0).resolved_projection_dim(10**6, 10**6) == 0
     cache = tmp_path / "cache"
     cache.mkdir()
     torch.save(digits_mlp(0).state_dict(), cache / "digits-mlp-seed0.pt")
-    run_dir = tmp_path / "run"
-    arguments = ["attribute", "--run-dir", str(run_dir), "--cache-dir", str(cache)]
-    assert main([*arguments, "--num-train", "32", "--num-queries", "2", "--no-progress"]) == 0
-    store = GradientStore.open(run_dir / "train")
-    assert store.settings.projection_dim == 64 and store.settings.extra["compression"] == "whitened"
-    # the embedded digits MLP (64 → 128 → 128 → 10, biases as an extra input column): each side
-    # wider than 64 is sketched to 64
+    # the embedded digits MLP (64 → 128 → 128 → 10, biases as an extra input column)
     shapes = [(128, 65), (128, 129), (10, 129)]
+    full_width = sum(d_out * d_in for d_out, d_in in shapes)
+
+    def default_run(name: str) -> GradientStore:
+        arguments = ["attribute", "--run-dir", str(tmp_path / name), "--cache-dir", str(cache)]
+        assert main([*arguments, "--num-train", "32", "--num-queries", "2", "--no-progress"]) == 0
+        return GradientStore.open(tmp_path / name / "train")
+
+    # digits: the full store is small, so it is kept (exact scores)
+    store = default_run("small")
+    assert store.settings.projection_dim == 0 and store.row_width == full_width
+    assert store.settings.extra["compression"] == "whitened"
+    # past the budget (here lowered to 1 MB) each side wider than 64 is sketched to 64
+    monkeypatch.setattr(settings, "FULL_STORE_BUDGET_GB", 1e-3)
+    store = default_run("large")
+    assert store.settings.projection_dim == 64
     assert store.row_width == sum(projected_side(o, 64) * projected_side(i, 64) for o, i in shapes)
-    assert store.row_width < sum(o * i for o, i in shapes) / 2
-    assert "compression: whitened, projection_dim: 64" in (run_dir / "report.md").read_text()
-    # --projection-dim 0 still stores full gradients
-    full = tmp_path / "full"
-    assert main(["attribute", "build", "--run-dir", str(full), "--cache-dir", str(cache),
-                 "--num-train", "32", "--projection-dim", "0", "--compression", "project",
-                 "--no-progress"]) == 0  # fmt: skip
-    assert GradientStore.open(full / "train").row_width == sum(o * i for o, i in shapes)
+    report = (tmp_path / "large" / "report.md").read_text()
+    assert "compression: whitened, projection_dim: 64" in report

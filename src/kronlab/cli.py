@@ -153,10 +153,11 @@ def _run_compare(args: argparse.Namespace) -> int:
 _STAGE_DESCRIPTIONS = {
     "fit": "Fit the K-FAC / EK-FAC curvature of the model on the training examples "
     "(curvature.safetensors; the true Fisher samples labels from the model).",
-    "build": "Write every training example's gradient, projected per module (--projection-dim) "
-    "and whitened with the fitted curvature (--compression whitened), into the gradient store "
-    "train/ in resumable chunks. The store's size is printed first and refused above "
-    "--max-store-gb.",
+    "build": "Write every training example's gradient into the gradient store train/, in "
+    "resumable chunks: whitened with the fitted curvature (--compression whitened, the default: "
+    "fit runs first), and sketched per module with --projection-dim P (by default only when "
+    "full gradients would take more than {budget:g} GB). The store's size is printed first, "
+    "and a store above --max-store-gb is refused.",
     "apply": "Compute the queries' gradients, apply the inverse curvature (damped), then the "
     "same projection as the store, into queries/.",
     "score": "Score every query against every stored training row (scores.npy, top_k.npz: "
@@ -263,6 +264,7 @@ def _add_attribute_options(parser: argparse.ArgumentParser, stage: str | None) -
 
 
 def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
+    from kronlab.attribution.config import FULL_STORE_BUDGET_GB
     from kronlab.compat.bergson import STAGE_ALIASES
 
     parser = subparsers.add_parser(
@@ -281,6 +283,7 @@ def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
     aliases = {stage: [alias for alias, name in STAGE_ALIASES.items() if name == stage]
                for stage in _STAGE_DESCRIPTIONS}  # fmt: skip
     for stage, description in _STAGE_DESCRIPTIONS.items():
+        description = description.format(budget=FULL_STORE_BUDGET_GB)
         stage_parser = stages.add_parser(
             stage,
             aliases=aliases[stage],

@@ -16,6 +16,11 @@ from kronlab.linalg.projection import PROJECTION_KINDS
 from kronlab.optim.validation import check_choice, check_range
 
 METHODS = ("kfac", "ekfac")
+# An unset projection_dim stores full gradients while their store takes at most
+# FULL_STORE_BUDGET_GB, else sketches each side to DEFAULT_PROJECTION_DIM (whitened, the default
+# compression): on digits the full store is exact and small, on language models it is not
+# (BENCHMARKS.md, "Choosing the default projection").
+FULL_STORE_BUDGET_GB = 1.0
 DEFAULT_PROJECTION_DIM = 64
 # How the score stage scales ⟨query row, training row⟩ (see ``AttributionConfig``).
 SCORE_NORMALIZATIONS = ("none", "train", "cosine")
@@ -78,7 +83,9 @@ class AttributionConfig:
     """Everything that determines a run's results (saved as ``config.json``).
 
     ``damping`` is a factor of the mean curvature eigenvalue. ``projection_dim=0`` stores full
-    gradients; ``projection_kind`` is one of :data:`kronlab.linalg.projection.PROJECTION_KINDS`.
+    gradients, ``None`` (the default) full gradients up to ``FULL_STORE_BUDGET_GB`` of store and
+    ``DEFAULT_PROJECTION_DIM`` beyond (:meth:`resolved_projection_dim`); ``projection_kind`` is
+    one of :data:`kronlab.linalg.projection.PROJECTION_KINDS`.
     ``compression``: ``"project"`` (store ``P_S G_t P_Aᵀ``, queries ``P_S (H⁻¹G_q) P_Aᵀ``),
     ``"folded"`` (K-FAC only: ``M = P (F + δI)^{-1/2}`` on both sides, per-factor damping) or
     ``"whitened"`` (store ``M_S G_t M_Aᵀ``, queries ``L_S (H⁻¹G_q) L_Aᵀ`` with
@@ -122,13 +129,13 @@ class AttributionConfig:
     method: str = setting("ekfac", choices=METHODS, stages=("fit",))
     fisher: str = setting("true", choices=("empirical", "true"), stages=("fit",))
     damping: float = setting(0.1, "factor of the mean eigenvalue", low=0.0, low_inclusive=False)
-    # Default from the LDS of compressed stores on digits (BENCHMARKS.md): whitened rows
-    # sketched to p = 64 per side stay within 5% of the uncompressed LDS.
-    projection_dim: int = setting(
-        DEFAULT_PROJECTION_DIM,
+    projection_dim: int | None = setting(
+        None,
         "per-module sketch size of each gradient side; 0 stores full gradients",
         low=0,
         integer=True,
+        shown_default=f"full gradients while their store takes at most {FULL_STORE_BUDGET_GB:g} "
+        f"GB, else {DEFAULT_PROJECTION_DIM}",
         stages=_STORES,
     )
     projection_kind: str = setting("orthogonal", choices=PROJECTION_KINDS, stages=_STORES)
@@ -181,6 +188,15 @@ class AttributionConfig:
         compression_strategy(self.compression).check_method(self.method)
         if self.modules is not None and not isinstance(self.modules, tuple):
             object.__setattr__(self, "modules", tuple(self.modules))
+
+    def resolved_projection_dim(self, rows: int, full_row_width: int) -> int:
+        """``projection_dim``, or when unset: 0 (full gradients) while ``rows`` full rows of
+        ``full_row_width`` values take at most ``FULL_STORE_BUDGET_GB``, else
+        ``DEFAULT_PROJECTION_DIM``."""
+        if self.projection_dim is not None:
+            return self.projection_dim
+        nbytes = rows * full_row_width * (4 if self.dtype == "float32" else 2)
+        return 0 if nbytes <= FULL_STORE_BUDGET_GB * 1e9 else DEFAULT_PROJECTION_DIM
 
     def to_json(self) -> dict:
         data = asdict(self)

@@ -281,15 +281,23 @@ class AttributionRun:
     def _projections(self) -> dict:
         return module_projections(
             self._gradient_shapes(),
-            self.config.projection_dim,
+            self.projection_dim,
             self.config.projection_kind,
             device=self.workers.device,
         )
 
+    @property
+    def projection_dim(self) -> int:
+        """The configured ``projection_dim``; unset, it follows the size of the full store of
+        the training set (:meth:`AttributionConfig.resolved_projection_dim`), for the training
+        store and the queries alike."""
+        full_width = sum(d_out * d_in for d_out, d_in in self._gradient_shapes().values())
+        return self.config.resolved_projection_dim(len(self.task.train), full_width)
+
     def store_settings(
         self, data: ExampleSet, dtype: str, transform: str, extra: dict | None = None
     ) -> StoreSettings:
-        p = self.config.projection_dim
+        p = self.projection_dim
         blocks = tuple(
             ModuleBlock(name, (projected_side(d_out, p), projected_side(d_in, p)))
             for name, (d_out, d_in) in self._gradient_shapes().items()
@@ -467,9 +475,13 @@ class AttributionRun:
         maps = compression.store_maps(self._projections(), curvature, self.config.damping)
         store = self._open_for_writing("build", self.train_settings(), len(self.task.train), resume)
         # The disk a build takes is fixed by the projection: say it before the first row.
+        chosen = ""
+        if self.config.projection_dim is None and self.projection_dim:
+            chosen = f" (projection_dim {self.projection_dim}: full gradients would take more "
+            chosen += "than the default's budget; --projection-dim 0 stores them)"
         self._log(
             f"build: {store.num_rows} rows × {store.row_width} {store.settings.dtype} values = "
-            f"{store.nbytes / 2**20:,.1f} MiB in {self.train_store_dir}"
+            f"{store.nbytes / 2**20:,.1f} MiB in {self.train_store_dir}{chosen}"
         )
         self._write_rows(store, self.task.train, maps, "build", inverse=False)
         return store
