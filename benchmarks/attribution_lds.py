@@ -1,4 +1,4 @@
-"""LDS of compressed gradient stores (p = 16, 32, 64) against uncompressed, on the digits MLP.
+"""LDS of compressed gradient stores against uncompressed ones, on the digits MLP or CNN.
 
 Reuses the influence issue's LDS protocol (``benchmarks/lds.py``: same base model, the same 50
 random 50% subsets × 2 seeds retrained and cached, the same 200 queries). Each mode
@@ -13,7 +13,10 @@ the script re-projects the ``p = 0`` rows in-process with other identifiers (che
 reproduce the pipeline's scores for the pipeline's own identifiers), for each Fisher seed (the
 true-Fisher label draws), and reports the ratio's median and range over all of them.
 
-    PYTHONPATH=src:. python -m benchmarks.attribution_lds [--write attribution.md]
+    PYTHONPATH=src:. python -m benchmarks.attribution_lds [--model cnn --subsets 30] [--write FILE]
+
+The table of this benchmark chose the default ``projection_dim`` and ``compression``
+(BENCHMARKS.md, "Gradient store and attribution pipeline").
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 
 from benchmarks.common import machine_description
 from benchmarks.lds import linear_datamodeling_score
-from benchmarks.lds_training import TrainingRecipe, retrain_subsets, train
+from benchmarks.lds_training import HIDDEN, TrainingRecipe, retrain_subsets, train
 from kronlab.attribution.compression import projected_side
 from kronlab.attribution.pipeline import AttributionConfig, AttributionRun
 from kronlab.attribution.sources import AttributionTask, ExampleSet, classification_loss
@@ -50,6 +53,9 @@ KINDS = ("rademacher", "orthogonal")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
+    parser.add_argument("--hidden", type=int, default=HIDDEN, help="the MLP's width")
+    parser.add_argument("--subsets", type=int, default=50, help="retrained random halves")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--dims", default="16,32,64")
     parser.add_argument("--kinds", default=",".join(KINDS))
@@ -60,16 +66,23 @@ def main() -> None:
     arguments = parser.parse_args()
     torch.set_num_threads(1)
     recipe = TrainingRecipe()
+    # The same caches as benchmarks/lds.py (50 subsets) and benchmarks/damping_lds.py (others).
+    suffix = "" if arguments.subsets == 50 else f"_{arguments.subsets}"
+    if arguments.model == "mlp" and arguments.hidden != HIDDEN:
+        suffix += f"_hidden{arguments.hidden}"
     retrained = retrain_subsets(
-        "mlp",
-        subsets=50,
+        arguments.model,
+        subsets=arguments.subsets,
         seeds=2,
         queries=arguments.queries,
         recipe=recipe,
-        cache=Path(tempfile.gettempdir()) / "kronlab_lds_mlp.pt",
+        cache=Path(tempfile.gettempdir()) / f"kronlab_lds_{arguments.model}{suffix}.pt",
+        hidden=arguments.hidden,
     )
-    data = digits_task("mlp")
-    model = train("mlp", data.train_inputs, data.train_targets, 0, recipe)
+    data = digits_task(arguments.model)
+    model = train(
+        arguments.model, data.train_inputs, data.train_targets, 0, recipe, arguments.hidden
+    )
     task = AttributionTask(
         model,
         classification_loss,
@@ -170,7 +183,7 @@ def main() -> None:
                         f"{min(ratios):.2f}-{max(ratios):.2f})",
                         flush=True,
                     )
-    table = format_table(rows, arguments.queries, fisher_seeds, arguments.projection_seeds)
+    table = format_table(rows, arguments, fisher_seeds)
     print(table)
     if arguments.write is not None:
         with arguments.write.open("a") as handle:
@@ -200,12 +213,22 @@ def reprojected(
     return torch.cat(parts, dim=1)
 
 
-def format_table(rows: list, queries: int, fisher_seeds: list[int], draws: int) -> str:
+def format_table(rows: list, arguments: argparse.Namespace, fisher_seeds: list[int]) -> str:
+    draws = arguments.projection_seeds
+    model = (
+        f"MLP (hidden {arguments.hidden}"
+        if arguments.model == "mlp"
+        else "CNN (conv 16-16, linear 256 → 10"
+    )
+    flags = " ".join(
+        f"--{name.replace('_', '-')} {getattr(arguments, name)}"
+        for name in ("model", "hidden", "subsets", "dims", "kinds", "modes")
+    )
     lines = [
-        f"### LDS of compressed stores, digits MLP (hidden 32; 50 subsets × 2 seeds, {queries} "
-        "queries)",
+        f"### LDS of compressed stores, digits {model}; {arguments.subsets} subsets × 2 seeds, "
+        f"{arguments.queries} queries)",
         "",
-        "Command: `PYTHONPATH=src:. python -m benchmarks.attribution_lds`  ",
+        f"Command: `PYTHONPATH=src:. python -m benchmarks.attribution_lds {flags}`  ",
         f"Machine: {machine_description()} (shared, noisy; one torch thread).",
         "",
         "LDS and ratio: the pipeline run (Fisher seed 0, the pipeline's projections). Spread: "
@@ -227,19 +250,20 @@ def format_table(rows: list, queries: int, fisher_seeds: list[int], draws: int) 
             f"| {lds:.4f} | {ratio:.2f} | {spread} | {seconds:.1f} |"
         )
     lines.append("")
+    # The default's criterion: LDS within 5% of uncompressed, by the pipeline run and by the
+    # median draw (the worst draw is shown for the risk).
+    within = {}
     for method, compression, kind, p, _, _, _, ratio, ratios, _ in rows:
-        if p == 32:
-            worst = min(ratios)
-            verdict = (
-                "met"
-                if ratio >= 0.9 and worst >= 0.9
-                else ("met by the pipeline run, not by every draw" if ratio >= 0.9 else "MISSED")
-            )
-            lines.append(
-                f"- floor LDS(p=32) ≥ 0.9 × uncompressed, {method} {compression} {kind}: "
-                f"{ratio:.3f} (median {statistics.median(ratios):.3f}, worst draw {worst:.3f}) "
-                f"→ {verdict}"
-            )
+        if p and ratio >= 0.95 and statistics.median(ratios) >= 0.95:
+            within.setdefault((method, compression, kind), (p, min(ratios)))
+    for method, compression, kind in dict.fromkeys(row[:3] for row in rows if row[3]):
+        found = within.get((method, compression, kind))
+        verdict = (
+            f"smallest p = {found[0]} (worst draw {found[1]:.2f}x)"
+            if found
+            else "none of the measured p"
+        )
+        lines.append(f"- within 5% of uncompressed, {method} {compression} {kind}: {verdict}")
     return "\n".join(lines) + "\n"
 
 

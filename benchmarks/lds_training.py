@@ -29,10 +29,11 @@ class TrainingRecipe:
     weight_decay: float = 1e-3
 
 
-def make_model(kind: str, seed: int) -> nn.Module:
+def make_model(kind: str, seed: int, hidden: int = HIDDEN) -> nn.Module:
+    """``hidden``: the MLP's width (the CNN ignores it)."""
     from kronlab.tasks.digits import digits_cnn, digits_mlp
 
-    return digits_mlp(seed, hidden=HIDDEN) if kind == "mlp" else digits_cnn(seed)
+    return digits_mlp(seed, hidden=hidden) if kind == "mlp" else digits_cnn(seed)
 
 
 def train(
@@ -41,9 +42,10 @@ def train(
     targets: torch.Tensor,
     seed: int,
     recipe: TrainingRecipe,
+    hidden: int = HIDDEN,
 ) -> nn.Module:
     """AdamW on shuffled mini-batches; the seed fixes initialization and batch order."""
-    model = make_model(kind, seed)
+    model = make_model(kind, seed, hidden)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay
     )
@@ -71,6 +73,7 @@ def retrain_subsets(
     queries: int,
     recipe: TrainingRecipe,
     cache: Path,
+    hidden: int = HIDDEN,
 ) -> dict[str, torch.Tensor]:
     """``{"masks": (subsets, n_train) bool, "losses": (subsets, queries) mean over seeds}``."""
     if cache.exists():
@@ -89,7 +92,12 @@ def retrain_subsets(
         masks[subset, chosen] = True
         for seed in range(seeds):
             model = train(
-                kind, task.train_inputs[chosen], task.train_targets[chosen], 100 + seed, recipe
+                kind,
+                task.train_inputs[chosen],
+                task.train_targets[chosen],
+                100 + seed,
+                recipe,
+                hidden,
             )
             losses[subset] += query_losses(model, query_inputs, query_targets) / seeds
         print(f"  retrained subset {subset + 1}/{subsets} ({time.perf_counter() - started:.0f} s)")

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kronlab.cli import main, parse_learning_rates
+from kronlab.cli import build_parser, main, parse_learning_rates
 
 
 def test_compare_writes_table_json_and_png(tmp_path, capsys):
@@ -187,3 +187,91 @@ def test_attribute_rerun_says_nothing_was_written(tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().out.splitlines()[-1]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "the first 4 of 10 queries" in report
+
+
+def _stage_help(stage: str, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main(["attribute", stage, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("stage", ["fit", "build", "apply", "score", "run"])
+def test_each_stage_help_lists_its_own_settings_with_defaults(stage, capsys):
+    from dataclasses import fields
+
+    from kronlab.attribution.config import AttributionConfig, setting_of
+
+    text = _stage_help(stage, capsys)
+    for config_field in fields(AttributionConfig):
+        declared = setting_of(config_field)
+        flag = declared.flag or "--" + config_field.name.replace("_", "-")
+        used = stage == "run" or declared.stages is None or stage in declared.stages
+        assert (f" {flag} " in text) == used, (stage, flag)
+    assert "(default: " in text
+
+
+def test_stage_helps_describe_their_stage(capsys):
+    texts = {stage: _stage_help(stage, capsys) for stage in ("fit", "build", "apply", "score")}
+    assert len(set(texts.values())) == 4
+    assert "Fit the K-FAC / EK-FAC curvature" in texts["fit"]
+    assert "--method {kfac,ekfac} (default: ekfac)" in texts["fit"]
+    assert "--projection-dim" not in texts["fit"] and "--top-k" not in texts["fit"]
+    assert "--max-store-gb" in texts["build"] and "(default: 2;" in texts["build"]
+    assert "--resume" in texts["build"] and "--resume" not in texts["score"]
+    assert "--normalize {none,train,cosine}" in texts["score"] and "--method" not in texts["score"]
+    assert "--no-scores-file" in texts["score"] and "--no-scores-file" not in texts["fit"]
+    assert "kronlab attribute run --help" in texts["fit"]
+
+
+def test_stage_parsers_accept_every_setting_before_or_after_the_stage():
+    parser = build_parser()
+    # A setting another stage uses is accepted (pinned in config.json for later stages).
+    parsed = parser.parse_args(["attribute", "fit", "--projection-dim", "8", "--debug"])
+    assert (parsed.stage, parsed.projection_dim, parsed.top_k) == ("fit", 8, None)
+    parsed = parser.parse_args(["attribute", "--num-train", "5", "--resume", "build"])
+    assert (parsed.stage, parsed.num_train, parsed.resume) == ("build", 5, True)
+    parsed = parser.parse_args(["attribute", "--run-dir", "somewhere"])
+    assert (parsed.stage, str(parsed.run_dir), parsed.max_store_gb) == ("run", "somewhere", 2.0)
+    assert (
+        parser.parse_args(["attribute", "hessian", "--ev_correction", "false"]).ev_correction
+        is False
+    )
+
+
+def test_default_store_is_full_while_small_then_a_whitened_projection(tmp_path, monkeypatch):
+    from kronlab.attribution import config as settings
+    from kronlab.attribution.compression import projected_side
+    from kronlab.attribution.store import GradientStore
+    from kronlab.tasks.digits import digits_mlp
+
+    config = settings.AttributionConfig()
+    assert (config.projection_dim, config.compression) == (None, "whitened")
+    # 1,000 rows of 250,000 float32 values are exactly 1 GB; one more row is over the budget
+    assert config.resolved_projection_dim(1000, 250_000) == 0
+    assert config.resolved_projection_dim(1001, 250_000) == settings.DEFAULT_PROJECTION_DIM == 64
+    assert settings.AttributionConfig(dtype="bfloat16").resolved_projection_dim(2000, 250_000) == 0
+    assert settings.AttributionConfig(projection_dim=0).resolved_projection_dim(10**6, 10**6) == 0
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    torch.save(digits_mlp(0).state_dict(), cache / "digits-mlp-seed0.pt")
+    # the embedded digits MLP (64 → 128 → 128 → 10, biases as an extra input column)
+    shapes = [(128, 65), (128, 129), (10, 129)]
+    full_width = sum(d_out * d_in for d_out, d_in in shapes)
+
+    def default_run(name: str) -> GradientStore:
+        arguments = ["attribute", "--run-dir", str(tmp_path / name), "--cache-dir", str(cache)]
+        arguments += ["--num-train", "32", "--num-queries", "2", "--report-queries", "0"]
+        assert main([*arguments, "--no-progress"]) == 0
+        return GradientStore.open(tmp_path / name / "train")
+
+    # digits: the full store is small, so it is kept (exact scores)
+    store = default_run("small")
+    assert store.settings.projection_dim == 0 and store.row_width == full_width
+    assert store.settings.extra["compression"] == "whitened"
+    # past the budget (here lowered to 1 MB) each side wider than 64 is sketched to 64
+    monkeypatch.setattr(settings, "FULL_STORE_BUDGET_GB", 1e-3)
+    store = default_run("large")
+    assert store.settings.projection_dim == 64
+    assert store.row_width == sum(projected_side(o, 64) * projected_side(i, 64) for o, i in shapes)
+    report = (tmp_path / "large" / "report.md").read_text()
+    assert "compression: whitened, projection_dim: 64" in report

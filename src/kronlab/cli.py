@@ -149,10 +149,75 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_settings(group: argparse._ArgumentGroup) -> None:
+# What each stage of `kronlab attribute` does: its --help and its line in the command's list.
+_STAGE_DESCRIPTIONS = {
+    "fit": "Fit the K-FAC / EK-FAC curvature of the model on the training examples "
+    "(curvature.safetensors; the true Fisher samples labels from the model).",
+    "build": "Write every training example's gradient into the gradient store train/, in "
+    "resumable chunks: whitened with the fitted curvature (--compression whitened, the default: "
+    "fit runs first), and sketched per module with --projection-dim P (by default only when "
+    "full gradients would take more than {budget:g} GB). The store's size is printed first, "
+    "and a store above --max-store-gb is refused.",
+    "apply": "Compute the queries' gradients, apply the inverse curvature (damped), then the "
+    "same projection as the store, into queries/.",
+    "score": "Score every query against every stored training row (scores.npy, top_k.npz: "
+    "each query's top proponents and opponents), then write report.md and top_examples.png.",
+    "run": "Perform every stage that is not complete yet, in order (fit, build, apply, score; "
+    "build before fit with --compression project).",
+}
+_GRADIENT_STAGES = ("fit", "build", "apply")
+
+
+def _run_options() -> list[tuple[str, dict, tuple[str, ...] | None]]:
+    """The options of `kronlab attribute` that are not pinned in config.json: (flag, argparse
+    keywords, the stages whose --help lists it; None: every stage)."""
+    from kronlab.attribution.pipeline import DEFAULT_MAX_STORE_GB
+
+    return [
+        ("--run-dir", {"type": Path, "default": Path("kronlab-attribute"),
+                       "help": "the run directory (default: kronlab-attribute)"}, None),
+        ("--resume", {"action": "store_true", "help": "continue an interrupted stage"},
+         ("build", "apply")),
+        ("--cache-dir", {"type": Path, "help": "where embedded models are cached (default: "
+                         "$KRONLAB_CACHE_DIR, else ~/.cache/kronlab)"}, None),
+        ("--backend", {"choices": ("gloo", "nccl"), "help": "torch.distributed backend"}, None),
+        ("--device", {"help": "cpu, cuda, cuda:1, ... (default: per backend)"}, None),
+        ("--no-progress", {"action": "store_true", "help": "hide the progress bars"}, None),
+        ("--durable", {"action": "store_true",
+                       "help": "fsync every chunk commit and every file written, and their "
+                       "directory: what a stage has committed then survives a power cut, not "
+                       "only a killed process"}, None),
+        ("--max-store-gb", {"type": float, "default": DEFAULT_MAX_STORE_GB,
+                            "help": "refuse a gradient store larger than this many GB before "
+                            f"writing it (default: {DEFAULT_MAX_STORE_GB:g}; --projection-dim "
+                            "bounds the size)"}, ("build", "apply")),
+        ("--fused-activations", {"action": "store_true",
+                                 "help": "run Hugging Face's unfused GELUs (gelu_new, ...) as "
+                                 "torch's fused kernels of the same function: faster on CPU, "
+                                 "equal up to rounding (not pinned in config.json)"},
+         _GRADIENT_STAGES),
+        ("--no-scores-file", {"action": "store_true",
+                              "help": "score without the n_query x n_train scores.npy: keep "
+                              "only each query's streamed top-k proponents and opponents "
+                              "(top_k.npz), in memory independent of the training set"},
+         ("score",)),
+    ]  # fmt: skip
+
+
+def _listed(stages: tuple[str, ...] | None, stage: str | None) -> bool:
+    """Whether the --help of ``stage`` (None: the whole command, like `run`) lists an option
+    used by ``stages`` (None: every stage)."""
+    return stage in (None, "run") or stages is None or stage in stages
+
+
+def _add_settings(group: argparse._ArgumentGroup, stage: str | None = None) -> None:
     """One flag per ``AttributionConfig`` field, generated from the field's ``Setting``: its
     help with the config's default appended, its choices and its parser. The flags' own
-    defaults are None so that a run directory's ``config.json`` can fill them in."""
+    defaults are None so that a run directory's ``config.json`` can fill them in.
+
+    For a stage's parser (``stage`` given) the flags default to SUPPRESS, so that the
+    command's own parse stands, and those the stage does not use are accepted but not listed
+    (they are pinned in config.json for the stages after it)."""
     from dataclasses import fields
 
     from kronlab.attribution.config import AttributionConfig, setting_of
@@ -162,71 +227,78 @@ def _add_settings(group: argparse._ArgumentGroup) -> None:
         default = config_field.default
         shown = default if declared.shown_default is None else declared.shown_default
         text = f"{declared.help} (default: {shown})".lstrip().replace("%", "%%")
+        if not _listed(declared.stages, stage):
+            text = argparse.SUPPRESS
+        common = {"dest": config_field.name, "help": text}
+        if stage is not None:
+            common["default"] = argparse.SUPPRESS
         flag = declared.flag or "--" + config_field.name.replace("_", "-")
         if declared.const is not None:
-            group.add_argument(
-                flag, dest=config_field.name, action="store_const", const=declared.const,
-                help=text,
-            )  # fmt: skip
+            group.add_argument(flag, action="store_const", const=declared.const, **common)
             continue
         parse = declared.parse
         if parse is None and (declared.integer or type(default) in (int, float)):
             parse = int if declared.integer or type(default) is int else float
-        group.add_argument(
-            flag, dest=config_field.name, type=parse, choices=declared.choices, help=text
-        )
+        group.add_argument(flag, type=parse, choices=declared.choices, **common)
+
+
+def _add_attribute_options(parser: argparse.ArgumentParser, stage: str | None) -> None:
+    """The settings (pinned in config.json), bergson's spellings of them and the run options,
+    each listed in the --help of the stages that use it (see :func:`_add_settings`)."""
+    from kronlab.compat.bergson import add_bergson_flags
+
+    settings = parser.add_argument_group("settings (pinned in config.json)")
+    _add_settings(settings, stage)
+    bergson = parser.add_argument_group("bergson's spellings")
+    add_bergson_flags(bergson)
+    if stage is not None:
+        for action in bergson._group_actions:  # noqa: SLF001 (argparse keeps them only there)
+            action.default = action.help = argparse.SUPPRESS
+    options = parser.add_argument_group("run options (not pinned)")
+    for flag, keywords, stages in _run_options():
+        if stage is not None:
+            keywords = {**keywords, "default": argparse.SUPPRESS}
+            if not _listed(stages, stage):
+                keywords["help"] = argparse.SUPPRESS
+        options.add_argument(flag, **keywords)
 
 
 def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
-    from kronlab.attribution.pipeline import DEFAULT_MAX_STORE_GB, STAGES
-    from kronlab.compat.bergson import STAGE_ALIASES, add_bergson_flags
+    from kronlab.attribution.config import FULL_STORE_BUDGET_GB
+    from kronlab.compat.bergson import STAGE_ALIASES
 
     parser = subparsers.add_parser(
         "attribute",
         help="influence-function attribution: build, fit, apply, score (or run all)",
         description="Attribute queries to training examples with K-FAC / EK-FAC influence "
         "functions. Each stage writes into --run-dir (config.json pins its settings); `run` "
-        "performs the stages that are not complete yet. With no arguments: a digits MLP "
-        "(trained once, then cached) and 10 test queries. Under `torchrun --nproc-per-node N` "
-        "the work is split across ranks.",
+        "(the default) performs the stages that are not complete yet. With no arguments: a "
+        "digits MLP (trained once, then cached) and 10 test queries. Under `torchrun "
+        "--nproc-per-node N` the work is split across ranks. `kronlab attribute STAGE --help` "
+        "lists what one stage does and the settings it uses.",
     )
-    parser.add_argument("stage", nargs="?", default="run", choices=(*STAGES, "run", *STAGE_ALIASES))
-    parser.add_argument("--run-dir", type=Path, default=Path("kronlab-attribute"))
     # Settings default to None: taken from the run directory's config.json, else the defaults.
-    setting = parser.add_argument_group("settings (pinned in config.json)")
-    _add_settings(setting)
-    add_bergson_flags(setting)
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted stage")
-    parser.add_argument("--cache-dir", type=Path, help="where embedded models are cached")
-    parser.add_argument("--backend", choices=("gloo", "nccl"), help="torch.distributed backend")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: per backend)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    parser.add_argument(
-        "--durable",
-        action="store_true",
-        help="fsync every chunk commit and every file written, and their directory: what a "
-        "stage has committed then survives a power cut, not only a killed process",
-    )
-    parser.add_argument(
-        "--max-store-gb",
-        type=float,
-        default=DEFAULT_MAX_STORE_GB,
-        help="refuse a gradient store larger than this many GB before writing it (default "
-        "%(default)s; --projection-dim bounds the size)",
-    )
-    parser.add_argument(
-        "--fused-activations",
-        action="store_true",
-        help="run Hugging Face's unfused GELUs (gelu_new, ...) as torch's fused kernels of the "
-        "same function: faster on CPU, equal up to rounding (not pinned in config.json)",
-    )
-    parser.add_argument(
-        "--no-scores-file",
-        action="store_true",
-        help="score without the n_query x n_train scores.npy: keep only each query's streamed "
-        "top-k proponents and opponents (top_k.npz), in memory independent of the training set",
-    )
-    parser.set_defaults(handler=_run_attribute)
+    _add_attribute_options(parser, None)
+    stages = parser.add_subparsers(dest="stage", title="stages", metavar="STAGE")
+    aliases = {stage: [alias for alias, name in STAGE_ALIASES.items() if name == stage]
+               for stage in _STAGE_DESCRIPTIONS}  # fmt: skip
+    for stage, description in _STAGE_DESCRIPTIONS.items():
+        description = description.format(budget=FULL_STORE_BUDGET_GB)
+        stage_parser = stages.add_parser(
+            stage,
+            aliases=aliases[stage],
+            help=description.split(" (")[0].split(", then")[0].rstrip("."),
+            description=description,
+            epilog=None
+            if stage == "run"
+            else "Settings of the other stages are accepted too (all are pinned in config.json "
+            "at the first stage): `kronlab attribute run --help` lists every one.",
+        )
+        _add_attribute_options(stage_parser, stage)
+        stage_parser.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
+    parser.set_defaults(handler=_run_attribute, stage="run")
 
 
 def _run_attribute(args: argparse.Namespace) -> int:

@@ -128,6 +128,7 @@ def test_fused_build_equals_the_default_build_and_default_runs_the_model_as_give
     mask = torch.ones_like(tokens, dtype=torch.bool)
     config = AttributionConfig(
         projection_dim=4,
+        compression="project",
         modules=("transformer.h.*",),
         batch_size=4,
         chunk_rows=4,

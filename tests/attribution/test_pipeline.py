@@ -28,7 +28,9 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def make_run(directory: Path, **settings) -> AttributionRun:
+    # Full gradients, projected after the inverse when p > 0: the settings these tests assume.
     values = dict(num_queries=6, batch_size=16, chunk_rows=16, fisher="empirical")
+    values.update(projection_dim=0, compression="project")
     values.update(settings)
     task = tiny_task(num_queries=values["num_queries"])
     return AttributionRun(directory, AttributionConfig(**values), task=task, show_progress=False)
@@ -264,7 +266,8 @@ def test_cli_build_killed_mid_way_resumes_then_runs_to_the_report(tmp_path, caps
     cache = tmp_path / "cache"
     _seed_digits_cache(cache)
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    settings = ["--num-train", "600", "--projection-dim", "0", "--chunk-rows", "4"]
+    settings = ["--num-train", "600", "--projection-dim", "0", "--compression", "project"]
+    settings += ["--chunk-rows", "4"]
     settings += ["--batch-size", "4", "--method", "kfac"]
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "kronlab.cli", *_cli(run_dir, cache, "build", *settings)]

@@ -32,7 +32,10 @@ SRC = str(Path(kronlab.__file__).resolve().parents[1])
 SETTINGS = (
     "--num-train", "64", "--num-queries", "4", "--chunk-rows", "8", "--batch-size", "8",
     "--method", "kfac", "--fisher", "empirical", "--projection-dim", "8", "--report-queries", "0",
+    "--compression", "project",
 )  # fmt: skip
+# The store of full gradients, built before the curvature is fitted.
+FULL = ("--projection-dim", "0", "--compression", "project")
 
 
 def _seed_cache(cache: Path, seed: int = 0) -> None:
@@ -282,14 +285,15 @@ def test_bad_jsonl_line_is_named(reference, tmp_path, bad_line, message):
     train = _jsonl(tmp_path / "train.jsonl", good, bad_line)
     queries = _jsonl(tmp_path / "queries.jsonl", good[:3])
     code, stderr = cli(
-        tmp_path / "run", reference[0], "build", "--data", str(train), "--queries", str(queries)
-    )
+        tmp_path / "run", reference[0], "build", "--data", str(train), "--queries", str(queries),
+        *FULL,
+    )  # fmt: skip
     assert_clear_error(code, stderr, f"{train} line 7", message)
 
 
 def test_debug_shows_the_traceback(reference, tmp_path):
     train = _jsonl(tmp_path / "train.jsonl", [{"input": [0.0] * 64, "label": 0}] * 8, "{")
-    arguments = ["--data", str(train), "--queries", str(train)]
+    arguments = ["--data", str(train), "--queries", str(train), *FULL]
     code, stderr = cli(tmp_path / "run", reference[0], "build", *arguments, "--debug")
     assert code == 2 and "Traceback (most recent call last)" in stderr
     assert stderr.rstrip().splitlines()[-1].startswith(f"kronlab: error: {train} line 7")
@@ -365,13 +369,14 @@ def test_any_other_failure_is_one_line(tmp_path, monkeypatch, raised, status, me
 def test_store_above_the_size_limit_is_refused_before_writing(reference, tmp_path):
     run_dir = tmp_path / "run"
     # full digits gradients: 1438 rows x 18,058 float32 values = 0.10 GB
-    code, stderr = cli(run_dir, reference[0], "build", "--max-store-gb", "0.05")
+    code, stderr = cli(run_dir, reference[0], "build", "--max-store-gb", "0.05", *FULL)
     assert_clear_error(code, stderr, "above --max-store-gb 0.05", "--projection-dim")
     assert not (run_dir / "train").exists()
     projected = tmp_path / "projected"
     code, stderr = cli(
-        projected, reference[0], "build", "--max-store-gb", "0.05", "--projection-dim", "8"
-    )
+        projected, reference[0], "build", "--max-store-gb", "0.05", "--projection-dim", "8",
+        "--compression", "project",
+    )  # fmt: skip
     assert code == 0, stderr
     code, stderr = cli(projected, reference[0], "build", "--max-store-gb", "0", "--resume")
     assert_clear_error(code, stderr, "max_store_gb")

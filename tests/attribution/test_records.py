@@ -78,7 +78,9 @@ def test_build_states_the_store_size_before_writing(tmp_path, capsys) -> None:
 
     from .pipeline_fixtures import tiny_task
 
-    config = AttributionConfig(num_queries=2, batch_size=16, chunk_rows=16, projection_dim=4)
+    config = AttributionConfig(
+        num_queries=2, batch_size=16, chunk_rows=16, projection_dim=4, compression="project"
+    )
     run = AttributionRun(tmp_path, config, task=tiny_task(num_train=20, num_queries=2))
     store = run.build()
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[kronlab"))

@@ -16,6 +16,14 @@ from kronlab.linalg.projection import PROJECTION_KINDS
 from kronlab.optim.validation import check_choice, check_range
 
 METHODS = ("kfac", "ekfac")
+# An unset projection_dim stores full gradients while their store takes at most
+# FULL_STORE_BUDGET_GB, else sketches each side to DEFAULT_PROJECTION_DIM (whitened, the default
+# compression): on digits the full store is exact and small, on language models it is not
+# (BENCHMARKS.md, "Choosing the default projection").
+FULL_STORE_BUDGET_GB = 1.0
+DEFAULT_PROJECTION_DIM = 64
+# How the score stage scales ⟨query row, training row⟩ (see ``AttributionConfig``).
+SCORE_NORMALIZATIONS = ("none", "train", "cosine")
 
 
 @dataclass(frozen=True)
@@ -26,7 +34,8 @@ class Setting:
     registry) validate the value;
     ``parse`` turns the flag's text into it (default: ``int`` for integers, the default's type
     for numbers, else text); ``flag`` + ``const`` make a switch that stores ``const``;
-    ``shown_default`` replaces the default in the help.
+    ``shown_default`` replaces the default in the help; ``stages`` names the stages whose
+    work the setting changes (``None``: every stage), the ones whose ``--help`` lists it.
     """
 
     help: str = ""
@@ -38,6 +47,7 @@ class Setting:
     flag: str | None = None
     const: Any = None
     shown_default: str | None = None
+    stages: tuple[str, ...] | None = None
 
     def check(self, name: str, value: Any) -> None:
         """``ValueError`` naming ``name``, ``value`` and the allowed range or choices."""
@@ -59,6 +69,11 @@ def setting_of(config_field: Any) -> Setting:
     return config_field.metadata["setting"]
 
 
+# The stages whose work a setting changes: what each stage's ``--help`` lists.
+_GRADIENTS = ("fit", "build", "apply")  # the stages that take per-example gradients
+_STORES = ("build", "apply")  # the stages that write gradient rows
+
+
 def _comma_separated(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(","))
 
@@ -68,7 +83,9 @@ class AttributionConfig:
     """Everything that determines a run's results (saved as ``config.json``).
 
     ``damping`` is a factor of the mean curvature eigenvalue. ``projection_dim=0`` stores full
-    gradients; ``projection_kind`` is one of :data:`kronlab.linalg.projection.PROJECTION_KINDS`.
+    gradients, ``None`` (the default) full gradients up to ``FULL_STORE_BUDGET_GB`` of store and
+    ``DEFAULT_PROJECTION_DIM`` beyond (:meth:`resolved_projection_dim`); ``projection_kind`` is
+    one of :data:`kronlab.linalg.projection.PROJECTION_KINDS`.
     ``compression``: ``"project"`` (store ``P_S G_t P_Aᵀ``, queries ``P_S (H⁻¹G_q) P_Aᵀ``),
     ``"folded"`` (K-FAC only: ``M = P (F + δI)^{-1/2}`` on both sides, per-factor damping) or
     ``"whitened"`` (store ``M_S G_t M_Aᵀ``, queries ``L_S (H⁻¹G_q) L_Aᵀ`` with
@@ -76,7 +93,9 @@ class AttributionConfig:
     of well-conditioned vectors with it; see :mod:`kronlab.attribution.compression`).
     ``chunk_rows`` is the unit of commit (and of resume); ``batch_size`` the number of examples
     per forward/backward pass. ``bias=False`` leaves the tracked layers' biases out of the
-    curvature, the stored gradients and the scores.
+    curvature, the stored gradients and the scores. ``normalize`` scales the scores (score
+    stage only): ``"train"`` divides each by the training row's norm, ``"cosine"`` by both
+    rows' norms (rows as stored: projected, or whitened with ``compression="whitened"``).
     """
 
     model: str = setting(
@@ -88,34 +107,68 @@ class AttributionConfig:
         'holds one record per line, all of one form: {"text": "..."} (tokenized with the model '
         'directory\'s tokenizer, else as bytes) or {"input": [numbers], "label": class index}',
     )
-    queries: str = setting("test", "test (the data's held-out split) or a data spec")
-    num_queries: int = setting(10, low=1, integer=True)
-    num_train: int | None = setting(None, "use the first N training examples", low=1, integer=True)
+    queries: str = setting(
+        "test", "test (the data's held-out split) or a data spec", stages=("apply", "score")
+    )
+    num_queries: int = setting(10, low=1, integer=True, stages=("apply", "score"))
+    num_train: int | None = setting(
+        None,
+        "use the first N training examples",
+        low=1,
+        integer=True,
+        shown_default="all",
+        stages=("fit", "build", "score"),
+    )
     modules: tuple[str, ...] | None = setting(
         None,
         "comma-separated module names or glob patterns",
         parse=_comma_separated,
         shown_default="all trackable modules",
+        stages=_GRADIENTS,
     )
-    method: str = setting("ekfac", choices=METHODS)
-    fisher: str = setting("true", choices=("empirical", "true"))
+    method: str = setting("ekfac", choices=METHODS, stages=("fit",))
+    fisher: str = setting("true", choices=("empirical", "true"), stages=("fit",))
     damping: float = setting(0.1, "factor of the mean eigenvalue", low=0.0, low_inclusive=False)
-    projection_dim: int = setting(0, "0 stores full gradients", low=0, integer=True)
-    projection_kind: str = setting("orthogonal", choices=PROJECTION_KINDS)
+    projection_dim: int | None = setting(
+        None,
+        "per-module sketch size of each gradient side; 0 stores full gradients",
+        low=0,
+        integer=True,
+        shown_default=f"full gradients while their store takes at most {FULL_STORE_BUDGET_GB:g} "
+        f"GB, else {DEFAULT_PROJECTION_DIM}",
+        stages=_STORES,
+    )
+    projection_kind: str = setting("orthogonal", choices=PROJECTION_KINDS, stages=_STORES)
     compression: str = setting(
-        "project",
+        "whitened",
         "project: P (H⁻¹G_q) vs P G_t; folded (K-FAC only): P (F+δ)^(-1/2) on both; "
         "whitened: P (F+δ)^(1/2) H⁻¹G_q vs P (F+δ)^(-1/2) G_t, best with --projection-dim",
         choices=COMPRESSION_STRATEGIES,  # the live registry: a mode registered later counts
+        stages=_STORES,
     )
-    dtype: str = setting("float32", "storage dtype of the store", choices=STORAGE_DTYPES)
-    batch_size: int = setting(64, low=1, integer=True)
-    chunk_rows: int = setting(256, "rows per committed chunk", low=1, integer=True)
-    length: int = setting(64, "tokens per text sequence", low=2, integer=True)
-    seed: int = setting(0)
-    train_store: str | None = setting(None, "use the gradient store in this directory")
-    top_k: int = setting(5, low=1, integer=True)
-    report_queries: int = setting(4, low=0, integer=True)
+    dtype: str = setting(
+        "float32", "storage dtype of the store", choices=STORAGE_DTYPES, stages=("build",)
+    )
+    batch_size: int = setting(64, low=1, integer=True, stages=_GRADIENTS)
+    chunk_rows: int = setting(256, "rows per committed chunk", low=1, integer=True, stages=_STORES)
+    length: int = setting(64, "tokens per text sequence", low=2, integer=True, stages=_GRADIENTS)
+    seed: int = setting(0, stages=_GRADIENTS)
+    train_store: str | None = setting(
+        None,
+        "use the gradient store in this directory",
+        shown_default="the run directory's train/",
+        stages=("build", "score"),
+    )
+    normalize: str = setting(
+        "none",
+        "scale of the scores: none: ⟨q, t⟩, the stored query row · training row; train: "
+        "⟨q, t⟩ / ‖t‖, without the pull of training examples with large gradients (e.g. long "
+        "texts); cosine: ⟨q, t⟩ / (‖q‖ ‖t‖), in [-1, 1] and comparable across queries",
+        choices=SCORE_NORMALIZATIONS,
+        stages=("score",),
+    )
+    top_k: int = setting(5, low=1, integer=True, stages=("score",))
+    report_queries: int = setting(4, low=0, integer=True, stages=("score",))
     bias: bool = setting(
         True,
         "leave the tracked layers' biases out of the curvature, the store and the scores",
@@ -123,6 +176,7 @@ class AttributionConfig:
         flag="--no-bias",
         const=False,
         shown_default="biases included",
+        stages=_GRADIENTS,
     )
 
     def __post_init__(self) -> None:
@@ -134,6 +188,15 @@ class AttributionConfig:
         compression_strategy(self.compression).check_method(self.method)
         if self.modules is not None and not isinstance(self.modules, tuple):
             object.__setattr__(self, "modules", tuple(self.modules))
+
+    def resolved_projection_dim(self, rows: int, full_row_width: int) -> int:
+        """``projection_dim``, or when unset: 0 (full gradients) while ``rows`` full rows of
+        ``full_row_width`` values take at most ``FULL_STORE_BUDGET_GB``, else
+        ``DEFAULT_PROJECTION_DIM``."""
+        if self.projection_dim is not None:
+            return self.projection_dim
+        nbytes = rows * full_row_width * (4 if self.dtype == "float32" else 2)
+        return 0 if nbytes <= FULL_STORE_BUDGET_GB * 1e9 else DEFAULT_PROJECTION_DIM
 
     def to_json(self) -> dict:
         data = asdict(self)

@@ -61,9 +61,13 @@ class ExampleSet:
 
     def describe(self, index: int) -> str:
         if self.kind == "text":
-            assert self.texts is not None
-            return repr(self.texts[index][:60])
+            return repr(self.text(index)[:60])
         return f"label {int(self.tensors[1][index])}"
+
+    def text(self, index: int) -> str:
+        """The whole text of a text example (``describe`` shows its start)."""
+        assert self.texts is not None
+        return self.texts[index]
 
 
 def tensors_fingerprint(tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> str:

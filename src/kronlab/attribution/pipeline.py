@@ -11,7 +11,8 @@
   ``L_S (H⁻¹ G_q) L_Aᵀ`` with ``L = P (F + δI)^{+1/2}`` (folded and whitened: fit runs first).
 - **score**: ``scores[q, t] = ⟨query_q, train_t⟩`` into a memory-mapped ``scores.npy``
   (``n_query × n_train``; optional), each query's top-k proponents and opponents, streamed, into
-  ``top_k.npz``, then ``report.md`` and ``top_examples.png``.
+  ``top_k.npz``, then ``report.md`` and ``top_examples.png``. ``normalize="train"`` divides
+  each score by ``‖train_t‖``, ``"cosine"`` by ``‖query_q‖ ‖train_t‖`` (norms of the stored rows).
 
 ``config.json`` pins the settings of a run directory; ``run`` performs the stages not yet
 complete. Every stage splits its chunks across ``torch.distributed`` ranks (see
@@ -63,7 +64,7 @@ from kronlab.attribution.integrity import (
     write_json,
     write_text,
 )
-from kronlab.attribution.ranking import RankedScores, StreamedTopK
+from kronlab.attribution.ranking import RankedScores, StreamedTopK, unit_rows
 from kronlab.attribution.sources import AttributionTask, ExampleSet, load_task, model_fingerprint
 from kronlab.attribution.store import (
     GradientStore,
@@ -280,15 +281,23 @@ class AttributionRun:
     def _projections(self) -> dict:
         return module_projections(
             self._gradient_shapes(),
-            self.config.projection_dim,
+            self.projection_dim,
             self.config.projection_kind,
             device=self.workers.device,
         )
 
+    @property
+    def projection_dim(self) -> int:
+        """The configured ``projection_dim``; unset, it follows the size of the full store of
+        the training set (:meth:`AttributionConfig.resolved_projection_dim`), for the training
+        store and the queries alike."""
+        full_width = sum(d_out * d_in for d_out, d_in in self._gradient_shapes().values())
+        return self.config.resolved_projection_dim(len(self.task.train), full_width)
+
     def store_settings(
         self, data: ExampleSet, dtype: str, transform: str, extra: dict | None = None
     ) -> StoreSettings:
-        p = self.config.projection_dim
+        p = self.projection_dim
         blocks = tuple(
             ModuleBlock(name, (projected_side(d_out, p), projected_side(d_in, p)))
             for name, (d_out, d_in) in self._gradient_shapes().items()
@@ -466,9 +475,13 @@ class AttributionRun:
         maps = compression.store_maps(self._projections(), curvature, self.config.damping)
         store = self._open_for_writing("build", self.train_settings(), len(self.task.train), resume)
         # The disk a build takes is fixed by the projection: say it before the first row.
+        chosen = ""
+        if self.config.projection_dim is None and self.projection_dim:
+            chosen = f" (projection_dim {self.projection_dim}: full gradients would take more "
+            chosen += "than the default's budget; --projection-dim 0 stores them)"
         self._log(
             f"build: {store.num_rows} rows × {store.row_width} {store.settings.dtype} values = "
-            f"{store.nbytes / 2**20:,.1f} MiB in {self.train_store_dir}"
+            f"{store.nbytes / 2**20:,.1f} MiB in {self.train_store_dir}{chosen}"
         )
         self._write_rows(store, self.task.train, maps, "build", inverse=False)
         return store
@@ -703,7 +716,10 @@ class AttributionRun:
     @_with_bias_setting
     def score(self) -> np.ndarray | RankedScores:
         """``scores[q, t] = ⟨query_q, train_t⟩`` into ``scores.npy`` (unless
-        ``dense_scores=False``) and the streamed top-k into ``top_k.npz``, then the report."""
+        ``dense_scores=False``) and the streamed top-k into ``top_k.npz``, then the report.
+
+        ``normalize``: ``"train"`` scores ``⟨query_q, train_t⟩ / ‖train_t‖``, ``"cosine"``
+        ``⟨query_q, train_t⟩ / (‖query_q‖ ‖train_t‖)``, norms of the rows as stored."""
         self._require("build", "score")
         self._require("apply", "score")
         train = self._open_store("build")
@@ -715,7 +731,10 @@ class AttributionRun:
             f"{self.train_store_dir} (against the queries)",
             ignore=("dtype", "transform", "data_fingerprint"),
         )
+        normalize = self.config.normalize
         query_rows = queries.read().to(self.workers.device)
+        if normalize == "cosine":
+            query_rows = unit_rows(query_rows)
         if self.workers.is_main:
             (self.run_dir / SCORE_FILE).unlink(missing_ok=True)
             if self.dense_scores:
@@ -727,6 +746,8 @@ class AttributionRun:
         for chunk in self.workers.owned(range(train.num_chunks)):
             start, stop = train.chunk_range(chunk)
             rows = train.read(start, stop).to(self.workers.device)
+            if normalize in ("train", "cosine"):
+                rows = unit_rows(rows)
             block = (query_rows @ rows.T).float()
             if not all_finite([block]):
                 raise ValueError(
@@ -790,6 +811,7 @@ class AttributionRun:
         return {
             "train_store": file_digest(self.train_store_dir / "store.json"),
             "query_store": file_digest(self.query_store_dir / "store.json"),
+            "normalize": self.config.normalize,
         }
 
     def _computed_with(self, train: GradientStore, queries: GradientStore) -> dict:
@@ -807,6 +829,7 @@ class AttributionRun:
             "projection_dim": train.settings.projection_dim,
             "projection_kind": train.settings.projection_kind,
             "store_dtype": train.settings.dtype,
+            "normalize": self.config.normalize,
             "train_rows": train.num_rows,
             "query_rows": queries.num_rows,
         }
@@ -814,9 +837,11 @@ class AttributionRun:
     def _score_record(self) -> dict:
         path = self.run_dir / SCORE_FILE
         record = read_json(path, hint=f"run `{self.command('score')}`")
+        # Scores recorded before normalization existed were not normalized.
+        recorded = {"normalize": "none", **record.get("inputs", {})}
         self._stale(
             f"the scores in {self.scores_path}",
-            _differences(record.get("inputs", {}), self._score_inputs()),
+            _differences(recorded, self._score_inputs()),
             [path],
         )
         return record

@@ -50,6 +50,12 @@ class RankedScores:
             return cls(**{name: data[name] for name in _ARRAYS}, num_train=int(data["num_train"]))
 
 
+def unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` (``(n, width)``) divided by their Euclidean norms; a zero row stays zero."""
+    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    return rows / norms.clamp_min(torch.finfo(rows.dtype).tiny)
+
+
 class StreamedTopK:
     """Running top-k (both ends) of score columns fed by :meth:`update`, in any order."""
 

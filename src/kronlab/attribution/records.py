@@ -161,7 +161,12 @@ class RecordExamples(ExampleSet):
         return self.source.origin(index)
 
     def describe(self, index: int) -> str:
-        (record,) = self.source.records(index, index + 1)
         if self.kind == "text":
-            return repr(str(record["text"])[:60])
+            return repr(self.text(index)[:60])
+        (record,) = self.source.records(index, index + 1)
         return f"label {int(record['label'])}"
+
+    def text(self, index: int) -> str:
+        """The whole text of a text example (``describe`` shows its start)."""
+        (record,) = self.source.records(index, index + 1)
+        return str(record["text"])
