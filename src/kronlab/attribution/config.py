@@ -76,7 +76,8 @@ class AttributionConfig:
     of well-conditioned vectors with it; see :mod:`kronlab.attribution.compression`).
     ``chunk_rows`` is the unit of commit (and of resume); ``batch_size`` the number of examples
     per forward/backward pass. ``bias=False`` leaves the tracked layers' biases out of the
-    curvature, the stored gradients and the scores.
+    curvature, the stored gradients and the scores. ``fit_examples`` fits the curvature on the
+    first N training examples only (all by default).
     """
 
     model: str = setting(
@@ -123,6 +124,15 @@ class AttributionConfig:
         flag="--no-bias",
         const=False,
         shown_default="biases included",
+    )
+    # Last, so that config.json files written before it read as "all examples".
+    fit_examples: int | None = setting(
+        None,
+        "fit the curvature on the first N training examples (build and score still use all): "
+        "a subsample's factors at a fraction of a large set's fitting time",
+        low=1,
+        integer=True,
+        shown_default="all",
     )
 
     def __post_init__(self) -> None:
