@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from benchmarks.common import machine_description
 from kronlab.tasks.text import stdlib_sources
 
@@ -87,6 +89,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="OpenMP threads per rank")
     arguments = parser.parse_args()
     sizes = [int(size) for size in arguments.sizes.split(",")]
+    # This process only launches builds; its thread count is set so that the machine line
+    # printed below states the builds' own.
+    torch.set_num_threads(arguments.threads)
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)
@@ -112,7 +117,7 @@ def format_table(rows: list[dict], arguments: argparse.Namespace) -> str:
         f"Command: `PYTHONPATH=src python -m benchmarks.store_scale --sizes {arguments.sizes} "
         f"--projection-dim {arguments.projection_dim} --ranks {arguments.ranks} --threads "
         f"{arguments.threads}`  ",
-        f"Machine: {machine_description()} (shared with other jobs, `nice -n 10`)",
+        f"Machine: {machine_description()} per rank (shared with other jobs, `nice -n 10`)",
         "",
         "| examples | wall s | examples/s | tokens/s | CPU s | examples per CPU-s | peak RSS MiB "
         "| disk B/example | 1-min load |",
