@@ -498,7 +498,8 @@ class GradientStore:
                     count = os.preadv(descriptor, [buffer], offset)
                     if count == 0:
                         raise IntegrityError(
-                            f"{self.directory / DATA_FILE} is damaged: it ends before row {stop}"
+                            f"{self.directory / DATA_FILE} is damaged: it ends before row "
+                            f"{stop}; remove {self.directory} and build it again"
                         )
                     buffer, offset = buffer[count:], offset + count
         finally:
