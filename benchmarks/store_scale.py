@@ -131,9 +131,12 @@ def format_table(rows: list[dict], arguments: argparse.Namespace) -> str:
             f"{row['peak_mib']:.0f} | {row['disk_bytes'] / row['size']:.0f} | {row['load']:.1f} |"
         )
     first, last = rows[0], rows[-1]
+    if last["cpu_seconds"] <= first["cpu_seconds"] or last["seconds"] <= first["seconds"]:
+        lines += ["", "The sizes are too close for a marginal rate: measure sizes further apart."]
+        return "\n".join(lines)
     # Marginal rates between the two sizes remove start-up (imports, model load) from the rate.
-    marginal = (last["size"] - first["size"]) / max(last["seconds"] - first["seconds"], 1e-9)
-    per_cpu = (last["size"] - first["size"]) / max(last["cpu_seconds"] - first["cpu_seconds"], 1e-9)
+    marginal = (last["size"] - first["size"]) / (last["seconds"] - first["seconds"])
+    per_cpu = (last["size"] - first["size"]) / (last["cpu_seconds"] - first["cpu_seconds"])
     per_example = (last["disk_bytes"] - first["disk_bytes"]) / (last["size"] - first["size"])
     constant = last["disk_bytes"] - per_example * last["size"]
     target = arguments.target
