@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.common import machine_description
+from benchmarks.common import machine_description, time_callable
 from benchmarks.store_scale import WINDOW, write_windows
 from kronlab.attribution.compression.projection import projected_side
 from kronlab.attribution.config import AttributionConfig
@@ -78,20 +77,16 @@ def projection_shapes(
     return products
 
 
-def cpu_seconds(work: Callable[[], object], repeats: int) -> float:
-    work()
-    started = time.process_time()
-    for _ in range(repeats):
-        work()
-    return (time.process_time() - started) / repeats
-
-
 def floor_seconds(shapes: list[tuple[str, tuple[int, ...]]]) -> dict[str, tuple[float, float]]:
     """``{what: (FLOPs, CPU seconds)}`` of the products, each timed on its own shape."""
     totals: dict[str, tuple[float, float]] = {}
     for what, (b, m, k, n) in shapes:
         left, right = torch.randn(b, m, k), torch.randn(b, k, n)
-        seconds = cpu_seconds(lambda left=left, right=right: torch.bmm(left, right), 20)
+        seconds = time_callable(
+            lambda left=left, right=right: torch.bmm(left, right),
+            warmup=1,
+            clock=time.process_time,
+        )
         flops, time_so_far = totals.get(what, (0.0, 0.0))
         totals[what] = (flops + 2.0 * b * m * k * n, time_so_far + seconds)
     return totals
@@ -164,10 +159,13 @@ def main() -> None:
             "per-example projected": projected,
             "rows + write (encode, CRC-32)": rows_and_write,
         }
+        for work in pieces.values():
+            work()  # warm-up
         measured = dict.fromkeys(pieces, 0.0)
         for _ in range(arguments.repeats):  # interleaved, so drifting load hits all alike
             for name, work in pieces.items():
-                measured[name] += cpu_seconds(work, 1) / arguments.repeats
+                seconds = time_callable(work, repeats=1, warmup=0, clock=time.process_time)
+                measured[name] += seconds / arguments.repeats
     embeddings = {name for name, module in modules.items() if isinstance(module, nn.Embedding)}
     floor = floor_seconds(
         gemm_shapes(model, batch_size, p)
