@@ -59,6 +59,29 @@ def test_round_trip_per_dtype(tmp_path, dtype, tolerance):
     assert metadata["settings"]["modules"][1] == {"name": "fc2", "shape": [4, 3]}
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_reads_of_any_row_range_are_the_rows_written(tmp_path, dtype):
+    layout = settings(dtype=dtype)
+    rows = torch.randn(23, layout.row_width)
+    store = GradientStore.create(tmp_path / "s", layout, num_rows=23, chunk_rows=5)
+    fill(store, rows)
+    stored = rows.to(getattr(torch, dtype)).float()  # the storage rounding, nothing else
+    for start, stop in [(0, 23), (3, 17), (5, 10), (22, 23), (9, 9)]:
+        reopened = GradientStore.open(tmp_path / "s")  # every chunk checked on first read
+        torch.testing.assert_close(reopened.read(start, stop), stored[start:stop], rtol=0, atol=0)
+
+
+def test_a_data_file_cut_short_after_opening_is_an_error(tmp_path):
+    layout = settings()
+    store = GradientStore.create(tmp_path / "s", layout, num_rows=23, chunk_rows=5)
+    fill(store, torch.randn(23, layout.row_width))
+    reopened = GradientStore.open(tmp_path / "s")
+    with open(tmp_path / "s" / "gradients.bin", "r+b") as handle:
+        handle.truncate(12 * layout.row_width * 4)
+    with pytest.raises(IntegrityError, match="gradients.bin is damaged: it ends before row 15"):
+        reopened.read(10, 15)
+
+
 def test_module_blocks_split_rows_in_order(tmp_path):
     layout = settings()
     blocks = {"fc1": torch.randn(6, 4, 4), "fc2": torch.randn(6, 4, 3)}

@@ -96,6 +96,8 @@ class AttributionConfig:
     curvature, the stored gradients and the scores. ``normalize`` scales the scores (score
     stage only): ``"train"`` divides each by the training row's norm, ``"cosine"`` by both
     rows' norms (rows as stored: projected, or whitened with ``compression="whitened"``).
+    ``fit_examples`` fits the curvature on the first N training examples only (all by
+    default).
     """
 
     model: str = setting(
@@ -177,6 +179,16 @@ class AttributionConfig:
         const=False,
         shown_default="biases included",
         stages=_GRADIENTS,
+    )
+    # Last, so that config.json files written before it read as "all examples".
+    fit_examples: int | None = setting(
+        None,
+        "fit the curvature on the first N training examples (build and score still use all): "
+        "a subsample's factors at a fraction of a large set's fitting time",
+        low=1,
+        integer=True,
+        shown_default="all",
+        stages=("fit",),
     )
 
     def __post_init__(self) -> None:

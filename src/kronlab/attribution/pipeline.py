@@ -611,9 +611,10 @@ class AttributionRun:
     def fit(self) -> None:
         """Fit the K-FAC / EK-FAC curvature on the training examples and save it."""
         task = self.task
+        examples = self._fit_examples()
         passes = 2 if self.config.method == "ekfac" else 1  # EK-FAC's eigenvalue correction
-        progress = self._progress(passes * len(task.train), f"fit ({self.config.method})")
-        batches = TrainingBatches(task.train, self.config.batch_size, self.workers.device, progress)
+        progress = self._progress(passes * len(examples), f"fit ({self.config.method})")
+        batches = TrainingBatches(examples, self.config.batch_size, self.workers.device, progress)
         with self._model_execution():
             curvature = fit_distributed(
                 task.model,
@@ -622,7 +623,7 @@ class AttributionRun:
                 self._modules(),
                 method=self.config.method,
                 fisher=self.config.fisher,
-                mask_fn=task.train.token_mask,
+                mask_fn=examples.token_mask,
                 workers=self.workers,
                 seed=self.config.seed,
             )
@@ -647,11 +648,19 @@ class AttributionRun:
         self._cached_curvature = None
         self._verified_fit = None
 
+    def _fit_examples(self) -> ExampleSet:
+        """The training examples the curvature is fitted on: the first ``fit_examples`` (kept,
+        so that its fingerprint is computed once)."""
+        if getattr(self, "_cached_fit_examples", None) is None:
+            self._cached_fit_examples = self.task.train.subset(self.config.fit_examples)
+        return self._cached_fit_examples
+
     def _fit_inputs(self) -> dict:
-        """Everything the fitted curvature depends on."""
+        """Everything the fitted curvature depends on (the fingerprint is that of the examples
+        it was fitted on, so a changed ``fit_examples`` makes the curvature stale)."""
         return {
             "model_fingerprint": self._model_fingerprint(),
-            "train_data_fingerprint": self._data_fingerprint(self.task.train),
+            "train_data_fingerprint": self._data_fingerprint(self._fit_examples()),
             "modules": list(self._modules()),
             "method": self.config.method,
             "fisher": self.config.fisher,

@@ -427,7 +427,7 @@ class GradientStore:
         if copy is not None and first <= start and stop - first <= len(copy):
             rows = copy[start - first : stop - first]
         else:
-            rows = self.array[start:stop]
+            rows = self._read_rows(start, stop)
         return crc32(rows) == int(records[chunk, 1])
 
     def _verify(self, chunks: range, copy: np.ndarray | None = None, first: int = 0) -> None:
@@ -473,13 +473,38 @@ class GradientStore:
         stop = self.num_rows if stop is None else stop
         if not 0 <= start <= stop <= self.num_rows:
             raise ValueError(f"rows must satisfy 0 <= start <= stop <= {self.num_rows}")
-        block = np.array(self.array[start:stop])  # a private copy: torch wants it writable
+        block = self._read_rows(start, stop)
         if stop > start:
             chunks = range(start // self.chunk_rows, (stop - 1) // self.chunk_rows + 1)
             self._verify(chunks, block, start)
         if self.settings.dtype == "bfloat16":
             return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16).float()
         return torch.from_numpy(block).float()
+
+    def _read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` in the storage dtype, read into a new (writable) array.
+
+        Positioned reads, not a slice of :attr:`array`: the pages of a memory map that were
+        read stay mapped, so streaming a whole store through it would grow resident memory to
+        the store's size; read this way it stays one block.
+        """
+        block = np.empty((stop - start, self.row_width), dtype=self._numpy_dtype)
+        buffer = memoryview(block.reshape(-1).view(np.uint8))
+        offset = start * self.row_width * block.itemsize
+        descriptor = os.open(self.directory / DATA_FILE, os.O_RDONLY)
+        try:
+            with naming(self.directory / DATA_FILE):
+                while buffer:
+                    count = os.preadv(descriptor, [buffer], offset)
+                    if count == 0:
+                        raise IntegrityError(
+                            f"{self.directory / DATA_FILE} is damaged: it ends before row "
+                            f"{stop}; remove {self.directory} and build it again"
+                        )
+                    buffer, offset = buffer[count:], offset + count
+        finally:
+            os.close(descriptor)
+        return block
 
     def module_blocks(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split rows ``(n, row_width)`` into ``{name: (n, r, c)}`` blocks (views)."""
