@@ -4,6 +4,7 @@ initialised (no all-reduce of PSGD's own after that)."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,11 +53,10 @@ def test_a_bundle_steps_alike_alone_and_beside_a_larger_one():
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
 
 
-def _worker(rank: int, world_size: int, init_file: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
-    )
+def _all_reduces_per_step(rank: int, refused_at: int | None) -> list[int]:
+    """PSGD's all-reduces in each of ``STEPS`` calls of ``step`` on 3 weights, the last one
+    first getting a non-zero gradient at ``LATE_STEP``; at call ``refused_at`` the last rank's
+    first gradient holds a NaN (the step is refused on every rank)."""
     calls = []
     agree = psgd_module.all_reduce_max
 
@@ -70,23 +70,43 @@ def _worker(rank: int, world_size: int, init_file: str, out: str) -> None:
         params = [nn.Parameter(torch.randn(6, 4, dtype=F64)) for _ in range(3)]
         optimizer = PSGD(params, dtype=F64, distributed=DistributedConfig(), seed=1)
         per_step = []
-        for step in range(1, STEPS + 1):
-            generator = torch.Generator().manual_seed(step)
+        for call in range(1, STEPS + 1):
+            generator = torch.Generator().manual_seed(call)
             for index, param in enumerate(params):
                 param.grad = torch.randn(param.shape, dtype=F64, generator=generator)
-                if index == 2 and step < LATE_STEP:
+                if index == 2 and call < LATE_STEP:
                     param.grad.zero_()  # not initialised before LATE_STEP
+            if call == refused_at and rank == 1:
+                params[0].grad[0, 0] = float("nan")
             before = len(calls)
-            optimizer.step()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # the skipped step's warning
+                optimizer.step()
             per_step.append(len(calls) - before)
     finally:
+        psgd_module.all_reduce_max = agree
+    return per_step
+
+
+def _worker(rank: int, world_size: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        counts = {refused: _all_reduces_per_step(rank, refused) for refused in (None, LATE_STEP)}
+    finally:
         dist.destroy_process_group()
-    torch.save(per_step, Path(out) / f"rank{rank}.pt")
+    torch.save(counts, Path(out) / f"rank{rank}.pt")
 
 
 def test_ranks_agree_on_the_scale_only_until_every_bundle_is_initialised(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
-        per_step = torch.load(tmp_path / f"rank{rank}.pt")
-        # steps 1 .. LATE_STEP - 1 leave one bundle waiting; LATE_STEP initialises it
-        assert per_step == [1] * LATE_STEP + [0] * (STEPS - LATE_STEP), (rank, per_step)
+        counts = torch.load(tmp_path / f"rank{rank}.pt")
+        # calls 1 .. LATE_STEP - 1 leave one bundle waiting; LATE_STEP initialises it
+        expected = [1] * LATE_STEP + [0] * (STEPS - LATE_STEP)
+        assert counts[None] == expected, (rank, counts)
+        # refused at LATE_STEP: its initialisation is rolled back, the next call agrees again
+        expected = [1] * (LATE_STEP + 1) + [0] * (STEPS - LATE_STEP - 1)
+        assert counts[LATE_STEP] == expected, (rank, counts)

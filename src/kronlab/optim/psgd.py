@@ -207,8 +207,9 @@ class PSGD(KronOptimizer):
             seed=seed,
         )
         self._noise: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # this step's draws
-        # the sharding under which every rank's bundles are initialised: no scale left to agree on
-        self._scales_settled: Sharding | None = None
+        # (sharding, step) of the step after which no bundle on any rank waited for its
+        # initialisation: once that step is taken, no scale is left to agree on
+        self._settlement: tuple[Sharding, int] | None = None
 
     def validate_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
@@ -302,10 +303,9 @@ class PSGD(KronOptimizer):
             [(stack, any(flags)) for (stack, _, _), flags in zip(active, ready)]
         )
         sharding = self.sharding()
-        if sharding is not None and self._scales_settled is not sharding:
+        if sharding is not None and not self._settled(sharding):
             peaks, waiting = self._agree_across_ranks(peaks, self._waiting(initialized))
-            if not waiting:
-                self._scales_settled = sharding
+            self._settlement = None if waiting else (sharding, self.global_step)
         for index, entries in fresh.items():
             self._initialize(self.param_groups[index], entries, moments[index], peaks[index])
         self._noise = {
@@ -415,6 +415,14 @@ class PSGD(KronOptimizer):
         """
         return _standard_normal(size, dtype, device, self._generators, self.global_step)
 
+    def _settled(self, sharding: Sharding) -> bool:
+        """Whether every bundle on every rank was initialised by a step taken under
+        ``sharding`` (a refused step counts again: its initialisations were rolled back)."""
+        if self._settlement is None:
+            return False
+        settled_under, step = self._settlement
+        return settled_under is sharding and self.global_step > step
+
     def _waiting(self, initialized: set[int]) -> bool:
         """Whether some bundle this process steps is still not initialised after this step
         (``initialized``: the ids of the bundles initialised by it)."""
@@ -440,7 +448,7 @@ class PSGD(KronOptimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._scales_settled = None  # the loaded state may hold bundles not initialised yet
+        self._settlement = None  # the loaded state may hold bundles not initialised yet
 
     def _precondition_stack(
         self,
