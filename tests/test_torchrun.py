@@ -21,11 +21,11 @@ from torch import nn
 
 import kronlab
 import kronlab.bench.convergence as convergence_module
-from kronlab.attribution.distributed import Workers
 from kronlab.bench import run_convergence
 from kronlab.cli import main
 from kronlab.data_parallel import local_share
 from kronlab.distributed import DistributedConfig
+from kronlab.distributed.workers import Workers
 from kronlab.optim import PSGD, Shampoo
 
 F64 = torch.float64

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kronlab.attribution.distributed import Workers
+    from kronlab.distributed.workers import Workers
 
 # What to do about an OSError, by errno; the command to rerun is appended when known.
 _OS_ERROR_HINTS = {

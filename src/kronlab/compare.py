@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kronlab.attribution.distributed import Workers
 from kronlab.data_parallel import (
     distribute_optimizer,
     global_mean,
     local_share,
     wrap_model,
 )
+from kronlab.distributed.workers import Workers
 from kronlab.optim.registry import create_optimizer, get_optimizer
 from kronlab.tasks.base import ClassificationTask
 from kronlab.timing import (

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kronlab.attribution.distributed import Workers, init_workers
 from kronlab.distributed import DistributedConfig
+from kronlab.distributed.workers import Workers, init_workers
 from kronlab.optim.base import KronOptimizer
 
 
