@@ -9,9 +9,11 @@ For each optimizer and each number of ranks N, N processes step the 4-layer tran
 gradient all-reduce is DDP's and not timed here). Per rank and step it measures the time of the
 rank's own update (``KronOptimizer.update`` on the bundles it owns: the preconditioner work),
 as thread CPU time (the processes share the machine's cores, so wall time would count waiting)
-and wall time; the time of the collectives (outcome all-reduce + all-gather of the owners'
-results); the whole ``optimizer.step()``; and the bytes of the rank's optimizer state. N = 1
-runs the undistributed optimizer. Reported: the slowest rank's figures, as ratios to N = 1.
+and wall time; the wall time of the all-gather of the owners' results and of all the step's
+collectives (that all-gather, the outcome all-reduce, PSGD's initial-scale all-reduce); the
+whole ``optimizer.step()``; and the bytes of the rank's optimizer state. N = 1 runs the
+undistributed optimizer. Reported: the slowest rank's preconditioner time, the largest rank's
+state, the ranks' mean shares and step time, as ratios to N = 1.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import kronlab.optim.psgd as psgd_module
 import kronlab.optim.sharded_step as sharded_step
 from benchmarks.common import (
     benchmark_transformer,
@@ -40,6 +43,10 @@ from kronlab.optim import PSGD, SOAP, KronOptimizer, Muon, Shampoo, SIRFShampoo
 from kronlab.optim.hybrid import optimizer_state_bytes
 
 FREQUENCY = 5  # steps between decompositions; timed over whole periods
+# the collectives as imported, wrapped afresh for each optimizer measured
+ALL_GATHER = sharded_step.all_gather_owned
+AGREE_ON_OUTCOME = sharded_step.agree_on_outcome
+ALL_REDUCE_MAX = psgd_module.all_reduce_max
 OPTIMIZERS: dict[str, Callable[..., KronOptimizer]] = {
     "muon": lambda model, config: Muon(model=model, lr=0.02, distributed=config),
     "psgd": lambda model, config: PSGD(model.parameters(), lr=1e-3, distributed=config),
@@ -77,13 +84,14 @@ def measure(name: str, rank: int, world_size: int, warmup: int, steps: int) -> d
     config = DistributedConfig() if world_size > 1 else None
     optimizer = OPTIMIZERS[name](model, config)
     inputs, targets = transformer_batch()
-    update, communication, step = Stopwatch(), Stopwatch(), Stopwatch()
+    update, gather, communication, step = Stopwatch(), Stopwatch(), Stopwatch(), Stopwatch()
     optimizer.update = update.wrap(optimizer.update)
-    sharded_step.all_gather_owned = communication.wrap(sharded_step.all_gather_owned)
-    sharded_step.agree_on_outcome = communication.wrap(sharded_step.agree_on_outcome)
+    sharded_step.all_gather_owned = communication.wrap(gather.wrap(ALL_GATHER))
+    sharded_step.agree_on_outcome = communication.wrap(AGREE_ON_OUTCOME)
+    psgd_module.all_reduce_max = communication.wrap(ALL_REDUCE_MAX)
     for index in range(warmup + steps):
         if index == warmup:
-            for watch in (update, communication, step):
+            for watch in (update, gather, communication, step):
                 watch.wall.clear()
                 watch.cpu.clear()
         optimizer.zero_grad()
@@ -94,6 +102,7 @@ def measure(name: str, rank: int, world_size: int, warmup: int, steps: int) -> d
     return {
         "update_cpu": sum(update.cpu) / steps,
         "update_wall": sum(update.wall) / steps,
+        "all_gather_wall": sum(gather.wall) / steps,
         "communication_wall": sum(communication.wall) / steps,
         "step_wall": sum(step.wall) / steps,
         "state_bytes": optimizer_state_bytes(optimizer),
@@ -139,9 +148,10 @@ def main() -> None:
     print(machine_description())
     print(
         "\n| optimizer | ranks | preconditioner CPU time (slowest rank) | vs 1 rank | state "
-        "(largest rank) | vs 1 rank | collectives share of step | step wall time | vs 1 rank |"
+        "(largest rank) | vs 1 rank | all-gather share of step | collectives share of step "
+        "| step wall time | vs 1 rank |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.optimizers:
         base = results[args.ranks[0]][0][name]
         for world_size in args.ranks:
@@ -150,10 +160,12 @@ def main() -> None:
             state = max(r["state_bytes"] for r in per_rank)
             step = statistics.mean(r["step_wall"] for r in per_rank)
             share = statistics.mean(r["communication_wall"] / r["step_wall"] for r in per_rank)
+            gathered = statistics.mean(r["all_gather_wall"] / r["step_wall"] for r in per_rank)
             print(
                 f"| {name} | {world_size} | {1e3 * cpu:.1f} ms | {cpu / base['update_cpu']:.2f} | "
                 f"{state / 2**20:.2f} MiB | {state / base['state_bytes']:.2f} | "
-                f"{100 * share:.0f}% | {1e3 * step:.1f} ms | {step / base['step_wall']:.2f} |"
+                f"{100 * gathered:.0f}% | {100 * share:.0f}% | {1e3 * step:.1f} ms | "
+                f"{step / base['step_wall']:.2f} |"
             )
 
 

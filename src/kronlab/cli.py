@@ -9,6 +9,10 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kronlab.distributed.workers import Workers
 
 # What to do about an OSError, by errno; the command to rerun is appended when known.
 _OS_ERROR_HINTS = {
@@ -65,7 +69,8 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
         "print final train/test loss, test accuracy and step time relative to AdamW (optimizers "
         "timed in interleaved step slots; the ratio's quartiles over blocks of steps shown, "
         "'?' when they say it is noise), and write "
-        "compare.png and compare.json to --out.",
+        "compare.png and compare.json to --out. Under `torchrun --nproc-per-node N` each run "
+        "is data-parallel over the N processes (same global batches; rank 0 prints and writes).",
     )
     parser.add_argument(
         "--optimizers",
@@ -90,15 +95,23 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
+    from kronlab.data_parallel import launched
+
+    with launched() as workers:
+        return _compare_on_this_rank(args, workers)
+
+
+def _compare_on_this_rank(args: argparse.Namespace, workers: Workers) -> int:
     import kronlab.optim  # noqa: F401  (registers the optimizers)
     from kronlab.compare import compare, format_table, plot_curves, timing_warning, write_json
     from kronlab.optim.registry import available_optimizers, get_optimizer
     from kronlab.tasks import load_task
 
-    if args.list:
+    if args.list and workers.is_main:
         for name in available_optimizers():
             entry = get_optimizer(name)
             print(f"{name:24s} lr={entry.default_lr:<8g} {entry.summary}")
+    if args.list:
         return 0
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
@@ -124,7 +137,10 @@ def _run_compare(args: argparse.Namespace) -> int:
         seed=args.seed,
         learning_rates=learning_rates,
         show_progress=not args.no_progress,
+        workers=workers,
     )
+    if not workers.is_main:
+        return 0
     print(format_table(results))
     warning = timing_warning(results)
     if warning:
@@ -137,6 +153,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "seed": args.seed,
         "learning_rates": learning_rates,
+        "processes": workers.world_size,
     }
     write_json(results, args.out / "compare.json", config)
     written = [args.out / "compare.json"]

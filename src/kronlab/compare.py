@@ -14,6 +14,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from kronlab.data_parallel import (
+    distribute_optimizer,
+    global_mean,
+    local_share,
+    wrap_model,
+)
+from kronlab.distributed.workers import Workers
 from kronlab.optim.registry import create_optimizer, get_optimizer
 from kronlab.tasks.base import ClassificationTask
 from kronlab.timing import (
@@ -80,6 +87,10 @@ class TrainingRun:
     Each run keeps its own stream of the global torch RNG (PSGD's noise, Spectron's
     power-iteration start), restored around its steps: its curve does not depend on which
     other runs share the comparison or in which order their slots fall.
+
+    Over several ranks (``workers``, under torchrun) the run is data-parallel: DDP, each rank
+    its share of every batch, the optimizer's preconditioner work split over the ranks
+    (``kronlab.data_parallel``); the loss curve is the global batch's.
     """
 
     def __init__(
@@ -92,11 +103,15 @@ class TrainingRun:
         batch_size: int,
         seed: int,
         eval_every: int,
+        workers: Workers | None = None,
     ) -> None:
         self.task = task
+        self.workers = workers or Workers()
         self.model = task.make_model(seed)
+        self.trained = wrap_model(self.model, self.workers)
         torch.manual_seed(seed)
-        self.optimizer = create_optimizer(optimizer_name, self.model, lr)
+        self.optimizer = create_optimizer(optimizer_name, self.trained, lr)
+        distribute_optimizer(self.optimizer, self.workers)
         self.rng_state = torch.get_rng_state()
         self.result = RunResult(name=optimizer_name, lr=lr)
         self.schedule = batch_schedule(len(task.train_inputs), steps, batch_size, seed)
@@ -105,18 +120,21 @@ class TrainingRun:
         self.finished = False
 
     def step(self, step: int, clock: Callable[[], float] = time.perf_counter) -> None:
-        """Train step ``step`` (from 1); the timed part is zero_grad, forward, backward, step."""
+        """Train step ``step`` (from 1); the timed part is zero_grad, forward, backward, step
+        (data-parallel: on this rank's share, with DDP's gradient all-reduce and the sharded
+        optimizer's collectives, in which the ranks wait for each other)."""
         indices = self.schedule[step - 1]
-        inputs, targets = self.task.train_inputs[indices], self.task.train_targets[indices]
+        batch = self.task.train_inputs[indices], self.task.train_targets[indices]
+        (inputs, targets), weight = local_share(batch, self.workers)
         torch.set_rng_state(self.rng_state)
         started = clock()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.task.loss(self.model(inputs), targets)
-        loss.backward()
+        loss = self.task.loss(self.trained(inputs), targets)
+        (loss * weight if weight != 1 else loss).backward()
         self.optimizer.step()
         self.step_seconds.append(clock() - started)
         self.rng_state = torch.get_rng_state()
-        loss_value = loss.item()
+        loss_value = global_mean(loss.item(), weight, self.workers)
         self.result.train_loss_curve.append(loss_value)
         if not math.isfinite(loss_value):
             self.result.diverged = True
@@ -165,6 +183,7 @@ def train_one(
     seed: int,
     eval_every: int,
     progress: tqdm | None = None,
+    workers: Workers | None = None,
 ) -> RunResult:
     """Train the task's model (weights from ``seed``) with one registered optimizer."""
     run = TrainingRun(
@@ -175,6 +194,7 @@ def train_one(
         batch_size=batch_size,
         seed=seed,
         eval_every=eval_every,
+        workers=workers,
     )
     run_interleaved([run], steps, progress=progress)
     return run.finish()
@@ -214,12 +234,16 @@ def compare(
     learning_rates: dict[str, float] | None = None,
     show_progress: bool = True,
     clock: Callable[[], float] = time.perf_counter,
+    workers: Workers | None = None,
 ) -> list[RunResult]:
     """Run every optimizer on ``task`` from the same initial weights and batches.
 
     The optimizers take their steps in interleaved slots (step ``k`` of each before step
     ``k + 1`` of any), so all see the same machine load; AdamW is always run (it is the
-    step-time reference) and reported like the others. ``clock`` times the steps.
+    step-time reference) and reported like the others. ``clock`` times the steps. ``workers``
+    (several ranks under torchrun): every run is data-parallel (see ``TrainingRun``); the step
+    times are each rank's own (bounded by the collectives, in which the ranks wait for each
+    other) and only rank 0 shows progress.
     """
     for name in optimizer_names:
         get_optimizer(name)  # unknown names fail before any training
@@ -240,9 +264,11 @@ def compare(
             batch_size=batch_size,
             seed=seed,
             eval_every=eval_every,
+            workers=workers,
         )
         for name in names
     ]
+    show_progress = show_progress and (workers is None or workers.is_main)
     with tqdm(total=steps * len(names), disable=not show_progress, unit="step") as progress:
         run_interleaved(runs, steps, clock=clock, progress=progress)
     results = [run.finish() for run in runs]

@@ -46,9 +46,9 @@ OPTIMIZERS: dict[str, Factory] = {
     "sirfshampoo": lambda model, config: SIRFShampoo(
         model, lr=0.05, beta2=0.1, T=2, distributed=config
     ),
-    # The default initial scale (a maximum over the bundles initialised in a step) and the fit
-    # noise (one draw as long as the largest matrix stepped) are agreed on by the ranks; noise
-    # large enough to show in the parameters.
+    # The default initial scale (a maximum over the bundles initialised in a step) is agreed on
+    # by the ranks and each draws its bundles' fit noise as one process does; noise large enough
+    # to show in the parameters.
     "psgd": lambda model, config: PSGD(
         model.parameters(), lr=0.01, method="quad", noise_scale=0.1, distributed=config
     ),

@@ -14,7 +14,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         help="steps and seconds each optimizer needs to reach AdamW's validation loss",
         description="Learning-rate grid at one seed, then --seeds seeds at the best lr, for each "
         "optimizer and task; writes a table, a plot and JSON per task under --out. Finished runs "
-        "are cached there and skipped on a rerun.",
+        "are cached there and skipped on a rerun. Under `torchrun --nproc-per-node N` each run "
+        "is data-parallel over the N processes (same global batches; rank 0 prints and writes).",
     )
     convergence.add_argument(
         "--tasks", default="digits-mlp,digits-cnn,charlm", help="comma-separated task names"
@@ -28,7 +29,12 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     convergence.add_argument(
         "--seeds", type=int, help="seeds at the best lr (default 3; 1 with --quick)"
     )
-    convergence.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+    convergence.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs in parallel processes (1 under torchrun, where each run is data-parallel)",
+    )
     convergence.add_argument("--out", type=Path, default=Path("kronlab-bench"))
     convergence.add_argument(
         "--quick",
@@ -43,6 +49,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_convergence(args: argparse.Namespace) -> int:
     from kronlab.bench import run_convergence
+    from kronlab.data_parallel import launched
 
     if args.seeds is not None and args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
@@ -51,14 +58,15 @@ def _run_convergence(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
-    run_convergence(
-        tasks,
-        args.optimizers,
-        out=args.out,
-        seeds=args.seeds,
-        quick=args.quick,
-        steps=args.steps,
-        jobs=args.jobs,
-        show_progress=not args.no_progress,
-    )
+    with launched():
+        run_convergence(
+            tasks,
+            args.optimizers,
+            out=args.out,
+            seeds=args.seeds,
+            quick=args.quick,
+            steps=args.steps,
+            jobs=args.jobs,
+            show_progress=not args.no_progress,
+        )
     return 0

@@ -14,6 +14,7 @@ from kronlab.bench.optimizers import REFERENCE, optimizer_names, resolve
 from kronlab.bench.protocol import OptimizerResult, run_task
 from kronlab.bench.report import format_table, last_fifth_drop, plot, summarize, write_summary
 from kronlab.bench.tasks import TASK_NAMES, load_convergence_task
+from kronlab.data_parallel import current_workers
 
 
 def run_convergence(
@@ -41,6 +42,14 @@ def run_convergence(
             raise ValueError(f"unknown task {task!r}; available: {', '.join(TASK_NAMES)}")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    workers = current_workers()
+    if jobs > 1 and workers.distributed:
+        raise ValueError(
+            f"Invalid jobs: {jobs} under torchrun (allowed: 1; each run is already "
+            f"data-parallel over the {workers.world_size} processes)"
+        )
+    if not workers.is_main:
+        report = _silent  # rank 0 reports and writes the outputs
     names = optimizer_names(optimizers)
     if REFERENCE not in names:
         names.insert(0, REFERENCE)
@@ -56,6 +65,9 @@ def run_convergence(
     for task in tasks:
         results = run_task(task, specs, out, seeds=seeds, quick=quick, steps=steps, jobs=jobs,
                            show_progress=show_progress, report=report)  # fmt: skip
+        if not workers.is_main:
+            everything[task] = results
+            continue
         rows = summarize(results)
         directory = out / task
         directory.mkdir(parents=True, exist_ok=True)
@@ -78,3 +90,7 @@ def run_convergence(
         report("wrote " + ", ".join(str(path) for path in written))
         everything[task] = results
     return everything
+
+
+def _silent(message: str) -> None:
+    """The report of the ranks other than 0."""

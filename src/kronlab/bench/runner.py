@@ -4,6 +4,10 @@ A finished run is one JSON file named by its settings; a rerun with the same set
 instead of training. The file is written atomically at the end of the run, so an interrupted run
 leaves nothing behind and is simply run again: interrupting a benchmark loses at most the runs
 in progress.
+
+Under ``torchrun --nproc-per-node N`` a run is data-parallel over the N processes
+(``kronlab.data_parallel``): the same global batches, so the same curve to float rounding;
+rank 0 reads and writes the cache and the others take its word for what is cached.
 """
 
 from __future__ import annotations
@@ -22,6 +26,14 @@ from tqdm.auto import tqdm
 from kronlab.bench import schedule
 from kronlab.bench.optimizers import OptimizerSpec
 from kronlab.bench.tasks import ConvergenceTask
+from kronlab.data_parallel import (
+    agree_with_main,
+    current_workers,
+    distribute_optimizer,
+    global_mean,
+    local_share,
+    wrap_model,
+)
 from kronlab.optim import optimizer_state_bytes
 
 FORMAT_VERSION = 1
@@ -56,7 +68,8 @@ class RunKey:
 @dataclass
 class RunRecord:
     """A run's validation curve (``eval_steps``, ``val_loss``, ``seconds``: training time
-    before each evaluation, evaluation excluded) and its summary figures."""
+    before each evaluation, evaluation excluded) and its summary figures. Data-parallel,
+    ``seconds`` and ``state_bytes`` are rank 0's (its share of the sharded state)."""
 
     settings: dict[str, Any]
     eval_steps: list[int] = field(default_factory=list)
@@ -89,9 +102,12 @@ def train_run(
     A run stops early, marked diverged, at a non-finite training loss; it is also marked
     diverged when its final validation loss is above its initial one.
     """
+    workers = current_workers()
     model = task.make_model(key.seed)
+    trained = wrap_model(model, workers)
     torch.manual_seed(key.seed)  # optimizers that draw random numbers get one stream per seed
-    optimizer = spec.factory(model, key.lr)
+    optimizer = spec.factory(trained, key.lr)
+    distribute_optimizer(optimizer, workers)
     shared = schedule.Schedule(optimizer, key.steps)
     record = RunRecord(settings=key.settings(), torch_threads=torch.get_num_threads())
     record.eval_steps.append(0)
@@ -100,18 +116,19 @@ def train_run(
     evaluate_at = eval_points(key.steps)
     elapsed = 0.0
     label = f"{task.name} {spec.name} lr={key.lr:.3g} seed={key.seed}"
-    with tqdm(
-        total=key.steps, desc=label, unit="step", leave=False, disable=not show_progress
-    ) as bar:
+    hidden = not show_progress or not workers.is_main
+    with tqdm(total=key.steps, desc=label, unit="step", leave=False, disable=hidden) as bar:
         for step, batch in enumerate(task.batches(key.steps, key.seed), start=1):
+            local, weight = local_share(batch, workers)
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            loss = task.loss(model, batch)
-            loss.backward()
+            loss = task.loss(trained, local)
+            (loss * weight if weight != 1 else loss).backward()
             shared.before_step(step)
             optimizer.step()
             loss_value = loss.item()
             elapsed += time.perf_counter() - started
+            loss_value = global_mean(loss_value, weight, workers)
             record.train_loss.append(loss_value)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
@@ -134,7 +151,13 @@ def cache_path(out: Path, key: RunKey) -> Path:
 
 
 def load_cached(out: Path, key: RunKey) -> RunRecord | None:
-    """The cached record of ``key``, or None when absent, unreadable or made with other settings."""
+    """The cached record of ``key``, or None when absent, unreadable or made with other settings
+    (rank 0's answer on every rank: the ranks run the same runs)."""
+    workers = current_workers()
+    return agree_with_main(_read_cached(out, key) if workers.is_main else None, workers)
+
+
+def _read_cached(out: Path, key: RunKey) -> RunRecord | None:
     path = cache_path(out, key)
     try:
         data = json.loads(path.read_text())
@@ -146,8 +169,11 @@ def load_cached(out: Path, key: RunKey) -> RunRecord | None:
 
 
 def store(out: Path, record: RunRecord, key: RunKey) -> Path:
-    """Write ``record`` atomically (a killed process never leaves a half-written run)."""
+    """Write ``record`` atomically (a killed process never leaves a half-written run); on
+    rank 0 only."""
     path = cache_path(out, key)
+    if not current_workers().is_main:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
     temporary.write_text(json.dumps(asdict(record), indent=1))

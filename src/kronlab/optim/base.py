@@ -119,16 +119,8 @@ class KronOptimizer(Optimizer):
         distributed: DistributedConfig | None = None,
     ) -> None:
         check_choice("on_nonfinite_grad", on_nonfinite_grad, ("skip", "raise", "ignore", "mask"))
-        if distributed is not None and not isinstance(distributed, DistributedConfig):
-            raise ValueError(
-                f"Invalid distributed: {distributed!r} (allowed: None or a "
-                "kronlab.distributed.DistributedConfig)"
-            )
-        if distributed is not None and on_nonfinite_grad == "mask":
-            raise ValueError(
-                "Invalid on_nonfinite_grad: 'mask' with distributed= (allowed: 'skip', 'raise' "
-                "or 'ignore'; the ranks agree on a skipped step with one all-reduce)"
-            )
+        if distributed is not None:
+            _check_distributed(distributed, on_nonfinite_grad)
         self.distributed = distributed
         self._sharding: Sharding | None = None
         check_module("model", model, allow_none=True)
@@ -269,6 +261,21 @@ class KronOptimizer(Optimizer):
                 )
             )
         return items
+
+    def distribute(self, config: DistributedConfig) -> None:
+        """Split the preconditioner work as ``distributed=config`` at construction does, for an
+        optimizer built by code that does not pass it (``kronlab compare`` under torchrun: the
+        registry's factories). Only before the first step: the state is not moved."""
+        _check_distributed(config, self.on_nonfinite_grad)
+        if self.global_step or self.state:
+            raise ValueError(
+                f"Invalid distributed: {config!r} after {self.global_step} steps (allowed: "
+                "before the first step only; pass distributed= at construction)"
+            )
+        check_shardable(self)
+        self.distributed = config
+        self._sharding = None
+        self._plan = None
 
     def sharding(self) -> Sharding | None:
         """Which rank owns which bundle; ``None`` when not distributed (no ``distributed=``,
@@ -504,6 +511,19 @@ class KronOptimizer(Optimizer):
                 self.state[param] = _copy_to_device(saved, param.device)
         self._counters = {key: int(saved_global[key]) for key in self._counters}
         self._generators.load_state_dict(saved_global[GENERATORS_KEY])
+
+
+def _check_distributed(distributed: object, on_nonfinite_grad: str) -> None:
+    if not isinstance(distributed, DistributedConfig):
+        raise ValueError(
+            f"Invalid distributed: {distributed!r} (allowed: None or a "
+            "kronlab.distributed.DistributedConfig)"
+        )
+    if on_nonfinite_grad == "mask":
+        raise ValueError(
+            "Invalid on_nonfinite_grad: 'mask' with distributed= (allowed: 'skip', 'raise' "
+            "or 'ignore'; the ranks agree on a skipped step with one all-reduce)"
+        )
 
 
 def _copy_to_device(value: Any, device: torch.device | None) -> Any:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from kronlab.distributed import DistributedConfig
+from kronlab.distributed import DistributedConfig, WorkItem
 from kronlab.distributed.communication import all_reduce_max
 from kronlab.groups.layout import plan_layout
 from kronlab.groups.rules import PreconditionerGroup
@@ -34,7 +34,9 @@ from kronlab.optim.psgd_factors import (
     preconditioner_lr_schedule,
     whitening_terms,
 )
+from kronlab.optim.randomness import OptimizerGenerators
 from kronlab.optim.registry import register_optimizer
+from kronlab.optim.sharded_step import Sharding
 from kronlab.optim.step_template import Direction, Slot, Stack, Work
 from kronlab.optim.validation import check_choice, check_range
 
@@ -44,6 +46,9 @@ BALANCE_EVERY = 100
 UPDATE_RMS_CLIP = 1.1
 ADAM_RMS_DIVISOR = 5.0  # PSGD's update has RMS ≈ 1, Adam's ≈ 0.2
 NoiseKey = tuple[torch.device, torch.dtype]  # a noise draw's device and dtype
+# Entries of a step's noise sequence drawn from one seeded generator: the sequence is made of
+# such chunks, so its first n entries are the same however many entries are drawn.
+NOISE_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -129,11 +134,12 @@ class PSGD(KronOptimizer):
             gradient is not all zero, so zero gradients cannot produce an infinite scale).
         noise_scale: std of the Gaussian noise added to ``M`` for the fit (keeps it well posed
             when gradients vanish); 0 disables it. Each bundle's noise is i.i.d. and fresh every
-            step; one draw per step is shared by all bundles (views of it), which no bundle's
-            fit can tell apart from independent draws. The draws come from the optimizer's own
-            generator (``seed``), never from the global RNG.
-        seed: seed of that generator; ``None`` derives one from ``torch.initial_seed()`` (see
-            ``KronOptimizer``). Its state is saved in the state_dict.
+            step: the leading ``m·n`` entries of the step's standard normal sequence, which is
+            shared by all bundles (views of it; no bundle's fit can tell that apart from
+            independent draws) and made from ``seed`` and the step count alone, never from the
+            global RNG (see ``_step_noise``).
+        seed: seed of that sequence; ``None`` derives one from ``torch.initial_seed()`` (see
+            ``KronOptimizer``). It is saved in the state_dict.
         dtype: dtype of the state and the preconditioner math; ``None`` = the gradient's dtype.
             On CPU, half-precision state is multiplied in float32 (``product_dtype``: CPU half
             GEMMs accumulate in float32 anyway and are ~2x slower) and the refreshed factors
@@ -145,9 +151,10 @@ class PSGD(KronOptimizer):
             ``KronOptimizer``).
         verbose_init: print each parameter's layout at construction.
         distributed: a ``kronlab.distributed.DistributedConfig`` to split the preconditioner
-            work over the ranks of a process group (see ``kronlab.optim.KronOptimizer``). The
-            ranks agree on the default initial scale and on the size of the noise draw (one
-            all-reduce per step), so each uses one process's; give them the same ``seed``.
+            work over the ranks of a process group (see ``kronlab.optim.KronOptimizer``). Each
+            rank draws only the noise its own bundles use, the same numbers one process draws
+            for them; until every bundle is initialised the ranks agree on the default initial
+            scale (one small all-reduce per step). Give them the same ``seed``.
     """
 
     variant_keys = ("combine_params", "method")
@@ -200,6 +207,9 @@ class PSGD(KronOptimizer):
             seed=seed,
         )
         self._noise: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # this step's draws
+        # (sharding, step) of the step after which no bundle on any rank waited for its
+        # initialisation: once that step is taken, no scale is left to agree on
+        self._settlement: tuple[Sharding, int] | None = None
 
     def validate_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
@@ -231,6 +241,19 @@ class PSGD(KronOptimizer):
     def describe_preconditioner(self, bundle: ParameterBundle) -> list[str]:
         return [self.layout(bundle).describe()]
 
+    def distributed_work_items(self) -> list[WorkItem]:
+        """The cost model's view of each bundle's layout: a dense axis of size ``d`` costs
+        ``~numel · d`` per product and ``~d³`` for its factor step, every step (a factor whose
+        step is a decomposition refreshed every step); a diagonal axis only elementwise passes,
+        so a bundle without dense axes (vectors, very skewed matrices) is elementwise work."""
+        items = []
+        for index, bundle in enumerate(self.bundles):
+            layout = self.layout(bundle)
+            sizes = zip((layout.left, layout.right), layout.matrix_shape)
+            dense = tuple(size for kind, size in sizes if kind == "dense")
+            items.append(WorkItem(index, layout.matrix_shape, dense))
+        return items
+
     # --- the step -----------------------------------------------------------------------
     def work(self, bundle: ParameterBundle) -> list[Work]:
         """The bundle's ``m × n`` matrix in the state dtype; its factor kinds must agree too."""
@@ -240,9 +263,10 @@ class PSGD(KronOptimizer):
 
     def update(self) -> None:
         """The template's stages, with two that span stacks first: a param group's bundles seen
-        for the first time share one initial scale (``_initialize``), and one noise draw serves
-        every stack (``_standard_normal_buffers``). Distributed, both are agreed on by the ranks
-        (``_agree_across_ranks``), so each rank uses one process's scale and draws."""
+        for the first time share one initial scale (``_initialize``), and one noise sequence
+        serves every stack (``_step_noise``). Distributed, the ranks agree on the scale
+        (``_agree_across_ranks``) while some bundle is not initialised; the noise needs no
+        agreement (each bundle's is the same whichever rank draws it)."""
         active = []
         for stack in self.plan.stacks:
             slots = stack.active()
@@ -278,11 +302,17 @@ class PSGD(KronOptimizer):
         sizes = self._noise_sizes(
             [(stack, any(flags)) for (stack, _, _), flags in zip(active, ready)]
         )
-        if self.sharding() is not None:
-            peaks, sizes = self._agree_across_ranks(peaks, sizes)
+        sharding = self.sharding()
+        if sharding is not None and not self._settled(sharding):
+            peaks, waiting = self._agree_across_ranks(peaks, self._waiting(initialized))
+            self._settlement = None if waiting else (sharding, self.global_step)
         for index, entries in fresh.items():
             self._initialize(self.param_groups[index], entries, moments[index], peaks[index])
-        self._noise = self._standard_normal_buffers(sizes)
+        self._noise = {
+            (device, dtype): self._step_noise(size, device, dtype)
+            for (device, dtype), size in sizes.items()
+            if size > 0
+        }
         for (stack, slots, gradients), flags in zip(active, ready):
             group = self.param_groups[stack.group_index]
             stepped = [slot for slot, flag in zip(slots, flags) if flag]
@@ -367,10 +397,10 @@ class PSGD(KronOptimizer):
                 sizes[_noise_key(stack)] = max(sizes.get(_noise_key(stack), 0), size)
         return sizes
 
-    def _standard_normal_buffers(self, sizes: dict[NoiseKey, int]) -> dict[NoiseKey, Tensor]:
-        """One fresh flat ``N(0, I)`` draw per device and product dtype, of the given sizes
-        (none for size 0, but the device's generator is made: its state is in the state_dict
-        from the first step on, as a checkpoint template built from one step needs).
+    def _step_noise(self, size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The first ``size`` entries of this step's flat ``N(0, I)`` sequence for ``device``
+        and ``dtype``; chunk ``k`` (``NOISE_CHUNK`` entries) is drawn from a generator seeded
+        from the seed, the step count and ``k`` alone (``OptimizerGenerators.stream``).
 
         Every bundle's fit noise is a view of it (``_fit_noise``): each bundle's factors are
         fitted to its own gradient only, so what each bundle sees must be i.i.d. ``N(0, 1)``
@@ -378,37 +408,47 @@ class PSGD(KronOptimizer):
         correlated noise does not change any bundle's fit. Drawing ``max(numel)`` numbers
         instead of one per gradient entry saves most of the cost of the noise (``normal_``
         of all 3.4 M gradient entries of the benchmark transformer was ~12 % of its step).
+        As a bundle's noise depends on its size, the seed and the step only, a rank that steps
+        some of the bundles draws, for each, the numbers one process draws, and no more than
+        its own largest bundle needs; a refused step draws nothing that the next one would
+        not draw again, and a resumed run draws what an uninterrupted one does.
         """
-        generators = {device: self.generator(device) for device, _ in sizes}
-        return {
-            (device, dtype): _standard_normal(size, dtype, generators[device])
-            for (device, dtype), size in sizes.items()
-            if size > 0
-        }
+        return _standard_normal(size, dtype, device, self._generators, self.global_step)
+
+    def _settled(self, sharding: Sharding) -> bool:
+        """Whether every bundle on every rank was initialised by a step taken under
+        ``sharding`` (a refused step counts again: its initialisations were rolled back)."""
+        if self._settlement is None:
+            return False
+        settled_under, step = self._settlement
+        return settled_under is sharding and self.global_step > step
+
+    def _waiting(self, initialized: set[int]) -> bool:
+        """Whether some bundle this process steps is still not initialised after this step
+        (``initialized``: the ids of the bundles initialised by it)."""
+        return any(
+            id(slot.param) not in initialized and not self.state[slot.param].get("step")
+            for stack in self.plan.stacks
+            for slot in stack.slots
+        )
 
     def _agree_across_ranks(
-        self, peaks: dict[int, float], sizes: dict[NoiseKey, int]
-    ) -> tuple[dict[int, float], dict[NoiseKey, int]]:
-        """The initial-scale peaks and noise sizes of one process stepping every bundle: the
-        maxima over the ranks (each steps only its own bundles), by one all-reduce. Every
-        rank then draws the same numbers as one process, whichever bundles it owns."""
-        if not self.bundles:
-            return peaks, sizes
-        keys = list(
-            dict.fromkeys(
-                (bundle.key.device, product_dtype(work.dtype, bundle.key.device))
-                for bundle in self.bundles
-                for work in self.work(bundle)
-            )
-        )
+        self, peaks: dict[int, float], waiting: bool
+    ) -> tuple[dict[int, float], bool]:
+        """The initial-scale peaks of one process stepping every bundle (the maxima over the
+        ranks, each stepping its own bundles) and whether a bundle on any rank still waits
+        for its initialisation, by one all-reduce. Once none waits, no scale is left to agree
+        on and the step needs no all-reduce of its own."""
         groups = range(len(self.param_groups))
-        local = [peaks.get(index, 0.0) for index in groups] + [float(sizes.get(k, 0)) for k in keys]
+        local = [peaks.get(index, 0.0) for index in groups] + [float(waiting)]
         assert self.distributed is not None
-        agreed = all_reduce_max(local, keys[0][0], self.distributed.process_group)
-        return (
-            {index: agreed[index] for index in peaks},
-            {key: int(value) for key, value in zip(keys, agreed[len(groups) :])},
-        )
+        first = next(p for group in self.param_groups for p in group["params"])
+        agreed = all_reduce_max(local, first.device, self.distributed.process_group)
+        return {index: agreed[index] for index in peaks}, agreed[-1] > 0
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._settlement = None  # the loaded state may hold bundles not initialised yet
 
     def _precondition_stack(
         self,
@@ -535,14 +575,25 @@ def _noise_key(stack: Stack) -> NoiseKey:
 
 
 # Dynamo cannot trace a draw from a torch.Generator: under torch.compile the draw runs eagerly
-# (one graph break), so the optimizer keeps owning its random stream (exact resume).
+# (one graph break), so the optimizer keeps owning its random numbers (exact resume).
 @torch._dynamo.disable
-def _standard_normal(size: int, dtype: torch.dtype, generator: torch.Generator) -> Tensor:
-    """``size`` draws of ``N(0, 1)`` in ``dtype`` from ``generator`` (on its device; drawn in
-    float32 for half types: half ``normal_`` is slow)."""
+def _standard_normal(
+    size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    generators: OptimizerGenerators,
+    step: int,
+) -> Tensor:
+    """The first ``size`` entries of step ``step``'s ``N(0, 1)`` sequence in ``dtype`` on
+    ``device``: whole chunks of ``NOISE_CHUNK`` draws, chunk ``k`` from the generator
+    ``generators.stream`` makes for ``(step, k)`` (drawn in float32 for half types: half
+    ``normal_`` is slow)."""
     draw_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    draws = torch.empty(size, dtype=draw_dtype, device=generator.device)
-    return draws.normal_(generator=generator).to(dtype)
+    draws = torch.empty(math.ceil(size / NOISE_CHUNK), NOISE_CHUNK, dtype=draw_dtype, device=device)
+    for chunk, row in enumerate(draws):
+        # whole chunks only: a chunk's numbers never depend on how many of them are used
+        row.normal_(generator=generators.stream(step * 2**32 + chunk, device))
+    return draws.view(-1)[:size].to(dtype)
 
 
 def _fit_noise(momenta: Tensor, standard_normal: Tensor, scale: float) -> Tensor:
