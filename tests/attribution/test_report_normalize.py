@@ -88,3 +88,18 @@ def test_changing_normalize_makes_recorded_scores_stale(tmp_path) -> None:
     np.testing.assert_allclose(
         np.asarray(rerun.scores()), _expected("cosine").numpy(), rtol=1e-3, atol=1e-3
     )
+
+
+def test_a_run_directory_is_scored_again_with_other_score_settings(tmp_path) -> None:
+    _run(tmp_path, "none").run()
+    rerun = _run(tmp_path, "cosine")  # the same directory, another score-stage setting
+    assert read_config(tmp_path / "config.json").normalize == "cosine"
+    np.testing.assert_allclose(
+        np.asarray(rerun.run()), _expected("cosine").numpy(), rtol=1e-3, atol=1e-3
+    )
+    # A setting an earlier stage used stays pinned, and the refusal changes nothing.
+    config = read_config(tmp_path / "config.json")
+    other = AttributionConfig(**{**config.__dict__, "normalize": "train", "batch_size": 8})
+    with pytest.raises(ValueError, match="batch_size: 16 in .*, 8 now"):
+        AttributionRun(tmp_path, other, task=tiny_task(), show_progress=False)
+    assert read_config(tmp_path / "config.json").normalize == "cosine"

@@ -224,3 +224,11 @@ class AttributionConfig:
         if data.get("modules") is not None:
             data = {**data, "modules": tuple(data["modules"])}
         return cls(**data)
+
+
+# Settings only the score stage reads: an existing run directory may be scored again with others.
+SCORE_ONLY_SETTINGS = frozenset(
+    config_field.name
+    for config_field in fields(AttributionConfig)
+    if setting_of(config_field).stages == ("score",)
+)

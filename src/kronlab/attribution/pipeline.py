@@ -50,7 +50,7 @@ from kronlab.attribution.compression import (
     project_blocks,
     projected_side,
 )
-from kronlab.attribution.config import AttributionConfig
+from kronlab.attribution.config import SCORE_ONLY_SETTINGS, AttributionConfig
 from kronlab.attribution.curvature import Curvature
 from kronlab.attribution.curvature_access import fit as fit_distributed
 from kronlab.attribution.distributed import Workers
@@ -109,10 +109,14 @@ def _with_bias_setting(stage: Callable[..., T]) -> Callable[..., T]:
 
 def prepare_run_dir(
     run_dir: Path, config: AttributionConfig, workers: Workers, durable: bool = False
-) -> None:
-    """Write ``config.json``, or check that the one there matches ``config``.
+) -> tuple[str, ...]:
+    """Write ``config.json``, or check that the one there matches ``config``; returns the
+    settings that changed.
 
-    Every rank checks after the barrier, so a mismatch raises on all of them (none hangs).
+    Only settings of the score stage alone (``normalize``, ``top_k``, ``report_queries``) may
+    change in an existing run directory: ``config.json`` takes their new values and the scores
+    are computed again. Every rank checks after the barrier, so a mismatch raises on all of them
+    (none hangs).
     """
     path = Path(run_dir) / CONFIG_FILE
     if workers.is_main and not path.exists():
@@ -121,17 +125,23 @@ def prepare_run_dir(
         write_text(path, json.dumps(config.to_json(), indent=2, sort_keys=True), durable=durable)
     workers.barrier()
     stored = read_config(path)
-    differences = [
-        f"  {name}: {value!r} in {path}, {getattr(config, name)!r} now"
-        for name, value in asdict(stored).items()
-        if getattr(config, name) != value
-    ]
-    if differences:
+    changed = [name for name, value in asdict(stored).items() if getattr(config, name) != value]
+    pinned = [name for name in changed if name not in SCORE_ONLY_SETTINGS]
+    if pinned:
         raise ValueError(
             f"run directory {run_dir} was created with other settings:\n"
-            + "\n".join(differences)
+            + "\n".join(
+                f"  {name}: {getattr(stored, name)!r} in {path}, {getattr(config, name)!r} now"
+                for name in pinned
+            )
             + "\nuse a new --run-dir for new settings"
         )
+    if changed:
+        workers.barrier()  # every rank has read the old file before rank 0 replaces it
+        if workers.is_main:
+            write_text(path, json.dumps(config.to_json(), indent=2, sort_keys=True), durable=durable)
+        workers.barrier()
+    return tuple(changed)
 
 
 def read_config(path: Path) -> AttributionConfig:
@@ -211,7 +221,8 @@ class AttributionRun:
         self._task = task
         self._task_placed = False
         self._tracked_modules: dict[str, torch.nn.Module] | None = None
-        prepare_run_dir(self.run_dir, self.config, self.workers, self.durable)
+        # Score-stage settings changed since the last score: ``run`` scores again.
+        self._rescore = bool(prepare_run_dir(self.run_dir, self.config, self.workers, self.durable))
 
     # ---- paths and lazily loaded inputs ---------------------------------------------------
 
@@ -432,6 +443,7 @@ class AttributionRun:
         still match); returns the scores (the top-k with ``dense_scores=False``)."""
         order = self.stage_order()
         complete = {stage: self.is_complete(stage) for stage in order}
+        complete["score"] = complete["score"] and not self._rescore
         # Check every complete stage before any work, so that a stale one is found first; the
         # scores only count when every stage before them is complete.
         for stage in order:
