@@ -39,6 +39,10 @@ from kronlab.optim.validation import check_loss_fn, check_module, check_range
 # Decades around the LDS optima the digits and text benchmarks found (BENCHMARKS.md).
 DEFAULT_FACTORS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.1, 1.0)
 DEFAULT_SUBSETS = 4
+# The pipeline's probe: a seeded sample of training examples in small batches, so that random
+# halves of the batches are fine-grained subsets of examples.
+PROBE_EXAMPLES = 256
+PROBE_BATCH_SIZE = 8
 # Step lengths 1, 1/4, …: the search stops at the first longer-to-shorter increase past a
 # decrease, so a direction costs a few evaluations; 4^-12 bounds it.
 STEP_SHRINK = 4.0
@@ -119,6 +123,25 @@ def select_damping_factor(
     # Ties go to the larger factor: the same fit with a better-conditioned inverse.
     chosen = min(range(len(grid)), key=lambda i: (objective[i], -grid[i]))
     return DampingSelection(grid[chosen], tuple(grid), tuple(objective), halves, float(initial))
+
+
+def probe_batches(
+    examples: Any,
+    seed: int,
+    device: torch.device | str = "cpu",
+    count: int = PROBE_EXAMPLES,
+    batch_size: int = PROBE_BATCH_SIZE,
+) -> list[tuple[torch.Tensor, ...]]:
+    """A seeded random sample of ``count`` of ``examples`` (anything with ``len`` and
+    ``batch(start, stop)`` returning aligned tensors) in batches of ``batch_size``, smaller
+    when needed for at least two batches."""
+    chosen = sorted(random.Random(seed).sample(range(len(examples)), min(count, len(examples))))
+    rows = [examples.batch(index, index + 1) for index in chosen]
+    size = min(batch_size, max(1, len(rows) // 2))
+    return [
+        tuple(torch.cat(parts).to(device) for parts in zip(*rows[start : start + size]))
+        for start in range(0, len(rows), size)
+    ]
 
 
 def _checked_factors(factors: Sequence[float]) -> list[float]:
