@@ -143,3 +143,19 @@ def test_one_batch_is_refused() -> None:
     curvature = fit_curvature(model, batches, cross_entropy_loss, "kfac", fisher="empirical")
     with pytest.raises(ValueError, match="Invalid batches: 1 batch"):
         select_damping_factor(curvature, model, batches[:1], cross_entropy_loss)
+
+
+def test_batches_that_cannot_be_joined_are_evaluated_one_by_one() -> None:
+    """Tuples of tensors are concatenated for fewer forward passes; other batch types (here a
+    named tuple) are not: the objective is the same either way."""
+    from collections import namedtuple
+
+    Batch = namedtuple("Batch", ["inputs", "targets"])
+    model, batches = _problem()
+    curvature = fit_curvature(model, batches, cross_entropy_loss, "kfac", fisher="empirical")
+    joined = select_damping_factor(curvature, model, batches, cross_entropy_loss, FACTORS)
+    named = [Batch(*batch) for batch in batches]
+    separate = select_damping_factor(curvature, model, named, cross_entropy_loss, FACTORS)
+    torch.testing.assert_close(
+        torch.tensor(separate.objective), torch.tensor(joined.objective), rtol=1e-5, atol=0
+    )

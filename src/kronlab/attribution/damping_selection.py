@@ -108,9 +108,10 @@ def select_damping_factor(
     )
     with bias_in_curvature(curvature.includes_bias):
         sums, counts = _batch_gradients(model, probe, loss_fn, modules, masks)
-        initial = sum(_loss(model, probe, range(len(probe)), loss_fn)) / sum(counts)
+        initial = sum(_loss(model, _joined(probe), loss_fn)) / sum(counts)
         objective = [0.0] * len(grid)
         for half in halves:
+            members = _joined([probe[index] for index in half])
             examples = sum(counts[index] for index in half)
             mean_gradient = {
                 name: sum(sums[index][name] for index in half)[None] / examples for name in modules
@@ -118,7 +119,7 @@ def select_damping_factor(
             for position, factor in enumerate(grid):
                 response = curvature.inverse_hvp(mean_gradient, damping_factor=factor)
                 steps = _parameter_steps(modules, response)
-                best = _best_along(model, probe, half, loss_fn, steps) / examples
+                best = _best_along(model, members, loss_fn, steps) / examples
                 objective[position] += best / len(halves)
     # Ties go to the larger factor: the same fit with a better-conditioned inverse.
     chosen = min(range(len(grid)), key=lambda i: (objective[i], -grid[i]))
@@ -204,13 +205,12 @@ def _parameter_steps(
 
 def _best_along(
     model: nn.Module,
-    probe: list[Any],
-    half: tuple[int, ...],
+    members: list[Any],
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
     steps: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> float:
-    """``min_α Σ_{b ∈ half} loss_b(θ₀ + α δ)`` over ``α = 4^-j``, from ``α = 1`` down until
-    the loss rises again after falling; parameters are restored afterwards."""
+    """``min_α Σ_b loss_b(θ₀ + α δ)`` over the batches ``members``, ``α = 4^-j`` from ``α = 1``
+    down until the loss rises again after falling; parameters are restored afterwards."""
     originals = [parameter.detach().clone() for parameter, _ in steps]
     best, previous = math.inf, math.inf
     try:
@@ -219,7 +219,7 @@ def _best_along(
             with torch.no_grad():
                 for (parameter, step), original in zip(steps, originals):
                     parameter.copy_(original + alpha * step.to(original.dtype))
-            value = sum(_loss(model, probe, half, loss_fn))
+            value = sum(_loss(model, members, loss_fn))
             value = value if math.isfinite(value) else math.inf
             if value > previous and best < math.inf:
                 break  # past the minimum along the line (shorter steps approach θ₀'s loss)
@@ -232,10 +232,24 @@ def _best_along(
 
 
 def _loss(
-    model: nn.Module,
-    probe: list[Any],
-    indices: Iterable[int],
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    model: nn.Module, members: list[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor]
 ) -> list[float]:
     with torch.no_grad():
-        return [float(loss_fn(model, probe[index])) for index in indices]
+        return [float(loss_fn(model, batch)) for batch in members]
+
+
+def _joined(batches: list[Any]) -> list[Any]:
+    """``batches`` as one batch (one forward pass instead of many small ones) when they are
+    tensors, or tuples / lists / dicts of tensors, that concatenate along dim 0; else as they
+    are. The summed loss is the same either way, up to rounding."""
+    first = batches[0]
+    try:
+        if isinstance(first, torch.Tensor):
+            return [torch.cat(batches)]
+        if type(first) in (tuple, list) and all(isinstance(t, torch.Tensor) for t in first):
+            return [type(first)(torch.cat(parts) for parts in zip(*batches))]
+        if type(first) is dict and all(isinstance(t, torch.Tensor) for t in first.values()):
+            return [{key: torch.cat([batch[key] for batch in batches]) for key in first}]
+    except (RuntimeError, KeyError, TypeError):  # shapes or keys differ between batches
+        pass
+    return batches
