@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -674,7 +674,8 @@ class AttributionRun:
         """The damping factor the curvature is applied with: the configured one, or the one
         the fit stage chose and recorded with ``damping="auto"``."""
         if self.config.damping != DAMPING_AUTO:
-            return float(self.config.damping)
+            # As configured (an int stays one): store transforms record its repr.
+            return cast(float, self.config.damping)
         self._require("fit", "apply")
         return float(self._fit_record()["damping_selection"]["factor"])
 
