@@ -47,24 +47,21 @@ def _token_mask(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
 
 
 def modules_table(variant: str, sweeps: dict[str, Sweep], factors: list[float]) -> list[str]:
-    """Each tracked-module set against the first (the smallest) at the same factor: paired
-    over queries (mean ± standard error)."""
+    """Each tracked-module set against the one before it (the sets are nested): what adding
+    those modules does at the same factor, paired over queries (mean ± standard error)."""
     sets = list(module_sets(variant))
     lines = [
-        f"| method | tracked, against `{sets[0]}` | "
-        + " | ".join(f"Δ LDS @ {f:g}" for f in factors)
-        + " |",
-        "|---|---|" + "---:|" * len(factors),
+        "| method | tracked | against | " + " | ".join(f"Δ LDS @ {f:g}" for f in factors) + " |",
+        "|---|---|---|" + "---:|" * len(factors),
     ]
     for _, label in METHODS:
-        reference = sweeps[f"{label}, {sets[0]}"]
-        for tracked in sets[1:]:
-            sweep = sweeps[f"{label}, {tracked}"]
+        for smaller, tracked in zip(sets, sets[1:]):
+            sweep, reference = sweeps[f"{label}, {tracked}"], sweeps[f"{label}, {smaller}"]
             cells = []
             for factor in factors:
                 mean, error = sweep.paired(sweep.column(factor), reference.column(factor))
                 cells.append(f"{mean:+.4f} ± {error:.4f}")
-            lines.append(f"| {label} | {tracked} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | {tracked} | {smaller} | " + " | ".join(cells) + " |")
     return lines
 
 
