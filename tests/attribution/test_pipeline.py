@@ -28,7 +28,7 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def make_run(directory: Path, **settings) -> AttributionRun:
-    values = dict(num_queries=6, batch_size=16, chunk_rows=16, fisher="empirical")
+    values = dict(num_queries=6, batch_size=16, chunk_rows=16, fisher="empirical", damping=0.1)
     values.update(settings)
     task = tiny_task(num_queries=values["num_queries"])
     return AttributionRun(directory, AttributionConfig(**values), task=task, show_progress=False)

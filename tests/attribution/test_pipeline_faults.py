@@ -32,6 +32,7 @@ SRC = str(Path(kronlab.__file__).resolve().parents[1])
 SETTINGS = (
     "--num-train", "64", "--num-queries", "4", "--chunk-rows", "8", "--batch-size", "8",
     "--method", "kfac", "--fisher", "empirical", "--projection-dim", "8", "--report-queries", "0",
+    "--damping", "0.1",
 )  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from kronlab.attribution.compression import COMPRESSION_STRATEGIES, compression_strategy
+from kronlab.attribution.curvature import DEFAULT_DAMPING_FACTOR
 from kronlab.attribution.store import STORAGE_DTYPES
 from kronlab.linalg.projection import PROJECTION_KINDS
 from kronlab.optim.validation import check_choice, check_range
@@ -118,7 +119,7 @@ class AttributionConfig:
     method: str = setting("ekfac", choices=METHODS)
     fisher: str = setting("true", choices=("empirical", "true"))
     damping: float | str = setting(
-        0.1,
+        DEFAULT_DAMPING_FACTOR,
         "factor of the mean eigenvalue; auto: after the fit, the factor of 1e-4, 1e-3, 0.01, "
         "0.1, 1 whose damped Newton direction best lowers the loss of random halves of a "
         "sample of the training data (recorded in fit.json; see BENCHMARKS.md)",
