@@ -164,13 +164,19 @@ def auto_table(label: str, sweeps: dict[str, Sweep]) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
+def sweep_parser(description: str, queries: int, fisher_seeds: int) -> argparse.ArgumentParser:
+    """The options both sweeps share: retraining size, queries and label seeds."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--subsets", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--fisher-seeds", type=int, default=5)
+    parser.add_argument("--queries", type=int, default=queries)
+    parser.add_argument("--fisher-seeds", type=int, default=fisher_seeds)
+    return parser
+
+
+def main() -> None:
+    parser = sweep_parser(__doc__.split("\n")[0], queries=200, fisher_seeds=5)
+    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     arguments = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)

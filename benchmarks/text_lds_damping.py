@@ -14,7 +14,6 @@ tracked-module sets against each other at the same factor.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
@@ -28,6 +27,7 @@ from benchmarks.damping_lds import (
     lds_table,
     paired_table,
     run_sweep,
+    sweep_parser,
 )
 from benchmarks.text_lds import TextSetup, batches, corpus, module_sets, retrain, train_model
 from kronlab.attribution import Curvature, fit_curvature, influence_scores
@@ -66,12 +66,8 @@ def modules_table(variant: str, sweeps: dict[str, Sweep], factors: list[float]) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = sweep_parser(__doc__.split("\n")[0], queries=96, fisher_seeds=4)
     parser.add_argument("--variant", choices=["linear", "torch"], default="linear")
-    parser.add_argument("--subsets", type=int, default=30)
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--queries", type=int, default=96)
-    parser.add_argument("--fisher-seeds", type=int, default=4)
     arguments = parser.parse_args()
     torch.set_num_threads(1)
     setup = TextSetup(queries=arguments.queries)
