@@ -9,6 +9,11 @@ batches, with ``L_k`` the mean loss over ``S_k``'s examples::
     J(f) = (1/K) Σ_k  min_{α ∈ {1, 1/4, 1/16, …}}  L_k(θ₀ + α δ_k(f))
     f*   = argmin_f J(f)        (the largest such factor on a tie)
 
+with ``λ_f = f · mean(Λ)`` per module (the rule scores use) and only the tracked modules'
+parameters moved. The lengths are tried from ``α = 1`` down, at most 13 of them, and the search
+along a line stops once the loss rises again after falling (it takes the loss along the line as
+unimodal).
+
 ``J`` checks each candidate response against the loss it responds to, evaluated for real, not
 through the quadratic model that produced it; the search over the step length ``α`` leaves the
 direction to be judged (the length, which the quadratic model gets wrong far from ``θ₀``, is not
