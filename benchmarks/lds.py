@@ -42,8 +42,13 @@ def linear_datamodeling_score(
     scores: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor
 ) -> float:
     """Mean over queries of Spearman(Σ_{t∈S_k} score(q, t), −loss_k(q)) across subsets k."""
+    return float(query_spearman(scores, masks, losses).mean())
+
+
+def query_spearman(scores: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """Per query, Spearman(Σ_{t∈S_k} score(q, t), −loss_k(q)) across subsets k: ``(queries,)``."""
     predictions = masks.double() @ scores.double().T  # (subsets, queries)
-    return float(_spearman_columns(predictions, -losses.double()).mean())
+    return _spearman_columns(predictions, -losses.double())
 
 
 def _spearman_columns(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

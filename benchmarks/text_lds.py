@@ -90,12 +90,13 @@ def make_model(variant: str, seed: int, setup: TextSetup) -> nn.Module:
     return TorchLayerLM(setup)
 
 
-# Tracked-module sets: kronfluence's (nn.Linear modules it can hook) and kronlab's others.
+# Tracked-module sets, each adding to the one before: kronfluence's (nn.Linear modules it can
+# hook) and kronlab's others.
 def module_sets(variant: str) -> dict[str, list[str] | None]:
     if variant == "linear":
-        linears = ["blocks.0.attn.c_attn", "blocks.0.attn.c_proj", "blocks.0.mlp.0"]
-        linears += ["blocks.0.mlp.2", "lm_head"]
-        return {"linear layers": linears, "all (+ embeddings)": None}
+        mlp = ["blocks.0.mlp.0", "blocks.0.mlp.2", "lm_head"]
+        linears = ["blocks.0.attn.c_attn", "blocks.0.attn.c_proj", *mlp]
+        return {"MLP + head": mlp, "linear layers": linears, "all (+ embeddings)": None}
     # kronfluence never sees attention's fused projections: only the MLP and the head.
     mlp = ["layer.linear1", "layer.linear2", "lm_head"]
     attention = ["layer.self_attn", "layer.self_attn.out_proj"]

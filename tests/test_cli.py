@@ -168,7 +168,7 @@ def test_attribute_help_shows_defaults_and_the_jsonl_forms(capsys):
     with pytest.raises(SystemExit):
         main(["attribute", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: ekfac)" in text and "(default: 0.1)" in text
+    assert "(default: ekfac)" in text and "(default: 0.01)" in text
     assert '{"text": "..."}' in text and '{"input": [numbers], "label": class index}' in text
 
 

@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from kronlab.attribution import fit_curvature
+from kronlab.attribution.curvature import DEFAULT_DAMPING_FACTOR
 from kronlab.attribution.sources import ExampleSet
 from kronlab.attribution.store import GradientStore, ModuleBlock, StoreSettings
 from kronlab.optim import SOAP
@@ -26,7 +27,7 @@ def test_curvature_repr_lists_modules_shapes_and_default_damping() -> None:
     assert len(text.splitlines()) == 2 + len(curvature.modules)
     assert text.startswith("Curvature(method='ekfac', 2 modules, fisher='empirical'")
     first = curvature.modules["0"]
-    damping = 0.1 * first.eigenvalues().double().mean().item()
+    damping = DEFAULT_DAMPING_FACTOR * first.eigenvalues().double().mean().item()
     assert (
         "'0': linear G 40x31 with bias; eigenbasis float32[40, 40] ⊗ float32[31, 31]; "
         f"eigenvalues corrected float32[40, 31]; default damping {damping:.3g}"

@@ -12,6 +12,7 @@ from kronlab.attribution import (
     influence_scores,
     mse_loss,
 )
+from kronlab.attribution.curvature import DEFAULT_DAMPING_FACTOR
 from kronlab.curvature import find_modules, per_example_gradients
 
 from .attribution_models import (
@@ -43,9 +44,10 @@ def test_kfac_equals_damped_ggn_solve_on_linear_regression(bias: bool) -> None:
     activation_factor = activations.T @ activations / n
     ggn = torch.kron(torch.eye(d_out, dtype=torch.float64), activation_factor)
     vectors = torch.randn(2, d_out, activations.shape[1], dtype=torch.float64)
-    for damping, expected_damping in ((0.3, 0.3), (None, 0.1 * activation_factor.trace() / 4)):
+    default = DEFAULT_DAMPING_FACTOR
+    for damping, expected_damping in ((0.3, 0.3), (None, default)):
         if damping is None:
-            expected_damping = 0.1 * activation_factor.trace() / activations.shape[1]
+            expected_damping = default * activation_factor.trace() / activations.shape[1]
         solved = torch.linalg.solve(
             ggn + expected_damping * torch.eye(len(ggn), dtype=torch.float64),
             vectors.flatten(1).T,

@@ -29,7 +29,7 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 def make_run(directory: Path, **settings) -> AttributionRun:
     # Full gradients, projected after the inverse when p > 0: the settings these tests assume.
-    values = dict(num_queries=6, batch_size=16, chunk_rows=16, fisher="empirical")
+    values = dict(num_queries=6, batch_size=16, chunk_rows=16, fisher="empirical", damping=0.1)
     values.update(projection_dim=0, compression="project")
     values.update(settings)
     task = tiny_task(num_queries=values["num_queries"])

@@ -33,6 +33,7 @@ SETTINGS = (
     "--num-train", "64", "--num-queries", "4", "--chunk-rows", "8", "--batch-size", "8",
     "--method", "kfac", "--fisher", "empirical", "--projection-dim", "8", "--report-queries", "0",
     "--compression", "project",
+    "--damping", "0.1",
 )  # fmt: skip
 # The store of full gradients, built before the curvature is fitted.
 FULL = ("--projection-dim", "0", "--compression", "project")

@@ -14,6 +14,7 @@ from kronlab.attribution.curvature import (
     Curvature,
     ModuleCurvature,
 )
+from kronlab.attribution.damping_selection import DampingSelection, select_damping_factor
 from kronlab.attribution.fit import cross_entropy_loss, default_mask, fit_curvature, mse_loss
 from kronlab.attribution.fused import fused_activations
 from kronlab.attribution.integrity import IntegrityError
@@ -36,6 +37,7 @@ __all__ = [
     "RankedScores",
     "StreamedTopK",
     "Curvature",
+    "DampingSelection",
     "ModuleCurvature",
     "cross_entropy_loss",
     "default_mask",
@@ -46,5 +48,6 @@ __all__ = [
     "influence_top_k",
     "mse_loss",
     "per_example_gradients",
+    "select_damping_factor",
     "top_k",
 ]

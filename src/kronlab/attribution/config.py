@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from kronlab.attribution.compression import COMPRESSION_STRATEGIES, compression_strategy
+from kronlab.attribution.curvature import DEFAULT_DAMPING_FACTOR
 from kronlab.attribution.store import STORAGE_DTYPES
 from kronlab.linalg.projection import PROJECTION_KINDS
 from kronlab.optim.validation import check_choice, check_range
@@ -24,6 +25,7 @@ FULL_STORE_BUDGET_GB = 1.0
 DEFAULT_PROJECTION_DIM = 64
 # How the score stage scales ⟨query row, training row⟩ (see ``AttributionConfig``).
 SCORE_NORMALIZATIONS = ("none", "train", "cosine")
+DAMPING_AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,8 @@ class Setting:
     ``parse`` turns the flag's text into it (default: ``int`` for integers, the default's type
     for numbers, else text); ``flag`` + ``const`` make a switch that stores ``const``;
     ``shown_default`` replaces the default in the help; ``stages`` names the stages whose
-    work the setting changes (``None``: every stage), the ones whose ``--help`` lists it.
+    work the setting changes (``None``: every stage), the ones whose ``--help`` lists it;
+    ``also`` lists values accepted besides the range (``damping="auto"``).
     """
 
     help: str = ""
@@ -48,15 +51,24 @@ class Setting:
     const: Any = None
     shown_default: str | None = None
     stages: tuple[str, ...] | None = None
+    also: tuple[Any, ...] = ()
 
     def check(self, name: str, value: Any) -> None:
         """``ValueError`` naming ``name``, ``value`` and the allowed range or choices."""
+        if isinstance(value, str) and value in self.also:
+            return
         if self.choices is not None:
             check_choice(name, value, self.choices)
         if self.low is not None or self.integer:
-            check_range(
-                name, value, self.low, integer=self.integer, low_inclusive=self.low_inclusive
-            )
+            try:
+                check_range(
+                    name, value, self.low, integer=self.integer, low_inclusive=self.low_inclusive
+                )
+            except ValueError as error:
+                if not self.also:
+                    raise
+                extra = ", ".join(map(repr, self.also))
+                raise ValueError(f"{error}, or {extra}") from None
 
 
 def setting(default: Any, help: str = "", **options: Any) -> Any:  # noqa: A002 (argparse's name)
@@ -78,14 +90,21 @@ def _comma_separated(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(","))
 
 
+def factor_or_auto(value: str) -> float | str:
+    """``--damping``: a number, or ``auto``."""
+    return DAMPING_AUTO if value.strip().lower() == DAMPING_AUTO else float(value)
+
+
 @dataclass(frozen=True)
 class AttributionConfig:
     """Everything that determines a run's results (saved as ``config.json``).
 
-    ``damping`` is a factor of the mean curvature eigenvalue. ``projection_dim=0`` stores full
-    gradients, ``None`` (the default) full gradients up to ``FULL_STORE_BUDGET_GB`` of store and
-    ``DEFAULT_PROJECTION_DIM`` beyond (:meth:`resolved_projection_dim`); ``projection_kind`` is
-    one of :data:`kronlab.linalg.projection.PROJECTION_KINDS`.
+    ``damping`` is a factor of the mean curvature eigenvalue, or ``"auto"`` (chosen by
+    :func:`kronlab.attribution.damping_selection.select_damping_factor` after the fit).
+    ``projection_dim=0`` stores full gradients, ``None`` (the default) full gradients up to
+    ``FULL_STORE_BUDGET_GB`` of store and ``DEFAULT_PROJECTION_DIM`` beyond
+    (:meth:`resolved_projection_dim`); ``projection_kind`` is one of
+    :data:`kronlab.linalg.projection.PROJECTION_KINDS`.
     ``compression``: ``"project"`` (store ``P_S G_t P_Aᵀ``, queries ``P_S (H⁻¹G_q) P_Aᵀ``),
     ``"folded"`` (K-FAC only: ``M = P (F + δI)^{-1/2}`` on both sides, per-factor damping) or
     ``"whitened"`` (store ``M_S G_t M_Aᵀ``, queries ``L_S (H⁻¹G_q) L_Aᵀ`` with
@@ -130,7 +149,17 @@ class AttributionConfig:
     )
     method: str = setting("ekfac", choices=METHODS, stages=("fit",))
     fisher: str = setting("true", choices=("empirical", "true"), stages=("fit",))
-    damping: float = setting(0.1, "factor of the mean eigenvalue", low=0.0, low_inclusive=False)
+    damping: float | str = setting(
+        DEFAULT_DAMPING_FACTOR,
+        "factor of the mean eigenvalue; auto: after the fit, the factor of 1e-4, 1e-3, 0.01, "
+        "0.1, 1 whose damped Newton direction best lowers the loss of random halves of a "
+        "sample of the training data (recorded in fit.json; see BENCHMARKS.md)",
+        low=0.0,
+        low_inclusive=False,
+        parse=factor_or_auto,
+        also=(DAMPING_AUTO,),
+        stages=_GRADIENTS,
+    )
     projection_dim: int | None = setting(
         None,
         "per-module sketch size of each gradient side; 0 stores full gradients",

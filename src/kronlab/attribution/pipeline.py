@@ -33,11 +33,12 @@ import functools
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -50,9 +51,10 @@ from kronlab.attribution.compression import (
     project_blocks,
     projected_side,
 )
-from kronlab.attribution.config import SCORE_ONLY_SETTINGS, AttributionConfig
+from kronlab.attribution.config import DAMPING_AUTO, SCORE_ONLY_SETTINGS, AttributionConfig
 from kronlab.attribution.curvature import Curvature
 from kronlab.attribution.curvature_access import fit as fit_distributed
+from kronlab.attribution.damping_selection import probe_batches, select_damping_factor
 from kronlab.attribution.distributed import Workers
 from kronlab.attribution.fused import fused_activations
 from kronlab.attribution.integrity import (
@@ -139,7 +141,9 @@ def prepare_run_dir(
     if changed:
         workers.barrier()  # every rank has read the old file before rank 0 replaces it
         if workers.is_main:
-            write_text(path, json.dumps(config.to_json(), indent=2, sort_keys=True), durable=durable)
+            write_text(
+                path, json.dumps(config.to_json(), indent=2, sort_keys=True), durable=durable
+            )
         workers.barrier()
     return tuple(changed)
 
@@ -346,10 +350,11 @@ class AttributionRun:
         compression = self.compression
         extra: dict[str, Any] = {"compression": compression.name}
         fingerprint = None
+        damping = self.config.damping
         if compression.store_needs_curvature:
-            extra["damping"] = self.config.damping
+            damping = extra["damping"] = self.damping_factor
             fingerprint = self._curvature_fingerprint()
-        transform = compression.store_transform(fingerprint, self.config.damping)
+        transform = compression.store_transform(fingerprint, damping)
         return self.store_settings(self.task.train, self.config.dtype, transform, extra)
 
     # ---- stage status -----------------------------------------------------------------------
@@ -484,7 +489,8 @@ class AttributionRun:
         if compression.store_needs_curvature:
             self._require("fit", "build")
             curvature = self._curvature()
-        maps = compression.store_maps(self._projections(), curvature, self.config.damping)
+        damping = self.damping_factor if curvature is not None else self.config.damping
+        maps = compression.store_maps(self._projections(), curvature, damping)
         store = self._open_for_writing("build", self.train_settings(), len(self.task.train), resume)
         # The disk a build takes is fixed by the projection: say it before the first row.
         chosen = ""
@@ -613,7 +619,7 @@ class AttributionRun:
                 task.model, batch, task.loss_fn, self._modules(), mask=mask
             )
             curvature = self._curvature()
-            inverse_blocks = curvature.inverse_hvp(full, damping_factor=self.config.damping)
+            inverse_blocks = curvature.inverse_hvp(full, damping_factor=self.damping_factor)
             blocks = project_blocks(inverse_blocks, projections)
         return flatten_blocks(blocks, settings).float().cpu()
 
@@ -641,6 +647,9 @@ class AttributionRun:
             )
         progress.close()
         if self.workers.is_main:
+            record: dict[str, Any] = {"inputs": self._fit_inputs()}
+            if self.config.damping == DAMPING_AUTO:
+                record["damping_selection"] = self._select_damping(curvature)
             temporary = self.curvature_path.with_name(self.curvature_path.name + ".tmp")
             with naming(temporary):
                 curvature.save(temporary)
@@ -648,14 +657,8 @@ class AttributionRun:
                     with open(temporary, "rb+") as handle:
                         os.fsync(handle.fileno())
             os.replace(temporary, self.curvature_path)
-            write_json(
-                self.run_dir / FIT_FILE,
-                {
-                    "inputs": self._fit_inputs(),
-                    "curvature_fingerprint": file_digest(self.curvature_path),
-                },
-                durable=self.durable,
-            )
+            record["curvature_fingerprint"] = file_digest(self.curvature_path)
+            write_json(self.run_dir / FIT_FILE, record, durable=self.durable)
         self.workers.barrier()
         self._cached_curvature = None
         self._verified_fit = None
@@ -668,9 +671,10 @@ class AttributionRun:
         return self._cached_fit_examples
 
     def _fit_inputs(self) -> dict:
-        """Everything the fitted curvature depends on (the fingerprint is that of the examples
-        it was fitted on, so a changed ``fit_examples`` makes the curvature stale)."""
-        return {
+        """Everything the fitted curvature (and, with ``damping="auto"``, the chosen damping
+        factor) depends on (the fingerprint is that of the examples it was fitted on, so a
+        changed ``fit_examples`` makes the curvature stale)."""
+        inputs = {
             "model_fingerprint": self._model_fingerprint(),
             "train_data_fingerprint": self._data_fingerprint(self._fit_examples()),
             "modules": list(self._modules()),
@@ -679,6 +683,37 @@ class AttributionRun:
             "seed": self.config.seed,
             "batch_size": self.config.batch_size,
         }
+        if self.config.damping == DAMPING_AUTO:
+            inputs["damping"] = DAMPING_AUTO  # a fixed factor does not need the selection
+        return inputs
+
+    def _select_damping(self, curvature: Curvature) -> dict:
+        """``damping="auto"``: the factor :func:`select_damping_factor` picks on a seeded
+        sample of the training examples, with its evidence (recorded in ``fit.json``)."""
+        task, started = self.task, time.perf_counter()
+        probe = probe_batches(task.train, self.config.seed, self.workers.device)
+        self._log(f"fit: choosing the damping factor on {len(probe)} batches of training data")
+        with self._model_execution():
+            selection = select_damping_factor(
+                curvature, task.model, probe, task.loss_fn, seed=self.config.seed,
+                mask_fn=task.train.token_mask,
+            )  # fmt: skip
+        self._log(f"fit: damping factor {selection.factor:g} (auto)")
+        return {
+            **selection.to_json(),
+            "probe_examples": sum(len(batch[0]) for batch in probe),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+
+    @property
+    def damping_factor(self) -> float:
+        """The damping factor the curvature is applied with: the configured one, or the one
+        the fit stage chose and recorded with ``damping="auto"``."""
+        if self.config.damping != DAMPING_AUTO:
+            # As configured (an int stays one): store transforms record its repr.
+            return cast(float, self.config.damping)
+        self._require("fit", "apply")
+        return float(self._fit_record()["damping_selection"]["factor"])
 
     def _fit_record(self) -> dict:
         """``fit.json``, checked against this run's model, data and settings, with the
@@ -713,9 +748,9 @@ class AttributionRun:
 
     def query_settings(self) -> StoreSettings:
         transform = self.compression.query_transform(
-            self._curvature_fingerprint(), self.config.damping
+            self._curvature_fingerprint(), self.damping_factor
         )
-        extra = {"compression": self.config.compression, "damping": self.config.damping}
+        extra = {"compression": self.config.compression, "damping": self.damping_factor}
         # Queries are few: keep them in float32 whatever the training store's dtype.
         return self.store_settings(self.task.queries, "float32", transform, extra)
 
@@ -728,7 +763,7 @@ class AttributionRun:
             "apply", self.query_settings(), len(self.task.queries), resume
         )
         compression = self.compression
-        maps = compression.query_maps(self._projections(), self._curvature(), self.config.damping)
+        maps = compression.query_maps(self._projections(), self._curvature(), self.damping_factor)
         self._write_rows(store, self.task.queries, maps, "apply", compression.query_inverse)
         return store
 
@@ -846,6 +881,7 @@ class AttributionRun:
             "fisher": fit["fisher"],
             "curvature_fingerprint": self._fit_record()["curvature_fingerprint"],
             "damping": queries.settings.extra.get("damping"),
+            "damping_setting": self.config.damping,
             "compression": queries.settings.extra.get("compression"),
             "projection_dim": train.settings.projection_dim,
             "projection_kind": train.settings.projection_kind,

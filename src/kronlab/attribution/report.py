@@ -46,6 +46,9 @@ def write_report(
         for train, value in zip(indices[query], values[query])
     }
     stored = "`scores.npy` and `top_k.npz`" if dense else "`top_k.npz` (streamed; no scores.npy)"
+    damping = f"damping {used['damping']} × mean eigenvalue"
+    if used.get("damping_setting") == "auto":
+        damping += " (chosen by `--damping auto`; the evidence is in fit.json)"
     lines = [
         "# kronlab attribution report",
         "",
@@ -53,7 +56,7 @@ def write_report(
         f"`{config.data}` ({used['train_data_fingerprint']}), queries: `{config.queries}` "
         f"({used['query_data_fingerprint']})",
         f"- curvature: {used['method']}, {used['fisher']} Fisher (file "
-        f"{used['curvature_fingerprint']}), damping {used['damping']} × mean eigenvalue",
+        f"{used['curvature_fingerprint']}), {damping}",
         f"- compression: {used['compression']}, projection_dim: {used['projection_dim']} "
         f"({used['projection_kind']}), store dtype: {used['store_dtype']}",
         f"- scores: {stored}, {queries} queries × {ranked.num_train} training examples, "
