@@ -272,8 +272,12 @@ class KronOptimizer(Optimizer):
                 f"Invalid distributed: {config!r} after {self.global_step} steps (allowed: "
                 "before the first step only; pass distributed= at construction)"
             )
-        check_shardable(self)
-        self.distributed = config
+        previous, self.distributed = self.distributed, config
+        try:
+            check_shardable(self)  # reads self.distributed
+        except TypeError:
+            self.distributed = previous
+            raise
         self._sharding = None
         self._plan = None
 
