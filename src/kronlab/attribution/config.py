@@ -144,7 +144,8 @@ class AttributionConfig:
         None,
         "comma-separated module names or glob patterns",
         parse=_comma_separated,
-        shown_default="all trackable modules",
+        shown_default="all trackable modules outside attention (names with attn/attention, "
+        "nn.MultiheadAttention), or all if that leaves none",
         stages=_GRADIENTS,
     )
     method: str = setting("ekfac", choices=METHODS, stages=("fit",))

@@ -76,7 +76,13 @@ from kronlab.attribution.store import (
     check_settings,
     flatten_blocks,
 )
-from kronlab.curvature import bias_in_curvature, find_modules, layer_spec, per_example_gradients
+from kronlab.curvature import (
+    bias_in_curvature,
+    find_modules,
+    find_modules_outside_attention,
+    layer_spec,
+    per_example_gradients,
+)
 from kronlab.linalg.finite import all_finite
 from kronlab.optim.validation import check_choice, check_range
 
@@ -281,8 +287,10 @@ class AttributionRun:
     def _modules(self) -> dict[str, torch.nn.Module]:
         # Resolved once: a glob walk over the model per batch is a measurable share of a build.
         if self._tracked_modules is None:
-            patterns = None if self.config.modules is None else list(self.config.modules)
-            self._tracked_modules = find_modules(self.task.model, patterns)
+            if self.config.modules is None:
+                self._tracked_modules = find_modules_outside_attention(self.task.model)
+            else:
+                self._tracked_modules = find_modules(self.task.model, list(self.config.modules))
         return self._tracked_modules
 
     def _gradient_shapes(self) -> dict[str, tuple[int, int]]:

@@ -12,6 +12,7 @@ from kronlab.curvature.layers.base import LayerAdapter, LayerSpec, registered_ad
 from kronlab.curvature.layers.registry import (
     bias_in_curvature,
     find_modules,
+    find_modules_outside_attention,
     gradient_matrix,
     includes_bias,
     layer_adapter,
@@ -32,6 +33,7 @@ __all__ = [
     "bias_in_curvature",
     "example_gradients",
     "find_modules",
+    "find_modules_outside_attention",
     "gradient_matrix",
     "includes_bias",
     "layer_adapter",

@@ -78,6 +78,30 @@ def find_modules(
     return {name: module for name, module in trackable.items() if name in selected}
 
 
+# Parts of a module's qualified name that mark attention in common models: GPT-2's
+# ``attn.c_attn``, Llama's ``self_attn.q_proj``, BERT's ``attention.self.query``, torch's
+# ``self_attn`` (an ``nn.MultiheadAttention``, whose ``out_proj`` lies inside it).
+ATTENTION_NAME_PARTS = ("attn", "attention")
+
+
+def is_attention(name: str, module: nn.Module) -> bool:
+    """Whether the module ``name`` belongs to attention: an ``nn.MultiheadAttention``, or a
+    part of its qualified name contains one of ``ATTENTION_NAME_PARTS``."""
+    if isinstance(module, nn.MultiheadAttention):
+        return True
+    parts = name.lower().split(".")
+    return any(marker in part for part in parts for marker in ATTENTION_NAME_PARTS)
+
+
+def find_modules_outside_attention(model: nn.Module) -> dict[str, nn.Module]:
+    """Every trackable module of ``model`` outside attention (``is_attention``), or all of
+    them when that leaves none: ``kronlab attribute``'s default, because tracking attention
+    lowered the LDS on both text benchmarks (BENCHMARKS.md, "Tracked modules")."""
+    trackable = find_modules(model)
+    outside = {name: module for name, module in trackable.items() if not is_attention(name, module)}
+    return outside or trackable
+
+
 def tracked_weight(module: nn.Module) -> torch.Tensor:
     """The weight a tracked module's block belongs to (attention: ``in_proj_weight``)."""
     return _spec_or_raise(module).adapter.weight(module)
