@@ -35,7 +35,7 @@ from kronlab.optim.step_template import (
     apply_direction,
     momentum_,
 )
-from kronlab.optim.transaction import StepTransaction, masked_update
+from kronlab.optim.transaction import StepTransaction, eager_masked_update, masked_update
 from kronlab.optim.validation import check_choice, check_module, check_params
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None
@@ -313,7 +313,11 @@ class KronOptimizer(Optimizer):
             # a step is never created from non-finite gradients.
             self._counters["step"] += 1
             states = [self.state[p] for p in params if p in self.state]
-            finite = masked_update(states, params, gradients, self.update)
+            # A step that refreshes a preconditioner runs eagerly under torch.compile (one
+            # graph break, once per refresh period): its decompositions are LAPACK calls with
+            # nothing to fuse, and their failure handling needs the host.
+            update = eager_masked_update if self.refresh_due() else masked_update
+            finite = update(states, params, gradients, self.update)
             # in place: a compiled step mutates the tensor rather than rebinding the attribute
             self.masked_steps.add_((~finite).to(self.masked_steps.device, torch.int64))
         else:
@@ -330,6 +334,12 @@ class KronOptimizer(Optimizer):
                 self._generators.load_state_dict(generators)
                 self._refuse_step(refused)
         return loss
+
+    def refresh_due(self) -> bool:
+        """Whether the step being taken (``global_step`` already counts it) refreshes an
+        amortized preconditioner (a decomposition every ``precondition_frequency`` steps).
+        Default: never."""
+        return False
 
     def _count_step(self, steps: int = 1) -> None:
         self._counters["step"] += steps
