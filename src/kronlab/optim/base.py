@@ -75,7 +75,8 @@ class KronOptimizer(Optimizer):
       ``"mask"`` checks without a host sync, for ``torch.compile(optimizer.step)``: the step is
       computed and then undone with ``torch.where`` if a gradient or a new value is not finite
       (``kronlab.optim.transaction.masked_update``; ``masked_steps``, a 0-dim tensor, counts
-      the steps undone; not saved by ``state_dict``).
+      the steps undone; not saved by ``state_dict``). A step that refreshes an amortized
+      preconditioner (``refresh_due``) runs eagerly inside a compiled step.
     * ``state_dict()`` / ``load_state_dict()`` round-trip exactly, also through
       ``torch.save`` / ``torch.load(weights_only=True)``; state keeps its dtype (float32 factors of
       bf16 parameters stay float32). The state_dict records the optimizer class, parameter

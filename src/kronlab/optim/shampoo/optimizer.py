@@ -291,6 +291,7 @@ class Shampoo(KronOptimizer):
         self._apply_updates([grouped[id(bundle)] for bundle in bundles])
 
     def refresh_due(self) -> bool:
+        """Whether a Kronecker stack's next update (its own step count plus one) decomposes."""
         for stack in self.plan.stacks:
             if stack.work.key != "kronecker":
                 continue
