@@ -58,7 +58,7 @@ class BlockLayout:
 
     @property
     def num_blocks(self) -> int:
-        return math.prod(len(sizes) for sizes in self.splits)
+        return math.prod([len(sizes) for sizes in self.splits])  # a list: Dynamo traces it
 
     def split(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         blocks = [tensor.reshape(self.shape)]

@@ -33,7 +33,9 @@ def newton_schulz_dtype(rows: int, columns: int, device: torch.device | str) -> 
     return torch.bfloat16 if large_enough and cpu_has_bf16_matrix_units() else torch.float32
 
 
+# a constant of the machine: a compiled step reads the answer instead of tracing the probe
 @functools.cache
+@torch.compiler.assume_constant_result
 def cpu_has_bf16_matrix_units() -> bool:
     """AMX tiles, as torch's CPU feature detection reports them (AVX512-BF16 without AMX ran
     the benchmark's bfloat16 Newton–Schulz slower than float32)."""

@@ -36,7 +36,7 @@ from kronlab.optim.step_template import (
     apply_direction,
     momentum_,
 )
-from kronlab.optim.transaction import StepTransaction, masked_update
+from kronlab.optim.transaction import StepTransaction, eager_masked_update, masked_update
 from kronlab.optim.validation import check_choice, check_module, check_params
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None
@@ -76,7 +76,8 @@ class KronOptimizer(Optimizer):
       ``"mask"`` checks without a host sync, for ``torch.compile(optimizer.step)``: the step is
       computed and then undone with ``torch.where`` if a gradient or a new value is not finite
       (``kronlab.optim.transaction.masked_update``; ``masked_steps``, a 0-dim tensor, counts
-      the steps undone; not saved by ``state_dict``).
+      the steps undone; not saved by ``state_dict``). A step that refreshes an amortized
+      preconditioner (``refresh_due``) runs eagerly inside a compiled step.
     * ``state_dict()`` / ``load_state_dict()`` round-trip exactly, also through
       ``torch.save`` / ``torch.load(weights_only=True)``; state keeps its dtype (float32 factors of
       bf16 parameters stay float32). The state_dict records the optimizer class, parameter
@@ -328,7 +329,11 @@ class KronOptimizer(Optimizer):
             # a step is never created from non-finite gradients.
             self._counters["step"] += 1
             states = [self.state[p] for p in params if p in self.state]
-            finite = masked_update(states, params, gradients, self.update)
+            # A step that refreshes a preconditioner runs eagerly under torch.compile (one
+            # graph break, once per refresh period): its decompositions are LAPACK calls with
+            # nothing to fuse, and their failure handling needs the host.
+            update = eager_masked_update if self.refresh_due() else masked_update
+            finite = update(states, params, gradients, self.update)
             # in place: a compiled step mutates the tensor rather than rebinding the attribute
             self.masked_steps.add_((~finite).to(self.masked_steps.device, torch.int64))
         else:
@@ -345,6 +350,12 @@ class KronOptimizer(Optimizer):
                 self._generators.load_state_dict(generators)
                 self._refuse_step(refused)
         return loss
+
+    def refresh_due(self) -> bool:
+        """Whether the step being taken (``global_step`` already counts it) refreshes an
+        amortized preconditioner (a decomposition every ``precondition_frequency`` steps).
+        Default: never."""
+        return False
 
     def _count_step(self, steps: int = 1) -> None:
         self._counters["step"] += steps

@@ -38,7 +38,13 @@ def spectron_rank(
 
 @contextlib.contextmanager
 def full_precision_matmul() -> Iterator[None]:
-    """float32 matmuls without TF32 (factor gradients must not lose bits to tensor cores)."""
+    """float32 matmuls without TF32 (factor gradients must not lose bits to tensor cores).
+
+    Not under ``torch.compile``: Dynamo cannot trace the global setting's read; the compiled
+    step keeps the precision the caller set."""
+    if torch.compiler.is_compiling():
+        yield
+        return
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:

@@ -174,42 +174,62 @@ def masked_update(
     """Run ``update`` and undo it on the device if a gradient or a value it wrote is not finite;
     return the 0-dim ``finite`` flag. No host sync, so a compiled step has no graph break here.
 
-    ``params`` and every tensor of ``states`` (per-parameter dicts; tensors directly in them or
-    in lists) are copied first and restored with ``torch.where(finite, new, old)`` into the
-    tensors found at the same places after the update, which costs one copy per step. State
-    created by the update (no old value) is kept as the update made it.
+    ``params`` and every tensor of ``states`` (per-parameter dicts, nested dicts and lists
+    included) are copied first and restored with ``torch.where(finite, new, old)`` into the
+    tensors found at the same places after the update (which may have replaced them, e.g. an
+    eigenbasis refresh), which costs one copy per step. State created by the update (no old
+    value) is kept as the update made it.
     """
     saved_params = [p.detach().clone() for p in params]
-    saved = [(holder, key, value.clone()) for holder, key, value in _state_tensors(states)]
+    saved = [(root, path, value.clone()) for root, path, value in _state_tensors(states)]
     update()
-    written = [
-        holder[key]
-        for holder, key, _ in saved
-        if isinstance(holder[key], Tensor) and holder[key].is_floating_point()
-    ]
-    finite = finite_flag(list(gradients) + list(params) + written)
+    # read again by path: the update may have put new tensors (or lists of them) in the state
+    written = [(_at(root, path), old) for root, path, old in saved]
+    finite = finite_flag(
+        list(gradients)
+        + list(params)
+        + [new for new, _ in written if isinstance(new, Tensor) and new.is_floating_point()]
+    )
     for param, old in zip(params, saved_params):
         param.detach().copy_(torch.where(finite, param.detach(), old))
-    for holder, key, old in saved:
-        new = holder[key]
+    for new, old in written:
         if isinstance(new, Tensor) and new.shape == old.shape:
             new.copy_(torch.where(finite, new, old))
     return finite
 
 
-def _state_tensors(states: Sequence[dict[str, Any]]) -> list[tuple[Any, Any, Tensor]]:
-    """``(holder, key, tensor)`` for the tensors of per-parameter state dicts, directly or in a
-    list (e.g. one factor per axis)."""
-    found: list[tuple[Any, Any, Tensor]] = []
-    for state in states:
-        for key, value in state.items():
-            if isinstance(value, Tensor):
-                found.append((state, key, value))
-            elif isinstance(value, list):
-                found += [
-                    (value, i, item) for i, item in enumerate(value) if isinstance(item, Tensor)
-                ]
+# The same, never traced: a compiled step calls it where the update runs eagerly.
+eager_masked_update = torch.compiler.disable(masked_update)
+
+
+def _state_tensors(states: Sequence[dict[str, Any]]) -> list[tuple[dict, tuple, Tensor]]:
+    """``(state, path, tensor)`` for every tensor of per-parameter state dicts, at any depth
+    of nested dicts and lists (e.g. one factor per axis, Shampoo's per-block dicts); ``path``
+    is the keys and indices that lead to it from ``state``."""
+    found: list[tuple[dict, tuple, Tensor]] = []
+    pending: list[tuple[dict, tuple, Any]] = [(state, (), state) for state in states]
+    while pending:
+        root, path, value = pending.pop()
+        if isinstance(value, Tensor):
+            found.append((root, path, value))
+        elif isinstance(value, dict):
+            pending += [(root, (*path, key), item) for key, item in value.items()]
+        elif isinstance(value, list):
+            pending += [(root, (*path, index), item) for index, item in enumerate(value)]
     return found
+
+
+def _at(root: dict, path: tuple) -> Any:
+    """What ``root`` holds at ``path`` now (``None`` where the path no longer leads)."""
+    value: Any = root
+    for key in path:
+        if isinstance(value, dict) and key in value:
+            value = value[key]
+        elif isinstance(value, list) and isinstance(key, int) and key < len(value):
+            value = value[key]
+        else:
+            return None
+    return value
 
 
 class _Slot:

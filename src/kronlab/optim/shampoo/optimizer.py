@@ -290,6 +290,17 @@ class Shampoo(KronOptimizer):
         grouped = scatter(stacks, directions, self._layouts)
         self._apply_updates([grouped[id(bundle)] for bundle in bundles])
 
+    def refresh_due(self) -> bool:
+        """Whether a Kronecker stack's next update (its own step count plus one) decomposes."""
+        for stack in self.plan.stacks:
+            if stack.work.key != "kronecker":
+                continue
+            group = self.param_groups[stack.group_index]
+            state = self._stack_states.get(self.state, stack)
+            if StackSettings.from_group(group).variant().is_refresh_step(state.get("step", 0) + 1):
+                return True
+        return False
+
     def _bundle_gradient(self, bundle: ParameterBundle) -> torch.Tensor:
         group = self.param_groups[bundle.group_index]
         gradient = bundle.gradient()
@@ -361,17 +372,36 @@ class Shampoo(KronOptimizer):
         include this step's gradient, as in Distributed Shampoo); eigenvalue-corrected stacks
         refresh after it, so a basis never contains the gradient it measures (as in SOAP).
         """
+        due = [
+            index
+            for index, (stack, state, variant) in enumerate(zip(stacks, stack_states, variants))
+            if stack.work.key == "kronecker"
+            and variant.refresh_after_step == after_step
+            and variant.is_refresh_step(state["step"])
+        ]
+        if due:  # between refreshes a compiled step traces no decomposition (no graph break)
+            self._decompose(due, stacks, stack_states, variants)
+
+    # An eager region under torch.compile: eigh and QR run in LAPACK either way (nothing to
+    # fuse), and a failed decomposition needs the host (the fallback's warning, and
+    # DecompositionFailed). Refreshes are amortized, so the break costs once per refresh.
+    @torch.compiler.disable
+    def _decompose(
+        self,
+        due: list[int],
+        stacks: tuple[Stack, ...],
+        stack_states: list[dict[str, Any]],
+        variants: list[ShampooVariant],
+    ) -> None:
+        """Decompose the factors of the ``due`` stacks, one batched call per (size, dtype,
+        method), and install the results in the variants' state."""
         batches: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
-        for index, (stack, state, variant) in enumerate(zip(stacks, stack_states, variants)):
-            if (
-                stack.work.key == "kronecker"
-                and variant.refresh_after_step == after_step
-                and variant.is_refresh_step(state["step"])
-            ):
-                method = variant.refresh_method(state)
-                for axis, factor in enumerate(state["factors"]):
-                    key = (factor.shape[-1], factor.dtype, method, variant.tracks_columns)
-                    batches[key].append((index, axis))
+        for index in due:
+            state, variant = stack_states[index], variants[index]
+            method = variant.refresh_method(state)
+            for axis, factor in enumerate(state["factors"]):
+                key = (factor.shape[-1], factor.dtype, method, variant.tracks_columns)
+                batches[key].append((index, axis))
         results: dict[tuple[int, int], tuple] = {}
         for (size, _, method, tracked), members in batches.items():
             factors, previous_vectors, previous_values, failures = [], [], [], []

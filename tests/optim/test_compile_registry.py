@@ -1,0 +1,129 @@
+"""``torch.compile(optimizer.step)`` of every registered kronlab optimizer with
+``on_nonfinite_grad="mask"``: a step that refreshes no preconditioner is one graph without a
+break; a refresh step runs eagerly; across refresh periods the number of graphs stops growing;
+the compiled trajectory, a masked non-finite step included, is the eager one.
+
+Compiled with the ``"eager"`` backend: graph breaks and recompiles are decided by the tracing
+(Dynamo); code generation on CPU would cost minutes in the test suite.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+from kronlab.optim import KronOptimizer, create_optimizer
+
+from .state_checks import KRON_OPTIMIZERS
+
+# PSGD's update breaks the graph (its fit noise is drawn from the optimizer's own generator,
+# eagerly), which splits its step into many graphs (BENCHMARKS.md, "torch.compile");
+# tests/optim/test_compile.py covers its compiled step.
+KRONLAB = [name for name in KRON_OPTIMIZERS if not name.startswith("psgd")]
+# Shampoo-family optimizers with a refresh before (root-inverse) or after (SOAP) the direction
+REFRESHING = ["shampoo", "soap"]
+FREQUENCY = 2  # refreshes at steps 1, 3, 5, …
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def masked_optimizer(name: str, model: nn.Module, **group: object) -> torch.optim.Optimizer:
+    """The registry's optimizer with the on-device non-finite check, frequent refreshes and
+    the param-group settings ``group``."""
+    optimizer = create_optimizer(name, model)
+    optimizer.on_nonfinite_grad = "mask"
+    for settings in optimizer.param_groups:
+        if "precondition_frequency" in settings:
+            settings["precondition_frequency"] = FREQUENCY
+        settings.update(group)
+    return optimizer
+
+
+def backward(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """A forward and backward pass on batch ``step``, into the kept gradient tensors (a compiled
+    step is reused only while they are the same objects). A regression loss on more examples
+    than features: no factor is singular, so rounding differences are not amplified by ε."""
+    generator = torch.Generator().manual_seed(step)
+    inputs = torch.randn(16, 6, generator=generator)
+    targets = torch.randn(16, 3, generator=generator)
+    optimizer.zero_grad(set_to_none=False)
+    nn.functional.mse_loss(model(inputs), targets).backward()
+
+
+@pytest.mark.parametrize("name", KRONLAB)
+def test_steady_state_step_is_one_graph(name: str) -> None:
+    model = tiny_model()
+    optimizer = masked_optimizer(name, model)
+    for step in range(3):  # state creation, the synchronously checked first step, refreshes
+        backward(model, optimizer, step)
+        optimizer.step()
+    backward(model, optimizer, 3)  # step 4 refreshes nothing
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(optimizer.step)()
+    reasons = [reason.reason.splitlines()[0] for reason in explained.break_reasons]
+    assert explained.graph_break_count == 0, reasons
+    assert explained.graph_count == 1
+
+
+def state_tensors(value: object) -> list[torch.Tensor]:
+    """Every tensor of a nested state, in order (clones): a masked step restores the tensors;
+    the Python step counters advance either way."""
+    if isinstance(value, torch.Tensor):
+        return [value.clone()]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in state_tensors(item)]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in state_tensors(item)]
+    return []
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    parameters = [p.detach().clone() for p in model.parameters()]
+    return parameters + state_tensors([optimizer.state[p] for p in model.parameters()])
+
+
+def train(
+    name: str, steps: int, non_finite_step: int, compiled: bool, graphs: list[int]
+) -> tuple[nn.Module, KronOptimizer, list[list[torch.Tensor]]]:
+    """``steps`` steps (the first eager, the rest compiled if asked), a NaN gradient entry at
+    ``non_finite_step``; ``graphs`` collects the number of graphs compiled after each step.
+    Also returns the parameters and state before and after the non-finite step."""
+    model = tiny_model()
+    # ε well above float32 rounding of the factors' smallest eigenvalues, which (λ + ε)^{-1/4}
+    # would amplify into differences between any two orders of the same float operations
+    optimizer = masked_optimizer(name, model, eps=1e-5)
+    step = torch.compile(optimizer.step, backend="eager")
+    around: list[list[torch.Tensor]] = []
+    for index in range(1, steps + 1):
+        backward(model, optimizer, index)
+        if index == non_finite_step:
+            next(model.parameters()).grad[0, 0] = float("nan")
+            around.append(snapshot(model, optimizer))
+        (step if compiled and index > 1 else optimizer.step)()
+        if index == non_finite_step:
+            around.append(snapshot(model, optimizer))
+        graphs.append(counters["stats"]["unique_graphs"])
+    return model, optimizer, around
+
+
+@pytest.mark.parametrize("name", REFRESHING)
+def test_compiled_steps_equal_eager_across_refreshes(name: str) -> None:
+    torch._dynamo.reset()
+    counters.clear()
+    graphs: list[int] = []
+    compiled, optimizer, (before, after) = train(name, 10, 6, True, graphs)
+    # refresh steps 7 and 9 and the steps between them reuse the graphs compiled before
+    assert graphs[6] == graphs[-1], graphs
+    assert int(optimizer.masked_steps) == 1
+    assert len(before) == len(after)
+    for old, new in zip(before, after):
+        assert torch.equal(old, new)
+    eager, eager_optimizer, _ = train(name, 10, 6, False, [])
+    assert int(eager_optimizer.masked_steps) == 1
+    for compiled_param, eager_param in zip(compiled.parameters(), eager.parameters()):
+        torch.testing.assert_close(compiled_param, eager_param, rtol=1e-5, atol=1e-6)
