@@ -66,7 +66,7 @@ def main() -> None:
         f"({', '.join(sets[default])})\n\n"
         f"Machine: {machine_description()}, 1-minute load {os.getloadavg()[0]:.0f}.\n"
     )
-    print("| method | tracked | LDS − LDS(tracked) @ " + " | @ ".join(f"{f:g}" for f in factors))
+    print("| method | against | " + " | ".join(f"Δ LDS @ {f:g}" for f in factors) + " |")
     print("|---|---|" + "---:|" * len(factors))
     for _, label in METHODS:
         sweep = sweeps[f"{label}, {default}"]
@@ -76,7 +76,7 @@ def main() -> None:
             for factor in factors:
                 mean, error = sweep.paired(sweep.column(factor), reference.column(factor))
                 cells.append(f"{mean:+.4f} ± {error:.4f}")
-            print(f"| {label} | default vs {other} | " + " | ".join(cells))
+            print(f"| {label} | {other} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
