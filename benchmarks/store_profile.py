@@ -114,6 +114,8 @@ def main() -> None:
             batch_size=batch_size,
             chunk_rows=arguments.examples,
             length=WINDOW,
+            modules=("*",),  # every module, as recorded
+            compression="project",
         )
         run = AttributionRun(root / "run", config, show_progress=False)
         task, modules = run.task, run._modules()

@@ -50,6 +50,8 @@ def build(run_dir: Path, data: Path, queries: Path, arguments: argparse.Namespac
         "--length", str(WINDOW), "--projection-dim", str(arguments.projection_dim),
         "--batch-size", str(arguments.batch_size), "--chunk-rows", str(arguments.chunk_rows),
         "--cache-dir", str(run_dir.parent / "models"), "--no-progress", "--max-store-gb", "64",
+        # the figures recorded: every module, rows projected after the inverse (no fit needed)
+        "--modules", "*", "--compression", "project",
     ]  # fmt: skip
     if arguments.ranks > 1:
         command = [
