@@ -23,7 +23,9 @@ class ConvergenceTask:
 
     ``batches(steps, seed)`` yields the training batches (the same for every optimizer at one
     seed), ``loss(model, batch)`` is the training loss and ``validation_loss(model)`` the
-    figure the benchmark compares.
+    figure the benchmark compares. ``validation_items(model)``, where given, is the validation
+    loss of each item (a 1-D tensor whose mean is the validation loss; the runner then uses it
+    in place of ``validation_loss``).
     """
 
     name: str
@@ -34,6 +36,7 @@ class ConvergenceTask:
     batches: Callable[[int, int], Iterator[Any]]
     loss: Callable[[nn.Module, Any], torch.Tensor]
     validation_loss: Callable[[nn.Module], float]
+    validation_items: Callable[[nn.Module], torch.Tensor] | None = None
 
 
 def _digits(model: str) -> ConvergenceTask:
@@ -76,6 +79,7 @@ def _charlm() -> ConvergenceTask:
         batches=charlm.batches,
         loss=charlm.loss,
         validation_loss=charlm.validation_loss,
+        validation_items=charlm.window_losses,
     )
 
 
