@@ -56,6 +56,8 @@ def _digits(model: str) -> ConvergenceTask:
         name=f"digits-{model}",
         description=f"scikit-learn digits, {model.upper()} (the `kronlab compare` model), "
         f"batch {DIGITS_BATCH_SIZE}, validation = the 20% test split",
+        # The shortest budget tried (50, 150, 300, 600) at which AdamW's validation loss still
+        # falls by more than 2% over the last fifth of the run (BENCHMARKS.md, "charlm budget").
         steps=600,
         quick_steps=200,
         make_model=task.make_model,
@@ -73,7 +75,9 @@ def _charlm() -> ConvergenceTask:
         description="byte-level GPT (d_model 192, 3 layers, 4 heads, context 128, batch 32) on "
         f"{len(charlm.TRAIN_MODULES)} stdlib modules, validation on "
         f"{len(charlm.VALIDATION_MODULES)} others",
-        steps=150,
+        # The shortest budget tried (50, 150, 300, 600) at which AdamW's validation loss still
+        # falls by more than 2% over the last fifth of the run (BENCHMARKS.md, "charlm budget").
+        steps=600,
         quick_steps=50,
         make_model=charlm.make_model,
         batches=charlm.batches,
