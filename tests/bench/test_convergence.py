@@ -6,9 +6,15 @@ import math
 import pytest
 import torch
 
-from kronlab.bench import optimizers, protocol, run_convergence, runner
+from kronlab.bench import charlm, optimizers, protocol, run_convergence, runner
 from kronlab.bench.optimizers import OptimizerSpec
-from kronlab.bench.report import first_crossing, last_fifth_drop
+from kronlab.bench.report import (
+    first_crossing,
+    format_table,
+    last_fifth_drop,
+    last_fifth_drop_stderr,
+    mean_curve,
+)
 from kronlab.bench.schedule import FINAL_FRACTION, WEIGHT_DECAY, Schedule, lr_factor
 from kronlab.cli import main
 
@@ -29,6 +35,28 @@ def test_five_step_run_of_each_task(tmp_path, task):
     assert run.val_loss[-1] < run.val_loss[0] and not run.diverged
     assert run.state_bytes > 0
     assert (tmp_path / task / "runs" / runner.RunKey(task, "adamw", 3e-3, 0, 5).filename()).exists()
+    for clock in (run.seconds, run.cpu_seconds):
+        assert len(clock) == 6 and clock[0] == 0.0 and clock == sorted(clock) and clock[-1] > 0
+    if task == "charlm":  # per-window losses, whose mean is the validation loss
+        assert len(run.val_items) == 6 and len(run.val_items[0]) == charlm.VALIDATION_WINDOWS
+        for items, loss in zip(run.val_items, run.val_loss):
+            assert math.fsum(items) / len(items) == pytest.approx(loss, abs=1e-5)
+    else:
+        assert run.val_items == []
+
+
+def test_charlm_window_losses_are_each_windows_mean_cross_entropy():
+    model = charlm.make_model(0).double()
+    windows = charlm.validation_windows()
+    expected = []
+    with torch.no_grad():
+        for window in windows:
+            logits = model(window[None, :-1])[0]
+            log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+            expected.append(-log_probs.gather(1, window[1:, None]).mean())
+    losses = charlm.window_losses(model)
+    torch.testing.assert_close(losses, torch.stack(expected))
+    assert charlm.validation_loss(model) == pytest.approx(torch.stack(expected).mean().item())
 
 
 def test_quick_takes_one_seed_unless_told_more(tmp_path):
@@ -169,3 +197,42 @@ def test_last_fifth_drop_reads_the_mean_curve_from_four_fifths_on():
     for run in runs:
         run.seconds = [0.0, 1.0, 2.0, 3.0]
     assert last_fifth_drop(runs) == pytest.approx((2.1 - 1.6) / 2.1)
+
+
+def test_last_fifth_drop_stderr_is_the_standard_error_over_windows_of_the_seed_mean_fall():
+    items = torch.tensor(
+        [
+            [[4.0, 4.2, 3.9], [2.0, 2.4, 2.1], [1.8, 2.1, 1.7]],
+            [[4.1, 4.0, 4.0], [2.2, 2.3, 2.0], [1.9, 2.2, 1.9]],
+        ],
+        dtype=torch.float64,
+    )  # fmt: skip  (seed, evaluation, window)
+    runs = [
+        runner.RunRecord(
+            settings={},
+            eval_steps=[0, 80, 100],
+            val_items=seed.tolist(),
+            val_loss=seed.mean(dim=1).tolist(),
+        )  # fmt: skip
+        for seed in items
+    ]
+    falls = [
+        [(items[s, 1, w] - items[s, 2, w]).item() / items[s, 1].mean().item() for w in range(3)]
+        for s in range(2)
+    ]
+    mean_falls = [(falls[0][w] + falls[1][w]) / 2 for w in range(3)]
+    centre = sum(mean_falls) / 3
+    variance = sum((f - centre) ** 2 for f in mean_falls) / 2
+    assert last_fifth_drop_stderr(runs) == pytest.approx(math.sqrt(variance / 3))
+    assert math.isnan(last_fifth_drop_stderr([runner.RunRecord(settings={})]))
+
+
+def test_seconds_follow_the_chosen_clock():
+    run = runner.RunRecord(settings={}, eval_steps=[0, 10], val_loss=[2.0, 1.0],
+                           seconds=[0.0, 5.0], cpu_seconds=[0.0, 3.0])  # fmt: skip
+    assert mean_curve([run])[2] == [0.0, 3.0]
+    assert mean_curve([run], "wall")[2] == [0.0, 5.0]
+    with pytest.raises(ValueError, match="clock must be one of .* got 'gpu'"):
+        mean_curve([run], "gpu")
+    assert "CPU seconds to AdamW's" in format_table([])
+    assert "| seconds to AdamW's" in format_table([], "wall")

@@ -42,6 +42,13 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         help="default lrs (no grid), short budgets, one seed unless --seeds",
     )
     convergence.add_argument("--steps", type=int, help="override every task's step budget")
+    convergence.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="the seconds in the table and plot: the process's CPU time (default; least "
+        "disturbed by other jobs on the machine) or the wall clock; runs record both",
+    )
     convergence.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     convergence.set_defaults(handler=_run_convergence)
     parser.set_defaults(handler=lambda args: parser.print_help() or 0)
@@ -68,5 +75,6 @@ def _run_convergence(args: argparse.Namespace) -> int:
             steps=args.steps,
             jobs=args.jobs,
             show_progress=not args.no_progress,
+            clock=args.clock,
         )
     return 0

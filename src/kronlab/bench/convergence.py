@@ -7,12 +7,21 @@ For each task: the protocol of :mod:`kronlab.bench.protocol` for each optimizer,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kronlab.bench.optimizers import REFERENCE, optimizer_names, resolve
 from kronlab.bench.protocol import OptimizerResult, run_task
-from kronlab.bench.report import format_table, last_fifth_drop, plot, summarize, write_summary
+from kronlab.bench.report import (
+    CLOCKS,
+    format_table,
+    last_fifth_drop,
+    last_fifth_drop_stderr,
+    plot,
+    summarize,
+    write_summary,
+)
 from kronlab.bench.tasks import TASK_NAMES, load_convergence_task
 from kronlab.data_parallel import current_workers
 
@@ -27,6 +36,7 @@ def run_convergence(
     steps: int | None = None,
     jobs: int = 1,
     show_progress: bool = True,
+    clock: str = "cpu",
     report: Callable[[str], None] = print,
 ) -> dict[str, list[OptimizerResult]]:
     """Run the benchmark; returns each task's results and writes its outputs under ``out``.
@@ -35,13 +45,16 @@ def run_convergence(
     (it is the reference). Peers whose package is missing are skipped with a message. ``quick``:
     each optimizer's default lr (no grid), the tasks' short budgets. ``seeds``: runs at the best
     (with ``quick``: the default) lr; 3 unless given, 1 with ``quick``. ``steps`` overrides every
-    task's budget.
+    task's budget. ``clock``: the seconds of the table and plot, ``"cpu"`` (the process's CPU
+    time) or ``"wall"``; runs record both.
     """
     for task in tasks:
         if task not in TASK_NAMES:
             raise ValueError(f"unknown task {task!r}; available: {', '.join(TASK_NAMES)}")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
     workers = current_workers()
     if jobs > 1 and workers.distributed:
         raise ValueError(
@@ -68,25 +81,29 @@ def run_convergence(
         if not workers.is_main:
             everything[task] = results
             continue
-        rows = summarize(results)
+        rows = summarize(results, clock)
         directory = out / task
         directory.mkdir(parents=True, exist_ok=True)
-        table = format_table(rows)
+        table = format_table(rows, clock)
         (directory / "table.md").write_text(table + "\n")
-        write_summary(directory / "summary.json", task, rows, results)
+        write_summary(directory / "summary.json", task, rows, results, clock)
         budget = results[0].runs[0].settings["steps"]
         profile = f"{seeds} seeds" if seeds > 1 else "1 seed"
         profile = f"quick, {profile}" if quick else profile
         title = f"{task}: {budget} steps, {profile}"
         written = [directory / "table.md", directory / "summary.json"]
-        if plot(directory / f"{task}.png", title, results):
+        if plot(directory / f"{task}.png", title, results, clock):
             written.append(directory / f"{task}.png")
         else:
             report(f"matplotlib is not installed: skipped {task}.png (pip install 'kronlab[plot]')")
         report(f"\n{task} — {load_convergence_task(task).description}\n{table}")
         reference = next(r for r in results if r.name == REFERENCE)
-        drop = last_fifth_drop(reference.runs)
-        report(f"AdamW's validation loss fell {100 * drop:.1f}% over the last fifth of the run")
+        drop, stderr = last_fifth_drop(reference.runs), last_fifth_drop_stderr(reference.runs)
+        noise = ""
+        if math.isfinite(stderr):
+            noise = f" (± {100 * stderr:.2f}% from the validation sample)"
+        report(f"AdamW's validation loss fell {100 * drop:.1f}%{noise} over the last fifth of "
+               "the run")  # fmt: skip
         report("wrote " + ", ".join(str(path) for path in written))
         everything[task] = results
     return everything

@@ -3,8 +3,10 @@
 Reading: the target is AdamW's final validation loss (mean over its seeds). For every optimizer
 the mean validation curve over its seeds is followed until it first reaches the target (linear
 interpolation between evaluations); the steps and training seconds to get there are given, and
-their ratios to AdamW's own (below 1: faster than AdamW). ``±`` is half the min–max range over
-seeds; the plot's bands are that range.
+their ratios to AdamW's own (below 1: faster than AdamW). Seconds are the process's CPU time
+(``clock="cpu"``, the default: what a machine shared with other jobs disturbs least) or the wall
+clock (``clock="wall"``). ``±`` is half the min–max range over seeds; the plot's bands are that
+range.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from kronlab.bench.optimizers import REFERENCE
 from kronlab.bench.protocol import OptimizerResult
 from kronlab.bench.runner import RunRecord
+
+CLOCKS = ("cpu", "wall")
 
 
 @dataclass
@@ -36,14 +42,29 @@ class Row:
     state_mib: float
 
 
-def mean_curve(runs: list[RunRecord]) -> tuple[list[int], list[float], list[float]] | None:
-    """Steps, mean validation loss and mean seconds over the runs that finished."""
+def _check_clock(clock: str) -> None:
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+
+
+def run_seconds(run: RunRecord, clock: str = "cpu") -> list[float]:
+    """The run's training seconds at each evaluation on ``clock``."""
+    _check_clock(clock)
+    return run.cpu_seconds if clock == "cpu" else run.seconds
+
+
+def mean_curve(
+    runs: list[RunRecord], clock: str = "cpu"
+) -> tuple[list[int], list[float], list[float]] | None:
+    """Steps, mean validation loss and mean seconds (on ``clock``) over the runs that finished."""
     finished = [run for run in runs if not run.diverged]
     if not finished:
         return None
     steps = finished[0].eval_steps
     losses = [statistics.fmean(values) for values in zip(*(run.val_loss for run in finished))]
-    seconds = [statistics.fmean(values) for values in zip(*(run.seconds for run in finished))]
+    seconds = [
+        statistics.fmean(values) for values in zip(*(run_seconds(run, clock) for run in finished))
+    ]
     return steps, losses, seconds
 
 
@@ -63,6 +84,10 @@ def first_crossing(
     return None
 
 
+def _four_fifths(steps: list[int]) -> int:
+    return min(range(len(steps)), key=lambda i: abs(steps[i] - 0.8 * steps[-1]))
+
+
 def last_fifth_drop(runs: list[RunRecord]) -> float:
     """Relative fall of the mean validation loss over the last fifth of the steps: the budget
     should leave AdamW still improving (> 2%), so that optimizers differ there, not at rest."""
@@ -70,13 +95,31 @@ def last_fifth_drop(runs: list[RunRecord]) -> float:
     if curve is None:
         return math.nan
     steps, losses, _ = curve
-    start = min(range(len(steps)), key=lambda i: abs(steps[i] - 0.8 * steps[-1]))
+    start = _four_fifths(steps)
     return (losses[start] - losses[-1]) / losses[start]
 
 
-def summarize(results: list[OptimizerResult]) -> list[Row]:
+def last_fifth_drop_stderr(runs: list[RunRecord]) -> float:
+    """Standard error of :func:`last_fifth_drop` from the validation items (``charlm``: its
+    windows): the items are a sample of the validation text, so the fall measured on them
+    differs from the text's by about this much. Each item's fall (averaged over the seeds) is
+    one observation of the same pair of evaluations; NaN without items."""
+    finished = [run for run in runs if not run.diverged and run.val_items]
+    if not finished:
+        return math.nan
+    start = _four_fifths(finished[0].eval_steps)
+    before = torch.tensor([run.val_items[start] for run in finished], dtype=torch.float64)
+    after = torch.tensor([run.val_items[-1] for run in finished], dtype=torch.float64)
+    falls = ((before - after) / before.mean(dim=1, keepdim=True)).mean(dim=0)
+    if len(falls) < 2:
+        return math.nan
+    return (falls.std() / math.sqrt(len(falls))).item()
+
+
+def summarize(results: list[OptimizerResult], clock: str = "cpu") -> list[Row]:
+    _check_clock(clock)
     reference = next((r for r in results if r.name == REFERENCE), None)
-    reference_curve = mean_curve(reference.runs) if reference else None
+    reference_curve = mean_curve(reference.runs, clock) if reference else None
     target = statistics.fmean(reference_curve[1][-1:]) if reference_curve else math.nan
     reference_hit = (
         first_crossing(*reference_curve, target) if reference_curve is not None else None
@@ -84,7 +127,7 @@ def summarize(results: list[OptimizerResult]) -> list[Row]:
     rows = []
     for result in results:
         finals = [run.final_val_loss for run in result.runs if not run.diverged]
-        curve = mean_curve(result.runs)
+        curve = mean_curve(result.runs, clock)
         hit = first_crossing(*curve, target) if curve is not None else None
         lrs = sorted(result.grid)
         rows.append(
@@ -110,10 +153,12 @@ def _number(value: float | None, pattern: str, suffix: str = "") -> str:
     return "—" if value is None or not math.isfinite(value) else format(value, pattern) + suffix
 
 
-def format_table(rows: list[Row]) -> str:
-    """A Markdown table, one row per optimizer in the order run."""
+def format_table(rows: list[Row], clock: str = "cpu") -> str:
+    """A Markdown table, one row per optimizer in the order run; ``clock`` names the seconds."""
+    _check_clock(clock)
+    seconds = "CPU seconds" if clock == "cpu" else "seconds"
     header = (
-        "| optimizer | lr | final val loss | steps to AdamW's | vs AdamW | seconds to AdamW's "
+        f"| optimizer | lr | final val loss | steps to AdamW's | vs AdamW | {seconds} to AdamW's "
         "| vs AdamW | state MiB |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     lines = [header]
@@ -130,19 +175,27 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_summary(path: Path, task: str, rows: list[Row], results: list[OptimizerResult]) -> None:
+def write_summary(
+    path: Path, task: str, rows: list[Row], results: list[OptimizerResult], clock: str = "cpu"
+) -> None:
     reference = next((r for r in results if r.name == REFERENCE), None)
     payload = {
         "task": task,
+        "clock": clock,
         "adamw_last_fifth_drop": last_fifth_drop(reference.runs) if reference else None,
+        "adamw_last_fifth_drop_stderr": last_fifth_drop_stderr(reference.runs)
+        if reference
+        else None,
         "rows": [asdict(row) for row in rows],
         "grids": {r.name: {f"{lr:g}": loss for lr, loss in r.grid.items()} for r in results},
     }
     path.write_text(json.dumps(payload, indent=1))
 
 
-def plot(path: Path, title: str, results: list[OptimizerResult]) -> bool:
-    """Validation loss against steps and against seconds; False when matplotlib is missing."""
+def plot(path: Path, title: str, results: list[OptimizerResult], clock: str = "cpu") -> bool:
+    """Validation loss against steps and against seconds (on ``clock``); False when matplotlib
+    is missing."""
+    _check_clock(clock)
     try:
         import matplotlib
 
@@ -154,7 +207,7 @@ def plot(path: Path, title: str, results: list[OptimizerResult]) -> bool:
     colours = plt.get_cmap("tab20").colors
     for index, result in enumerate(results):
         finished = [run for run in result.runs if not run.diverged]
-        curve = mean_curve(result.runs)
+        curve = mean_curve(result.runs, clock)
         if curve is None:
             continue
         steps, losses, seconds = curve
@@ -165,7 +218,8 @@ def plot(path: Path, title: str, results: list[OptimizerResult]) -> bool:
         for axis, x in ((axes[0], steps), (axes[1], seconds)):
             axis.plot(x, losses, color=colour, label=label)
             axis.fill_between(x, low, high, color=colour, alpha=0.2, linewidth=0)
-    for axis, xlabel in ((axes[0], "step"), (axes[1], "training seconds (evaluation excluded)")):
+    seconds = "training CPU seconds" if clock == "cpu" else "training seconds (wall clock)"
+    for axis, xlabel in ((axes[0], "step"), (axes[1], f"{seconds}, evaluation excluded")):
         axis.set_xlabel(xlabel)
         axis.set_ylabel("validation loss")
         axis.set_yscale("log")

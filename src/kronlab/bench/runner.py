@@ -36,7 +36,7 @@ from kronlab.data_parallel import (
 )
 from kronlab.optim import optimizer_state_bytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 EVALUATIONS = 20  # validation points per run (plus the initial one)
 
 
@@ -67,14 +67,23 @@ class RunKey:
 
 @dataclass
 class RunRecord:
-    """A run's validation curve (``eval_steps``, ``val_loss``, ``seconds``: training time
-    before each evaluation, evaluation excluded) and its summary figures. Data-parallel,
-    ``seconds`` and ``state_bytes`` are rank 0's (its share of the sharded state)."""
+    """A run's validation curve and its summary figures.
+
+    ``eval_steps``, ``val_loss``: the curve; ``seconds`` (wall clock) and ``cpu_seconds`` (CPU
+    time of the process, all its threads) spent training before each evaluation, evaluation
+    excluded. CPU time is what a shared machine leaves least disturbed (other jobs lengthen the
+    wall clock, not the work done). ``val_items``: the validation loss of each item (``charlm``:
+    each window) at each evaluation, for tasks that give it: what the noise of a difference
+    between two evaluations is estimated from. Data-parallel, ``seconds``, ``cpu_seconds`` and
+    ``state_bytes`` are rank 0's (its share of the sharded state).
+    """
 
     settings: dict[str, Any]
     eval_steps: list[int] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
+    val_items: list[list[float]] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     state_bytes: int = 0
     diverged: bool = False
@@ -110,17 +119,27 @@ def train_run(
     distribute_optimizer(optimizer, workers)
     shared = schedule.Schedule(optimizer, key.steps)
     record = RunRecord(settings=key.settings(), torch_threads=torch.get_num_threads())
-    record.eval_steps.append(0)
-    record.val_loss.append(task.validation_loss(model))
-    record.seconds.append(0.0)
+
+    def evaluate(step: int, wall: float, cpu: float) -> None:
+        record.eval_steps.append(step)
+        record.seconds.append(wall)
+        record.cpu_seconds.append(cpu)
+        if task.validation_items is None:
+            record.val_loss.append(task.validation_loss(model))
+            return
+        items = task.validation_items(model)
+        record.val_loss.append(items.mean().item())
+        record.val_items.append([round(value, 5) for value in items.tolist()])
+
+    evaluate(0, 0.0, 0.0)
     evaluate_at = eval_points(key.steps)
-    elapsed = 0.0
+    elapsed = cpu_elapsed = 0.0
     label = f"{task.name} {spec.name} lr={key.lr:.3g} seed={key.seed}"
     hidden = not show_progress or not workers.is_main
     with tqdm(total=key.steps, desc=label, unit="step", leave=False, disable=hidden) as bar:
         for step, batch in enumerate(task.batches(key.steps, key.seed), start=1):
             local, weight = local_share(batch, workers)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             optimizer.zero_grad(set_to_none=True)
             loss = task.loss(trained, local)
             (loss * weight if weight != 1 else loss).backward()
@@ -128,6 +147,7 @@ def train_run(
             optimizer.step()
             loss_value = loss.item()
             elapsed += time.perf_counter() - started
+            cpu_elapsed += time.process_time() - cpu_started
             loss_value = global_mean(loss_value, weight, workers)
             record.train_loss.append(loss_value)
             bar.update(1)
@@ -136,9 +156,7 @@ def train_run(
                 record.diverged = True
                 break
             if step in evaluate_at:
-                record.eval_steps.append(step)
-                record.val_loss.append(task.validation_loss(model))
-                record.seconds.append(elapsed)
+                evaluate(step, elapsed, cpu_elapsed)
     record.state_bytes = optimizer_state_bytes(optimizer)
     final = record.val_loss[-1]
     if not math.isfinite(final) or final > record.val_loss[0]:

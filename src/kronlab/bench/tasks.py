@@ -23,7 +23,9 @@ class ConvergenceTask:
 
     ``batches(steps, seed)`` yields the training batches (the same for every optimizer at one
     seed), ``loss(model, batch)`` is the training loss and ``validation_loss(model)`` the
-    figure the benchmark compares.
+    figure the benchmark compares. ``validation_items(model)``, where given, is the validation
+    loss of each item (a 1-D tensor whose mean is the validation loss; the runner then uses it
+    in place of ``validation_loss``).
     """
 
     name: str
@@ -34,6 +36,7 @@ class ConvergenceTask:
     batches: Callable[[int, int], Iterator[Any]]
     loss: Callable[[nn.Module, Any], torch.Tensor]
     validation_loss: Callable[[nn.Module], float]
+    validation_items: Callable[[nn.Module], torch.Tensor] | None = None
 
 
 def _digits(model: str) -> ConvergenceTask:
@@ -53,6 +56,8 @@ def _digits(model: str) -> ConvergenceTask:
         name=f"digits-{model}",
         description=f"scikit-learn digits, {model.upper()} (the `kronlab compare` model), "
         f"batch {DIGITS_BATCH_SIZE}, validation = the 20% test split",
+        # The shortest budget tried (50, 150, 300, 600) at which AdamW's validation loss still
+        # falls by more than 2% over the last fifth of the run (BENCHMARKS.md, "charlm budget").
         steps=600,
         quick_steps=200,
         make_model=task.make_model,
@@ -70,12 +75,15 @@ def _charlm() -> ConvergenceTask:
         description="byte-level GPT (d_model 192, 3 layers, 4 heads, context 128, batch 32) on "
         f"{len(charlm.TRAIN_MODULES)} stdlib modules, validation on "
         f"{len(charlm.VALIDATION_MODULES)} others",
-        steps=150,
+        # The shortest budget tried (50, 150, 300, 600) at which AdamW's validation loss still
+        # falls by more than 2% over the last fifth of the run (BENCHMARKS.md, "charlm budget").
+        steps=600,
         quick_steps=50,
         make_model=charlm.make_model,
         batches=charlm.batches,
         loss=charlm.loss,
         validation_loss=charlm.validation_loss,
+        validation_items=charlm.window_losses,
     )
 
 
