@@ -14,7 +14,10 @@ tracked-module sets against each other at the same factor.
 
 from __future__ import annotations
 
+import argparse
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -65,8 +68,37 @@ def modules_table(variant: str, sweeps: dict[str, Sweep], factors: list[float]) 
     return lines
 
 
-def main() -> None:
-    parser = sweep_parser(__doc__.split("\n")[0], queries=96, fisher_seeds=4)
+@dataclass
+class TextInputs:
+    """The trained model, its data and the retraining ground truth of one text variant."""
+
+    arguments: argparse.Namespace
+    truth: dict[str, torch.Tensor]
+    model: torch.nn.Module
+    tokens: tuple[torch.Tensor, torch.Tensor]
+    train_data: list
+    query_data: list
+
+    def score(self, curvature: Curvature, factor: float) -> torch.Tensor:
+        return influence_scores(
+            curvature, self.query_data, self.train_data, model=self.model,
+            loss_fn=language_model_loss, damping_factor=factor, mask_fn=_token_mask,
+            progress=False,
+        )  # fmt: skip
+
+    def fitter(self, method: str, modules: list[str] | None) -> Callable[[int], Curvature]:
+        def fit(seed: int) -> Curvature:
+            return fit_curvature(
+                self.model, self.train_data, language_model_loss, method, modules=modules,
+                seed=seed, mask_fn=_token_mask,
+            )  # fmt: skip
+
+        return fit
+
+
+def text_inputs(description: str) -> TextInputs:
+    """Parse the sweep's options (``--variant`` too), then train and retrain (cached)."""
+    parser = sweep_parser(description, queries=96, fisher_seeds=4)
     parser.add_argument("--variant", choices=["linear", "torch"], default="linear")
     arguments = parser.parse_args()
     torch.set_num_threads(1)
@@ -74,15 +106,17 @@ def main() -> None:
     truth = retrain(arguments.variant, setup, arguments.subsets, arguments.seeds)
     (tokens, mask), (query_tokens, query_mask) = corpus(setup)
     model = train_model(arguments.variant, tokens, mask, 0, setup)
-    train_data = batches(tokens, mask, 64)
-    query_data = batches(query_tokens, query_mask, 64)
-    examples = ExampleSet((tokens, mask), "text")
+    return TextInputs(
+        arguments, truth, model, (tokens, mask), batches(tokens, mask, 64),
+        batches(query_tokens, query_mask, 64),
+    )  # fmt: skip
 
-    def score(curvature: Curvature, factor: float) -> torch.Tensor:
-        return influence_scores(
-            curvature, query_data, train_data, model=model, loss_fn=language_model_loss,
-            damping_factor=factor, mask_fn=_token_mask, progress=False,
-        )  # fmt: skip
+
+def main() -> None:
+    inputs = text_inputs(__doc__.split("\n")[0])
+    arguments, model, truth = inputs.arguments, inputs.model, inputs.truth
+    setup = TextSetup(queries=arguments.queries)
+    examples = ExampleSet(inputs.tokens, "text")
 
     def select(curvature: Curvature, seed: int) -> DampingSelection:
         probe = probe_batches(examples, seed)
@@ -93,15 +127,11 @@ def main() -> None:
     sweeps: dict[str, Sweep] = {}
     for tracked, modules in module_sets(arguments.variant).items():
         for method, label in METHODS:
-
-            def fit(seed: int, method: str = method, modules=modules) -> Curvature:
-                return fit_curvature(
-                    model, train_data, language_model_loss, method, modules=modules,
-                    seed=seed, mask_fn=_token_mask,
-                )  # fmt: skip
-
+            fit = inputs.fitter(method, modules)
             name = f"{label}, {tracked}"
-            sweeps[name] = run_sweep(fit, score, select, truth, FACTORS, arguments.fisher_seeds)
+            sweeps[name] = run_sweep(
+                fit, inputs.score, select, truth, FACTORS, arguments.fisher_seeds
+            )
             print(f"{name}: {sweeps[name].lds().mean(0).tolist()}", flush=True)
     title = f"text `{arguments.variant}`"
     lines = [

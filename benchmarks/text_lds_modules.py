@@ -11,55 +11,35 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from benchmarks.common import machine_description
-from benchmarks.damping_lds import DEFAULT_FACTOR, Sweep, run_sweep, sweep_parser
-from benchmarks.text_lds import TextSetup, batches, corpus, module_sets, retrain, train_model
-from benchmarks.text_lds_damping import METHODS, _token_mask
-from kronlab.attribution import Curvature, fit_curvature, influence_scores
+from benchmarks.damping_lds import DEFAULT_FACTOR, Sweep, run_sweep
+from benchmarks.text_lds import module_sets
+from benchmarks.text_lds_damping import METHODS, text_inputs
 from kronlab.attribution.curvature import DEFAULT_DAMPING_FACTOR
-from kronlab.attribution.sources import language_model_loss
 from kronlab.curvature import find_modules_outside_attention
 
 
 def main() -> None:
-    parser = sweep_parser(__doc__.split("\n")[0], queries=96, fisher_seeds=4)
-    parser.add_argument("--variant", choices=["linear", "torch"], default="linear")
-    arguments = parser.parse_args()
-    torch.set_num_threads(1)
-    setup = TextSetup(queries=arguments.queries)
-    truth = retrain(arguments.variant, setup, arguments.subsets, arguments.seeds)
-    (tokens, mask), (query_tokens, query_mask) = corpus(setup)
-    model = train_model(arguments.variant, tokens, mask, 0, setup)
-    train_data = batches(tokens, mask, 64)
-    query_data = batches(query_tokens, query_mask, 64)
+    inputs = text_inputs(__doc__.split("\n")[0])
+    arguments, model = inputs.arguments, inputs.model
     factors = sorted({DEFAULT_DAMPING_FACTOR, DEFAULT_FACTOR})
     sets = {
         "default (outside attention)": list(find_modules_outside_attention(model)),
         "all": None,
         "MLP + head": module_sets(arguments.variant)["MLP + head"],
     }
-
-    def score(curvature: Curvature, factor: float) -> torch.Tensor:
-        return influence_scores(
-            curvature, query_data, train_data, model=model, loss_fn=language_model_loss,
-            damping_factor=factor, mask_fn=_token_mask, progress=False,
+    sweeps: dict[str, Sweep] = {
+        f"{label}, {tracked}": run_sweep(
+            inputs.fitter(method, modules),
+            inputs.score,
+            None,
+            inputs.truth,
+            factors,
+            arguments.fisher_seeds,
         )  # fmt: skip
-
-    sweeps: dict[str, Sweep] = {}
-    for tracked, modules in sets.items():
-        for method, label in METHODS:
-
-            def fit(seed: int, method: str = method, modules=modules) -> Curvature:
-                return fit_curvature(
-                    model, train_data, language_model_loss, method, modules=modules,
-                    seed=seed, mask_fn=_token_mask,
-                )  # fmt: skip
-
-            sweeps[f"{label}, {tracked}"] = run_sweep(
-                fit, score, None, truth, factors, arguments.fisher_seeds
-            )
+        for tracked, modules in sets.items()
+        for method, label in METHODS
+    }
     default = next(iter(sets))
     print(
         f"#### text `{arguments.variant}`: default tracked modules "
