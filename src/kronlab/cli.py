@@ -264,7 +264,9 @@ def _add_attribute_options(parser: argparse.ArgumentParser, stage: str | None) -
     each listed in the --help of the stages that use it (see :func:`_add_settings`)."""
     from kronlab.compat.bergson import add_bergson_flags
 
-    settings = parser.add_argument_group("settings (pinned in config.json)")
+    settings = parser.add_argument_group(
+        "settings (pinned in config.json, but for the score stage's own, which may change)"
+    )
     _add_settings(settings, stage)
     bergson = parser.add_argument_group("bergson's spellings")
     add_bergson_flags(bergson)
@@ -308,8 +310,9 @@ def _add_attribute(subparsers: argparse._SubParsersAction) -> None:
             description=description,
             epilog=None
             if stage == "run"
-            else "Settings of the other stages are accepted too (all are pinned in config.json "
-            "at the first stage): `kronlab attribute run --help` lists every one.",
+            else "Settings of the other stages are accepted too (pinned in config.json at the "
+            "first stage, but for the score stage's own): `kronlab attribute run --help` lists "
+            "every one.",
         )
         _add_attribute_options(stage_parser, stage)
         stage_parser.add_argument(
