@@ -164,6 +164,17 @@ def auto_table(label: str, sweeps: dict[str, Sweep]) -> list[str]:
     return lines
 
 
+def sweep_tables(label: str, sweeps: dict[str, Sweep]) -> list[str]:
+    """The three tables of a sweep: LDS per factor, paired against 0.1, where auto lands."""
+    return [
+        *lds_table(label, sweeps),
+        "",
+        *paired_table(label, sweeps),
+        "",
+        *auto_table(label, sweeps),
+    ]
+
+
 def sweep_parser(description: str, queries: int, fisher_seeds: int) -> argparse.ArgumentParser:
     """The options both sweeps share: retraining size, queries and label seeds."""
     parser = argparse.ArgumentParser(description=description)
@@ -225,11 +236,7 @@ def main() -> None:
         f"{arguments.fisher_seeds}`  ",
         f"Machine: {machine_description()}, shared with other jobs.",
         "",
-        *lds_table(name, sweeps),
-        "",
-        *paired_table(name, sweeps),
-        "",
-        *auto_table(name, sweeps),
+        *sweep_tables(name, sweeps),
     ]
     print("\n".join(lines))
 

@@ -26,14 +26,13 @@ from benchmarks.damping_lds import (
     DEFAULT_FACTOR,
     FACTORS,
     Sweep,
-    auto_table,
-    lds_table,
-    paired_table,
     run_sweep,
     sweep_parser,
+    sweep_tables,
 )
 from benchmarks.text_lds import TextSetup, batches, corpus, module_sets, retrain, train_model
 from kronlab.attribution import Curvature, fit_curvature, influence_scores
+from kronlab.attribution.curvature import DEFAULT_DAMPING_FACTOR
 from kronlab.attribution.damping_selection import (
     DampingSelection,
     probe_batches,
@@ -73,6 +72,7 @@ class TextInputs:
     """The trained model, its data and the retraining ground truth of one text variant."""
 
     arguments: argparse.Namespace
+    setup: TextSetup
     truth: dict[str, torch.Tensor]
     model: torch.nn.Module
     tokens: tuple[torch.Tensor, torch.Tensor]
@@ -107,7 +107,7 @@ def text_inputs(description: str) -> TextInputs:
     (tokens, mask), (query_tokens, query_mask) = corpus(setup)
     model = train_model(arguments.variant, tokens, mask, 0, setup)
     return TextInputs(
-        arguments, truth, model, (tokens, mask), batches(tokens, mask, 64),
+        arguments, setup, truth, model, (tokens, mask), batches(tokens, mask, 64),
         batches(query_tokens, query_mask, 64),
     )  # fmt: skip
 
@@ -115,7 +115,7 @@ def text_inputs(description: str) -> TextInputs:
 def main() -> None:
     inputs = text_inputs(__doc__.split("\n")[0])
     arguments, model, truth = inputs.arguments, inputs.model, inputs.truth
-    setup = TextSetup(queries=arguments.queries)
+    setup = inputs.setup
     examples = ExampleSet(inputs.tokens, "text")
 
     def select(curvature: Curvature, seed: int) -> DampingSelection:
@@ -144,13 +144,9 @@ def main() -> None:
         f"Machine: {machine_description()}, shared with other jobs (1-minute load "
         f"{os.getloadavg()[0]:.0f}); retraining took {float(truth['seconds']):.0f} s (cached).",
         "",
-        *lds_table(title, sweeps),
+        *sweep_tables(title, sweeps),
         "",
-        *paired_table(title, sweeps),
-        "",
-        *auto_table(title, sweeps),
-        "",
-        *modules_table(arguments.variant, sweeps, [0.01, DEFAULT_FACTOR]),
+        *modules_table(arguments.variant, sweeps, [DEFAULT_DAMPING_FACTOR, DEFAULT_FACTOR]),
     ]
     print("\n".join(lines))
 

@@ -231,6 +231,7 @@ class AttributionRun:
         self._task = task
         self._task_placed = False
         self._tracked_modules: dict[str, torch.nn.Module] | None = None
+        self._fit_subset: ExampleSet | None = None
         # Score-stage settings changed since the last score: ``run`` scores again.
         self._rescore = bool(prepare_run_dir(self.run_dir, self.config, self.workers, self.durable))
 
@@ -674,9 +675,9 @@ class AttributionRun:
     def _fit_examples(self) -> ExampleSet:
         """The training examples the curvature is fitted on: the first ``fit_examples`` (kept,
         so that its fingerprint is computed once)."""
-        if getattr(self, "_cached_fit_examples", None) is None:
-            self._cached_fit_examples = self.task.train.subset(self.config.fit_examples)
-        return self._cached_fit_examples
+        if self._fit_subset is None:
+            self._fit_subset = self.task.train.subset(self.config.fit_examples)
+        return self._fit_subset
 
     def _fit_inputs(self) -> dict:
         """Everything the fitted curvature (and, with ``damping="auto"``, the chosen damping

@@ -15,8 +15,7 @@ shards first and sends every rank its shards of the result afterwards
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -52,6 +51,7 @@ class Sharding:
         )
 
         self.full_views: FullViews | None = None  # built at the first step (FSDP2 only)
+        self.views_built = False  # whether the first step looked for DTensor parameters
 
     def owns(self, bundle_index: int) -> bool:
         return self.assignment.owners[bundle_index] == self.rank
@@ -105,7 +105,7 @@ def sharded_step(optimizer: KronOptimizer, sharding: Sharding) -> None:
     outcome, error = STEP_OK, None
     device = local_shard(params[0]).device if params else torch.device("cpu")
     try:
-        with views.swapped(optimizer.state) if views is not None else _nothing():
+        with views.swapped(optimizer.state) if views is not None else nullcontext():
             try:
                 for param, _ in hidden:
                     param.grad = None
@@ -134,21 +134,19 @@ def sharded_step(optimizer: KronOptimizer, sharding: Sharding) -> None:
 
 
 def full_views(optimizer: KronOptimizer, sharding: Sharding) -> FullViews | None:
-    """The stand-ins of this rank's DTensor parameters (``None`` without any), built once."""
-    if sharding.full_views is None and sharded_parameters(optimizer):
-        sharding.full_views = FullViews(
-            optimizer,
-            sharding.assignment.owners,
-            sharding.rank,
-            sharding.world_size,
-            sharding.config.process_group,
-        )
+    """The stand-ins of this rank's DTensor parameters (``None`` without any), built once:
+    the first step of a sharding looks for them, later steps reuse the answer."""
+    if not sharding.views_built:
+        sharding.views_built = True
+        if sharded_parameters(optimizer):
+            sharding.full_views = FullViews(
+                optimizer,
+                sharding.assignment.owners,
+                sharding.rank,
+                sharding.world_size,
+                sharding.config.process_group,
+            )
     return sharding.full_views
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def _local_update(
