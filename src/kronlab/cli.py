@@ -182,12 +182,12 @@ _STAGE_DESCRIPTIONS = {
     "run": "Perform every stage that is not complete yet, in order (fit, build, apply, score; "
     "build before fit with --compression project).",
 }
-_GRADIENT_STAGES = ("fit", "build", "apply")
 
 
 def _run_options() -> list[tuple[str, dict, tuple[str, ...] | None]]:
     """The options of `kronlab attribute` that are not pinned in config.json: (flag, argparse
     keywords, the stages whose --help lists it; None: every stage)."""
+    from kronlab.attribution.config import GRADIENT_STAGES
     from kronlab.attribution.pipeline import DEFAULT_MAX_STORE_GB
 
     return [
@@ -212,7 +212,7 @@ def _run_options() -> list[tuple[str, dict, tuple[str, ...] | None]]:
                                  "help": "run Hugging Face's unfused GELUs (gelu_new, ...) as "
                                  "torch's fused kernels of the same function: faster on CPU, "
                                  "equal up to rounding (not pinned in config.json)"},
-         _GRADIENT_STAGES),
+         GRADIENT_STAGES),
         ("--no-scores-file", {"action": "store_true",
                               "help": "score without the n_query x n_train scores.npy: keep "
                               "only each query's streamed top-k proponents and opponents "

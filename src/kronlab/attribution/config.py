@@ -82,8 +82,8 @@ def setting_of(config_field: Any) -> Setting:
 
 
 # The stages whose work a setting changes: what each stage's ``--help`` lists.
-_GRADIENTS = ("fit", "build", "apply")  # the stages that take per-example gradients
-_STORES = ("build", "apply")  # the stages that write gradient rows
+GRADIENT_STAGES = ("fit", "build", "apply")  # the stages that take per-example gradients
+STORE_STAGES = ("build", "apply")  # the stages that write gradient rows
 
 
 def _comma_separated(value: str) -> tuple[str, ...]:
@@ -146,7 +146,7 @@ class AttributionConfig:
         parse=_comma_separated,
         shown_default="all trackable modules outside attention (names with attn/attention, "
         "nn.MultiheadAttention), or all if that leaves none",
-        stages=_GRADIENTS,
+        stages=GRADIENT_STAGES,
     )
     method: str = setting("ekfac", choices=METHODS, stages=("fit",))
     fisher: str = setting("true", choices=("empirical", "true"), stages=("fit",))
@@ -159,7 +159,7 @@ class AttributionConfig:
         low_inclusive=False,
         parse=factor_or_auto,
         also=(DAMPING_AUTO,),
-        stages=_GRADIENTS,
+        stages=GRADIENT_STAGES,
     )
     projection_dim: int | None = setting(
         None,
@@ -168,23 +168,27 @@ class AttributionConfig:
         integer=True,
         shown_default=f"full gradients while their store takes at most {FULL_STORE_BUDGET_GB:g} "
         f"GB, else {DEFAULT_PROJECTION_DIM}",
-        stages=_STORES,
+        stages=STORE_STAGES,
     )
-    projection_kind: str = setting("orthogonal", choices=PROJECTION_KINDS, stages=_STORES)
+    projection_kind: str = setting("orthogonal", choices=PROJECTION_KINDS, stages=STORE_STAGES)
     compression: str = setting(
         "whitened",
         "project: P (H⁻¹G_q) vs P G_t; folded (K-FAC only): P (F+δ)^(-1/2) on both; "
         "whitened: P (F+δ)^(1/2) H⁻¹G_q vs P (F+δ)^(-1/2) G_t, best with --projection-dim",
         choices=COMPRESSION_STRATEGIES,  # the live registry: a mode registered later counts
-        stages=_STORES,
+        stages=STORE_STAGES,
     )
     dtype: str = setting(
         "float32", "storage dtype of the store", choices=STORAGE_DTYPES, stages=("build",)
     )
-    batch_size: int = setting(64, low=1, integer=True, stages=_GRADIENTS)
-    chunk_rows: int = setting(256, "rows per committed chunk", low=1, integer=True, stages=_STORES)
-    length: int = setting(64, "tokens per text sequence", low=2, integer=True, stages=_GRADIENTS)
-    seed: int = setting(0, stages=_GRADIENTS)
+    batch_size: int = setting(64, low=1, integer=True, stages=GRADIENT_STAGES)
+    chunk_rows: int = setting(
+        256, "rows per committed chunk", low=1, integer=True, stages=STORE_STAGES
+    )
+    length: int = setting(
+        64, "tokens per text sequence", low=2, integer=True, stages=GRADIENT_STAGES
+    )
+    seed: int = setting(0, stages=GRADIENT_STAGES)
     train_store: str | None = setting(
         None,
         "use the gradient store in this directory",
@@ -208,7 +212,7 @@ class AttributionConfig:
         flag="--no-bias",
         const=False,
         shown_default="biases included",
-        stages=_GRADIENTS,
+        stages=GRADIENT_STAGES,
     )
     # Last, so that config.json files written before it read as "all examples".
     fit_examples: int | None = setting(
