@@ -95,6 +95,9 @@ def _worker(rank: int, world_size: int, init_file: str, out: str) -> None:
     )
     try:
         counts = {refused: _all_reduces_per_step(rank, refused) for refused in (None, LATE_STEP)}
+        # every rank done before any tears its gloo connections down (a rank leaving while
+        # another still talks to it can abort the other process)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     torch.save(counts, Path(out) / f"rank{rank}.pt")

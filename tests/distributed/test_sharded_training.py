@@ -219,6 +219,9 @@ def _worker(rank: int, world_size: int, init_file: str, out: str, checkpoints: s
                         name, directory, rank, world_size, save=True
                     )
                 results[("resumed", name)] = _checkpointed_run(name, directory, rank, world_size)
+        # every rank done before any tears its gloo connections down (a rank leaving while
+        # another still talks to it can abort the other process)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     torch.save(results, Path(out) / f"rank{rank}.pt")

@@ -82,6 +82,9 @@ def _worker(rank: int, world_size: int, init_file: str, results: dict) -> None:
     )
     try:
         results[rank] = {name: _train(name, rank, world_size) for name in OPTIMIZERS}
+        # every rank done before any tears its gloo connections down (a rank leaving while
+        # another still talks to it can abort the other process)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
