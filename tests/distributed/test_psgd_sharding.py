@@ -15,6 +15,7 @@ from torch import nn
 import kronlab.optim.psgd as psgd_module
 from kronlab.distributed import DistributedConfig
 from kronlab.optim import PSGD
+from kronlab.optim.randomness import NORMAL_CHUNK
 
 F64 = torch.float64
 STEPS = 6
@@ -27,7 +28,7 @@ def test_noise_prefix_does_not_depend_on_the_size_drawn():
     optimizer = PSGD([nn.Parameter(torch.zeros(3, dtype=F64))], seed=5)
     device = torch.device("cpu")
     small = optimizer._step_noise(35, device, F64)
-    large = optimizer._step_noise(2 * psgd_module.NOISE_CHUNK + 7, device, F64)
+    large = optimizer._step_noise(2 * NORMAL_CHUNK + 7, device, F64)
     torch.testing.assert_close(small, large[:35], rtol=0, atol=0)
     optimizer._count_step()
     assert not torch.equal(optimizer._step_noise(35, device, F64), small)  # fresh every step

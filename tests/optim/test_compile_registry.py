@@ -18,10 +18,6 @@ from kronlab.optim import KronOptimizer, create_optimizer
 
 from .state_checks import KRON_OPTIMIZERS
 
-# PSGD's update breaks the graph (its fit noise is drawn from the optimizer's own generator,
-# eagerly), which splits its step into many graphs (BENCHMARKS.md, "torch.compile");
-# tests/optim/test_compile.py covers its compiled step.
-KRONLAB = [name for name in KRON_OPTIMIZERS if not name.startswith("psgd")]
 # Shampoo-family optimizers with a refresh before (root-inverse) or after (SOAP) the direction
 REFRESHING = ["shampoo", "soap"]
 FREQUENCY = 2  # refreshes at steps 1, 3, 5, …
@@ -55,7 +51,7 @@ def backward(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> N
     nn.functional.mse_loss(model(inputs), targets).backward()
 
 
-@pytest.mark.parametrize("name", KRONLAB)
+@pytest.mark.parametrize("name", KRON_OPTIMIZERS)
 def test_steady_state_step_is_one_graph(name: str) -> None:
     model = tiny_model()
     optimizer = masked_optimizer(name, model)

@@ -34,7 +34,6 @@ from kronlab.optim.psgd_factors import (
     preconditioner_lr_schedule,
     whitening_terms,
 )
-from kronlab.optim.randomness import OptimizerGenerators
 from kronlab.optim.registry import register_optimizer
 from kronlab.optim.sharded_step import Sharding
 from kronlab.optim.step_template import Direction, Slot, Stack, Work
@@ -46,9 +45,6 @@ BALANCE_EVERY = 100
 UPDATE_RMS_CLIP = 1.1
 ADAM_RMS_DIVISOR = 5.0  # PSGD's update has RMS ≈ 1, Adam's ≈ 0.2
 NoiseKey = tuple[torch.device, torch.dtype]  # a noise draw's device and dtype
-# Entries of a step's noise sequence drawn from one seeded generator: the sequence is made of
-# such chunks, so its first n entries are the same however many entries are drawn.
-NOISE_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -206,7 +202,6 @@ class PSGD(KronOptimizer):
             distributed=distributed,
             seed=seed,
         )
-        self._noise: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # this step's draws
         # (sharding, step) of the step after which no bundle on any rank waited for its
         # initialisation: once that step is taken, no scale is left to agree on
         self._settlement: tuple[Sharding, int] | None = None
@@ -272,13 +267,16 @@ class PSGD(KronOptimizer):
             slots = stack.active()
             if slots:
                 active.append((stack, slots, self.gradients(stack, slots)))
+        # bundles not initialised yet (``refresh_due``: such a step runs eagerly when compiled)
         fresh: dict[int, list[tuple[Slot, Tensor]]] = defaultdict(list)
         for stack, slots, gradients in active:
-            fresh[stack.group_index] += [
+            entries = [
                 (slot, grad)
                 for slot, grad in zip(slots, gradients)
                 if not self.state[slot.param].get("step")
             ]
+            if entries:
+                fresh[stack.group_index] += entries
         moments = {index: _mean_squares(entries) for index, entries in fresh.items()}
         # all-zero (and zero-size: NaN mean) gradients wait; they must not set the shared scale
         initialized = {
@@ -296,7 +294,7 @@ class PSGD(KronOptimizer):
             for _, slots, _ in active
         ]
         peaks = {
-            index: max((moment for moment in values if moment > 0), default=0.0)
+            index: max([moment for moment in values if moment > 0], default=0.0)
             for index, values in moments.items()
         }
         sizes = self._noise_sizes(
@@ -308,7 +306,7 @@ class PSGD(KronOptimizer):
             self._settlement = None if waiting else (sharding, self.global_step)
         for index, entries in fresh.items():
             self._initialize(self.param_groups[index], entries, moments[index], peaks[index])
-        self._noise = {
+        noise = {
             (device, dtype): self._step_noise(size, device, dtype)
             for (device, dtype), size in sizes.items()
             if size > 0
@@ -323,7 +321,9 @@ class PSGD(KronOptimizer):
                 momenta = self.momentum(
                     stepped, [g for g, flag in zip(gradients, flags) if flag], group
                 )
-                direction = self.direction(stack, stepped, momenta, group)
+                direction = self.direction(
+                    stack, stepped, momenta, group, noise.get(_noise_key(stack))
+                )
                 positions = [index for index, flag in enumerate(flags) if flag]
                 for position, value, scale in zip(
                     positions, direction.values.unbind(0), direction.scale.unbind(0)
@@ -332,11 +332,29 @@ class PSGD(KronOptimizer):
                 step_size = direction.step_size
             self.apply(stack, slots, Direction(values, step_size, scales), group)
 
+    def refresh_due(self) -> bool:
+        """Whether this step initialises a bundle (its first step, or its first non-zero
+        gradient): the initial scale is read on the host, so under ``torch.compile`` such a step
+        runs eagerly. Every other step draws its noise inside the graph (``_step_noise``)."""
+        return any(
+            not self.state[slot.param].get("step")
+            for stack in self.plan.stacks
+            for slot in stack.active()
+        )
+
     def direction(
-        self, stack: Stack, slots: list[Slot], gradients: list[Tensor], group: dict[str, Any]
+        self,
+        stack: Stack,
+        slots: list[Slot],
+        gradients: list[Tensor],
+        group: dict[str, Any],
+        noise: Tensor | None = None,
     ) -> Direction:
-        """Refit the stack's factors to its momenta; ``Q_l² M Q_r²``, RMS-clipped by ``scale``."""
-        noise = self._noise.get(_noise_key(stack)) if group["noise_scale"] > 0 else None
+        """Refit the stack's factors to its momenta (plus ``noise``, this step's standard normal
+        draw for the stack's device and dtype, scaled by ``noise_scale``); ``Q_l² M Q_r²``,
+        RMS-clipped by ``scale``."""
+        if group["noise_scale"] == 0:
+            noise = None
         left, right = stack.work.key
         updates, clip = self._precondition_stack(stack, group, slots, left, right, noise)
         step_size = group["lr"] / ADAM_RMS_DIVISOR if group["lr_style"] == "adam" else group["lr"]
@@ -399,8 +417,9 @@ class PSGD(KronOptimizer):
 
     def _step_noise(self, size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """The first ``size`` entries of this step's flat ``N(0, I)`` sequence for ``device``
-        and ``dtype``; chunk ``k`` (``NOISE_CHUNK`` entries) is drawn from a generator seeded
-        from the seed, the step count and ``k`` alone (``OptimizerGenerators.stream``).
+        and ``dtype``; chunk ``k`` (``NORMAL_CHUNK`` entries) is drawn from a generator seeded
+        from the seed, the step count and ``k`` alone (``randomness.step_standard_normal``, a
+        custom operator: under ``torch.compile`` the draw is one call inside the graph).
 
         Every bundle's fit noise is a view of it (``_fit_noise``): each bundle's factors are
         fitted to its own gradient only, so what each bundle sees must be i.i.d. ``N(0, 1)``
@@ -413,7 +432,7 @@ class PSGD(KronOptimizer):
         its own largest bundle needs; a refused step draws nothing that the next one would
         not draw again, and a resumed run draws what an uninterrupted one does.
         """
-        return _standard_normal(size, dtype, device, self._generators, self.global_step)
+        return self._generators.step_standard_normal(size, self.global_step, dtype, device)
 
     def _settled(self, sharding: Sharding) -> bool:
         """Whether every bundle on every rank was initialised by a step taken under
@@ -466,7 +485,7 @@ class PSGD(KronOptimizer):
         ``P_l' M P_r'`` with the refreshed factors → RMS clip. The state stays in its dtype;
         the arithmetic runs in ``product_dtype`` (float32 for half-precision state on CPU) and
         refreshed factors are rounded to the state dtype before they are used or cached.
-        ``noise`` is this step's flat standard normal draw (``_standard_normal_buffers``) or
+        ``noise`` is this step's flat standard normal draw (``_step_noise``) or
         None without fit noise.
         """
         key = stack.index
@@ -572,28 +591,6 @@ def _mean_squares(entries: list[tuple[Slot, Tensor]]) -> list[float]:
 def _noise_key(stack: Stack) -> NoiseKey:
     """Device and product dtype of a stack."""
     return stack.device, product_dtype(stack.work.dtype, stack.device)
-
-
-# Dynamo cannot trace a draw from a torch.Generator: under torch.compile the draw runs eagerly
-# (one graph break), so the optimizer keeps owning its random numbers (exact resume).
-@torch._dynamo.disable
-def _standard_normal(
-    size: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    generators: OptimizerGenerators,
-    step: int,
-) -> Tensor:
-    """The first ``size`` entries of step ``step``'s ``N(0, 1)`` sequence in ``dtype`` on
-    ``device``: whole chunks of ``NOISE_CHUNK`` draws, chunk ``k`` from the generator
-    ``generators.stream`` makes for ``(step, k)`` (drawn in float32 for half types: half
-    ``normal_`` is slow)."""
-    draw_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    draws = torch.empty(math.ceil(size / NOISE_CHUNK), NOISE_CHUNK, dtype=draw_dtype, device=device)
-    for chunk, row in enumerate(draws):
-        # whole chunks only: a chunk's numbers never depend on how many of them are used
-        row.normal_(generator=generators.stream(step * 2**32 + chunk, device))
-    return draws.view(-1)[:size].to(dtype)
 
 
 def _fit_noise(momenta: Tensor, standard_normal: Tensor, scale: float) -> Tensor:

@@ -21,6 +21,44 @@ def derived_seed(seed: int) -> int:
     return (mixed ^ (mixed >> 31)) >> 1
 
 
+def stream_seed(seed: int, key: int) -> int:
+    """The seed of item ``key``'s generator in the streams of ``seed``."""
+    return derived_seed((seed + derived_seed(key)) % 2**64)
+
+
+# One step's standard normal sequence is made of chunks of this many entries, chunk k drawn from
+# item (step · 2³² + k)'s generator: its first n entries are the same however many are drawn.
+NORMAL_CHUNK = 1 << 16
+
+
+# A custom operator, so that torch.compile keeps the draw inside the graph as one opaque call
+# (Dynamo cannot trace a torch.Generator) and the compiled step draws what the eager one does.
+@torch.library.custom_op("kronlab::step_standard_normal", mutates_args=())
+def step_standard_normal(
+    size: int, seed_high: int, seed_low: int, step: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The first ``size`` entries of step ``step``'s ``N(0, 1)`` sequence in the streams of the
+    seed ``seed_high · 2³² + seed_low`` (split: operator integers are 64-bit signed), in
+    ``dtype`` on ``device``: whole chunks of ``NORMAL_CHUNK`` draws (in float32 for half types:
+    half ``normal_`` is slow)."""
+    seed = (seed_high << 32) + seed_low
+    draw_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    chunks = -(-size // NORMAL_CHUNK)
+    draws = torch.empty(chunks, NORMAL_CHUNK, dtype=draw_dtype, device=device)
+    for chunk, row in enumerate(draws):
+        generator = torch.Generator(device=device)
+        generator.manual_seed(stream_seed(seed, step * 2**32 + chunk))
+        row.normal_(generator=generator)
+    return draws.view(-1)[:size].to(dtype)
+
+
+@step_standard_normal.register_fake
+def _step_standard_normal_shape(
+    size: int, seed_high: int, seed_low: int, step: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    return torch.empty(size, dtype=dtype, device=device)
+
+
 class OptimizerGenerators:
     """Generators seeded with ``seed`` (``None``: ``derived_seed(torch.initial_seed())``, which
     follows the caller's ``torch.manual_seed`` without drawing from the global stream and without
@@ -47,7 +85,7 @@ class OptimizerGenerators:
         and ``key`` alone: what it draws depends neither on what was drawn before nor on the
         process that draws it. Not saved: it is made again from the seed."""
         generator = torch.Generator(device=torch.device(device))
-        generator.manual_seed(derived_seed((self.seed + derived_seed(key)) % 2**64))
+        generator.manual_seed(stream_seed(self.seed, key))
         return generator
 
     def state_dict(self) -> dict[str, Any]:
@@ -61,6 +99,13 @@ class OptimizerGenerators:
         self.seed = saved["seed"]
         self._generators = {}
         self._pending = {key: state.to("cpu").clone() for key, state in saved["states"].items()}
+
+    def step_standard_normal(
+        self, size: int, step: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """``step_standard_normal`` in this seed's streams (the generators' states untouched)."""
+        seed = self.seed % 2**64
+        return step_standard_normal(size, seed >> 32, seed & 0xFFFFFFFF, step, dtype, device)
 
 
 def check_generator_state(saved: object) -> None:
