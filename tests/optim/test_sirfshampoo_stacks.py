@@ -72,7 +72,7 @@ def test_same_shape_bundles_share_a_stack_and_match_separate_optimizers() -> Non
         for layer in layers:  # each layer's own loss, as each separate model sees it
             joint_model.train()
             layer(inputs).square().sum().backward()
-        joint._batch_size = 6
+        joint._step_values["batch_size"] = 6
         joint.step()
         for model, optimizer in zip(separate, alone):
             optimizer.zero_grad()

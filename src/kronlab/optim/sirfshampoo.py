@@ -171,8 +171,8 @@ class SIRFShampoo(KronOptimizer):
     Args:
         model: the model; its forward pre-hook counts the batch size ``B`` (the sum of the
             leading dims of the first input of every training-mode forward since the last step,
-            so gradient accumulation over micro-batches counts them all) and grouping rules find
-            its layers.
+            so gradient accumulation over micro-batches counts them all; none counted: ``B = 1``,
+            with a warning the first time) and grouping rules find its layers.
         params: parameters or param groups (default: all trainable parameters of ``model``);
             a group may set its own ``combine_params``, ``structures``, ... .
         lr: parameter step size (β1 in the paper).
@@ -240,9 +240,16 @@ class SIRFShampoo(KronOptimizer):
         check_range("data_parallel_size", data_parallel_size, 1, integer=True)
         self._data_parallel_size = data_parallel_size
         self._plans: dict[ParameterBundle, FactorPlan] = {}
-        self._batch_size = 0
-        self._step_batch_size = 0  # the batch size of the step being taken
-        self._due: list[bool] = []  # per param group: whether this step updates the factors
+        # The Python values a step reads and writes, items of a dict rather than attributes:
+        # a compiled step (torch.compile) carries out a dict's item writes, but Dynamo drops
+        # attribute writes on an optimizer object (the batch count would never be reset).
+        self._step_values: dict[str, Any] = {
+            "batch_size": 0,  # counted by the forward pre-hook since the last step
+            "step_batch_size": 0,  # the batch size of the step being taken
+            "due": [],  # per param group: whether this step updates the factors
+            "no_forward": False,  # a factor update found no batch counted (batch size 1)
+            "warned_no_forward": False,
+        }
         defaults = dict(
             lr=lr,
             beta2=beta2,
@@ -321,7 +328,7 @@ class SIRFShampoo(KronOptimizer):
     @property
     def pending_batch_size(self) -> int:
         """Examples counted by the forward pre-hook since the last step (``B`` of the next)."""
-        return self._batch_size
+        return self._step_values["batch_size"]
 
     def describe_preconditioner(self, bundle: ParameterBundle) -> list[str]:
         return [structure.describe() for structure in self._plans[bundle].structures]
@@ -362,22 +369,39 @@ class SIRFShampoo(KronOptimizer):
         )
         if first is not None:
             # A Python int (no host sync); DDP averages the gradient over every rank's batch.
-            self._batch_size += first.shape[0] * self._data_parallel_size
+            self._step_values["batch_size"] += first.shape[0] * self._data_parallel_size
 
     # --- stepping ---------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = super().step(closure)
-        self._batch_size = 0  # also after a skipped (non-finite) step: its batch is not reused
+        values = self._step_values
+        values["batch_size"] = 0  # also after a skipped (non-finite) step: not reused
+        # Once: a warning breaks a compiled step's graph (Dynamo cannot trace it), and here
+        # rather than in the per-stack code, where Dynamo would compile the rest of that code
+        # once per stack shape and then trace it with dynamic shapes (which fails).
+        if values["no_forward"] and not values["warned_no_forward"]:
+            values["warned_no_forward"] = True
+            warnings.warn(
+                "SIRFShampoo saw no training-mode forward pass before a step; its factor "
+                "update used batch size 1 (warned once)",
+                RuntimeWarning,
+                stacklevel=4,  # the caller of step (past no_grad and the step hooks)
+            )
         return loss
 
     def update(self) -> None:
         """The template's stages over stacks of same-structure bundles; which groups update
         their factors this step (``T``) and the batch size are decided once per step."""
         step = self.global_step - 1  # 0-based, as T's callable sees it
-        self._step_batch_size, self._batch_size = self._batch_size, 0
+        values = self._step_values
+        batch_size, values["batch_size"] = values["batch_size"], 0
         # T is asked once per group and step: a stateful callable sees every step exactly once.
-        self._due = [factor_update_due(group["T"], step) for group in self.param_groups]
+        values["due"] = [factor_update_due(group["T"], step) for group in self.param_groups]
+        if batch_size == 0 and any(values["due"]):
+            batch_size = 1
+            values["no_forward"] = True  # warned by step, once per optimizer
+        values["step_batch_size"] = batch_size
         super().update()
 
     def work(self, bundle: ParameterBundle) -> list[Work]:
@@ -409,21 +433,13 @@ class SIRFShampoo(KronOptimizer):
 
         factors = factor_stacks("factors")
         grad = gradients[0] if single else torch.stack(gradients)
-        if plan.structures and self._due[stack.group_index]:
-            if self._step_batch_size == 0:
-                self._step_batch_size = 1
-                warnings.warn(
-                    "SIRFShampoo saw no training-mode forward pass since the last step; "
-                    "using batch size 1 for the factor update",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+        if plan.structures and self._step_values["due"][stack.group_index]:
             update_factors(
                 grad,
                 factors,
                 factor_stacks("factor_momenta"),
                 plan.structures,
-                batch_size=self._step_batch_size,
+                batch_size=self._step_values["step_batch_size"],
                 alpha2=group["alpha2"],
                 beta2=group["beta2"],
                 lam=group["lam"],
