@@ -123,3 +123,28 @@ def test_compiled_steps_equal_eager_across_refreshes(name: str) -> None:
     assert int(eager_optimizer.masked_steps) == 1
     for compiled_param, eager_param in zip(compiled.parameters(), eager.parameters()):
         torch.testing.assert_close(compiled_param, eager_param, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", KRON_OPTIMIZERS)
+def test_traced_steps_rebind_no_attribute(name: str) -> None:
+    """A compiled step drops attribute writes on an optimizer object (Dynamo carries out item
+    writes into its dicts, not ``self.x = ...``): a step that is traced, i.e. one that
+    refreshes nothing, must keep its Python values in containers, never rebind attributes."""
+    model = tiny_model()
+    optimizer = masked_optimizer(name, model)
+    for step in range(3):
+        backward(model, optimizer, step)
+        optimizer.step()
+    traced = 0
+    for step in range(3, 3 + 2 * FREQUENCY):
+        backward(model, optimizer, step)
+        optimizer._counters["step"] += 1  # refresh_due asks about the step being taken
+        due = optimizer.refresh_due()
+        optimizer._counters["step"] -= 1
+        before = {key: id(value) for key, value in vars(optimizer).items()}
+        optimizer.step()
+        if not due:
+            traced += 1
+            after = {key: id(value) for key, value in vars(optimizer).items()}
+            assert after == before, sorted(k for k in after if after[k] != before.get(k))
+    assert traced > 0
