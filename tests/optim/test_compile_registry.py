@@ -9,6 +9,8 @@ Compiled with the ``"eager"`` backend: graph breaks and recompiles are decided b
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -26,6 +28,15 @@ FREQUENCY = 2  # refreshes at steps 1, 3, 5, …
 def tiny_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def wide_model() -> nn.Module:
+    """A square layer of at least ``linalg.symmetric.SPLIT_MIN_SIZE``: its dense factors'
+    products are computed in halves."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 260), nn.Tanh(), nn.Linear(260, 260), nn.Tanh(), nn.Linear(260, 3)
+    )
 
 
 def masked_optimizer(name: str, model: nn.Module, **group: object) -> torch.optim.Optimizer:
@@ -51,9 +62,10 @@ def backward(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> N
     nn.functional.mse_loss(model(inputs), targets).backward()
 
 
+@pytest.mark.parametrize("build", [tiny_model, wide_model], ids=["tiny", "wide"])
 @pytest.mark.parametrize("name", KRON_OPTIMIZERS)
-def test_steady_state_step_is_one_graph(name: str) -> None:
-    model = tiny_model()
+def test_steady_state_step_is_one_graph(name: str, build: Callable[[], nn.Module]) -> None:
+    model = build()
     optimizer = masked_optimizer(name, model)
     for step in range(3):  # state creation, the synchronously checked first step, refreshes
         backward(model, optimizer, step)

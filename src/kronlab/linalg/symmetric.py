@@ -33,6 +33,8 @@ def symmetric_product(
         product = left @ right
         return product.mT.add(product).mul_(0.5) if symmetrize else product
     half = size // 2
+    if torch.compiler.is_compiling():
+        return _joined_halves(left, right, half, symmetrize)
     result = left.new_empty((left.shape[0], size, size))
     torch.bmm(left.narrow(-2, 0, half), right, out=result[:, :half])
     torch.bmm(
@@ -46,3 +48,16 @@ def symmetric_product(
             # a contiguous transposed copy, then in place: faster than a strided-operand add
             block.add_(block.mT.contiguous()).mul_(0.5)
     return result
+
+
+def _joined_halves(left: Tensor, right: Tensor, half: int, symmetrize: bool) -> Tensor:
+    """``symmetric_product``'s blocks, the same operations, joined by ``cat``: a traced step
+    (torch.compile) cannot write a product into a strided view (``out=``)."""
+    size = left.shape[-2]
+    top = torch.bmm(left.narrow(-2, 0, half), right)  # [A C]
+    corner = torch.bmm(left.narrow(-2, half, size - half), right.narrow(-1, half, size - half))
+    first, shared = top.narrow(-1, 0, half), top.narrow(-1, half, size - half)
+    if symmetrize:
+        first = first.add(first.mT).mul_(0.5)
+        corner = corner.add(corner.mT).mul_(0.5)
+    return torch.cat([torch.cat([first, shared], -1), torch.cat([shared.mT, corner], -1)], -2)
