@@ -18,6 +18,7 @@ from torch._dynamo.utils import counters
 
 from kronlab.optim import KronOptimizer, create_optimizer
 
+from .compile_checks import assert_one_graph, trajectory
 from .state_checks import KRON_OPTIMIZERS
 
 # Shampoo-family optimizers with a refresh before (root-inverse) or after (SOAP) the direction
@@ -72,50 +73,31 @@ def test_steady_state_step_is_one_graph(name: str, build: Callable[[], nn.Module
         optimizer.step()
     backward(model, optimizer, 3)  # step 4 refreshes nothing
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(optimizer.step)()
-    reasons = [reason.reason.splitlines()[0] for reason in explained.break_reasons]
-    assert explained.graph_break_count == 0, reasons
-    assert explained.graph_count == 1
-
-
-def state_tensors(value: object) -> list[torch.Tensor]:
-    """Every tensor of a nested state, in order (clones): a masked step restores the tensors;
-    the Python step counters advance either way."""
-    if isinstance(value, torch.Tensor):
-        return [value.clone()]
-    if isinstance(value, dict):
-        return [t for item in value.values() for t in state_tensors(item)]
-    if isinstance(value, (list, tuple)):
-        return [t for item in value for t in state_tensors(item)]
-    return []
-
-
-def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    parameters = [p.detach().clone() for p in model.parameters()]
-    return parameters + state_tensors([optimizer.state[p] for p in model.parameters()])
+    assert_one_graph(optimizer.step)
 
 
 def train(
     name: str, steps: int, non_finite_step: int, compiled: bool, graphs: list[int]
 ) -> tuple[nn.Module, KronOptimizer, list[list[torch.Tensor]]]:
-    """``steps`` steps (the first eager, the rest compiled if asked), a NaN gradient entry at
-    ``non_finite_step``; ``graphs`` collects the number of graphs compiled after each step.
-    Also returns the parameters and state before and after the non-finite step."""
+    """``compile_checks.trajectory`` of the tiny model, a NaN in the first weight's gradient."""
     model = tiny_model()
     # ε well above float32 rounding of the factors' smallest eigenvalues, which (λ + ε)^{-1/4}
     # would amplify into differences between any two orders of the same float operations
     optimizer = masked_optimizer(name, model, eps=1e-5)
-    step = torch.compile(optimizer.step, backend="eager")
-    around: list[list[torch.Tensor]] = []
-    for index in range(1, steps + 1):
-        backward(model, optimizer, index)
-        if index == non_finite_step:
-            next(model.parameters()).grad[0, 0] = float("nan")
-            around.append(snapshot(model, optimizer))
-        (step if compiled and index > 1 else optimizer.step)()
-        if index == non_finite_step:
-            around.append(snapshot(model, optimizer))
-        graphs.append(counters["stats"]["unique_graphs"])
+
+    def poison() -> None:
+        next(model.parameters()).grad[0, 0] = float("nan")
+
+    around = trajectory(
+        model,
+        optimizer,
+        lambda index: backward(model, optimizer, index),
+        poison,
+        steps,
+        non_finite_step,
+        compiled,
+        graphs,
+    )
     return model, optimizer, around
 
 

@@ -19,6 +19,8 @@ from torch._dynamo.utils import counters
 
 from kronlab.optim import SIRFShampoo, create_optimizer
 
+from .compile_checks import assert_one_graph, trajectory
+
 PERIOD = 2  # T: factor updates at steps 1, 3, 5, …
 # "counted": a training-mode forward per step; "uncounted": in eval mode, so the hook counts no
 # batch (batch size 1); "varying": the batch size changes between steps
@@ -69,50 +71,29 @@ def test_every_step_is_one_graph(forward: str) -> None:
     torch._dynamo.reset()
     for step in (3, 4):  # step 4 updates no factor, step 5 does
         backward(model, optimizer, step, forward)
-        explained = torch._dynamo.explain(optimizer.step)()
-        reasons = [reason.reason.splitlines()[0] for reason in explained.break_reasons]
-        assert explained.graph_break_count == 0, reasons
-        assert explained.graph_count == 1
-
-
-def state_tensors(value: object) -> list[torch.Tensor]:
-    """Every tensor of a nested state, in order (clones)."""
-    if isinstance(value, torch.Tensor):
-        return [value.clone()]
-    if isinstance(value, dict):
-        return [t for item in value.values() for t in state_tensors(item)]
-    if isinstance(value, (list, tuple)):
-        return [t for item in value for t in state_tensors(item)]
-    return []
-
-
-def snapshot(model: nn.Module, optimizer: SIRFShampoo) -> list[torch.Tensor]:
-    parameters = [p.detach().clone() for p in model.parameters()]
-    # only the existing entries: reading a missing one would add it (a defaultdict) and make
-    # the compiled step recompile for the new number of entries
-    states = [optimizer.state[p] for p in model.parameters() if p in optimizer.state]
-    return parameters + state_tensors(states)
+        assert_one_graph(optimizer.step)
 
 
 def train(
     steps: int, non_finite_step: int, compiled: bool, forward: str, graphs: list[int]
 ) -> tuple[nn.Module, SIRFShampoo, list[list[torch.Tensor]]]:
-    """``steps`` steps (the first eager, the rest compiled if asked), a NaN gradient entry at
-    ``non_finite_step``; ``graphs`` collects the number of graphs compiled after each step.
-    Also returns the parameters and state before and after the non-finite step."""
+    """``compile_checks.trajectory`` of the MLP, a NaN in a gradient of the stack of two."""
     model = mlp()
     optimizer = masked_optimizer(model)
-    step = torch.compile(optimizer.step, backend="eager")
-    around: list[list[torch.Tensor]] = []
-    for index in range(1, steps + 1):
-        backward(model, optimizer, index, forward)
-        if index == non_finite_step:
-            model[2].weight.grad[0, 0] = float("nan")  # a bundle of the stack of two
-            around.append(snapshot(model, optimizer))
-        (step if compiled and index > 1 else optimizer.step)()
-        if index == non_finite_step:
-            around.append(snapshot(model, optimizer))
-        graphs.append(counters["stats"]["unique_graphs"])
+
+    def poison() -> None:
+        model[2].weight.grad[0, 0] = float("nan")
+
+    around = trajectory(
+        model,
+        optimizer,
+        lambda index: backward(model, optimizer, index, forward),
+        poison,
+        steps,
+        non_finite_step,
+        compiled,
+        graphs,
+    )
     return model, optimizer, around
 
 
