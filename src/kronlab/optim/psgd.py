@@ -114,7 +114,10 @@ class PSGD(KronOptimizer):
 
     Args:
         params: tensors or param groups; ``None`` with ``model=`` takes all of the model's.
-        lr: learning rate.
+        lr: learning rate. The registry's ``psgd_quad`` and ``psgd_procrustes``
+            (``create_optimizer``) use 1e-2, which won the convergence benchmark's ``charlm``
+            grid (BENCHMARKS.md, "Convergence"); the class default is kept so that code
+            written against it trains as before.
         lr_style: ``"adam"``: the step is ``lr/5 · update`` so AdamW's learning rates and weight
             decays transfer (PSGD's update RMS ≈ 1, Adam's ≈ 0.2); ``None`` steps by
             ``lr · update``.

@@ -175,7 +175,9 @@ class SIRFShampoo(KronOptimizer):
             with a warning the first time) and grouping rules find its layers.
         params: parameters or param groups (default: all trainable parameters of ``model``);
             a group may set its own ``combine_params``, ``structures``, ... .
-        lr: parameter step size (β1 in the paper).
+        lr: parameter step size (β1 in the paper). The class keeps the paper's defaults; the
+            registry's ``sirfshampoo`` (``create_optimizer``) uses lr 0.01, ``beta2=0.5`` and
+            ``lam=0.1``, tuned for short runs (BENCHMARKS.md, "SIRFShampoo's lag").
         beta2: factor step size, in ``[0, 1]`` (not an EMA rate as Shampoo's ``betas[1]``).
         momentum: parameter momentum ``buf ← momentum·buf + step``, ``[0, 1)`` (the paper's
             and sirfshampoo's ``alpha1``; torch.optim's name).

@@ -73,7 +73,10 @@ class Spectron(HybridMatrixOptimizer):
 
     Args:
         params, model: as ``Muon``; auxiliary parameters go to AdamW.
-        lr: the bound on the spectral norm of each weight update.
+        lr: the bound on the spectral norm of each weight update. The registry's ``spectron``
+            (``create_optimizer``) uses 0.05, within one grid point of the best on the
+            convergence benchmark's three tasks (BENCHMARKS.md, "Convergence"); the class
+            default is kept so that code written against it trains as before.
         rank, rank_fraction: exactly one; ``rank`` must be in ``[1, min(m, n)]`` for every matrix
             unless ``cap_rank=True``, which uses ``min(rank, m, n)`` per matrix.
         momentum, weight_decay, ns_steps: as in the update above.

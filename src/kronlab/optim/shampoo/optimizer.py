@@ -118,7 +118,10 @@ class Shampoo(KronOptimizer):
     Args:
         params: tensors or param groups (a group may set any argument below but ``model``);
             ``None`` with ``model=`` takes all of the model's trainable parameters.
-        lr: learning rate.
+        lr: learning rate. The registry's ``shampoo`` and ``kl_shampoo`` (``create_optimizer``)
+            use 3e-3, which won the convergence benchmark's ``charlm`` grid (BENCHMARKS.md,
+            "Convergence"); the class default is kept so that code written against it trains
+            as before.
         betas: ``(β₁, β₂)``: the EMA rates of the gradient (0: none) and of the factors
             (``1``: running sums, AdaGrad-style).
         eps: damping ``ε`` added to the (bias-corrected) factors' eigenvalues.

@@ -44,7 +44,9 @@ class SOAP(Shampoo):
     """SOAP (Vyas et al., 2024): Adam in the eigenbasis of Shampoo's factors, refreshed by one
     warm-started QR step every ``precondition_frequency`` steps. Published defaults: lr 3e-3,
     betas (0.95, 0.95), ε 1e-8, weight decay 0.01, frequency 10, max dim 10000, no dim merging,
-    1-D parameters by Adam.
+    1-D parameters by Adam. The registry's ``soap`` (``create_optimizer``) uses lr 1e-2, which
+    won the convergence benchmark's grids (BENCHMARKS.md, "Convergence"); the class keeps the
+    published defaults.
 
     Args:
         params, lr, betas, eps, weight_decay, precondition_frequency, max_preconditioner_dim,
