@@ -15,6 +15,8 @@ from kronlab.optim.bundles import identify_bundles
 from kronlab.optim.step_template import Direction, Slot, StackPlan, Work, apply_direction, momentum_
 from kronlab.optim.validation import check_range
 
+from .compile_checks import state_tensors
+
 
 def model() -> nn.Module:
     torch.manual_seed(0)
@@ -165,7 +167,7 @@ def test_masked_step_undoes_everything_on_the_device(name: str) -> None:
     optimizer.on_nonfinite_grad = "mask"
     train(net, optimizer, 2)
     before = [p.detach().clone() for p in net.parameters()]
-    state_before = _tensors(optimizer.state)
+    state_before = state_tensors(optimizer.state)
     optimizer.zero_grad()
     net(torch.randn(8, 4)).square().mean().backward()
     net[0].weight.grad[0, 0] = float("nan")
@@ -173,20 +175,10 @@ def test_masked_step_undoes_everything_on_the_device(name: str) -> None:
     assert int(optimizer.masked_steps) == 1
     for param, old in zip(net.parameters(), before):
         assert torch.equal(param, old)
-    state_after = _tensors(optimizer.state)
+    state_after = state_tensors(optimizer.state)
     assert len(state_after) == len(state_before)
     for new, old in zip(state_after, state_before):
         assert torch.equal(new, old)
-
-
-def _tensors(value: object) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value.clone()]
-    if isinstance(value, dict):
-        return [t for item in value.values() for t in _tensors(item)]
-    if isinstance(value, (list, tuple)):
-        return [t for item in value for t in _tensors(item)]
-    return []
 
 
 class SignMomentum(KronOptimizer):

@@ -297,7 +297,7 @@ class PSGD(KronOptimizer):
             for _, slots, _ in active
         ]
         peaks = {
-            index: max([moment for moment in values if moment > 0], default=0.0)
+            index: max((moment for moment in values if moment > 0), default=0.0)
             for index, values in moments.items()
         }
         sizes = self._noise_sizes(
